@@ -192,9 +192,7 @@ def weighted_sq_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> tor
     return ((w - wq) ** 2 * h).sum(1)
 
 
-def solve_scales(
-    w: torch.Tensor, codes: torch.Tensor, bits: int, h: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_scales(w: torch.Tensor, codes: torch.Tensor, bits: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form weighted least squares for ``[s; z]`` with the codes fixed (batched over groups).
 
     A tiny ridge keeps all-0/all-1 planes solvable; callers keep the old solution wherever the new
@@ -329,10 +327,7 @@ def quantize_weight(
             s, z = fit_hlq_als(wc, config.bits, hc, iters=config.iters)
         # Stored precision is fp16: round first, then choose codes against the stored levels.
         s, z = s.half().float(), z.half().float()
-        if config.format == "uniform":
-            c = uniform_codes(wc, s, z)
-        else:
-            c = assign_nearest(wc, s, z)
+        c = uniform_codes(wc, s, z) if config.format == "uniform" else assign_nearest(wc, s, z)
         scales[a : a + step], zeros[a : a + step], codes[a : a + step] = s, z, c
     return QuantizedWeight(
         codes=codes.view(out, ng * g)[:, :n].contiguous(),

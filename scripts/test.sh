@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up from scratch (if needed), lint, and run the whole test suite, slow end-to-end tests included.
+# Pass pytest options through, e.g. `bash scripts/test.sh -m "not slow"` for the quick suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/python -m pytest -q "$@"

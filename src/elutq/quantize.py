@@ -1,0 +1,70 @@
+"""Quantize a model's linear layers in place: ``quantize(model, config)``.
+
+Round-to-nearest (RTN) here means: fit each group's HLQ (or uniform) parameters to the weights
+alone, with no calibration data.  Every ``nn.Linear`` inside the decoder layers is replaced by an
+``HLQLinear``; embeddings, norms and (by default) ``lm_head`` stay in 16 bits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import HLQLinear, set_module
+from .hlq import QuantConfig, quantize_weight
+from .models import quantizable_linears
+
+
+@dataclass
+class QuantReport:
+    seconds: float = 0.0
+    n_params: int = 0
+    storage_bits: int = 0
+    sq_error: float = 0.0  # Σ (w − ŵ)² over all quantized weights
+    mse: dict[str, float] = field(default_factory=dict)  # per module: mean squared weight error
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / max(self.n_params, 1)
+
+    @property
+    def mean_mse(self) -> float:
+        """Mean squared weight error over all quantized weights."""
+        return self.sq_error / max(self.n_params, 1)
+
+
+@torch.no_grad()
+def quantize_linear(linear: nn.Linear, config: QuantConfig) -> tuple[HLQLinear, float, int]:
+    """One layer: returns the HLQ module, its mean squared weight error and its storage bits."""
+    w = linear.weight.detach().float()
+    qw = quantize_weight(w, config)
+    mse = (qw.dequantize() - w).pow(2).mean().item()
+    return HLQLinear.from_quantized(qw, linear.bias), mse, qw.storage_bits()
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module, config: QuantConfig, lm_head: QuantConfig | None = None, progress: bool = True
+) -> QuantReport:
+    """RTN-quantize every linear of the decoder layers (and ``lm_head`` if a config is given)."""
+    targets = {name: (m, config) for name, m in quantizable_linears(model).items()}
+    if lm_head is not None and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # the quantized head no longer shares the embedding
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        targets["lm_head"] = (model.lm_head, lm_head)
+    report = QuantReport()
+    start = time.perf_counter()
+    for name, (linear, cfg) in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
+        module, mse, bits = quantize_linear(linear, cfg)
+        set_module(model, name, module)
+        report.mse[name] = mse
+        report.n_params += linear.weight.numel()
+        report.sq_error += mse * linear.weight.numel()
+        report.storage_bits += bits
+    report.seconds = time.perf_counter() - start
+    return report

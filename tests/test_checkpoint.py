@@ -1,0 +1,178 @@
+"""Checkpoints: bit-exact round trip, atomic writes, and a clear error for each bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elutq import checkpoint
+from elutq.checkpoint import HLQLinear, load_quantized, save_quantized
+from elutq.cli import main
+from elutq.hlq import QuantConfig
+from elutq.models import load_config, load_model
+from elutq.quantize import quantize
+from elutq.utils import ElutqError
+
+INFO = {"method": "rtn", "format": "hlq", "bits": 2, "group_size": 64}
+
+
+@pytest.fixture()
+def quantized(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    quantize(model, QuantConfig(2, 64), progress=False)
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    return model, out
+
+
+def test_round_trip_is_bit_exact(quantized):
+    model, out = quantized
+    loaded, _, qc = load_quantized(out)
+    assert qc["quant_method"] == "hlq" and len(qc["modules"]) == 14
+    for name, m in model.named_modules():
+        if isinstance(m, HLQLinear):
+            other = loaded.get_submodule(name)
+            for t in ("qweight", "scales", "zeros"):
+                assert torch.equal(getattr(m, t), getattr(other, t)), (name, t)
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        a, b = model(ids).logits, loaded(ids).logits
+    # Unquantized tensors are stored in fp16, so logits agree closely but not bit for bit.
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_quantized_lm_head_round_trip(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    quantize(model, QuantConfig(2, 64), lm_head=QuantConfig(4, 32), progress=False)
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    loaded, _, qc = load_quantized(out)
+    assert qc["modules"]["lm_head"] == {"bits": 4, "group_size": 32}
+    assert torch.equal(loaded.lm_head.qweight, model.lm_head.qweight)
+
+
+def test_existing_checkpoint_is_not_overwritten(quantized):
+    model, out = quantized
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ElutqError, match="already holds a checkpoint.*--overwrite"):
+        save_quantized(model, None, out, INFO)
+    assert (out / "model.safetensors").read_bytes() == before
+    save_quantized(model, None, out, INFO, overwrite=True)  # allowed when asked
+
+
+def test_failed_save_leaves_nothing_that_looks_complete(tiny_llama, tmp_path, monkeypatch):
+    model, _ = tiny_llama
+    quantize(model, QuantConfig(2, 64), progress=False)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError):
+        save_quantized(model, None, tmp_path / "q", INFO)
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny-llama"]  # no q/, no temp dir
+
+
+def _rewrite(out: Path, fn) -> None:
+    state = load_file(str(out / "model.safetensors"))
+    fn(state)
+    save_file(state, str(out / "model.safetensors"))
+
+
+NAME = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop(f"{NAME}.scales"), "missing tensor model.layers.0.self_attn.q_proj.scales"),
+        (lambda s: s.update({f"{NAME}.zeros": s[f"{NAME}.zeros"][:, :1].contiguous()}), "expected torch.float16"),
+        (lambda s: s.update({f"{NAME}.scales": s[f"{NAME}.scales"].float()}), "is torch.float32"),
+        (lambda s: s.pop("model.norm.weight"), "missing tensors"),
+        (lambda s: s.update({"extra.weight": torch.zeros(2)}), "unexpected tensors"),
+    ],
+)
+def test_corrupt_checkpoint_is_named(quantized, edit, message):
+    _, out = quantized
+    _rewrite(out, edit)
+    with pytest.raises(ElutqError, match=message):
+        load_quantized(out)
+
+
+def test_truncated_weights_file(quantized):
+    _, out = quantized
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ElutqError, match="corrupt or truncated"):
+        load_quantized(out)
+
+
+def test_foreign_quant_method(quantized):
+    _, out = quantized
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ElutqError, match="quant_method 'gptq', not 'hlq'"):
+        load_quantized(out)
+
+
+def test_plain_model_dir_is_not_a_checkpoint(tiny_llama):
+    _, path = tiny_llama
+    with pytest.raises(ElutqError, match="not a quantized checkpoint"):
+        load_quantized(path)
+    with pytest.raises(ElutqError, match="no config.json"):
+        load_quantized(path.parent)
+
+
+def test_unknown_model_path():
+    with pytest.raises(ElutqError, match="does not exist"):
+        load_config("./no/such/model")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ElutqError, match="not supported.*llama family"):
+        load_model(str(tmp_path / "bert"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"), [("--bits", "5", "bits must be"), ("--group-size", "100", "group size must be")]
+)
+def test_cli_rejects_out_of_range_settings(tmp_path, capsys, flag, value, message):
+    assert main(["quantize", "./no/such/model", "-o", str(tmp_path / "q"), flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_unknown_model(tmp_path, capsys):
+    assert main(["quantize", "./no/such/model", "-o", str(tmp_path / "q")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_refuses_existing_output(quantized, capsys):
+    _, out = quantized
+    assert main(["quantize", "default", "-o", str(out)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_cli_quantize_eval_info_on_tiny_model(tiny_llama, tmp_path, capsys):
+    """The whole CLI path on a tiny model: quantize → info → eval on a text file."""
+    _, path = tiny_llama
+    out = tmp_path / "q"
+    assert (
+        main(["quantize", str(path), "-o", str(out), "--format", "uniform", "--bits", "3", "--group-size", "32"]) == 0
+    )
+    assert "bits per weight" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "format: uniform" in text and "bits: 3" in text and "quantized linears: 14" in text
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["eval", str(out), "--text", str(tmp_path / "t.txt"), "--seqlen", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+    assert result["format"] == "uniform" and result["seqlen"] == 64 and result["ppl"] > 1
