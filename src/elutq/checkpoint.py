@@ -33,6 +33,7 @@ from .utils import ElutqError, atomic_dir
 QUANT_METHOD = "hlq"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class HLQLinear(nn.Module):
@@ -90,13 +91,11 @@ def _is_plain_float(name: str, t: torch.Tensor) -> bool:
     return t.is_floating_point() and not name.endswith((".scales", ".zeros"))
 
 
-def _store_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    """fp16, unless the model is bf16 or a value would overflow fp16."""
-    floats = [t for k, t in state.items() if _is_plain_float(k, t)]
-    if all(t.dtype == torch.bfloat16 for t in floats):
+def storage_dtype(t: torch.Tensor, prefer: torch.dtype = torch.float16) -> torch.dtype:
+    """The 16-bit type a plain float tensor is stored in: ``prefer``, or bf16 where fp16 would overflow."""
+    if prefer == torch.float16 and t.abs().max() > torch.finfo(torch.float16).max:
         return torch.bfloat16
-    fp16_max = torch.finfo(torch.float16).max
-    return torch.bfloat16 if any(t.abs().max() > fp16_max for t in floats) else torch.float16
+    return prefer
 
 
 def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
@@ -125,11 +124,15 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
     )
     # The tied lm_head is the embedding itself; tie_weights() restores it on load.
     state = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    store = _store_dtype(state)
-    tensors = {k: (t.to(store) if _is_plain_float(k, t) else t).detach().contiguous().cpu() for k, t in state.items()}
+    floats = [t for k, t in state.items() if _is_plain_float(k, t)]
+    prefer = torch.bfloat16 if floats and all(t.dtype == torch.bfloat16 for t in floats) else torch.float16
+    tensors = {
+        k: (t.to(storage_dtype(t, prefer)) if _is_plain_float(k, t) else t).detach().contiguous().cpu()
+        for k, t in state.items()
+    }
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["dtype"] = str(store).removeprefix("torch.")
+    config["dtype"] = str(prefer).removeprefix("torch.")
     config["quantization_config"] = quantization_config(model, info)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -176,6 +179,32 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names, or the single model.safetensors."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [path / WEIGHTS_FILE]
+    for f in files:
+        if not f.is_file():
+            raise ElutqError(f"{f} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
+    return files
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for weights in weight_files(path):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ElutqError(
+                f"cannot read {weights}: {e}; the file is corrupt or truncated: re-run `elutq quantize`"
+            ) from e
+    return state
+
+
 def _expected_shapes(name: str, spec: dict, in_f: int, out_f: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     bits, g = spec["bits"], spec["group_size"]
     ng = num_groups(in_f, g)
@@ -196,16 +225,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     config.__dict__.pop("quantization_config", None)
     check_architecture(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ElutqError(f"{weights} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ElutqError(
-            f"cannot read {weights}: {e}; the file is corrupt or truncated: re-run `elutq quantize`"
-        ) from e
+    state = read_tensors(path)
 
     for name, spec in qc["modules"].items():
         try:

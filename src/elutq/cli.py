@@ -24,41 +24,53 @@ def _load_any(spec: str):
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .checkpoint import save_quantized
+    from .calibration import CalibConfig
     from .hlq import QuantConfig
-    from .models import load_model
-    from .quantize import quantize
+    from .pipeline import PipelineConfig, quantize_streaming
 
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, format=args.format, iters=args.iters)
-    head = (
-        QuantConfig(bits=args.lm_head_bits, group_size=args.lm_head_group_size, format=args.format, iters=args.iters)
-        if args.lm_head_bits
-        else None
+    quant = QuantConfig(bits=args.bits, group_size=args.group_size, format=args.format, iters=args.iters)
+    head = None
+    if args.lm_head_bits:
+        head = QuantConfig(
+            bits=args.lm_head_bits, group_size=args.lm_head_group_size, format=args.format, iters=args.iters
+        )
+    calib = CalibConfig(
+        n_samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        seed=args.calib_seed,
+        dataset=None if args.calib_text else args.calib_dataset,
+        text=args.calib_text,
+    )
+    cfg = PipelineConfig(
+        quant=quant,
+        method=args.method,
+        lm_head=head,
+        calib=calib,
+        damp=args.damp,
+        act_order=not args.no_act_order,
+        true_sequential=not args.no_true_sequential,
+        codes=args.codes,
+        offload=args.offload,
+        offload_dir=args.offload_dir,
     )
     out = Path(args.output)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    report = quantize(model, config, lm_head=head)
-    info = {
-        "method": args.method,
-        "format": args.format,
-        "bits": args.bits,
-        "group_size": args.group_size,
-        "iters": args.iters,
-        "source_model": args.model,
-    }
-    save_quantized(model, tokenizer, out, info, overwrite=args.overwrite)
-    total = time.perf_counter() - t0
+    report = quantize_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    errs = report.layer_errors
+    kind = "relative output MSE" if args.method == "gptq" else "weight MSE"
     print(
-        f"\nquantized {len(report.mse)} linears ({report.n_params / 1e6:.1f}M weights) "
-        f"with {args.method}/{args.format} w{args.bits}g{args.group_size}"
+        f"\nquantized {args.model} with {args.method}/{args.format} w{args.bits}g{args.group_size}"
+        f" (lm_head: {f'w{head.bits}g{head.group_size}' if head else '16-bit'})"
     )
+    if report.calib_source:
+        print(f"  calibration: {calib.n_samples} x {calib.seqlen} tokens from {report.calib_source}")
+    if report.resumed_from:
+        print(f"  resumed after layer {report.resumed_from - 1}")
     print(f"  bits per weight (quantized linears): {report.bits_per_weight:.3f}")
-    print(f"  mean squared weight error:           {report.mean_mse:.3e}")
+    if errs:
+        worst = max(range(len(errs)), key=errs.__getitem__)
+        print(f"  per-layer {kind}: mean {sum(errs) / len(errs):.3e}, worst {errs[worst]:.3e} (layer {worst})")
     print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
-    print(f"  time: {total:.1f}s (quantization {report.seconds:.1f}s)   peak RSS: {peak_rss_mb():.0f} MiB")
+    print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -154,14 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model into a checkpoint directory")
     q.add_argument("model", help="hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
-    q.add_argument("--method", choices=["rtn"], default="rtn")
+    q.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     q.add_argument("--format", choices=["hlq", "uniform"], default="hlq")
     q.add_argument("--bits", type=int, default=2, help="1-4 (default 2)")
     q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 per-channel (default 128)")
     q.add_argument("--iters", type=int, default=20, help="HLQ alternating-least-squares iterations")
-    q.add_argument("--lm-head-bits", type=int, default=0, help="also quantize lm_head at these bits (0 = keep 16-bit)")
+    q.add_argument("--lm-head-bits", type=int, default=4, help="lm_head bits (default 4; 0 keeps it 16-bit)")
     q.add_argument("--lm-head-group-size", type=int, default=128)
-    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    c = q.add_argument_group("calibration (GPTQ)")
+    c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--calib-seqlen", type=int, default=512)
+    c.add_argument("--calib-seed", type=int, default=0)
+    c.add_argument("--calib-dataset", default="wikitext2", help="named dataset (its 'valid' split)")
+    c.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
+    c.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag")
+    c.add_argument("--no-act-order", action="store_true", help="visit groups/columns in plain order")
+    c.add_argument("--no-true-sequential", action="store_true", help="one pass per layer, not per sub-block")
+    c.add_argument(
+        "--codes",
+        choices=["per-column", "fixed"],
+        default="per-column",
+        help="re-choose codes per column (default) or freeze them when the group is fitted",
+    )
+    r = q.add_argument_group("memory and resume")
+    r.add_argument(
+        "--offload",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="keep calibration activations in files (auto: when they do not fit in RAM)",
+    )
+    r.add_argument("--offload-dir", help="where offloaded activations go (default: inside OUT.partial)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint or model")

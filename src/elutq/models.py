@@ -7,6 +7,7 @@ Hugging Face directory (``$ELUTQ_CACHE`` or ``~/.cache/elutq``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -55,12 +56,40 @@ def default_model_dir() -> Path:
     dest = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (dest / "config.json").is_file():
         return dest
-    gguf = _default_gguf()
-    print(f"converting the default model {gguf.name} to {dest} (once)")
-    model, tokenizer = _load_gguf(gguf)
-    with atomic_dir(dest) as tmp:
-        save_hf_dir(model, tokenizer, tmp)
+    return _convert_gguf(_default_gguf(), dest)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors HF directory (atomically; reused when present)."""
+    if not (dest / "config.json").is_file():
+        print(f"converting {gguf.name} to {dest} (once)")
+        model, tokenizer = _load_gguf(gguf)
+        with atomic_dir(dest, overwrite=True) as tmp:
+            save_hf_dir(model, tokenizer, tmp)
     return dest
+
+
+def resolve_source_dir(spec: str) -> Path:
+    """A local safetensors HF directory for ``spec``: GGUF files are converted once into the cache,
+    hub ids are downloaded (when online)."""
+    src = resolve(spec)
+    path = Path(src)
+    if src.endswith(".gguf"):
+        stat = path.stat()
+        tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{tag}")
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
+        return Path(snapshot_download(src, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise ElutqError(
+            f"cannot get {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "pass a local model directory or a .gguf file"
+        ) from e
 
 
 def save_hf_dir(model: nn.Module, tokenizer, path: Path) -> None:

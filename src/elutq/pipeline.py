@@ -1,0 +1,552 @@
+"""Streaming, resumable quantization: one decoder layer in memory at a time.
+
+    source shards ──► embed(calibration ids) ──► for each layer i:
+                                                   load layer i from the shards
+                                                   (GPTQ) run the calibration activations through it,
+                                                          quantize its linears group by group
+                                                   write model-layer-i.safetensors, the next
+                                                   activations and progress.json; free the layer
+                                               ──► final norm, lm_head (optionally quantized), embeddings
+                                               ──► config.json + index → rename OUT.partial → OUT
+
+The whole fp model is never materialised: a meta-device skeleton gives the module structure and
+each layer is filled from the safetensors shards only while it is being quantized.  Calibration
+activations live in RAM when they fit and in chunk files under ``offload_dir`` otherwise.  After
+every layer ``OUT.partial/progress.json`` records how far the run got, with a fingerprint of the
+model and the settings, so ``resume=True`` continues a killed run and produces the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .calibration import CalibConfig, calibration_ids
+from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
+from .gptq import CodesMode, Hessian, gptq_quantize_weight
+from .hlq import QuantConfig, quantize_weight
+from .models import check_architecture, resolve_source_dir
+from .utils import ElutqError, peak_rss_mb
+
+PROGRESS_FILE = "progress.json"
+HIDDEN_FILE = "hidden.safetensors"
+
+# Inside a decoder layer, GPTQ quantizes these groups in order, re-running the layer in between so
+# each group sees the inputs that the already-quantized groups produce.  Linears of a group share
+# their input, so they share one Hessian.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    quant: QuantConfig = QuantConfig()
+    method: Literal["rtn", "gptq"] = "gptq"
+    lm_head: QuantConfig | None = QuantConfig(bits=4, group_size=128)  # None: keep lm_head 16-bit
+    calib: CalibConfig = CalibConfig()
+    damp: float = 0.01
+    act_order: bool = True
+    true_sequential: bool = True
+    codes: CodesMode = "per-column"
+    batch_size: int = 8  # calibration samples per forward (and per offloaded chunk)
+    offload: Literal["auto", "always", "never"] = "auto"
+    offload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"method must be 'rtn' or 'gptq' (got {self.method!r})")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1) (got {self.damp})")
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the result (and so the resume fingerprint)."""
+        d = asdict(self)
+        d.pop("offload")
+        d.pop("offload_dir")
+        if self.method == "rtn":
+            for k in ("calib", "damp", "act_order", "true_sequential", "codes", "batch_size"):
+                d.pop(k)
+        return d
+
+
+# ----------------------------------------------------------------------------- reading the source
+
+
+class SafetensorsSource:
+    """Tensors of a single-file or sharded (index json) safetensors checkpoint, read on demand."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            for f in sorted(set(self.weight_map.values())):
+                if not (self.dir / f).is_file():
+                    raise ElutqError(
+                        f"{index} points at {f}, which is missing from {self.dir}; "
+                        "download the missing shard or re-save the model"
+                    )
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise ElutqError(
+                    f"{self.dir} has no *.safetensors files; streaming quantization reads safetensors "
+                    "(re-save the model with save_pretrained(..., safe_serialization=True))"
+                )
+            self.weight_map = {}
+            for f in files:
+                with safe_open(str(self.dir / f), framework="pt") as h:
+                    self.weight_map.update({k: f for k in h.keys()})  # noqa: SIM118
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ElutqError(
+                f"tensor {name} is not in the checkpoint at {self.dir}; the model's layers cannot be "
+                "walked (is it a llama-family checkpoint with standard tensor names?)"
+            )
+        f = self.weight_map[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(self.dir / f), framework="pt")
+        return self._handles[f].get_tensor(name)
+
+    def fingerprint(self) -> str:
+        """Names, shapes and dtypes of all tensors plus sizes and edge bytes of each file (cheap, not a full hash)."""
+        h = hashlib.sha256()
+        for f in sorted(set(self.weight_map.values())):
+            path = self.dir / f
+            size = path.stat().st_size
+            h.update(f"{f}:{size}".encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(size - (1 << 20), 0))
+                h.update(fh.read(1 << 20))
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- calibration activations
+
+
+class Activations:
+    """Hidden states of the calibration samples in chunks of ``[batch, seqlen, d]``, in RAM or on disk."""
+
+    def __init__(self, chunks: list[torch.Tensor | Path]):
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for c in self.chunks:
+            yield load_file(str(c))["x"] if isinstance(c, Path) else c
+
+    def map(self, fn, directory: Path | None) -> Activations:
+        """Apply ``fn`` to every chunk; results go to files in ``directory`` (if given) or RAM."""
+        out: list[torch.Tensor | Path] = []
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        for k, x in enumerate(self):
+            y = fn(x)
+            if directory is None:
+                out.append(y)
+            else:
+                path = directory / f"chunk-{k:05d}.safetensors"
+                save_file({"x": y.contiguous()}, str(path))
+                out.append(path)
+        return Activations(out)
+
+    def snapshot(self, path: Path) -> None:
+        """Persist RAM chunks (for resume); on-disk chunks are already persistent."""
+        if self.chunks and not isinstance(self.chunks[0], Path):
+            _atomic_save({f"chunk.{k}": c.contiguous() for k, c in enumerate(self.chunks)}, path)
+
+    @classmethod
+    def from_snapshot(cls, path: Path) -> Activations:
+        state = load_file(str(path))
+        return cls([state[f"chunk.{k}"] for k in range(len(state))])
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def _materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> nn.Module:
+    """Fill a meta-device module with its tensors from the source, in float32."""
+    module = module.to_empty(device="cpu")
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        p.data = source.get(f"{prefix}{name}").to(torch.float32)
+        p.requires_grad_(False)
+    return module
+
+
+def _sequential_groups(layer: nn.Module, true_sequential: bool) -> list[list[str]]:
+    linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    if not true_sequential:
+        return [[n] for n in linears]  # one pass, each linear its own Hessian
+    known = [[n for n in g if n in linears] for g in SEQUENTIAL_GROUPS]
+    groups = [g for g in known if g]
+    rest = [n for n in linears if not any(n in g for g in groups)]
+    return groups + [[n] for n in rest]
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
+    out = layer(x, attention_mask=None, position_embeddings=pos)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def quantize_layer_gptq(
+    layer: nn.Module, acts: Activations, pos, cfg: PipelineConfig
+) -> tuple[dict[str, tuple[nn.Linear, HLQLinear]], torch.Tensor | None]:
+    """GPTQ every linear of ``layer`` in place.
+
+    Returns the replaced modules and the full-precision layer output for the first calibration chunk
+    (the reference for the reported per-layer error).
+    """
+    groups = _sequential_groups(layer, cfg.true_sequential)
+    replaced: dict[str, tuple[nn.Linear, HLQLinear]] = {}
+    fp_first: torch.Tensor | None = None
+    passes = [groups] if not cfg.true_sequential else [[g] for g in groups]
+    for p_idx, pass_groups in enumerate(passes):
+        hessians: dict[str, Hessian] = {}
+        hooks = []
+        for group in pass_groups:
+            first = layer.get_submodule(group[0])
+            hessians[group[0]] = hess = Hessian(first.in_features)
+            hooks.append(first.register_forward_pre_hook(lambda m, args, hess=hess: hess.add(args[0])))
+        for k, x in enumerate(acts):
+            y = _run_layer(layer, x, pos)
+            if p_idx == 0 and k == 0:
+                fp_first = y  # nothing is quantized yet: this is the full-precision output
+        for h in hooks:
+            h.remove()
+        for group in pass_groups:
+            for name in group:
+                linear = layer.get_submodule(name)
+                qw = gptq_quantize_weight(
+                    linear.weight,
+                    hessians[group[0]].h,
+                    cfg.quant,
+                    damp=cfg.damp,
+                    act_order=cfg.act_order,
+                    codes=cfg.codes,
+                )
+                module = HLQLinear.from_quantized(qw, linear.bias)
+                set_module(layer, name, module)
+                replaced[name] = (linear, module)
+    return replaced, fp_first
+
+
+@torch.no_grad()
+def quantize_layer_rtn(layer: nn.Module, cfg: PipelineConfig) -> dict[str, tuple[nn.Linear, HLQLinear]]:
+    replaced = {}
+    for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+        module = HLQLinear.from_quantized(quantize_weight(linear.weight, cfg.quant), linear.bias)
+        set_module(layer, name, module)
+        replaced[name] = (linear, module)
+    return replaced
+
+
+def _layer_tensors(layer: nn.Module, prefix: str, prefer: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in layer.state_dict().items():
+        if t.is_floating_point() and not name.endswith((".scales", ".zeros")):
+            t = t.to(storage_dtype(t, prefer))
+        out[prefix + name] = t.contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class PipelineReport:
+    seconds: float = 0.0
+    layer_errors: list[float] = field(default_factory=list)  # relative output MSE (GPTQ) or weight MSE (RTN)
+    n_params: int = 0
+    storage_bits: int = 0
+    resumed_from: int = 0
+    calib_source: str | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / max(self.n_params, 1)
+
+
+def _use_offload(cfg: PipelineConfig, n_bytes: int) -> bool:
+    if cfg.offload == "always":
+        return True
+    if cfg.offload == "never":
+        return False
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return n_bytes * 3 > avail // 4  # inputs, outputs and fp outputs must fit in a quarter of free RAM
+
+
+def _check_offload_dir(path: Path, need_bytes: int) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise ElutqError(
+            f"cannot write to the offload directory {path} ({e.strerror}); pass a writable --offload-dir"
+        ) from e
+    free = shutil.disk_usage(path).free
+    if free < 2 * need_bytes:
+        raise ElutqError(
+            f"the offload directory {path} has {free / 2**30:.1f} GiB free but the activations need "
+            f"{2 * need_bytes / 2**30:.1f} GiB; pass an --offload-dir with more space"
+        )
+
+
+def quantize_streaming(
+    model: str,
+    out: str | Path,
+    cfg: PipelineConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PipelineReport:
+    """Quantize ``model`` (any spec `elutq quantize` accepts) into the checkpoint directory ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if (out / "config.json").exists() and not overwrite:
+        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    work = out.with_name(out.name + ".partial")
+    src_dir = resolve_source_dir(model)
+    source = SafetensorsSource(src_dir)
+    config = AutoConfig.from_pretrained(src_dir)
+    check_architecture(config)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir)
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"model": source.fingerprint(), "settings": cfg.settings(), "elutq": __version__},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+
+    progress_file = work / PROGRESS_FILE
+    state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
+    if work.exists():
+        if not resume and not overwrite:
+            raise ElutqError(
+                f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
+            )
+        if overwrite and not resume:
+            shutil.rmtree(work)
+        elif progress_file.is_file():
+            state = json.loads(progress_file.read_text())
+            if state["fingerprint"] != fingerprint:
+                raise ElutqError(
+                    f"the unfinished run at {work} was started with another model or other settings; "
+                    "rerun with the same model and settings, or pass --overwrite to start over"
+                )
+    work.mkdir(parents=True, exist_ok=True)
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = skeleton.model.layers
+    n_layers = len(layers)
+    report = PipelineReport(resumed_from=state["layers_done"], layer_errors=list(state.get("errors", [])))
+    prefer = torch.bfloat16 if str(getattr(config, "dtype", None) or "").endswith("bfloat16") else torch.float16
+    needs_acts = cfg.method == "gptq"
+
+    # Calibration activations entering layer `layers_done`.
+    acts: Activations | None = None
+    offload_root: Path | None = None
+    pos = None
+    if needs_acts:
+        ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
+        act_bytes = ids.numel() * config.hidden_size * 4
+        if _use_offload(cfg, act_bytes):
+            offload_root = Path(cfg.offload_dir) if cfg.offload_dir else work / "activations"
+            _check_offload_dir(offload_root, act_bytes)
+        rotary = type(skeleton.model.rotary_emb)(config=config)
+        pos_ids = torch.arange(cfg.calib.seqlen).unsqueeze(0)
+        pos = rotary(torch.zeros(1, dtype=torch.float32), pos_ids)
+        if state["layers_done"] == 0:
+            emb = source.get("model.embed_tokens.weight")
+            batches = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
+            acts = Activations(list(batches)).map(lambda b: emb[b].to(torch.float32), _chunk_dir(offload_root, 0))
+            del emb
+        elif state["hidden"] == "snapshot":
+            acts = Activations.from_snapshot(work / HIDDEN_FILE)
+        else:
+            acts = Activations(sorted(Path(state["hidden"]).glob("chunk-*.safetensors")))
+
+    bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not progress, initial=state["layers_done"])
+    for i in range(state["layers_done"], n_layers):
+        prefix = f"model.layers.{i}."
+        layer = _materialize(layers[i], source, prefix)
+        if cfg.method == "gptq":
+            replaced, fp_out = quantize_layer_gptq(layer, acts, pos, cfg)
+            new_acts = acts.map(lambda x, layer=layer: _run_layer(layer, x, pos), _chunk_dir(offload_root, i + 1))
+            q_first = next(iter(new_acts))
+            err = ((q_first - fp_out).pow(2).sum() / fp_out.pow(2).sum()).item()
+            del fp_out, q_first
+        else:
+            replaced = quantize_layer_rtn(layer, cfg)
+            sq = sum((m.weight().float() - lin.weight).pow(2).sum().item() for lin, m in replaced.values())
+            err = sq / sum(lin.weight.numel() for lin, _ in replaced.values())
+            new_acts = None
+        for lin, m in replaced.values():
+            report.n_params += lin.weight.numel()
+            report.storage_bits += m.quantized().storage_bits()
+        _atomic_save(_layer_tensors(layer, prefix, prefer), work / f"model-layer-{i:05d}.safetensors", {"format": "pt"})
+        if new_acts is not None:
+            if offload_root is None:
+                new_acts.snapshot(work / HIDDEN_FILE)
+                hidden = "snapshot"
+            else:
+                hidden = str(_chunk_dir(offload_root, i + 1))
+            old = state["hidden"]
+        else:
+            hidden, old = None, None
+        report.layer_errors.append(err)
+        state = {"fingerprint": fingerprint, "layers_done": i + 1, "hidden": hidden, "errors": report.layer_errors}
+        _atomic_json(state, progress_file)
+        if old not in (None, "snapshot"):
+            shutil.rmtree(old, ignore_errors=True)  # the previous layer's inputs are no longer needed
+        acts = new_acts
+        layers[i] = nn.Identity()  # free the layer
+        del layer, replaced
+        bar.update(1)
+        bar.set_postfix(err=f"{err:.2e}", rss=f"{peak_rss_mb():.0f}M")
+        _maybe_stop_for_test(i)
+    bar.close()
+
+    head_bits, head_params = _write_head(skeleton, source, config, acts, cfg, work, prefer)
+    report.storage_bits += head_bits
+    report.n_params += head_params
+    _finish(work, out, config, tokenizer, cfg, report, overwrite)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _chunk_dir(root: Path | None, layer: int) -> Path | None:
+    return None if root is None else root / f"layer-{layer:05d}"
+
+
+def _maybe_stop_for_test(layer: int) -> None:
+    """Tests simulate a crash right after a layer is recorded (ELUTQ_TEST_CRASH_AFTER_LAYER=i)."""
+    if os.environ.get("ELUTQ_TEST_CRASH_AFTER_LAYER") == str(layer):
+        os._exit(17)
+
+
+@torch.no_grad()
+def _write_head(
+    skeleton, source: SafetensorsSource, config, acts, cfg: PipelineConfig, work: Path, prefer: torch.dtype
+):
+    """Embeddings, final norm and lm_head → model-head.safetensors. Returns (storage bits, params) of lm_head."""
+    tensors: dict[str, torch.Tensor] = {}
+    emb = source.get("model.embed_tokens.weight")
+    tensors["model.embed_tokens.weight"] = emb.to(storage_dtype(emb, prefer))
+    norm = source.get("model.norm.weight")
+    tensors["model.norm.weight"] = norm.to(storage_dtype(norm, prefer))
+    tied = getattr(config, "tie_word_embeddings", False)
+    head_w = emb if tied or "lm_head.weight" not in source else source.get("lm_head.weight")
+    if cfg.lm_head is None:
+        if not tied:
+            tensors["lm_head.weight"] = head_w.to(storage_dtype(head_w, prefer))
+        bits = params = 0
+    else:
+        w = head_w.to(torch.float32)
+        if cfg.method == "gptq":
+            rms = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
+            rms.weight.data = norm.to(torch.float32)
+            h = Hessian(config.hidden_size)
+            for x in acts:
+                h.add(rms(x))
+            qw = gptq_quantize_weight(w, h.h, cfg.lm_head, damp=cfg.damp, act_order=cfg.act_order, codes=cfg.codes)
+        else:
+            qw = quantize_weight(w, cfg.lm_head)
+        tensors["lm_head.qweight"], tensors["lm_head.scales"], tensors["lm_head.zeros"] = qw.pack(), qw.scales, qw.zeros
+        bits, params = qw.storage_bits(), w.numel()
+    _atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
+    return bits, params
+
+
+def _finish(
+    work: Path, out: Path, config, tokenizer, cfg: PipelineConfig, report: PipelineReport, overwrite: bool
+) -> None:
+    """Index, config and tokenizer into the work dir, then rename it into place."""
+    weight_map = {}
+    for f in sorted(work.glob("model-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
+    _atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
+    modules = {
+        k.removesuffix(".qweight"): {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size}
+        for k in weight_map
+        if k.endswith(".qweight")
+    }
+    if cfg.lm_head is not None:
+        modules["lm_head"] = {"bits": cfg.lm_head.bits, "group_size": cfg.lm_head.group_size}
+    cfg_dict = config.to_dict()
+    if cfg.lm_head is not None:
+        cfg_dict["tie_word_embeddings"] = False
+    cfg_dict["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "version": CHECKPOINT_VERSION,
+        "packing": "bitplanes-lsb",
+        "elutq_version": __version__,
+        "method": cfg.method,
+        "format": cfg.quant.format,
+        "bits": cfg.quant.bits,
+        "group_size": cfg.quant.group_size,
+        "iters": cfg.quant.iters,
+        "settings": cfg.settings(),
+        "calibration_text": report.calib_source,
+        "modules": modules,
+    }
+    tokenizer.save_pretrained(work)
+    for f in (PROGRESS_FILE, HIDDEN_FILE):
+        (work / f).unlink(missing_ok=True)
+    shutil.rmtree(work / "activations", ignore_errors=True)
+    (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
+    if out.exists():
+        if not overwrite:
+            raise ElutqError(f"{out} already exists; choose another output path or pass --overwrite")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out)
