@@ -60,13 +60,24 @@ def main() -> None:
             model = copy.deepcopy(base)
             rep = quantize(model, QuantConfig(bits, group, fmt), progress=False)
             r = perplexity(model, ids, max_tokens=args.max_tokens, progress=False)
-            rows.append({"setting": setting, "format": fmt, "bpw": rep.bits_per_weight, "ppl": r.ppl,
-                         "seconds": rep.seconds, "mse_model": rep.mean_mse, "mse_minilm": minilm_mse(bits, group, fmt)})
+            rows.append(
+                {
+                    "setting": setting,
+                    "format": fmt,
+                    "bpw": rep.bits_per_weight,
+                    "ppl": r.ppl,
+                    "seconds": rep.seconds,
+                    "mse_model": rep.mean_mse,
+                    "mse_minilm": minilm_mse(bits, group, fmt),
+                }
+            )
             print(f"{setting} {fmt}: ppl {r.ppl:.3f}  bpw {rep.bits_per_weight:.3f}  {rep.seconds:.1f}s", flush=True)
             del model
 
-    print("\n| setting | format | BPW | WikiText-2 ppl | uniform/HLQ ppl | quant. time (s) "
-          "| weight MSE, default model | weight MSE, MiniLM |")
+    print(
+        "\n| setting | format | BPW | WikiText-2 ppl | uniform/HLQ ppl | quant. time (s) "
+        "| weight MSE, default model | weight MSE, MiniLM |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     by_key = {(r["setting"], r["format"]): r for r in rows}
     for r in rows:
@@ -74,12 +85,18 @@ def main() -> None:
         if r["format"] == "hlq":
             ratio = f"{by_key[(r['setting'], 'uniform')]['ppl'] / r['ppl']:.2f}x"
         mse = f"{r['mse_model']:.3e} | {r['mse_minilm']:.3e}" if "mse_model" in r else "- | -"
-        print(f"| {r['setting']} | {r['format']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {ratio} | {r['seconds']:.1f} "
-              f"| {mse} |")
-    print("\nHLQ/uniform weight MSE: " + ", ".join(
-        f"{s}: model {by_key[(s, 'hlq')]['mse_model'] / by_key[(s, 'uniform')]['mse_model']:.2f}, "
-        f"MiniLM {by_key[(s, 'hlq')]['mse_minilm'] / by_key[(s, 'uniform')]['mse_minilm']:.2f}"
-        for s in args.settings.split(",")))
+        print(
+            f"| {r['setting']} | {r['format']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {ratio} | {r['seconds']:.1f} "
+            f"| {mse} |"
+        )
+    print(
+        "\nHLQ/uniform weight MSE: "
+        + ", ".join(
+            f"{s}: model {by_key[(s, 'hlq')]['mse_model'] / by_key[(s, 'uniform')]['mse_model']:.2f}, "
+            f"MiniLM {by_key[(s, 'hlq')]['mse_minilm'] / by_key[(s, 'uniform')]['mse_minilm']:.2f}"
+            for s in args.settings.split(",")
+        )
+    )
     print(f"peak RSS: {peak_rss_mb():.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
