@@ -1,0 +1,329 @@
+// LUT kernel driver: path selection, the persistent thread pool, table building and the split of
+// output rows into contiguous per-thread ranges.  Compiled for the baseline ISA; the SIMD paths
+// live in lut_avx2.cpp / lut_avx512.cpp / lut_neon.cpp and are only called after CPU detection.
+#include "lut_driver.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define ELUTQ_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define ELUTQ_PAUSE() asm volatile("yield")
+#else
+#define ELUTQ_PAUSE() ((void)0)
+#endif
+
+namespace elutq {
+
+// ---------------------------------------------------------------------------------- paths
+
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::Scalar: return "scalar";
+    case Path::Avx2: return "avx2";
+    case Path::Avx512: return "avx512";
+    case Path::Neon: return "neon";
+  }
+  return "?";
+}
+
+bool path_available(Path p) {
+  switch (p) {
+    case Path::Scalar: return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    case Path::Avx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Path::Avx512:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+             __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(__aarch64__)
+    case Path::Neon: return true;
+#endif
+    default: return false;
+  }
+}
+
+std::vector<Path> available_paths() {
+  std::vector<Path> v;
+  for (Path p : {Path::Scalar, Path::Avx2, Path::Avx512, Path::Neon})
+    if (path_available(p)) v.push_back(p);
+  return v;
+}
+
+Path parse_path(const std::string& name) {
+  for (Path p : {Path::Scalar, Path::Avx2, Path::Avx512, Path::Neon})
+    if (name == path_name(p)) {
+      if (!path_available(p)) throw std::invalid_argument("kernel path '" + name + "' is not supported by this CPU");
+      return p;
+    }
+  throw std::invalid_argument("unknown kernel path '" + name + "' (expected scalar, avx2, avx512 or neon)");
+}
+
+Path best_path() {
+  Path best = Path::Scalar;
+  for (Path p : available_paths()) best = p;  // listed in increasing preference
+  return best;
+}
+
+Path default_path() {
+  const char* env = std::getenv("ELUTQ_KERNEL");
+  if (env && *env && std::string(env) != "auto") return parse_path(env);
+  return best_path();
+}
+
+// ---------------------------------------------------------------------------------- thread pool
+
+ThreadPool::ThreadPool(int n) : n_(std::max(1, n)) {
+  for (int t = 1; t < n_; ++t) threads_.emplace_back([this, t] { worker(t); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+    gen_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& th : threads_) th.join();
+}
+
+void ThreadPool::worker(int tid) {
+  uint64_t seen = 0;
+  for (;;) {
+    // Spin briefly (decode calls arrive back to back), then block.
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int it = 0; gen_.load(std::memory_order_acquire) == seen; ++it) {
+      ELUTQ_PAUSE();
+      if ((it & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        break;
+      }
+    }
+    seen = gen_.load(std::memory_order_acquire);
+    if (stop_) return;
+    if (tid < active_) (*job_)(tid, active_);
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::run(int nthreads, const std::function<void(int, int)>& f) {
+  nthreads = std::max(1, std::min(nthreads, n_));
+  if (nthreads == 1 || n_ == 1) {
+    f(0, 1);
+    return;
+  }
+  std::lock_guard<std::mutex> run_lock(run_mu_);
+  job_ = &f;
+  active_ = nthreads;
+  pending_.store(n_ - 1, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    gen_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  cv_.notify_all();
+  f(0, nthreads);
+  while (pending_.load(std::memory_order_acquire) > 0) ELUTQ_PAUSE();
+}
+
+static std::mutex g_pool_mu;
+static std::unique_ptr<ThreadPool> g_pool;
+
+static int default_threads() {
+  const char* env = std::getenv("ELUTQ_NUM_THREADS");
+  if (env && std::atoi(env) > 0) return std::atoi(env);
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc ? (int)hc : 1;
+}
+
+ThreadPool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = std::make_unique<ThreadPool>(default_threads());
+  return *g_pool;
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (g_pool && g_pool->size() == n) return;
+  g_pool.reset();
+  g_pool = std::make_unique<ThreadPool>(n);
+}
+
+int get_num_threads() { return pool().size(); }
+
+// ---------------------------------------------------------------------------------- buffers
+
+void AlignedBuf::resize(size_t bytes) {
+  if (bytes <= cap) return;
+  std::free(p);
+  cap = (bytes + 63) / 64 * 64;
+  p = std::aligned_alloc(64, cap);
+  if (!p) throw std::bad_alloc();
+}
+
+AlignedBuf::~AlignedBuf() { std::free(p); }
+
+// ---------------------------------------------------------------------------------- driver
+
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, float* ls, float* xs) {
+  switch (p) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Path::Avx512: build_tables_avx512(x, in, g, ng, tq, ls, xs); return;
+    case Path::Avx2: build_tables_avx2(x, in, g, ng, tq, ls, xs); return;
+#endif
+    default: build_tables_scalar(x, in, g, ng, tq, ls, xs); return;
+  }
+}
+
+static void gemv_rows(Path p, const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
+  switch (p) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Path::Avx512: gemv_rows_avx512(W, T, rb0, rb1, y); return;
+    case Path::Avx2: gemv_rows_avx2(W, T, rb0, rb1, y); return;
+#endif
+#if defined(__aarch64__)
+    case Path::Neon: gemv_rows_neon(W, T, rb0, rb1, y); return;
+#endif
+    default: gemv_rows_scalar(W, T, rb0, rb1, y); return;
+  }
+}
+
+// Rows of all matrices form one sequence of row blocks; each thread takes a contiguous slice.
+// Column c of the output of matrix w is ys[w] + c·out_w.
+void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
+                bool float_tables, int max_threads) {
+  if (Ws.empty() || n <= 0) return;
+  const int in = Ws[0].in, g = Ws[0].g, ng = Ws[0].ng;
+  for (const auto& W : Ws)
+    if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
+  const size_t tlen = (size_t)ng * g * 4;  // table bytes (entries) per column
+  ThreadPool& tp = pool();
+  const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : tp.size(), tp.size()));
+
+  size_t total_bytes = 0;
+  int total_rb = 0;
+  for (const auto& W : Ws) {
+    total_bytes += (size_t)W.nrb() * W.w_bytes_per_rb();
+    total_rb += W.nrb();
+  }
+  // Tiny problems are not worth waking a thread for.
+  const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
+
+  // 1) tables, one set per column (columns split over threads)
+  thread_local AlignedBuf tq_buf, tf_buf, ls_buf, xs_buf;
+  ls_buf.resize(sizeof(float) * n * ng);
+  xs_buf.resize(sizeof(float) * n * ng);
+  float* ls = (float*)ls_buf.p;
+  float* xs = (float*)xs_buf.p;
+  int8_t* tq = nullptr;
+  float* tf = nullptr;
+  if (float_tables) {
+    tf_buf.resize(sizeof(float) * tlen * n);
+    tf = (float*)tf_buf.p;
+  } else {
+    tq_buf.resize(tlen * n);
+    tq = (int8_t*)tq_buf.p;
+  }
+  auto tables_job = [&](int t, int nthr) {
+    for (int c = t; c < n; c += nthr) {
+      if (float_tables)
+        build_float_tables_scalar(X + (size_t)c * in, in, g, ng, tf + c * tlen, xs + (size_t)c * ng);
+      else
+        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * tlen, ls + (size_t)c * ng, xs + (size_t)c * ng);
+    }
+  };
+  tp.run(n >= 4 ? nt : 1, tables_job);
+
+  // 2) rows
+  auto rows_job = [&](int t, int nthr) {
+    const int b0 = (int)((long long)total_rb * t / nthr), b1 = (int)((long long)total_rb * (t + 1) / nthr);
+    int base = 0;
+    for (size_t w = 0; w < Ws.size(); ++w) {
+      const LutWeight& W = Ws[w];
+      const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
+      base += W.nrb();
+      if (lo >= hi) continue;
+      float* y = ys[w];
+      if (float_tables) {
+        for (int rb = lo; rb < hi; ++rb)
+          for (int c = 0; c < n; ++c) {
+            LutTables T;
+            T.tf = tf + c * tlen;
+            T.xsum = xs + (size_t)c * ng;
+            gemv_rows_float_scalar(W, T, rb, rb + 1, y + (size_t)c * W.out);
+          }
+        continue;
+      }
+#if defined(__x86_64__) || defined(_M_X64)
+      if (p == Path::Avx512) {
+        // Columns in chunks whose tables stay in L2 while the row range streams once per chunk.
+        const int cc = std::max(1, std::min(n, (int)((512 * 1024) / std::max<size_t>(tlen, 1))));
+        for (int c0 = 0; c0 < n; c0 += cc)
+          gemm_rows_avx512(W, tq + c0 * tlen, tlen, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng, ng,
+                           std::min(cc, n - c0), lo, hi, y + (size_t)c0 * W.out, W.out);
+        continue;
+      }
+#endif
+      if (n == 1) {
+        LutTables T;
+        T.tq = tq;
+        T.lut_scale = ls;
+        T.xsum = xs;
+        gemv_rows(p, W, T, lo, hi, y);
+        continue;
+      }
+      for (int rb = lo; rb < hi; ++rb)
+        for (int c = 0; c < n; ++c) {
+          LutTables T;
+          T.tq = tq + c * tlen;
+          T.lut_scale = ls + (size_t)c * ng;
+          T.xsum = xs + (size_t)c * ng;
+          gemv_rows(p, W, T, rb, rb + 1, y + (size_t)c * W.out);
+        }
+    }
+  };
+  tp.run(nt, rows_job);
+}
+
+// STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
+double read_bandwidth(size_t bytes, int reps, int nthreads) {
+  const size_t nw = bytes / 8;
+  AlignedBuf buf;
+  buf.resize(nw * 8);
+  uint64_t* a = (uint64_t*)buf.p;
+  ThreadPool& tp = pool();
+  tp.run(nthreads, [&](int t, int nt) {  // first touch by the reading thread
+    const size_t i0 = nw * t / nt, i1 = nw * (t + 1) / nt;
+    for (size_t i = i0; i < i1; ++i) a[i] = i;
+  });
+  volatile uint64_t sink = 0;
+  double best = 0.0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    tp.run(nthreads, [&](int t, int nt) {
+      const size_t i0 = nw * t / nt / 8 * 8, i1 = t + 1 == nt ? nw : nw * (t + 1) / nt / 8 * 8;
+      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+      for (size_t i = i0; i + 8 <= i1; i += 8) {
+        s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
+        s4 += a[i + 4]; s5 += a[i + 5]; s6 += a[i + 6]; s7 += a[i + 7];
+      }
+      sink = sink + (s0 ^ s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7);
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, (double)(nw * 8) / dt / 1e9);
+  }
+  return best;
+}
+
+}  // namespace elutq

@@ -1,0 +1,160 @@
+// AVX2 (+FMA, F16C) LUT kernels.  Compiled with per-file target flags (see CMakeLists.txt) and
+// only called after run-time CPU detection.  Scalar reference: lut_scalar.cpp.
+//
+// Shapes and layouts: see lut.h.  A 64-byte weight chunk (16 rows × 8 runs, one plane) is handled
+// as two 32-byte halves (rows 0–7, rows 8–15).  vpshufb has one 16-entry table per 128-bit lane,
+// while byte p = 4m + j of a chunk needs table T[k0 + j]; so each half does 4 shuffles, one per j,
+// with the other positions' indices forced to 0x80 (→ result 0), and ORs them.  vpmaddubsw with
+// ones then sums byte pairs into int16 (j = 0+1, 2+3), accumulated per group (|sum| ≤ 254·g/16 ≤
+// 2032 for g ≤ 128: no overflow), and vpmaddwd with ones gives one int32 per row.
+//
+// Only intrinsics and plain functions live here (no std templates).
+#include <immintrin.h>
+
+#include "lut.h"
+
+namespace elutq {
+
+namespace {
+
+struct Consts {
+  __m256i nib, ones8, ones16, sel[4];
+};
+
+inline Consts make_consts() {
+  Consts c;
+  c.nib = _mm256_set1_epi8(0x0F);
+  c.ones8 = _mm256_set1_epi8(1);
+  c.ones16 = _mm256_set1_epi16(1);
+  // sel[j]: 0x00 at byte positions p with p mod 4 == j, 0x80 elsewhere.
+  c.sel[0] = _mm256_set1_epi32((int)0x80808000u);
+  c.sel[1] = _mm256_set1_epi32((int)0x80800080u);
+  c.sel[2] = _mm256_set1_epi32((int)0x80008080u);
+  c.sel[3] = _mm256_set1_epi32((int)0x00808080u);
+  return c;
+}
+
+inline __m256i bcast_table(const int8_t* t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t)); }
+
+// Lookups of 32 indices (8 rows × 4 runs) into the 4 tables t[0..3] (16 bytes each).
+inline __m256i lookup4(__m256i idx, const int8_t* t, const Consts& c) {
+  __m256i r = _mm256_shuffle_epi8(bcast_table(t), _mm256_or_si256(idx, c.sel[0]));
+  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 16), _mm256_or_si256(idx, c.sel[1])));
+  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 32), _mm256_or_si256(idx, c.sel[2])));
+  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 48), _mm256_or_si256(idx, c.sel[3])));
+  return r;
+}
+
+inline __m256 load_h8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+template <int BITS, int NL>
+void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
+  const Consts c = make_consts();
+  for (int rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
+    const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
+    __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+    for (int G = 0; G < W.ng; ++G) {
+      const int8_t* tg = T.tq + (size_t)G * NL * 128;
+      __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+      for (int i = 0; i < BITS; ++i) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
+          const int8_t* t0 = tg + 128 * L;
+          const __m256i v0 = _mm256_load_si256((const __m256i*)wp);
+          const __m256i v1 = _mm256_load_si256((const __m256i*)(wp + 32));
+          const __m256i lo0 = _mm256_and_si256(v0, c.nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), c.nib);
+          const __m256i lo1 = _mm256_and_si256(v1, c.nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), c.nib);
+          a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(c.ones8, lookup4(lo0, t0, c)));
+          a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(c.ones8, lookup4(hi0, t0 + 64, c)));
+          a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(c.ones8, lookup4(lo1, t0, c)));
+          a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(c.ones8, lookup4(hi1, t0 + 64, c)));
+        }
+        const __m256 s0 = load_h8(sp + 16 * i), s1 = load_h8(sp + 16 * i + 8);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, c.ones16)), s0, f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, c.ones16)), s1, f1);
+      }
+      const __m256 ls = _mm256_set1_ps(T.lut_scale[G]), xs = _mm256_set1_ps(T.xsum[G]);
+      y0 = _mm256_fmadd_ps(f0, ls, y0);
+      y1 = _mm256_fmadd_ps(f1, ls, y1);
+      y0 = _mm256_fmadd_ps(load_h8(sp + 16 * BITS), xs, y0);
+      y1 = _mm256_fmadd_ps(load_h8(sp + 16 * BITS + 8), xs, y1);
+      sp += (BITS + 1) * 16;
+    }
+    const int r0 = rb * kRowBlock;
+    if (W.out - r0 >= kRowBlock) {
+      _mm256_storeu_ps(y + r0, y0);
+      _mm256_storeu_ps(y + r0 + 8, y1);
+    } else {
+      float tmp[16];
+      _mm256_storeu_ps(tmp, y0);
+      _mm256_storeu_ps(tmp + 8, y1);
+      for (int m = 0; m < W.out - r0; ++m) y[r0 + m] = tmp[m];
+    }
+  }
+}
+
+using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
+
+template <int BITS>
+GemvFn pick(int nl) {
+  return nl == 1 ? gemv_t<BITS, 1> : nl == 2 ? gemv_t<BITS, 2> : gemv_t<BITS, 4>;
+}
+
+}  // namespace
+
+void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
+  const int nl = W.g / 32;
+  GemvFn f = W.bits == 1 ? pick<1>(nl) : W.bits == 2 ? pick<2>(nl) : W.bits == 3 ? pick<3>(nl) : pick<4>(nl);
+  f(W, T, rb0, rb1, y);
+}
+
+// Tables: each run's 16 entries as two ymm (entries 0–7, 8–15), built in the scalar order.
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // bit t of entry m, for entries 0–7 (bit 3 is 0 there, 1 in entries 8–15)
+  const __m256 b0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 b1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 b2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  __m256 t[64];
+  for (int G = 0; G < ng; ++G) {
+    const int c0 = G * g;
+    const int nreal = in - c0 < g ? in - c0 : g;
+    __m256 amax = _mm256_setzero_ps();
+    float s = 0.0f;
+    for (int k = 0; k < g / 4; ++k) {
+      float x4[4];
+      for (int e = 0; e < 4; ++e) {
+        const int c = 4 * k + e;
+        x4[e] = c < nreal ? x[c0 + c] : 0.0f;
+      }
+      s += (x4[0] + x4[1]) + (x4[2] + x4[3]);
+      const __m256 z = _mm256_setzero_ps();
+      __m256 v = _mm256_add_ps(z, _mm256_and_ps(b0, _mm256_set1_ps(x4[0])));
+      v = _mm256_blendv_ps(v, _mm256_add_ps(v, _mm256_set1_ps(x4[1])), b1);
+      v = _mm256_blendv_ps(v, _mm256_add_ps(v, _mm256_set1_ps(x4[2])), b2);
+      const __m256 w = _mm256_add_ps(v, _mm256_set1_ps(x4[3]));  // entries 8–15
+      t[2 * k] = v;
+      t[2 * k + 1] = w;
+      amax = _mm256_max_ps(amax, _mm256_max_ps(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, w)));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float m = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    int8_t* q = tq + (size_t)G * g * 4;
+    for (int k = 0; k < g / 4; ++k) {
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k], inv));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k + 1], inv));
+      const __m256i p16 = _mm256_packs_epi32(a, b);  // lanes: a0-3 b0-3 | a4-7 b4-7
+      const __m128i p8 = _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+      // p8 = a0-3 b0-3 a4-7 b4-7 → reorder to a0-7 b0-7
+      _mm_storeu_si128((__m128i*)(q + 16 * k), _mm_shuffle_epi32(p8, _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    lut_scale[G] = m / 127.0f;
+    xsum[G] = s;
+  }
+}
+
+}  // namespace elutq

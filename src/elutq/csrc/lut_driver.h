@@ -1,0 +1,70 @@
+// LUT kernel driver API (baseline ISA): path selection, thread pool, multi-matrix GEMV/GEMM.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lut.h"
+
+namespace elutq {
+
+const char* path_name(Path p);
+bool path_available(Path p);
+std::vector<Path> available_paths();
+Path parse_path(const std::string& name);  // throws std::invalid_argument if unknown/unsupported
+Path best_path();
+Path default_path();  // ELUTQ_KERNEL if set (and not "auto"), else the best available
+
+// A persistent pool: run(n, f) calls f(tid, n) for tid = 0..n-1, tid 0 on the calling thread.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n);
+  ~ThreadPool();
+  int size() const { return n_; }
+  void run(int nthreads, const std::function<void(int, int)>& f);
+
+ private:
+  void worker(int tid);
+  int n_;
+  int spin_us_ = 300;
+  std::vector<std::thread> threads_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int active_ = 0;
+  bool stop_ = false;
+};
+
+ThreadPool& pool();
+void set_num_threads(int n);
+int get_num_threads();
+
+struct AlignedBuf {
+  void* p = nullptr;
+  size_t cap = 0;
+  void resize(size_t bytes);
+  AlignedBuf() = default;
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  ~AlignedBuf();
+};
+
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum);
+
+// Y_w[c, :] = W_w · X[c, :] for every matrix w (all with the same in_features and group size) and
+// column c < n; the activation tables are built once per column and shared by all matrices.
+// X is [n][in] (row-major), ys[w] is [n][out_w].  max_threads <= 0: the pool's size.
+void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
+                bool float_tables, int max_threads = 0);
+
+double read_bandwidth(size_t bytes, int reps, int nthreads);
+
+}  // namespace elutq
