@@ -84,7 +84,8 @@ def repack(
     if not 1 <= bits <= 4:
         raise ValueError(f"LUT kernels support 1-4 bits, got {bits}")
     if nbytes != math.ceil(in_features / 8):
-        raise ValueError(f"qweight has {nbytes} bytes per row, in_features={in_features} needs {math.ceil(in_features / 8)}")
+        need = math.ceil(in_features / 8)
+        raise ValueError(f"qweight has {nbytes} bytes per row, in_features={in_features} needs {need}")
     g = in_features if group_size == -1 else group_size
     ng = math.ceil(in_features / g)
     if s.shape != (out, ng, bits) or z.shape != (out, ng):
@@ -134,8 +135,15 @@ class LUTLinear:
         self._init(qweight, scales, zeros, in_features, group_size, path)
         return self
 
-    def _init(self, qweight: ArrayLike, scales: ArrayLike, zeros: ArrayLike, in_features: int, group_size: int,
-              path: str | None) -> None:
+    def _init(
+        self,
+        qweight: ArrayLike,
+        scales: ArrayLike,
+        zeros: ArrayLike,
+        in_features: int,
+        group_size: int,
+        path: str | None,
+    ) -> None:
         w, sz, gk = repack(qweight, scales, zeros, in_features, group_size)
         self.bits = int(_to_numpy(qweight, np.uint8, "qweight").shape[0])
         self.in_features = int(in_features)
@@ -154,8 +162,10 @@ class LUTLinear:
         return int(self._packed.nbytes)
 
     def __repr__(self) -> str:
-        return (f"LUTLinear(in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, path={self.path!r})")
+        return (
+            f"LUTLinear(in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, path={self.path!r})"
+        )
 
     def __call__(self, x: ArrayLike, *, float_tables: bool = False) -> ArrayLike:
         """``x`` [in] or [N, in] (numpy or torch, real floating) → float32 [out] or [N, out], same kind.
