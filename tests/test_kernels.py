@@ -193,7 +193,7 @@ def test_tables_identical_across_paths(path: str) -> None:
             ls, xs = np.empty(ng, np.float32), np.empty(ng, np.float32)
             _native.build_tables(x, g, tq, ls, xs, p)
             dst += [tq, ls, xs]
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -239,7 +239,7 @@ def test_multi_linear_shares_tables(path: str) -> None:
     lins = [K.LUTLinear(random_qw(out, 256, 2, 128, seed=out), path=path) for out in (64, 17, 40)]
     x = torch.randn(3, 256)
     ys = K.multi_linear(lins, x)
-    for lin, y in zip(lins, ys):
+    for lin, y in zip(lins, ys, strict=True):
         torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
 
 
