@@ -176,13 +176,13 @@ AlignedBuf::~AlignedBuf() { std::free(p); }
 
 // ---------------------------------------------------------------------------------- driver
 
-void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, float* ls, float* xs) {
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* ls, float* xs) {
   switch (p) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Path::Avx512: build_tables_avx512(x, in, g, ng, tq, ls, xs); return;
-    case Path::Avx2: build_tables_avx2(x, in, g, ng, tq, ls, xs); return;
+    case Path::Avx512: build_tables_avx512(x, in, g, ng, tq, gstride, ls, xs); return;
+    case Path::Avx2: build_tables_avx2(x, in, g, ng, tq, gstride, ls, xs); return;
 #endif
-    default: build_tables_scalar(x, in, g, ng, tq, ls, xs); return;
+    default: build_tables_scalar(x, in, g, ng, tq, gstride, ls, xs); return;
   }
 }
 
@@ -200,14 +200,16 @@ static void gemv_rows(Path p, const LutWeight& W, const LutTables& T, int rb0, i
 }
 
 // Rows of all matrices form one sequence of row blocks; each thread takes a contiguous slice.
-// Column c of the output of matrix w is ys[w] + c·out_w.
+// int8 tables are stored group-major: column c's group G at tq + (G·n + c)·g·4, so the tables a
+// GEMM tile needs (one group, many columns) are contiguous.
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
                 bool float_tables, int max_threads) {
   if (Ws.empty() || n <= 0) return;
   const int in = Ws[0].in, g = Ws[0].g, ng = Ws[0].ng;
   for (const auto& W : Ws)
     if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
-  const size_t tlen = (size_t)ng * g * 4;  // table bytes (entries) per column
+  const size_t g4 = (size_t)g * 4;  // table bytes (entries) per column and group
+  const size_t tlen = g4 * ng;      // per column
   ThreadPool& tp = pool();
   const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : tp.size(), tp.size()));
 
@@ -235,15 +237,25 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     tq_buf.resize(tlen * n);
     tq = (int8_t*)tq_buf.p;
   }
+  const size_t gstride = g4 * n;
   auto tables_job = [&](int t, int nthr) {
     for (int c = t; c < n; c += nthr) {
       if (float_tables)
         build_float_tables_scalar(X + (size_t)c * in, in, g, ng, tf + c * tlen, xs + (size_t)c * ng);
       else
-        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * tlen, ls + (size_t)c * ng, xs + (size_t)c * ng);
+        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, gstride, ls + (size_t)c * ng, xs + (size_t)c * ng);
     }
   };
   tp.run(n >= 4 ? nt : 1, tables_job);
+
+  auto col_tables = [&](int c) {
+    LutTables T;
+    T.tq = tq + c * g4;
+    T.gstride = gstride;
+    T.lut_scale = ls + (size_t)c * ng;
+    T.xsum = xs + (size_t)c * ng;
+    return T;
+  };
 
   // 2) rows
   auto rows_job = [&](int t, int nthr) {
@@ -265,32 +277,25 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
           }
         continue;
       }
+      if (n == 1) {
+        gemv_rows(p, W, col_tables(0), lo, hi, y);
+        continue;
+      }
 #if defined(__x86_64__) || defined(_M_X64)
       if (p == Path::Avx512) {
-        // Columns in chunks whose tables stay in L2 while the row range streams once per chunk.
-        const int cc = std::max(1, std::min(n, (int)((512 * 1024) / std::max<size_t>(tlen, 1))));
-        for (int c0 = 0; c0 < n; c0 += cc)
-          gemm_rows_avx512(W, tq + c0 * tlen, tlen, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng, ng,
-                           std::min(cc, n - c0), lo, hi, y + (size_t)c0 * W.out, W.out);
+        // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
+        // L2 pass over them.
+        const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
+        const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
+        for (int r0 = lo; r0 < hi; r0 += rbb)
+          for (int c0 = 0; c0 < n; c0 += cc)
+            gemm_rows_avx512(W, tq + c0 * g4, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng,
+                             std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
         continue;
       }
 #endif
-      if (n == 1) {
-        LutTables T;
-        T.tq = tq;
-        T.lut_scale = ls;
-        T.xsum = xs;
-        gemv_rows(p, W, T, lo, hi, y);
-        continue;
-      }
       for (int rb = lo; rb < hi; ++rb)
-        for (int c = 0; c < n; ++c) {
-          LutTables T;
-          T.tq = tq + c * tlen;
-          T.lut_scale = ls + (size_t)c * ng;
-          T.xsum = xs + (size_t)c * ng;
-          gemv_rows(p, W, T, rb, rb + 1, y + (size_t)c * W.out);
-        }
+        for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * W.out);
     }
   };
   tp.run(nt, rows_job);

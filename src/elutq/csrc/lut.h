@@ -67,7 +67,8 @@ struct LutWeight {
 
 // Activation tables of one input vector (int8 or float).
 struct LutTables {
-  const int8_t* tq = nullptr;  // [in_pad/4][16]
+  const int8_t* tq = nullptr;  // group G's g/4 run tables at tq + G·gstride
+  size_t gstride = 0;          // int8 table bytes between groups (g·4 for one vector)
   const float* tf = nullptr;   // [in_pad/4][16] (float-table path only)
   const float* lut_scale = nullptr;  // [ng]
   const float* xsum = nullptr;       // [ng]
@@ -76,23 +77,28 @@ struct LutTables {
 enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
 // ---- per-ISA entry points -------------------------------------------------------------------
-// build_tables_*: x has `in` floats; writes tq [in_pad/4][16], lut_scale [ng], xsum [ng].
+// build_tables_*: x has `in` floats; writes group G's g·4 table bytes at tq + G·gstride (gstride = g·4:
+// the plain [in_pad/4][16] layout), lut_scale [ng], xsum [ng].
 // gemv_rows_*: rows of row blocks [rb0, rb1) of y = W·x; writes y[r] for real rows r only.
 
 float fp16_to_float(uint16_t h);
-void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum);
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum);
 void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf, float* xsum);
 void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 
 #if defined(__x86_64__) || defined(_M_X64)
-void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum);
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                       float* xsum);
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
-void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum);
+void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum);
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
-// GEMM on AVX-512: n columns whose tables start at tq + c·tq_stride etc.; y column c at y + c·ldy.
-void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t tq_stride, const float* lut_scale,
-                      const float* xsum, size_t s_stride, int n, int rb0, int rb1, float* y, size_t ldy);
+// GEMM on AVX-512 for n columns: column c's group-G tables at tq + G·gstride + c·g·4 (group-major, so
+// a group's tables for all columns are contiguous); lut_scale/xsum [n][ng]; column c's y at y + c·ldy.
+void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale,
+                      const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
 #endif
 #if defined(__aarch64__)
 void gemv_rows_neon(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);

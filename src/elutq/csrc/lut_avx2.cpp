@@ -55,7 +55,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int G = 0; G < W.ng; ++G) {
-      const int8_t* tg = T.tq + (size_t)G * NL * 128;
+      const int8_t* tg = T.tq + (size_t)G * T.gstride;
       __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
       for (int i = 0; i < BITS; ++i) {
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
@@ -110,7 +110,8 @@ void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, fl
 }
 
 // Tables: each run's 16 entries as two ymm (entries 0–7, 8–15), built in the scalar order.
-void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum) {
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                       float* xsum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   // bit t of entry m, for entries 0–7 (bit 3 is 0 there, 1 in entries 8–15)
   const __m256 b0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
@@ -143,7 +144,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, float*
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     const float m = _mm_cvtss_f32(m4);
     const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
-    int8_t* q = tq + (size_t)G * g * 4;
+    int8_t* q = tq + (size_t)G * gstride;
     for (int k = 0; k < g / 4; ++k) {
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k], inv));
       const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k + 1], inv));

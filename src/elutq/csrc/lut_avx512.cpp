@@ -55,12 +55,11 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
 
 // 16 outputs of one row block for one activation vector.
 template <int BITS, int NL>
-inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int8_t* tq,
+inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int8_t* tq, size_t gstride,
                         const float* lut_scale, const float* xsum) {
-  constexpr int G4 = NL * 128;  // table bytes per group (g/4 runs × 16)
   __m512 yacc = _mm512_setzero_ps();
   for (int G = 0; G < ng; ++G) {
-    const int8_t* tg = tq + (size_t)G * G4;
+    const int8_t* tg = tq + (size_t)G * gstride;
     __m512 fsum = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
@@ -85,27 +84,65 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
       _mm_prefetch((const char*)nx, _MM_HINT_T0);
       _mm_prefetch((const char*)(nx + 64), _MM_HINT_T0);
     }
-    store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.lut_scale, T.xsum), rb, W.out, y);
+    store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
   }
 }
 
+// GEMM: per (row block, group) the chunk indices of all planes are computed once into an L1
+// buffer and reused for every column; each column's group tables (g·4 bytes, contiguous across
+// columns in the group-major table layout) are loaded once into registers and serve all planes.
 template <int BITS, int NL>
-void gemm_t(const LutWeight& W, const int8_t* tq, size_t tq_stride, const float* lut_scale, const float* xsum,
-            size_t s_stride, int n, int rb0, int rb1, float* y, size_t ldy) {
+void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum, int n,
+            int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+  constexpr int G4 = NL * 128;
+  alignas(64) __m512i idx[BITS][NL][2];
+  const __m512i mask = _mm512_set1_epi8(0x0F), pat = chunk_pattern(), ones = _mm512_set1_epi8(1);
+  const int ng = W.ng;
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
-    for (int c = 0; c < n; ++c) {
-      const __m512 v = row_block<BITS, NL>(wp, sp, W.ng, tq + c * tq_stride, lut_scale + c * s_stride,
-                                           xsum + c * s_stride);
-      store_rows(v, rb, W.out, y + c * ldy);
+    for (int c = 0; c < n; ++c) _mm512_store_ps(ybuf + 16 * c, _mm512_setzero_ps());
+    for (int G = 0; G < ng; ++G) {
+      for (int i = 0; i < BITS; ++i)
+        for (int L = 0; L < NL; ++L) {
+          const __m512i v = _mm512_load_si512((const void*)(wp + (i * NL + L) * 64));
+          idx[i][L][0] = _mm512_ternarylogic_epi32(v, mask, pat, 0xEA);
+          idx[i][L][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
+        }
+      __m512 s[BITS];
+      for (int i = 0; i < BITS; ++i) s[i] = load_h16(sp + 16 * i);
+      const __m512 z = load_h16(sp + 16 * BITS);
+      const int8_t* tg = tq + (size_t)G * gstride;
+      for (int c = 0; c < n; ++c, tg += G4) {
+        __m512i t[NL][2];
+        for (int L = 0; L < NL; ++L) {
+          t[L][0] = _mm512_loadu_si512((const void*)(tg + 128 * L));
+          t[L][1] = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
+        }
+        __m512 fsum = _mm512_setzero_ps();
+        for (int i = 0; i < BITS; ++i) {
+          __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+          for (int L = 0; L < NL; ++L) {
+            a0 = _mm512_dpbusd_epi32(a0, ones, _mm512_permutexvar_epi8(idx[i][L][0], t[L][0]));
+            a1 = _mm512_dpbusd_epi32(a1, ones, _mm512_permutexvar_epi8(idx[i][L][1], t[L][1]));
+          }
+          fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s[i], fsum);
+        }
+        __m512 yc = _mm512_load_ps(ybuf + 16 * c);
+        yc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[(size_t)c * ng + G]), yc);
+        yc = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[(size_t)c * ng + G]), yc);
+        _mm512_store_ps(ybuf + 16 * c, yc);
+      }
+      wp += BITS * NL * 64;
+      sp += (BITS + 1) * 16;
     }
+    for (int c = 0; c < n; ++c) store_rows(_mm512_load_ps(ybuf + 16 * c), rb, W.out, y + c * ldy);
   }
 }
 
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
-using GemmFn = void (*)(const LutWeight&, const int8_t*, size_t, const float*, const float*, size_t, int, int,
-                        int, float*, size_t);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, size_t, const float*, const float*, int, int, int, float*,
+                        size_t, float*);
 
 template <int BITS>
 GemvFn pick_gemv(int nl) {
@@ -141,14 +178,17 @@ void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
   gemv_fn(W.bits, W.g)(W, T, rb0, rb1, y);
 }
 
-void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t tq_stride, const float* lut_scale,
-                      const float* xsum, size_t s_stride, int n, int rb0, int rb1, float* y, size_t ldy) {
-  gemm_fn(W.bits, W.g)(W, tq, tq_stride, lut_scale, xsum, s_stride, n, rb0, rb1, y, ldy);
+void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale,
+                      const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
+  float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 64);
+  gemm_fn(W.bits, W.g)(W, tq, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  _mm_free(ybuf);
 }
 
 // Tables: one zmm holds the 16 entries of one run, built as masked adds in the order t = 0..3
 // (matching the scalar reference bit for bit), then quantized with the group's max |T|.
-void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum) {
+void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum) {
   __m512 t[32];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
@@ -172,7 +212,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, floa
     }
     const float m = _mm512_reduce_max_ps(amax);
     const __m512 inv = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
-    int8_t* q = tq + (size_t)G * g * 4;
+    int8_t* q = tq + (size_t)G * gstride;
     for (int k = 0; k < g / 4; ++k) {
       const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(t[k], inv));  // round to nearest even
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm512_cvtsepi32_epi8(qi));

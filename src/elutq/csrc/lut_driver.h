@@ -57,7 +57,8 @@ struct AlignedBuf {
   ~AlignedBuf();
 };
 
-void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum);
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                  float* xsum);
 
 // Y_w[c, :] = W_w · X[c, :] for every matrix w (all with the same in_features and group size) and
 // column c < n; the activation tables are built once per column and shared by all matrices.

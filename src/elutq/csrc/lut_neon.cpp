@@ -26,7 +26,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     float32x4_t yv[4];
     for (int q = 0; q < 4; ++q) yv[q] = vdupq_n_f32(0.0f);
     for (int G = 0; G < W.ng; ++G) {
-      const int8_t* tg = T.tq + (size_t)G * NL * 128;
+      const int8_t* tg = T.tq + (size_t)G * T.gstride;
       float32x4_t f[4];
       for (int q = 0; q < 4; ++q) f[q] = vdupq_n_f32(0.0f);
       for (int i = 0; i < BITS; ++i) {

@@ -60,7 +60,8 @@ static inline void group_x(const float* x, int in, int g, int G, float* xg) {
   }
 }
 
-void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, float* lut_scale, float* xsum) {
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum) {
   float xg[128];
   float t[32 * 16];
   for (int G = 0; G < ng; ++G) {
@@ -70,7 +71,7 @@ void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, floa
     for (int k = 0; k < g / 4; ++k) run_table(xg + 4 * k, t + 16 * k);
     for (int e = 0; e < g * 4; ++e) amax = std::fmax(amax, std::fabs(t[e]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int8_t* q = tq + (size_t)G * g * 4;
+    int8_t* q = tq + (size_t)G * gstride;
     for (int e = 0; e < g * 4; ++e) q[e] = (int8_t)std::nearbyint(t[e] * inv);
     lut_scale[G] = amax / 127.0f;
     xsum[G] = s;
@@ -102,7 +103,7 @@ void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
     float y16[kRowBlock] = {0};
     for (int G = 0; G < W.ng; ++G) {
-      const int8_t* tg = T.tq + (size_t)G * g * 4;
+      const int8_t* tg = T.tq + (size_t)G * T.gstride;
       float fsum[kRowBlock] = {0};
       for (int i = 0; i < bits; ++i) {
         int32_t acc[kRowBlock] = {0};

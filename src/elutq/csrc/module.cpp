@@ -99,7 +99,7 @@ static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq,
   if (g != 32 && g != 64 && g != 128) throw std::invalid_argument("group size must be 32, 64 or 128");
   if (tq.size() != (size_t)ng * g * 4 || ls.size() != (size_t)ng || xs.size() != (size_t)ng)
     throw std::invalid_argument("table output arrays have the wrong size");
-  build_tables(resolve(path), x.data(), in, g, ng, tq.data(), ls.data(), xs.data());
+  build_tables(resolve(path), x.data(), in, g, ng, tq.data(), (size_t)g * 4, ls.data(), xs.data());
 }
 
 NB_MODULE(_native, m) {
