@@ -97,6 +97,10 @@ ThreadPool::~ThreadPool() {
   for (auto& th : threads_) th.join();
 }
 
+// A worker joins a run only while it is open (state_ without kClosed), by incrementing the count
+// of participants; the caller closes the run once it has finished its own part and then waits
+// for the participants only.  A worker that wakes late (e.g. descheduled on a busy machine)
+// therefore never delays a run it did not join, and never touches a finished run's job.
 void ThreadPool::worker(int tid) {
   uint64_t seen = 0;
   for (;;) {
@@ -112,28 +116,71 @@ void ThreadPool::worker(int tid) {
     }
     seen = gen_.load(std::memory_order_acquire);
     if (stop_) return;
-    if (tid < active_) (*job_)(tid, active_);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    int st = state_.load(std::memory_order_acquire);
+    while (!(st & kClosed)) {
+      if (state_.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) {
+        if (tid < active_) (*job_)(tid, active_);
+        finished_.fetch_add(1, std::memory_order_acq_rel);
+        break;
+      }
+    }
   }
 }
 
 void ThreadPool::run(int nthreads, const std::function<void(int, int)>& f) {
   nthreads = std::max(1, std::min(nthreads, n_));
-  if (nthreads == 1 || n_ == 1) {
+  if (nthreads == 1) {
     f(0, 1);
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mu_);
   job_ = &f;
   active_ = nthreads;
-  pending_.store(n_ - 1, std::memory_order_release);
+  finished_.store(0, std::memory_order_relaxed);
+  state_.store(0, std::memory_order_release);
   {
     std::lock_guard<std::mutex> lk(mu_);
     gen_.fetch_add(1, std::memory_order_acq_rel);
   }
   cv_.notify_all();
   f(0, nthreads);
-  while (pending_.load(std::memory_order_acquire) > 0) ELUTQ_PAUSE();
+  const int joined = state_.fetch_or(kClosed, std::memory_order_acq_rel) & ~kClosed;
+  for (int it = 0; finished_.load(std::memory_order_acquire) < joined; ++it) {
+    if (it < 4096)
+      ELUTQ_PAUSE();
+    else
+      std::this_thread::yield();
+  }
+}
+
+void parallel_for(int nthreads, int total, int chunk, const std::function<void(int, int)>& body) {
+  if (total <= 0) return;
+  chunk = std::max(1, chunk);
+  ThreadPool& tp = pool();
+  nthreads = std::max(1, std::min({nthreads, tp.size(), (total + chunk - 1) / chunk}));
+  if (nthreads == 1) {
+    body(0, total);
+    return;
+  }
+  struct alignas(64) Share {
+    std::atomic<int> next;
+    int end;
+  };
+  std::unique_ptr<Share[]> sh(new Share[nthreads]);
+  for (int t = 0; t < nthreads; ++t) {
+    sh[t].next.store((int)((long long)total * t / nthreads), std::memory_order_relaxed);
+    sh[t].end = (int)((long long)total * (t + 1) / nthreads);
+  }
+  tp.run(nthreads, [&](int tid, int n) {
+    for (int k = 0; k < n; ++k) {  // own share first, then help the others
+      Share& s = sh[(tid + k) % n];
+      for (;;) {
+        const int b = s.next.fetch_add(chunk, std::memory_order_relaxed);
+        if (b >= s.end) break;
+        body(b, std::min(b + chunk, s.end));
+      }
+    }
+  });
 }
 
 static std::mutex g_pool_mu;
@@ -210,8 +257,8 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
   const size_t g4 = (size_t)g * 4;  // table bytes (entries) per column and group
   const size_t tlen = g4 * ng;      // per column
-  ThreadPool& tp = pool();
-  const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : tp.size(), tp.size()));
+  const int pool_size = pool().size();
+  const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : pool_size, pool_size));
 
   size_t total_bytes = 0;
   int total_rb = 0;
@@ -238,15 +285,15 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     tq = (int8_t*)tq_buf.p;
   }
   const size_t gstride = g4 * n;
-  auto tables_job = [&](int t, int nthr) {
-    for (int c = t; c < n; c += nthr) {
+  auto tables_job = [&](int c0, int c1) {
+    for (int c = c0; c < c1; ++c) {
       if (float_tables)
         build_float_tables_scalar(X + (size_t)c * in, in, g, ng, tf + c * tlen, xs + (size_t)c * ng);
       else
         build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, gstride, ls + (size_t)c * ng, xs + (size_t)c * ng);
     }
   };
-  tp.run(n >= 4 ? nt : 1, tables_job);
+  parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
 
   auto col_tables = [&](int c) {
     LutTables T;
@@ -258,8 +305,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   };
 
   // 2) rows
-  auto rows_job = [&](int t, int nthr) {
-    const int b0 = (int)((long long)total_rb * t / nthr), b1 = (int)((long long)total_rb * (t + 1) / nthr);
+  auto rows_job = [&](int b0, int b1) {
     int base = 0;
     for (size_t w = 0; w < Ws.size(); ++w) {
       const LutWeight& W = Ws[w];
@@ -298,35 +344,36 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * W.out);
     }
   };
-  tp.run(nt, rows_job);
+  // chunks of ~64 KiB of weights per column (small enough to balance, large enough to stream)
+  const size_t rb_bytes = std::max<size_t>(1, total_bytes / std::max(total_rb, 1));
+  const int chunk = std::max(1, (int)((64 * 1024) / (rb_bytes * (size_t)n)));
+  parallel_for(nt, total_rb, chunk, rows_job);
 }
 
 // STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
 double read_bandwidth(size_t bytes, int reps, int nthreads) {
-  const size_t nw = bytes / 8;
+  constexpr size_t kBlock = 1 << 20;  // words per parallel_for index: 8 MiB
+  const size_t nblk = std::max<size_t>(1, bytes / 8 / kBlock);
   AlignedBuf buf;
-  buf.resize(nw * 8);
+  buf.resize(nblk * kBlock * 8);
   uint64_t* a = (uint64_t*)buf.p;
-  ThreadPool& tp = pool();
-  tp.run(nthreads, [&](int t, int nt) {  // first touch by the reading thread
-    const size_t i0 = nw * t / nt, i1 = nw * (t + 1) / nt;
-    for (size_t i = i0; i < i1; ++i) a[i] = i;
+  parallel_for(nthreads, (int)nblk, 1, [&](int b0, int b1) {
+    for (size_t i = (size_t)b0 * kBlock; i < (size_t)b1 * kBlock; ++i) a[i] = i;
   });
-  volatile uint64_t sink = 0;
+  std::atomic<uint64_t> sink{0};
   double best = 0.0;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    tp.run(nthreads, [&](int t, int nt) {
-      const size_t i0 = nw * t / nt / 8 * 8, i1 = t + 1 == nt ? nw : nw * (t + 1) / nt / 8 * 8;
+    parallel_for(nthreads, (int)nblk, 1, [&](int b0, int b1) {
       uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-      for (size_t i = i0; i + 8 <= i1; i += 8) {
+      for (size_t i = (size_t)b0 * kBlock; i < (size_t)b1 * kBlock; i += 8) {
         s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
         s4 += a[i + 4]; s5 += a[i + 5]; s6 += a[i + 6]; s7 += a[i + 7];
       }
-      sink = sink + (s0 ^ s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7);
+      sink.fetch_add(s0 ^ s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7, std::memory_order_relaxed);
     });
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, (double)(nw * 8) / dt / 1e9);
+    best = std::max(best, (double)(nblk * kBlock * 8) / dt / 1e9);
   }
   return best;
 }

@@ -21,7 +21,9 @@ Path parse_path(const std::string& name);  // throws std::invalid_argument if un
 Path best_path();
 Path default_path();  // ELUTQ_KERNEL if set (and not "auto"), else the best available
 
-// A persistent pool: run(n, f) calls f(tid, n) for tid = 0..n-1, tid 0 on the calling thread.
+// A persistent pool: run(n, f) calls f(0, n) on the calling thread and f(tid, n) on each worker
+// tid < n that wakes up before the caller has finished f(0, n).  So f must let any subset of the
+// threads (always including tid 0) complete all the work: use parallel_for.
 class ThreadPool {
  public:
   explicit ThreadPool(int n);
@@ -37,13 +39,20 @@ class ThreadPool {
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0};
+  static constexpr int kClosed = 1 << 30;
+  std::atomic<int> state_{kClosed};  // participants of the current run, | kClosed once closed
+  std::atomic<int> finished_{0};
   const std::function<void(int, int)>* job_ = nullptr;
   int active_ = 0;
   bool stop_ = false;
 };
 
 ThreadPool& pool();
+
+// body(b, e) over [0, total) in chunks of `chunk`: thread t starts on its contiguous share
+// [total·t/n, total·(t+1)/n) and, when done, takes the remaining chunks of the other shares, so a
+// descheduled thread cannot stall the call.  Every index is processed exactly once.
+void parallel_for(int nthreads, int total, int chunk, const std::function<void(int, int)>& body);
 void set_num_threads(int n);
 int get_num_threads();
 
