@@ -61,8 +61,8 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
           const int8_t* t0 = tg + 128 * L;
-          const __m256i v0 = _mm256_load_si256((const __m256i*)wp);
-          const __m256i v1 = _mm256_load_si256((const __m256i*)(wp + 32));
+          const __m256i v0 = _mm256_loadu_si256((const __m256i*)wp);
+          const __m256i v1 = _mm256_loadu_si256((const __m256i*)(wp + 32));
           const __m256i lo0 = _mm256_and_si256(v0, c.nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), c.nib);
           const __m256i lo1 = _mm256_and_si256(v1, c.nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), c.nib);
           a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(c.ones8, lookup4(lo0, t0, c)));

@@ -31,7 +31,7 @@ inline __m512i plane_group(const uint8_t* wp, const int8_t* tg) {
   __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
 #pragma GCC unroll 4
   for (int L = 0; L < NL; ++L) {
-    const __m512i v = _mm512_load_si512((const void*)(wp + 64 * L));
+    const __m512i v = _mm512_loadu_si512((const void*)(wp + 64 * L));
     const __m512i lo = _mm512_ternarylogic_epi32(v, mask, pat, 0xEA);  // (v & mask) | pat
     const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
     const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
@@ -105,7 +105,7 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
     for (int G = 0; G < ng; ++G) {
       for (int i = 0; i < BITS; ++i)
         for (int L = 0; L < NL; ++L) {
-          const __m512i v = _mm512_load_si512((const void*)(wp + (i * NL + L) * 64));
+          const __m512i v = _mm512_loadu_si512((const void*)(wp + (i * NL + L) * 64));
           idx[i][L][0] = _mm512_ternarylogic_epi32(v, mask, pat, 0xEA);
           idx[i][L][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
         }
