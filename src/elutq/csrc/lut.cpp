@@ -81,6 +81,11 @@ Path default_path() {
   return best_path();
 }
 
+int g_prefetch_bytes = [] {
+  const char* e = std::getenv("ELUTQ_PF");
+  return e ? std::atoi(e) : 0;
+}();
+
 // ---------------------------------------------------------------------------------- thread pool
 
 ThreadPool::ThreadPool(int n) : n_(std::max(1, n)) {

@@ -79,10 +79,12 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
-    if (rb + 1 < rb1) {  // warm the next row block's first lines
-      const uint8_t* nx = wp + W.w_bytes_per_rb();
-      _mm_prefetch((const char*)nx, _MM_HINT_T0);
-      _mm_prefetch((const char*)(nx + 64), _MM_HINT_T0);
+    if (g_prefetch_bytes > 0 && rb + 1 < rb1) {
+      const char* pw = (const char*)wp + g_prefetch_bytes;
+      const size_t nb = W.w_bytes_per_rb();
+      for (size_t o = 0; o < nb; o += 64) _mm_prefetch(pw + o, _MM_HINT_T0);
+      const char* ps = (const char*)sp + g_prefetch_bytes / 4;
+      for (size_t o = 0; o < W.sz_elems_per_rb() * 2; o += 64) _mm_prefetch(ps + o, _MM_HINT_T0);
     }
     store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
   }
