@@ -349,9 +349,11 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * W.out);
     }
   };
-  // chunks of ~64 KiB of weights per column (small enough to balance, large enough to stream)
+  // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).
+  // GEMM: up to 256 KiB of weights, so the AVX-512 kernel's L2 blocking over rows still works.
   const size_t rb_bytes = std::max<size_t>(1, total_bytes / std::max(total_rb, 1));
-  const int chunk = std::max(1, (int)((64 * 1024) / (rb_bytes * (size_t)n)));
+  const int chunk = n == 1 ? std::max(1, (int)((64 * 1024) / rb_bytes))
+                           : std::max(1, std::min((int)((256 * 1024) / rb_bytes), total_rb / (4 * nt)));
   parallel_for(nt, total_rb, chunk, rows_job);
 }
 
