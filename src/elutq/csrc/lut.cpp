@@ -10,6 +10,10 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define ELUTQ_PAUSE() _mm_pause()
@@ -81,9 +85,11 @@ Path default_path() {
   return best_path();
 }
 
+// Software prefetch distance (bytes ahead, into L2) of the AVX-512 GEMV's weight stream: one
+// core's demand misses alone do not reach the memory bandwidth.  ELUTQ_PF=0 turns it off.
 int g_prefetch_bytes = [] {
   const char* e = std::getenv("ELUTQ_PF");
-  return e ? std::atoi(e) : 0;
+  return e ? std::max(0, std::atoi(e)) : 4096;
 }();
 
 // ---------------------------------------------------------------------------------- thread pool
@@ -216,12 +222,20 @@ int get_num_threads() { return pool().size(); }
 
 // ---------------------------------------------------------------------------------- buffers
 
+// Large buffers (weights, big tables) are 2 MiB-aligned and asked for transparent huge pages:
+// a GEMV streams them once per call, and 4 KiB pages cost a TLB walk (and a hardware-prefetch
+// restart) every 4 KiB.
 void AlignedBuf::resize(size_t bytes) {
   if (bytes <= cap) return;
   std::free(p);
-  cap = (bytes + 63) / 64 * 64;
-  p = std::aligned_alloc(64, cap);
+  constexpr size_t kHuge = 2u << 20;
+  const size_t align = bytes >= kHuge ? kHuge : 64;
+  cap = (bytes + align - 1) / align * align;
+  p = std::aligned_alloc(align, cap);
   if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align == kHuge) madvise(p, cap, MADV_HUGEPAGE);
+#endif
 }
 
 AlignedBuf::~AlignedBuf() { std::free(p); }

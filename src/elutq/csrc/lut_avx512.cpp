@@ -24,7 +24,7 @@ inline __m512i chunk_pattern() {  // byte p → 16·(p mod 4)
 
 // Sum of one plane over one group for 16 rows: NL chunks of 64 bytes.
 template <int NL>
-inline __m512i plane_group(const uint8_t* wp, const int8_t* tg) {
+inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, int pf) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i pat = chunk_pattern();
   const __m512i ones = _mm512_set1_epi8(1);
@@ -32,6 +32,7 @@ inline __m512i plane_group(const uint8_t* wp, const int8_t* tg) {
 #pragma GCC unroll 4
   for (int L = 0; L < NL; ++L) {
     const __m512i v = _mm512_loadu_si512((const void*)(wp + 64 * L));
+    if (pf) _mm_prefetch((const char*)(wp + 64 * L + pf), _MM_HINT_T1);
     const __m512i lo = _mm512_ternarylogic_epi32(v, mask, pat, 0xEA);  // (v & mask) | pat
     const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
     const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
@@ -63,9 +64,10 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
     __m512 fsum = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
-      const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg);
+      const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, g_prefetch_bytes);
       fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), load_h16(sp + 16 * i), fsum);
     }
+    if (g_prefetch_bytes) _mm_prefetch((const char*)sp + g_prefetch_bytes / 4, _MM_HINT_T0);
     yacc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[G]), yacc);
     yacc = _mm512_fmadd_ps(load_h16(sp + 16 * BITS), _mm512_set1_ps(xsum[G]), yacc);
     wp += BITS * NL * 64;
@@ -79,13 +81,6 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
-    if (g_prefetch_bytes > 0 && rb + 1 < rb1) {
-      const char* pw = (const char*)wp + g_prefetch_bytes;
-      const size_t nb = W.w_bytes_per_rb();
-      for (size_t o = 0; o < nb; o += 64) _mm_prefetch(pw + o, _MM_HINT_T0);
-      const char* ps = (const char*)sp + g_prefetch_bytes / 4;
-      for (size_t o = 0; o < W.sz_elems_per_rb() * 2; o += 64) _mm_prefetch(ps + o, _MM_HINT_T0);
-    }
     store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
   }
 }
