@@ -118,18 +118,20 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
   const __m256 b1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
   const __m256 b2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
   __m256 t[64];
+  alignas(32) float xg[128];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
     const int nreal = in - c0 < g ? in - c0 : g;
+    const float* xp = x + c0;
+    if (nreal < g) {  // short last group: zero-pad
+      for (int c = 0; c < g; ++c) xg[c] = c < nreal ? xp[c] : 0.0f;
+      xp = xg;
+    }
     __m256 amax = _mm256_setzero_ps();
-    float s = 0.0f;
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
     for (int k = 0; k < g / 4; ++k) {
-      float x4[4];
-      for (int e = 0; e < 4; ++e) {
-        const int c = 4 * k + e;
-        x4[e] = c < nreal ? x[c0 + c] : 0.0f;
-      }
-      s += (x4[0] + x4[1]) + (x4[2] + x4[3]);
+      const float* x4 = xp + 4 * k;
+      part[k & 3] += (x4[0] + x4[1]) + (x4[2] + x4[3]);
       const __m256 z = _mm256_setzero_ps();
       __m256 v = _mm256_add_ps(z, _mm256_and_ps(b0, _mm256_set1_ps(x4[0])));
       v = _mm256_blendv_ps(v, _mm256_add_ps(v, _mm256_set1_ps(x4[1])), b1);
@@ -154,7 +156,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm_shuffle_epi32(p8, _MM_SHUFFLE(3, 1, 2, 0)));
     }
     lut_scale[G] = m / 127.0f;
-    xsum[G] = s;
+    xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }
 

@@ -67,7 +67,10 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
       const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, g_prefetch_bytes);
       fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), load_h16(sp + 16 * i), fsum);
     }
-    if (g_prefetch_bytes) _mm_prefetch((const char*)sp + g_prefetch_bytes / 4, _MM_HINT_T0);
+    if (g_prefetch_bytes) {  // the scale stream moves (BITS+1)·32 bytes per group
+      for (int o = 0; o < (BITS + 1) * 32; o += 64)
+        _mm_prefetch((const char*)sp + g_prefetch_bytes / 4 + o, _MM_HINT_T1);
+    }
     yacc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[G]), yacc);
     yacc = _mm512_fmadd_ps(load_h16(sp + 16 * BITS), _mm512_set1_ps(xsum[G]), yacc);
     wp += BITS * NL * 64;
@@ -187,18 +190,20 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, cons
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                          float* xsum) {
   __m512 t[32];
+  alignas(64) float xg[128];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
     const int nreal = in - c0 < g ? in - c0 : g;
+    const float* xp = x + c0;
+    if (nreal < g) {  // short last group: zero-pad
+      for (int c = 0; c < g; ++c) xg[c] = c < nreal ? xp[c] : 0.0f;
+      xp = xg;
+    }
     __m512 amax = _mm512_setzero_ps();
-    float s = 0.0f;
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
     for (int k = 0; k < g / 4; ++k) {
-      float x4[4];
-      for (int e = 0; e < 4; ++e) {
-        const int c = 4 * k + e;
-        x4[e] = c < nreal ? x[c0 + c] : 0.0f;
-      }
-      s += (x4[0] + x4[1]) + (x4[2] + x4[3]);
+      const float* x4 = xp + 4 * k;
+      part[k & 3] += (x4[0] + x4[1]) + (x4[2] + x4[3]);
       __m512 v = _mm512_setzero_ps();
       v = _mm512_mask_add_ps(v, 0xAAAA, v, _mm512_set1_ps(x4[0]));
       v = _mm512_mask_add_ps(v, 0xCCCC, v, _mm512_set1_ps(x4[1]));
@@ -215,7 +220,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm512_cvtsepi32_epi8(qi));
     }
     lut_scale[G] = m / 127.0f;
-    xsum[G] = s;
+    xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }
 

@@ -60,14 +60,22 @@ static inline void group_x(const float* x, int in, int g, int G, float* xg) {
   }
 }
 
+// Σx of a group in the canonical order every path uses: per run (x0+x1)+(x2+x3), runs added into
+// 4 partial sums by k mod 4, combined as (p0+p1)+(p2+p3).
+static inline float group_sum(const float* xg, int g) {
+  float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k = 0; k < g / 4; ++k) p[k & 3] += (xg[4 * k] + xg[4 * k + 1]) + (xg[4 * k + 2] + xg[4 * k + 3]);
+  return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
 void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                          float* xsum) {
   float xg[128];
   float t[32 * 16];
   for (int G = 0; G < ng; ++G) {
     group_x(x, in, g, G, xg);
-    float s = 0.0f, amax = 0.0f;
-    for (int k = 0; k < g / 4; ++k) s += (xg[4 * k] + xg[4 * k + 1]) + (xg[4 * k + 2] + xg[4 * k + 3]);
+    float amax = 0.0f;
+    const float s = group_sum(xg, g);
     for (int k = 0; k < g / 4; ++k) run_table(xg + 4 * k, t + 16 * k);
     for (int e = 0; e < g * 4; ++e) amax = std::fmax(amax, std::fabs(t[e]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -82,8 +90,7 @@ void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf,
   float xg[128];
   for (int G = 0; G < ng; ++G) {
     group_x(x, in, g, G, xg);
-    float s = 0.0f;
-    for (int k = 0; k < g / 4; ++k) s += (xg[4 * k] + xg[4 * k + 1]) + (xg[4 * k + 2] + xg[4 * k + 3]);
+    const float s = group_sum(xg, g);
     for (int k = 0; k < g / 4; ++k) run_table(xg + 4 * k, tf + (size_t)G * g * 4 + 16 * k);
     xsum[G] = s;
   }
