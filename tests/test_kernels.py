@@ -115,14 +115,15 @@ def test_float_tables_match_reference(bits: int, shape: tuple[int, int, int]) ->
 def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
     """Expected mean squared output error of the int8-table path.
 
-    The integer lookup sums are exact, so the only error is rounding each table entry to the grid
-    of its group, lut_scale Δ_G = max|T| / 127: an error uniform in ±Δ_G/2, variance Δ_G²/12.  A row
-    adds g_G/4 lookups per plane per group; planes of the same run may hit the same (equally rounded)
-    entry, so the per-run error is at most (Σ_i |s_i|)·e.  Hence, per output,
+    The integer lookup sums are exact, so the only error is rounding each (signed) table entry to
+    the integer grid of its group: the kernel computes (b·x) = Δ_G·Σ q + Σx/2 with Δ_G the group's
+    lut_scale (max|U|/254, csrc/lut.h), so each lookup is off by Δ_G·δ, δ uniform in ±1/2, variance
+    Δ_G²/12.  A row adds g_G/4 lookups per plane per group; planes of the same run may hit the same
+    (equally rounded) entry, so the per-run error is at most (Σ_i |s_i|)·Δ_G·δ.  Hence, per output,
         E[err²] ≤ Σ_G (g_G/4)·(Δ_G²/12)·(Σ_i |s_i|)²
-    (an upper bound: entry 0 is exact and entries at the group's peak round to themselves).
-    Tests allow 1.5× this expectation for the sampling noise of a few hundred outputs; a real bug
-    (wrong nibble, table or scale) is off by orders of magnitude.
+    (entries at the group's peak round to themselves).  Outputs sharing one x share its rounding
+    errors, so the sample mean is noisy: tests use 16 input vectors and allow 1.5× the expectation;
+    a real bug (wrong nibble, table, sign or scale) is off by orders of magnitude.
     """
     g = K.kernel_group_size(lin.in_features, lin.group_size)
     ng = math.ceil(lin.in_features / g)
@@ -145,7 +146,7 @@ def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
 def test_int8_tables_within_rounding_bound(path: str, bits: int, shape: tuple[int, int, int]) -> None:
     out, inf, g = shape
     lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=10 + bits), path=path)
-    x = np.random.default_rng(4).normal(size=(8, inf)).astype(np.float32)
+    x = np.random.default_rng(4).normal(size=(16, inf)).astype(np.float32)
     mse = float(((lin(x).astype(np.float64) - lin.reference(x)) ** 2).mean())
     assert mse <= 1.5 * int8_error_bound(lin, x)
 
@@ -165,8 +166,9 @@ def test_int8_on_fitted_weights() -> None:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
 def test_exact_for_small_integer_activations(path: str, bits: int, g: int) -> None:
-    """Integer x whose every group peaks at exactly 127 gives lut_scale = 1: the int8 tables are the
-    exact tables, and with small-integer s and z every partial sum is an integer < 2^24 — exact."""
+    """Integer x whose every group peaks at exactly Σ|x_run| = 127 makes the signed tables' step 1:
+    the int8 tables are the exact tables, and with small-integer s and z every partial sum is a
+    multiple of 1/2 below 2^23 — exact in fp32."""
     out, inf = 45, 576
     lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=bits, integer=True), path=path)
     gk = K.kernel_group_size(inf, lin.group_size)

@@ -11,15 +11,18 @@
 // where nib_i(r, k) is the 4-bit nibble of plane i over columns 4k..4k+3 (bit t = column 4k+t),
 // i.e. exactly nibble k of the checkpoint's packed bit-plane row (low nibble first).
 //
-// int8 tables ("int8-table" path): the tables of one group are quantized together,
-// q = rint(T / lut_scale), lut_scale = max|T| / 127 over the group (0 if the group is all zero),
-// so the lookups are summed exactly in integers and the group result is
-//     y_r += lut_scale · Σ_i s_i · acc_i  +  z · Σx_G        (Σx_G taken from the float input).
-// Float tables ("float-table" path, accuracy reference, scalar only) skip the quantization.
+// int8 tables ("int8-table" path) use the signed (±1) form of the same table,
+//     U[k][m] = Σ_t (2·bit_t(m) − 1)·x[4k+t] = 2·T[k][m] − Σx_run,   antisymmetric: U[15−m] = −U[m],
+// whose range (±Σ|x_run|) is centred, so int8 quantization loses about half as much as with T.
+// The tables of one group are quantized together, q = rint(U · 127 / max|U|), and
+//     (b_i · x)_G = lut_scale · Σ_k q[k][nib] + Σx_G / 2,      lut_scale = max|U| / 254
+// (0 for an all-zero group), so the lookups are summed exactly in integers and per group
+//     y_r += lut_scale · Σ_i s_i · acc_i  +  (z + Σ_i s_i / 2) · Σx_G   (Σx_G from the float input).
+// Float tables ("float-table" path, accuracy reference, scalar only) use T itself, unquantized.
 //
 // ------------------------------------------------------------------------------------------
 // Activation tables (built per input vector, per call):
-//   tq        int8  [in_pad/4][16]  run-major; run k at byte 16k; in_pad = ng·g (x zero-padded)
+//   tq        int8  [in_pad/4][16]  q[k][m], run-major, run k at byte 16k; in_pad = ng·g (x zero-padded)
 //   lut_scale f32   [ng]
 //   xsum      f32   [ng]            Σx over the group's real columns
 //

@@ -56,7 +56,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
-      __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+      __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = q0;
       for (int i = 0; i < BITS; ++i) {
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
@@ -71,14 +71,17 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
           a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(c.ones8, lookup4(hi1, t0 + 64, c)));
         }
         const __m256 s0 = load_h8(sp + 16 * i), s1 = load_h8(sp + 16 * i + 8);
+        q0 = _mm256_add_ps(q0, s0);
+        q1 = _mm256_add_ps(q1, s1);
         f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, c.ones16)), s0, f0);
         f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, c.ones16)), s1, f1);
       }
       const __m256 ls = _mm256_set1_ps(T.lut_scale[G]), xs = _mm256_set1_ps(T.xsum[G]);
       y0 = _mm256_fmadd_ps(f0, ls, y0);
       y1 = _mm256_fmadd_ps(f1, ls, y1);
-      y0 = _mm256_fmadd_ps(load_h8(sp + 16 * BITS), xs, y0);
-      y1 = _mm256_fmadd_ps(load_h8(sp + 16 * BITS + 8), xs, y1);
+      const __m256 half = _mm256_set1_ps(0.5f);  // y += (z + Σ_i s_i / 2)·Σx
+      y0 = _mm256_fmadd_ps(_mm256_fmadd_ps(q0, half, load_h8(sp + 16 * BITS)), xs, y0);
+      y1 = _mm256_fmadd_ps(_mm256_fmadd_ps(q1, half, load_h8(sp + 16 * BITS + 8)), xs, y1);
       sp += (BITS + 1) * 16;
     }
     const int r0 = rb * kRowBlock;
@@ -109,14 +112,16 @@ void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, fl
   f(W, T, rb0, rb1, y);
 }
 
-// Tables: each run's 16 entries as two ymm (entries 0–7, 8–15), built in the scalar order.
+// Tables: each run's 16 signed entries as two ymm (entries 0–7, 8–15), built in the scalar order
+// ((±x0 ± x1) ± x2) ± x3 with signs applied by xor.
 void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                        float* xsum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  // bit t of entry m, for entries 0–7 (bit 3 is 0 there, 1 in entries 8–15)
-  const __m256 b0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
-  const __m256 b1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
-  const __m256 b2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  // sign bit where bit t of entry m (m = 0–7) is 0; bit 3 is 0 in entries 0–7, 1 in 8–15
+  const int S = (int)0x80000000u;
+  const __m256 n0 = _mm256_castsi256_ps(_mm256_setr_epi32(S, 0, S, 0, S, 0, S, 0));
+  const __m256 n1 = _mm256_castsi256_ps(_mm256_setr_epi32(S, S, 0, 0, S, S, 0, 0));
+  const __m256 n2 = _mm256_castsi256_ps(_mm256_setr_epi32(S, S, S, S, 0, 0, 0, 0));
   __m256 t[64];
   alignas(32) float xg[128];
   for (int G = 0; G < ng; ++G) {
@@ -132,11 +137,12 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
     for (int k = 0; k < g / 4; ++k) {
       const float* x4 = xp + 4 * k;
       part[k & 3] += (x4[0] + x4[1]) + (x4[2] + x4[3]);
-      const __m256 z = _mm256_setzero_ps();
-      __m256 v = _mm256_add_ps(z, _mm256_and_ps(b0, _mm256_set1_ps(x4[0])));
-      v = _mm256_blendv_ps(v, _mm256_add_ps(v, _mm256_set1_ps(x4[1])), b1);
-      v = _mm256_blendv_ps(v, _mm256_add_ps(v, _mm256_set1_ps(x4[2])), b2);
-      const __m256 w = _mm256_add_ps(v, _mm256_set1_ps(x4[3]));  // entries 8–15
+      __m256 v = _mm256_xor_ps(_mm256_set1_ps(x4[0]), n0);
+      v = _mm256_add_ps(v, _mm256_xor_ps(_mm256_set1_ps(x4[1]), n1));
+      v = _mm256_add_ps(v, _mm256_xor_ps(_mm256_set1_ps(x4[2]), n2));
+      const __m256 x3 = _mm256_set1_ps(x4[3]);
+      const __m256 w = _mm256_add_ps(v, x3);                   // entries 8–15
+      v = _mm256_add_ps(v, _mm256_xor_ps(x3, sign));           // entries 0–7
       t[2 * k] = v;
       t[2 * k + 1] = w;
       amax = _mm256_max_ps(amax, _mm256_max_ps(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, w)));
@@ -155,7 +161,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
       // p8 = a0-3 b0-3 a4-7 b4-7 → reorder to a0-7 b0-7
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm_shuffle_epi32(p8, _MM_SHUFFLE(3, 1, 2, 0)));
     }
-    lut_scale[G] = m / 127.0f;
+    lut_scale[G] = m / 254.0f;
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

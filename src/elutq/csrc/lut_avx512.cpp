@@ -6,7 +6,8 @@
 //   hi = (chunk >> 4 & 0x0F) | 16·(p mod 4)  index into T[k0+4..k0+7]
 //   vpermb(lo, tq + 128L), vpermb(hi, tq + 128L + 64)  → 64 int8 lookups each (16 rows × 4 runs)
 //   vpdpbusd(acc, 1, lookups) sums each row's 4 bytes into its int32 lane → acc = 16 rows' sums.
-// Per (row block, group): y += lut_scale · Σ_i s_i·float(acc_i) + z·Σx, fp16 scales via vcvtph2ps.
+// Per (row block, group): y += lut_scale·Σ_i s_i·float(acc_i) + (z + Σ_i s_i/2)·Σx, fp16 scales via
+// vcvtph2ps (signed tables, see lut.h).
 //
 // Only intrinsics and plain functions live here (no std templates), so no AVX-512 code can leak
 // into inline functions shared with baseline translation units.
@@ -43,6 +44,10 @@ inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, int pf) {
   return _mm512_add_epi32(acc0, acc1);
 }
 
+inline __m512 xor_ps(__m512 a, __m512 b) {  // (AVX512DQ's _mm512_xor_ps without needing DQ)
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+
 inline __m512 load_h16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
 }
@@ -61,18 +66,22 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
   __m512 yacc = _mm512_setzero_ps();
   for (int G = 0; G < ng; ++G) {
     const int8_t* tg = tq + (size_t)G * gstride;
-    __m512 fsum = _mm512_setzero_ps();
+    __m512 fsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
       const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, g_prefetch_bytes);
-      fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), load_h16(sp + 16 * i), fsum);
+      const __m512 s = load_h16(sp + 16 * i);
+      fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, fsum);
+      ssum = _mm512_add_ps(ssum, s);
     }
     if (g_prefetch_bytes) {  // the scale stream moves (BITS+1)·32 bytes per group
       for (int o = 0; o < (BITS + 1) * 32; o += 64)
         _mm_prefetch((const char*)sp + g_prefetch_bytes / 4 + o, _MM_HINT_T1);
     }
+    // y += lut_scale·Σ_i s_i·acc_i + (z + Σ_i s_i / 2)·Σx
+    const __m512 zz = _mm512_fmadd_ps(ssum, _mm512_set1_ps(0.5f), load_h16(sp + 16 * BITS));
     yacc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[G]), yacc);
-    yacc = _mm512_fmadd_ps(load_h16(sp + 16 * BITS), _mm512_set1_ps(xsum[G]), yacc);
+    yacc = _mm512_fmadd_ps(zz, _mm512_set1_ps(xsum[G]), yacc);
     wp += BITS * NL * 64;
     sp += (BITS + 1) * 16;
   }
@@ -110,8 +119,12 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
           idx[i][L][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
         }
       __m512 s[BITS];
-      for (int i = 0; i < BITS; ++i) s[i] = load_h16(sp + 16 * i);
-      const __m512 z = load_h16(sp + 16 * BITS);
+      __m512 ssum = _mm512_setzero_ps();
+      for (int i = 0; i < BITS; ++i) {
+        s[i] = load_h16(sp + 16 * i);
+        ssum = _mm512_add_ps(ssum, s[i]);
+      }
+      const __m512 z = _mm512_fmadd_ps(ssum, _mm512_set1_ps(0.5f), load_h16(sp + 16 * BITS));  // z + Σs/2
       const int8_t* tg = tq + (size_t)G * gstride;
       for (int c = 0; c < n; ++c, tg += G4) {
         __m512i t[NL][2];
@@ -185,10 +198,15 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, cons
   _mm_free(ybuf);
 }
 
-// Tables: one zmm holds the 16 entries of one run, built as masked adds in the order t = 0..3
-// (matching the scalar reference bit for bit), then quantized with the group's max |T|.
+// Tables: one zmm holds the 16 signed entries of one run, ((±x0 ± x1) ± x2) ± x3 with the signs
+// applied by xor (matching the scalar reference bit for bit), then quantized with the group's
+// max |U| (see lut_scalar.cpp).
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                          float* xsum) {
+  // sign bit set in the entries m whose bit t is 0
+  const __m512 sgn = _mm512_set1_ps(-0.0f), zero = _mm512_setzero_ps();
+  const __m512 neg0 = _mm512_mask_mov_ps(sgn, 0xAAAA, zero), neg1 = _mm512_mask_mov_ps(sgn, 0xCCCC, zero);
+  const __m512 neg2 = _mm512_mask_mov_ps(sgn, 0xF0F0, zero), neg3 = _mm512_mask_mov_ps(sgn, 0xFF00, zero);
   __m512 t[32];
   alignas(64) float xg[128];
   for (int G = 0; G < ng; ++G) {
@@ -204,11 +222,10 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size
     for (int k = 0; k < g / 4; ++k) {
       const float* x4 = xp + 4 * k;
       part[k & 3] += (x4[0] + x4[1]) + (x4[2] + x4[3]);
-      __m512 v = _mm512_setzero_ps();
-      v = _mm512_mask_add_ps(v, 0xAAAA, v, _mm512_set1_ps(x4[0]));
-      v = _mm512_mask_add_ps(v, 0xCCCC, v, _mm512_set1_ps(x4[1]));
-      v = _mm512_mask_add_ps(v, 0xF0F0, v, _mm512_set1_ps(x4[2]));
-      v = _mm512_mask_add_ps(v, 0xFF00, v, _mm512_set1_ps(x4[3]));
+      __m512 v = xor_ps(_mm512_set1_ps(x4[0]), neg0);
+      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[1]), neg1));
+      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[2]), neg2));
+      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[3]), neg3));
       t[k] = v;
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     }
@@ -219,7 +236,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size
       const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(t[k], inv));  // round to nearest even
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm512_cvtsepi32_epi8(qi));
     }
-    lut_scale[G] = m / 127.0f;
+    lut_scale[G] = m / 254.0f;
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

@@ -27,8 +27,8 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     for (int q = 0; q < 4; ++q) yv[q] = vdupq_n_f32(0.0f);
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
-      float32x4_t f[4];
-      for (int q = 0; q < 4; ++q) f[q] = vdupq_n_f32(0.0f);
+      float32x4_t f[4], ss[4];
+      for (int q = 0; q < 4; ++q) f[q] = ss[q] = vdupq_n_f32(0.0f);
       for (int i = 0; i < BITS; ++i) {
         int16x8_t a[4];
         for (int q = 0; q < 4; ++q) a[q] = vdupq_n_s16(0);
@@ -47,11 +47,13 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
         for (int q = 0; q < 4; ++q) {
           const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sp + 16 * i + 4 * q)));
           f[q] = vfmaq_f32(f[q], vcvtq_f32_s32(vpaddlq_s16(a[q])), s);
+          ss[q] = vaddq_f32(ss[q], s);
         }
       }
       const float32x4_t ls = vdupq_n_f32(T.lut_scale[G]), xs = vdupq_n_f32(T.xsum[G]);
       for (int q = 0; q < 4; ++q) {
-        const float32x4_t z = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sp + 16 * BITS + 4 * q)));
+        float32x4_t z = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sp + 16 * BITS + 4 * q)));
+        z = vfmaq_n_f32(z, ss[q], 0.5f);  // z + Σ_i s_i / 2
         yv[q] = vfmaq_f32(yv[q], f[q], ls);
         yv[q] = vfmaq_f32(yv[q], z, xs);
       }

@@ -39,8 +39,21 @@ float fp16_to_float(uint16_t h) {
   return f;
 }
 
-// Table of one run: T[m] = Σ_t bit_t(m)·x_t, summed in the order t = 0..3 (all paths do the same,
-// so the float tables — and therefore the int8 tables — are identical everywhere).
+// Signed table of one run for the int8 path: U[m] = Σ_t (2·bit_t(m) − 1)·x_t, summed in the order
+// t = 0..3 as ((±x0 ± x1) ± x2) ± x3 (all paths do the same, so the int8 tables are identical
+// everywhere).  U = 2T − Σx_run is antisymmetric (U[15−m] = −U[m]) and its range Σ|x| is centred,
+// which halves the rounding error of the {0,1} table's worst case.
+static inline void run_table_signed(const float* x4, float* t) {
+  for (int m = 0; m < 16; ++m) {
+    float v = (m & 1) ? x4[0] : -x4[0];
+    v += (m & 2) ? x4[1] : -x4[1];
+    v += (m & 4) ? x4[2] : -x4[2];
+    v += (m & 8) ? x4[3] : -x4[3];
+    t[m] = v;
+  }
+}
+
+// Table of one run for the float path: T[m] = Σ_t bit_t(m)·x_t.
 static inline void run_table(const float* x4, float* t) {
   for (int m = 0; m < 16; ++m) {
     float v = 0.0f;
@@ -76,12 +89,12 @@ void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size
     group_x(x, in, g, G, xg);
     float amax = 0.0f;
     const float s = group_sum(xg, g);
-    for (int k = 0; k < g / 4; ++k) run_table(xg + 4 * k, t + 16 * k);
+    for (int k = 0; k < g / 4; ++k) run_table_signed(xg + 4 * k, t + 16 * k);
     for (int e = 0; e < g * 4; ++e) amax = std::fmax(amax, std::fabs(t[e]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
     for (int e = 0; e < g * 4; ++e) q[e] = (int8_t)std::nearbyint(t[e] * inv);
-    lut_scale[G] = amax / 127.0f;
+    lut_scale[G] = amax / 254.0f;  // (b·x) = lut_scale·Σ q + Σx/2
     xsum[G] = s;
   }
 }
@@ -111,7 +124,7 @@ void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
     float y16[kRowBlock] = {0};
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
-      float fsum[kRowBlock] = {0};
+      float fsum[kRowBlock] = {0}, ssum[kRowBlock] = {0};
       for (int i = 0; i < bits; ++i) {
         int32_t acc[kRowBlock] = {0};
         for (int L = 0; L < nl; ++L, wp += kChunkBytes) {
@@ -122,10 +135,15 @@ void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
             acc[p >> 2] += t0[16 * j + (wp[p] & 15)] + t1[16 * j + (wp[p] >> 4)];
           }
         }
-        for (int m = 0; m < kRowBlock; ++m) fsum[m] += (float)acc[m] * fp16_to_float(sp[i * 16 + m]);
+        for (int m = 0; m < kRowBlock; ++m) {
+          const float s = fp16_to_float(sp[i * 16 + m]);
+          fsum[m] += (float)acc[m] * s;
+          ssum[m] += s;
+        }
       }
+      // y += lut_scale·Σ_i s_i·acc_i + (z + Σ_i s_i / 2)·Σx
       for (int m = 0; m < kRowBlock; ++m)
-        y16[m] += fsum[m] * T.lut_scale[G] + fp16_to_float(sp[bits * 16 + m]) * T.xsum[G];
+        y16[m] += fsum[m] * T.lut_scale[G] + (fp16_to_float(sp[bits * 16 + m]) + 0.5f * ssum[m]) * T.xsum[G];
       sp += (bits + 1) * 16;
     }
     store_rows(y16, rb, W.out, y);
