@@ -282,3 +282,18 @@ def test_input_kinds_and_errors() -> None:
         K.set_num_threads(0)
     assert K.active_path() in K.available_paths()
     assert "avx512" in repr(K.LUTLinear(random_qw(4, 32, 1, 32), path="avx512")) or "avx512" not in K.available_paths()
+
+
+def test_env_var_forces_path() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from elutq import _native; print(_native.default_path())"  # what kernels.active_path() returns
+    for want in ("scalar", *(p for p in ("avx2", "avx512") if p in K.available_paths())):
+        env = {**os.environ, "ELUTQ_KERNEL": want}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[0] == want
+    env = {**os.environ, "ELUTQ_KERNEL": "bogus"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown kernel path" in out.stderr
