@@ -240,6 +240,33 @@ void AlignedBuf::resize(size_t bytes) {
 
 AlignedBuf::~AlignedBuf() { std::free(p); }
 
+LutMatrix::LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_t sz_elems, int out, int in,
+                     int bits, int g) {
+  if (bits < 1 || bits > 4) throw std::invalid_argument("bits must be 1..4");
+  if (g != 32 && g != 64 && g != 128) throw std::invalid_argument("kernel group size must be 32, 64 or 128");
+  if (out < 1 || in < 1) throw std::invalid_argument("out and in must be >= 1");
+  LutWeight v;
+  v.out = out;
+  v.in = in;
+  v.bits = bits;
+  v.g = g;
+  v.ng = (in + g - 1) / g;
+  const size_t wn = (size_t)v.nrb() * v.w_bytes_per_rb(), szn = (size_t)v.nrb() * v.sz_elems_per_rb();
+  if (w_bytes != wn)
+    throw std::invalid_argument("packed weight buffer has " + std::to_string(w_bytes) + " bytes, expected " +
+                                std::to_string(wn));
+  if (sz_elems != szn)
+    throw std::invalid_argument("packed scale buffer has " + std::to_string(sz_elems) + " elements, expected " +
+                                std::to_string(szn));
+  wbuf.resize(wn);
+  szbuf.resize(szn * 2);
+  std::memcpy(wbuf.p, w, wn);
+  std::memcpy(szbuf.p, sz, szn * 2);
+  v.w = (const uint8_t*)wbuf.p;
+  v.sz = (const uint16_t*)szbuf.p;
+  view = v;
+}
+
 // ---------------------------------------------------------------------------------- driver
 
 void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* ls, float* xs) {

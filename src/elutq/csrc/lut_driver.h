@@ -66,6 +66,16 @@ struct AlignedBuf {
   ~AlignedBuf();
 };
 
+// An owning repacked matrix (64-byte-aligned copies of w and sz, see lut.h), for the Python
+// binding and for native callers such as a decode loop.
+struct LutMatrix {
+  AlignedBuf wbuf, szbuf;
+  LutWeight view;
+  // w: nrb·ng·bits·(g/32)·64 bytes; sz: nrb·ng·(bits+1)·16 fp16 values.  Throws on bad sizes.
+  LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_t sz_elems, int out, int in, int bits, int g);
+  size_t nbytes() const { return (size_t)view.nrb() * (view.w_bytes_per_rb() + 2 * view.sz_elems_per_rb()); }
+};
+
 void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                   float* xsum);
 

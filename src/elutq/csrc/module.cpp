@@ -37,34 +37,9 @@ template <typename T, typename... Extra>
 using CArray = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
 
 // A repacked matrix (see lut.h for the layout), owning 64-byte-aligned copies of its buffers.
-struct PackedWeight {
-  AlignedBuf wbuf, szbuf;
-  LutWeight view;
-
-  PackedWeight(CArray<const uint8_t> w, CArray<const uint16_t> sz, int out, int in, int bits, int g) {
-    if (bits < 1 || bits > 4) throw std::invalid_argument("bits must be 1..4");
-    if (g != 32 && g != 64 && g != 128) throw std::invalid_argument("kernel group size must be 32, 64 or 128");
-    if (out < 1 || in < 1) throw std::invalid_argument("out and in must be >= 1");
-    LutWeight v;
-    v.out = out;
-    v.in = in;
-    v.bits = bits;
-    v.g = g;
-    v.ng = (in + g - 1) / g;
-    const size_t wn = (size_t)v.nrb() * v.w_bytes_per_rb(), szn = (size_t)v.nrb() * v.sz_elems_per_rb();
-    if (w.size() != wn) throw std::invalid_argument("packed weight buffer has " + std::to_string(w.size()) +
-                                                    " bytes, expected " + std::to_string(wn));
-    if (sz.size() != szn) throw std::invalid_argument("packed scale buffer has " + std::to_string(sz.size()) +
-                                                      " elements, expected " + std::to_string(szn));
-    wbuf.resize(wn);
-    szbuf.resize(szn * 2);
-    std::memcpy(wbuf.p, w.data(), wn);
-    std::memcpy(szbuf.p, sz.data(), szn * 2);
-    v.w = (const uint8_t*)wbuf.p;
-    v.sz = (const uint16_t*)szbuf.p;
-    view = v;
-  }
-  size_t nbytes() const { return (size_t)view.nrb() * (view.w_bytes_per_rb() + 2 * view.sz_elems_per_rb()); }
+struct PackedWeight : LutMatrix {
+  PackedWeight(CArray<const uint8_t> w, CArray<const uint16_t> sz, int out, int in, int bits, int g)
+      : LutMatrix(w.data(), w.size(), sz.data(), sz.size(), out, in, bits, g) {}
 };
 
 static Path resolve(const std::string& path) { return path.empty() ? default_path() : parse_path(path); }
@@ -113,7 +88,7 @@ NB_MODULE(_native, m) {
       .def_prop_ro("in_features", [](const PackedWeight& p) { return p.view.in; })
       .def_prop_ro("bits", [](const PackedWeight& p) { return p.view.bits; })
       .def_prop_ro("group_size", [](const PackedWeight& p) { return p.view.g; })
-      .def_prop_ro("nbytes", &PackedWeight::nbytes, "bytes of packed weights + scales streamed per call");
+      .def_prop_ro("nbytes", [](const PackedWeight& p) { return p.nbytes(); }, "bytes of packed weights + scales streamed per call");
 
   m.def("matmul", &matmul, nb::arg("weights"), nb::arg("x"), nb::arg("outs"), nb::arg("path") = "",
         nb::arg("float_tables") = false, nb::arg("max_threads") = 0,
