@@ -4,7 +4,7 @@
 // Shapes and layouts: see lut.h.  A 64-byte weight chunk (16 rows × 8 runs, one plane) is handled
 // as two 32-byte halves (rows 0–7, rows 8–15).  vpshufb has one 16-entry table per 128-bit lane,
 // while byte p = 4m + j of a chunk needs table T[k0 + j]; so each half does 4 shuffles, one per j,
-// with the other positions' indices forced to 0x80 (→ result 0), and ORs them.  vpmaddubsw with
+// and merges them: vpblendvb picks odd bytes (j = 1, 3), vpblendw odd words (j = 2, 3).  vpmaddubsw with
 // ones then sums byte pairs into int16 (j = 0+1, 2+3), accumulated per group (|sum| ≤ 254·g/16 ≤
 // 2032 for g ≤ 128: no overflow), and vpmaddwd with ones gives one int32 per row.
 //
@@ -18,7 +18,7 @@ namespace elutq {
 namespace {
 
 struct Consts {
-  __m256i nib, ones8, ones16, sel[4];
+  __m256i nib, ones8, ones16, odd_bytes;
 };
 
 inline Consts make_consts() {
@@ -26,23 +26,22 @@ inline Consts make_consts() {
   c.nib = _mm256_set1_epi8(0x0F);
   c.ones8 = _mm256_set1_epi8(1);
   c.ones16 = _mm256_set1_epi16(1);
-  // sel[j]: 0x00 at byte positions p with p mod 4 == j, 0x80 elsewhere.
-  c.sel[0] = _mm256_set1_epi32((int)0x80808000u);
-  c.sel[1] = _mm256_set1_epi32((int)0x80800080u);
-  c.sel[2] = _mm256_set1_epi32((int)0x80008080u);
-  c.sel[3] = _mm256_set1_epi32((int)0x00808080u);
+  c.odd_bytes = _mm256_set1_epi16((short)0x8000);  // blendv selector: odd bytes
   return c;
 }
 
 inline __m256i bcast_table(const int8_t* t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t)); }
 
-// Lookups of 32 indices (8 rows × 4 runs) into the 4 tables t[0..3] (16 bytes each).
+// Lookups of 32 indices (8 rows × 4 runs; byte 4m + j uses table j) into the 4 tables t[0..3]
+// (16 bytes each).
 inline __m256i lookup4(__m256i idx, const int8_t* t, const Consts& c) {
-  __m256i r = _mm256_shuffle_epi8(bcast_table(t), _mm256_or_si256(idx, c.sel[0]));
-  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 16), _mm256_or_si256(idx, c.sel[1])));
-  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 32), _mm256_or_si256(idx, c.sel[2])));
-  r = _mm256_or_si256(r, _mm256_shuffle_epi8(bcast_table(t + 48), _mm256_or_si256(idx, c.sel[3])));
-  return r;
+  const __m256i s0 = _mm256_shuffle_epi8(bcast_table(t), idx);
+  const __m256i s1 = _mm256_shuffle_epi8(bcast_table(t + 16), idx);
+  const __m256i s2 = _mm256_shuffle_epi8(bcast_table(t + 32), idx);
+  const __m256i s3 = _mm256_shuffle_epi8(bcast_table(t + 48), idx);
+  const __m256i r01 = _mm256_blendv_epi8(s0, s1, c.odd_bytes);  // j = 0, 1
+  const __m256i r23 = _mm256_blendv_epi8(s2, s3, c.odd_bytes);  // j = 2, 3
+  return _mm256_blend_epi16(r01, r23, 0xAA);
 }
 
 inline __m256 load_h8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
