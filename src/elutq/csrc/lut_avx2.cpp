@@ -1,12 +1,16 @@
 // AVX2 (+FMA, F16C) LUT kernels.  Compiled with per-file target flags (see CMakeLists.txt) and
 // only called after run-time CPU detection.  Scalar reference: lut_scalar.cpp.
 //
-// Shapes and layouts: see lut.h.  A 64-byte weight chunk (16 rows × 8 runs, one plane) is handled
-// as two 32-byte halves (rows 0–7, rows 8–15).  vpshufb has one 16-entry table per 128-bit lane,
-// while byte p = 4m + j of a chunk needs table T[k0 + j]; so each half does 4 shuffles, one per j,
-// and merges them: vpblendvb picks odd bytes (j = 1, 3), vpblendw odd words (j = 2, 3).  vpmaddubsw with
-// ones then sums byte pairs into int16 (j = 0+1, 2+3), accumulated per group (|sum| ≤ 254·g/16 ≤
-// 2032 for g ≤ 128: no overflow), and vpmaddwd with ones gives one int32 per row.
+// Shapes and layouts: see lut.h.  vpshufb has one 16-entry table per 128-bit lane, while byte
+// p = 4m + j of a 64-byte chunk (16 rows × 8 runs, one plane) needs table T[k0 + j] (low nibble)
+// or T[k0 + 4 + j] (high nibble).  So each chunk is first transposed so that one lane holds the 16
+// rows' bytes of one j (in row order):
+//   vpshufb (4×4 byte transpose per lane) → vpermd → vpunpck{l,h}qdq:  A = [j0 | j1], B = [j2 | j3]
+// Then one vpshufb per ymm looks up 32 entries, with the tables as plain 32-byte loads
+// ([T[k0] | T[k0+1]], [T[k0+2] | T[k0+3]], and +64 bytes for the high nibbles).  vpunpck{l,h}bw
+// of the A and B results pairs j0 with j2 (lane 0) and j1 with j3 (lane 1) for the same row, and
+// vpmaddubsw with ones adds each pair into int16, accumulated per group (|sum| ≤ 2·254·g/32 ≤ 2032
+// per lane for g ≤ 128: no overflow); the two lanes are added once per plane and group.
 //
 // Only intrinsics and plain functions live here (no std templates).
 #include <immintrin.h>
@@ -18,30 +22,45 @@ namespace elutq {
 namespace {
 
 struct Consts {
-  __m256i nib, ones8, ones16, odd_bytes;
+  __m256i nib, ones8, tr_bytes, tr_dwords;
 };
 
 inline Consts make_consts() {
   Consts c;
   c.nib = _mm256_set1_epi8(0x0F);
   c.ones8 = _mm256_set1_epi8(1);
-  c.ones16 = _mm256_set1_epi16(1);
-  c.odd_bytes = _mm256_set1_epi16((short)0x8000);  // blendv selector: odd bytes
+  // in-lane 4×4 byte transpose: position 4j + m takes byte 4m + j
+  c.tr_bytes = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,  //
+                                0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  // [L0.d0 L1.d0 L0.d2 L1.d2 | L0.d1 L1.d1 L0.d3 L1.d3] (d_j: 4 rows of one j, L: source lane)
+  c.tr_dwords = _mm256_setr_epi32(0, 4, 2, 6, 1, 5, 3, 7);
   return c;
 }
 
-inline __m256i bcast_table(const int8_t* t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t)); }
+// int16 per-row partial sums of one chunk: r07 (rows 0–7) and r815 (rows 8–15), lane 0 holding
+// j = 0, 2 and lane 1 j = 1, 3 (for both nibbles).
+inline void chunk_sums(const uint8_t* wp, const int8_t* t, const Consts& c, __m256i& r07, __m256i& r815) {
+  const __m256i y0 = _mm256_permutevar8x32_epi32(
+      _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)wp), c.tr_bytes), c.tr_dwords);
+  const __m256i y1 = _mm256_permutevar8x32_epi32(
+      _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(wp + 32)), c.tr_bytes), c.tr_dwords);
+  const __m256i a = _mm256_unpacklo_epi64(y0, y1);  // lanes j0 | j1, bytes = rows 0..15
+  const __m256i b = _mm256_unpackhi_epi64(y0, y1);  // lanes j2 | j3
+  const __m256i alo = _mm256_and_si256(a, c.nib), ahi = _mm256_and_si256(_mm256_srli_epi16(a, 4), c.nib);
+  const __m256i blo = _mm256_and_si256(b, c.nib), bhi = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.nib);
+  const __m256i sa = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)t), alo);
+  const __m256i sb = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 32)), blo);
+  const __m256i ha = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 64)), ahi);
+  const __m256i hb = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 96)), bhi);
+  r07 = _mm256_add_epi16(_mm256_maddubs_epi16(c.ones8, _mm256_unpacklo_epi8(sa, sb)),
+                         _mm256_maddubs_epi16(c.ones8, _mm256_unpacklo_epi8(ha, hb)));
+  r815 = _mm256_add_epi16(_mm256_maddubs_epi16(c.ones8, _mm256_unpackhi_epi8(sa, sb)),
+                          _mm256_maddubs_epi16(c.ones8, _mm256_unpackhi_epi8(ha, hb)));
+}
 
-// Lookups of 32 indices (8 rows × 4 runs; byte 4m + j uses table j) into the 4 tables t[0..3]
-// (16 bytes each).
-inline __m256i lookup4(__m256i idx, const int8_t* t, const Consts& c) {
-  const __m256i s0 = _mm256_shuffle_epi8(bcast_table(t), idx);
-  const __m256i s1 = _mm256_shuffle_epi8(bcast_table(t + 16), idx);
-  const __m256i s2 = _mm256_shuffle_epi8(bcast_table(t + 32), idx);
-  const __m256i s3 = _mm256_shuffle_epi8(bcast_table(t + 48), idx);
-  const __m256i r01 = _mm256_blendv_epi8(s0, s1, c.odd_bytes);  // j = 0, 1
-  const __m256i r23 = _mm256_blendv_epi8(s2, s3, c.odd_bytes);  // j = 2, 3
-  return _mm256_blend_epi16(r01, r23, 0xAA);
+// Lanes of an int16 accumulator added → 8 int32 (one per row).
+inline __m256i lanes_to_i32(__m256i a) {
+  return _mm256_cvtepi16_epi32(_mm_add_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
 }
 
 inline __m256 load_h8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
@@ -59,21 +78,16 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
       for (int i = 0; i < BITS; ++i) {
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
-          const int8_t* t0 = tg + 128 * L;
-          const __m256i v0 = _mm256_loadu_si256((const __m256i*)wp);
-          const __m256i v1 = _mm256_loadu_si256((const __m256i*)(wp + 32));
-          const __m256i lo0 = _mm256_and_si256(v0, c.nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), c.nib);
-          const __m256i lo1 = _mm256_and_si256(v1, c.nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), c.nib);
-          a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(c.ones8, lookup4(lo0, t0, c)));
-          a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(c.ones8, lookup4(hi0, t0 + 64, c)));
-          a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(c.ones8, lookup4(lo1, t0, c)));
-          a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(c.ones8, lookup4(hi1, t0 + 64, c)));
+          __m256i r07, r815;
+          chunk_sums(wp, tg + 128 * L, c, r07, r815);
+          a0 = _mm256_add_epi16(a0, r07);
+          a1 = _mm256_add_epi16(a1, r815);
         }
         const __m256 s0 = load_h8(sp + 16 * i), s1 = load_h8(sp + 16 * i + 8);
         q0 = _mm256_add_ps(q0, s0);
         q1 = _mm256_add_ps(q1, s1);
-        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, c.ones16)), s0, f0);
-        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, c.ones16)), s1, f1);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a0)), s0, f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a1)), s1, f1);
       }
       const __m256 ls = _mm256_set1_ps(T.lut_scale[G]), xs = _mm256_set1_ps(T.xsum[G]);
       y0 = _mm256_fmadd_ps(f0, ls, y0);
