@@ -79,6 +79,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
           __m256i r07, r815;
+          if (g_prefetch_bytes) _mm_prefetch((const char*)wp + g_prefetch_bytes, _MM_HINT_T1);
           chunk_sums(wp, tg + 128 * L, c, r07, r815);
           a0 = _mm256_add_epi16(a0, r07);
           a1 = _mm256_add_epi16(a1, r815);
