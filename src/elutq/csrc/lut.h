@@ -77,7 +77,7 @@ struct LutTables {
   const float* xsum = nullptr;       // [ng]
 };
 
-extern int g_prefetch_bytes;  // software prefetch distance of the x86 GEMV (0: off; env ELUTQ_PF)
+extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
 
 enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 

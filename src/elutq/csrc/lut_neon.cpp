@@ -33,6 +33,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
         int16x8_t a[4];
         for (int q = 0; q < 4; ++q) a[q] = vdupq_n_s16(0);
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
+          if (g_prefetch_bytes) __builtin_prefetch(wp + g_prefetch_bytes, 0, 2);
           const uint8x16x4_t t0 = vld1q_u8_x4((const uint8_t*)(tg + 128 * L));
           const uint8x16x4_t t1 = vld1q_u8_x4((const uint8_t*)(tg + 128 * L + 64));
           for (int q = 0; q < 4; ++q) {
