@@ -374,15 +374,16 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         continue;
       }
 #if defined(__x86_64__) || defined(_M_X64)
-      if (p == Path::Avx512) {
+      if (p == Path::Avx512 || p == Path::Avx2) {
         // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
         // L2 pass over them.
+        const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
         const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
         const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
         for (int r0 = lo; r0 < hi; r0 += rbb)
           for (int c0 = 0; c0 < n; c0 += cc)
-            gemm_rows_avx512(W, tq + c0 * g4, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng,
-                             std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
+            gemm(W, tq + c0 * g4, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng, std::min(cc, n - c0), r0,
+                 std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
         continue;
       }
 #endif

@@ -97,6 +97,8 @@ void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int
 void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                        float* xsum);
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum,
+                    int n, int rb0, int rb1, float* y, size_t ldy);  // as gemm_rows_avx512
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
                          float* xsum);
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);

@@ -37,17 +37,25 @@ inline Consts make_consts() {
   return c;
 }
 
-// int16 per-row partial sums of one chunk: r07 (rows 0–7) and r815 (rows 8–15), lane 0 holding
-// j = 0, 2 and lane 1 j = 1, 3 (for both nibbles).
-inline void chunk_sums(const uint8_t* wp, const int8_t* t, const Consts& c, __m256i& r07, __m256i& r815) {
+// The 4 index vectors of one chunk: idx[0] = low nibbles of lanes j0 | j1, idx[1] = low nibbles of
+// j2 | j3, idx[2], idx[3] = the high nibbles (bytes = rows 0..15 in order).
+inline void chunk_indices(const uint8_t* wp, const Consts& c, __m256i* idx) {
   const __m256i y0 = _mm256_permutevar8x32_epi32(
       _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)wp), c.tr_bytes), c.tr_dwords);
   const __m256i y1 = _mm256_permutevar8x32_epi32(
       _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(wp + 32)), c.tr_bytes), c.tr_dwords);
   const __m256i a = _mm256_unpacklo_epi64(y0, y1);  // lanes j0 | j1, bytes = rows 0..15
   const __m256i b = _mm256_unpackhi_epi64(y0, y1);  // lanes j2 | j3
-  const __m256i alo = _mm256_and_si256(a, c.nib), ahi = _mm256_and_si256(_mm256_srli_epi16(a, 4), c.nib);
-  const __m256i blo = _mm256_and_si256(b, c.nib), bhi = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.nib);
+  idx[0] = _mm256_and_si256(a, c.nib);
+  idx[1] = _mm256_and_si256(b, c.nib);
+  idx[2] = _mm256_and_si256(_mm256_srli_epi16(a, 4), c.nib);
+  idx[3] = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.nib);
+}
+
+// int16 per-row partial sums of one chunk: r07 (rows 0–7) and r815 (rows 8–15), lane 0 holding
+// j = 0, 2 and lane 1 j = 1, 3 (for both nibbles).  t: the chunk's 128 table bytes.
+inline void chunk_lookup(const __m256i* idx, const int8_t* t, const Consts& c, __m256i& r07, __m256i& r815) {
+  const __m256i alo = idx[0], blo = idx[1], ahi = idx[2], bhi = idx[3];
   const __m256i sa = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)t), alo);
   const __m256i sb = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 32)), blo);
   const __m256i ha = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 64)), ahi);
@@ -78,9 +86,10 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
       for (int i = 0; i < BITS; ++i) {
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
-          __m256i r07, r815;
+          __m256i r07, r815, idx[4];
           if (g_prefetch_bytes) _mm_prefetch((const char*)wp + g_prefetch_bytes, _MM_HINT_T1);
-          chunk_sums(wp, tg + 128 * L, c, r07, r815);
+          chunk_indices(wp, c, idx);
+          chunk_lookup(idx, tg + 128 * L, c, r07, r815);
           a0 = _mm256_add_epi16(a0, r07);
           a1 = _mm256_add_epi16(a1, r815);
         }
@@ -111,11 +120,78 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
   }
 }
 
+// GEMM: per (row block, group) the transposed indices of all planes are computed once and reused
+// for every column (same arithmetic, in the same order, as gemv_t for each column).
+template <int BITS, int NL>
+void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum, int n,
+            int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+  constexpr int G4 = NL * 128;
+  const Consts c = make_consts();
+  alignas(32) __m256i idx[BITS][NL][4];
+  const int ng = W.ng;
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (int rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
+    const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
+    for (int k = 0; k < 2 * n; ++k) _mm256_store_ps(ybuf + 8 * k, _mm256_setzero_ps());
+    for (int G = 0; G < ng; ++G) {
+      for (int i = 0; i < BITS; ++i)
+        for (int L = 0; L < NL; ++L) chunk_indices(wp + (i * NL + L) * kChunkBytes, c, idx[i][L]);
+      __m256 s0[BITS], s1[BITS], q0 = _mm256_setzero_ps(), q1 = q0;
+      for (int i = 0; i < BITS; ++i) {
+        s0[i] = load_h8(sp + 16 * i);
+        s1[i] = load_h8(sp + 16 * i + 8);
+        q0 = _mm256_add_ps(q0, s0[i]);
+        q1 = _mm256_add_ps(q1, s1[i]);
+      }
+      const __m256 z0 = _mm256_fmadd_ps(q0, half, load_h8(sp + 16 * BITS));  // z + Σs/2
+      const __m256 z1 = _mm256_fmadd_ps(q1, half, load_h8(sp + 16 * BITS + 8));
+      const int8_t* tg = tq + (size_t)G * gstride;
+      for (int col = 0; col < n; ++col, tg += G4) {
+        __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+        for (int i = 0; i < BITS; ++i) {
+          __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+          for (int L = 0; L < NL; ++L) {
+            __m256i r07, r815;
+            chunk_lookup(idx[i][L], tg + 128 * L, c, r07, r815);
+            a0 = _mm256_add_epi16(a0, r07);
+            a1 = _mm256_add_epi16(a1, r815);
+          }
+          f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a0)), s0[i], f0);
+          f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a1)), s1[i], f1);
+        }
+        const __m256 ls = _mm256_set1_ps(lut_scale[(size_t)col * ng + G]);
+        const __m256 xs = _mm256_set1_ps(xsum[(size_t)col * ng + G]);
+        float* yb = ybuf + 16 * col;
+        __m256 y0 = _mm256_load_ps(yb), y1 = _mm256_load_ps(yb + 8);
+        y0 = _mm256_fmadd_ps(f0, ls, y0);
+        y1 = _mm256_fmadd_ps(f1, ls, y1);
+        y0 = _mm256_fmadd_ps(z0, xs, y0);
+        y1 = _mm256_fmadd_ps(z1, xs, y1);
+        _mm256_store_ps(yb, y0);
+        _mm256_store_ps(yb + 8, y1);
+      }
+      wp += BITS * NL * kChunkBytes;
+      sp += (BITS + 1) * 16;
+    }
+    const int r0 = rb * kRowBlock;
+    const int nr = W.out - r0 < kRowBlock ? W.out - r0 : kRowBlock;
+    for (int col = 0; col < n; ++col)
+      for (int m = 0; m < nr; ++m) y[col * ldy + r0 + m] = ybuf[16 * col + m];
+  }
+}
+
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, size_t, const float*, const float*, int, int, int, float*,
+                        size_t, float*);
 
 template <int BITS>
 GemvFn pick(int nl) {
   return nl == 1 ? gemv_t<BITS, 1> : nl == 2 ? gemv_t<BITS, 2> : gemv_t<BITS, 4>;
+}
+template <int BITS>
+GemmFn pick_gemm(int nl) {
+  return nl == 1 ? gemm_t<BITS, 1> : nl == 2 ? gemm_t<BITS, 2> : gemm_t<BITS, 4>;
 }
 
 }  // namespace
@@ -124,6 +200,18 @@ void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, fl
   const int nl = W.g / 32;
   GemvFn f = W.bits == 1 ? pick<1>(nl) : W.bits == 2 ? pick<2>(nl) : W.bits == 3 ? pick<3>(nl) : pick<4>(nl);
   f(W, T, rb0, rb1, y);
+}
+
+void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum,
+                    int n, int rb0, int rb1, float* y, size_t ldy) {
+  const int nl = W.g / 32;
+  GemmFn f = W.bits == 1   ? pick_gemm<1>(nl)
+             : W.bits == 2 ? pick_gemm<2>(nl)
+             : W.bits == 3 ? pick_gemm<3>(nl)
+                           : pick_gemm<4>(nl);
+  float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 32);
+  f(W, tq, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  _mm_free(ybuf);
 }
 
 // Tables: each run's 16 signed entries as two ymm (entries 0–7, 8–15), built in the scalar order
