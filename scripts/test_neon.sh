@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Cross-compile the LUT kernels' NEON + scalar paths (with the standalone C++ self-test driver,
+# src/elutq/csrc/lut_selftest.cpp) for AArch64 and run them under qemu-user.  Exits non-zero if
+# the build fails or any NEON result disagrees with the scalar reference.
+#
+#   scripts/test_neon.sh            # installs gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and
+#                                   # qemu-user with apt-get if they are missing
+#   HOST=1 scripts/test_neon.sh     # also build and run the driver natively (x86: AVX2/AVX-512)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SRC="$ROOT/src/elutq/csrc"
+OUT="${OUT_DIR:-$(mktemp -d)}"
+CXX_AARCH64="${CXX_AARCH64:-aarch64-linux-gnu-g++}"
+
+need_install=()
+command -v "$CXX_AARCH64" >/dev/null 2>&1 || need_install+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null 2>&1 || need_install+=(qemu-user)
+if [ ${#need_install[@]} -gt 0 ]; then
+  echo "installing ${need_install[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need_install[@]}"
+fi
+
+echo "== aarch64 build ($CXX_AARCH64)"
+"$CXX_AARCH64" -O2 -std=c++17 -pthread -Wall -Wextra -Werror=return-type \
+  -o "$OUT/lut_selftest_aarch64" \
+  "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" "$SRC/lut_scalar.cpp" "$SRC/lut_neon.cpp"
+
+echo "== run under qemu-aarch64"
+QEMU_LD_PREFIX="${QEMU_LD_PREFIX:-/usr/aarch64-linux-gnu}"
+out="$(qemu-aarch64 -L "$QEMU_LD_PREFIX" "$OUT/lut_selftest_aarch64")"
+echo "$out"
+echo "$out" | grep -q "neon" || { echo "NEON path was not exercised"; exit 1; }
+
+if [ "${HOST:-0}" = "1" ] && [ "$(uname -m)" = "x86_64" ]; then
+  echo "== host build (x86-64, runtime-dispatched AVX2/AVX-512)"
+  CXX="${CXX:-g++}"
+  "$CXX" -O2 -std=c++17 -c "$SRC/lut_avx2.cpp" -mavx2 -mfma -mf16c -o "$OUT/avx2.o"
+  "$CXX" -O2 -std=c++17 -c "$SRC/lut_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx512vnni \
+    -mfma -mf16c -o "$OUT/avx512.o"
+  "$CXX" -O2 -std=c++17 -pthread -o "$OUT/lut_selftest_host" "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" \
+    "$SRC/lut_scalar.cpp" "$OUT/avx2.o" "$OUT/avx512.o"
+  "$OUT/lut_selftest_host"
+fi
+echo "OK"

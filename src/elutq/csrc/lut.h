@@ -1,0 +1,114 @@
+// elutq bit-serial LUT kernels for HLQ weights: shared declarations and the kernel layout.
+//
+// Math.  For a row r and a group G of g input columns, HLQ stores codes c with bit-planes
+// b_i ∈ {0,1}, one scale s_i per plane and one offset z:   w = z + Σ_i s_i·b_i.   Hence
+//
+//     y_r = Σ_G [ Σ_i s_i · (b_i · x)_G  +  z · Σx_G ]
+//
+// and each dot product (b_i · x) over a group is evaluated with tables instead of multiplies:
+// split x into runs of 4 activations (run k = columns 4k..4k+3) and build for each run the
+// 16-entry table  T[k][m] = Σ_{t<4} bit_t(m)·x[4k+t].  Then (b_i · x) = Σ_k T[k][nib_i(r, k)]
+// where nib_i(r, k) is the 4-bit nibble of plane i over columns 4k..4k+3 (bit t = column 4k+t),
+// i.e. exactly nibble k of the checkpoint's packed bit-plane row (low nibble first).
+//
+// int8 tables ("int8-table" path) use the signed (±1) form of the same table,
+//     U[k][m] = Σ_t (2·bit_t(m) − 1)·x[4k+t] = 2·T[k][m] − Σx_run,   antisymmetric: U[15−m] = −U[m],
+// whose range (±Σ|x_run|) is centred, so int8 quantization loses about half as much as with T.
+// The tables of one group are quantized together, q = rint(U · 127 / max|U|), and
+//     (b_i · x)_G = lut_scale · Σ_k q[k][nib] + Σx_G / 2,      lut_scale = max|U| / 254
+// (0 for an all-zero group), so the lookups are summed exactly in integers and per group
+//     y_r += lut_scale · Σ_i s_i · acc_i  +  (z + Σ_i s_i / 2) · Σx_G   (Σx_G from the float input).
+// Float tables ("float-table" path, accuracy reference, scalar only) use T itself, unquantized.
+//
+// ------------------------------------------------------------------------------------------
+// Activation tables (built per input vector, per call):
+//   tq        int8  [in_pad/4][16]  q[k][m], run-major, run k at byte 16k; in_pad = ng·g (x zero-padded)
+//   lut_scale f32   [ng]
+//   xsum      f32   [ng]            Σx over the group's real columns
+//
+// Weight layout (produced by elutq.kernels.repack from qweight/scales/zeros; ISA-independent):
+//   rows are padded to a multiple of 16 (a "row block", rb); columns to in_pad = ng·g.
+//   w   uint8 [nrb][ng][bits][g/32][64]
+//       One 64-byte "chunk" covers 16 rows × 8 runs (32 columns) of one plane.  Chunk L of group G
+//       holds runs k0 = G·g/4 + 8L + (0..7).  Byte p = 4m + j (row m = 0..15, j = 0..3):
+//         low  nibble = nib(row 16rb+m, run k0 + j)
+//         high nibble = nib(row 16rb+m, run k0 + 4 + j)
+//       So, with index = nibble + 16·j, a 64-entry byte permute whose table is the 4 consecutive
+//       16-byte tables T[k0..k0+3] (resp. T[k0+4..k0+7]) — i.e. 64 contiguous bytes of tq — does
+//       16 rows × 4 runs of lookups at once, and summing each aligned group of 4 result bytes
+//       gives the per-row sum (vpermb + vpdpbusd on AVX-512, tbl ×4 + pairwise adds on NEON).
+//   sz  fp16  [nrb][ng][bits + 1][16]   planes' scales s_i of the 16 rows, then their zeros z.
+//       Padded rows have zero scales and zeros, so they produce 0.
+//
+// Per-channel quantization (one group per row) is repacked as g = 128 with the row's scales and
+// zero replicated into every group (mathematically identical).
+// ------------------------------------------------------------------------------------------
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace elutq {
+
+constexpr int kRowBlock = 16;    // rows per tile
+constexpr int kChunkBytes = 64;  // bytes per (16 rows × 32 columns × 1 plane) chunk
+
+// A read-only view of one repacked matrix.
+struct LutWeight {
+  const uint8_t* w = nullptr;    // [nrb][ng][bits][g/32][64]
+  const uint16_t* sz = nullptr;  // [nrb][ng][bits+1][16] (fp16 bits)
+  int out = 0;                   // real output rows
+  int in = 0;                    // real input columns
+  int bits = 0;                  // 1..4
+  int g = 0;                     // 32, 64 or 128
+  int ng = 0;                    // number of groups; in_pad = ng·g
+  int nrb() const { return (out + kRowBlock - 1) / kRowBlock; }
+  int in_pad() const { return ng * g; }
+  size_t w_bytes_per_rb() const { return (size_t)ng * bits * (g / 32) * kChunkBytes; }
+  size_t sz_elems_per_rb() const { return (size_t)ng * (bits + 1) * kRowBlock; }
+};
+
+// Activation tables of one input vector (int8 or float).
+struct LutTables {
+  const int8_t* tq = nullptr;  // group G's g/4 run tables at tq + G·gstride
+  size_t gstride = 0;          // int8 table bytes between groups (g·4 for one vector)
+  const float* tf = nullptr;   // [in_pad/4][16] (float-table path only)
+  const float* lut_scale = nullptr;  // [ng]
+  const float* xsum = nullptr;       // [ng]
+};
+
+extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
+
+enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+
+// ---- per-ISA entry points -------------------------------------------------------------------
+// build_tables_*: x has `in` floats; writes group G's g·4 table bytes at tq + G·gstride (gstride = g·4:
+// the plain [in_pad/4][16] layout), lut_scale [ng], xsum [ng].
+// gemv_rows_*: rows of row blocks [rb0, rb1) of y = W·x; writes y[r] for real rows r only.
+
+float fp16_to_float(uint16_t h);
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum);
+void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf, float* xsum);
+void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+
+#if defined(__x86_64__) || defined(_M_X64)
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                       float* xsum);
+void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum,
+                    int n, int rb0, int rb1, float* y, size_t ldy);  // as gemm_rows_avx512
+void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum);
+void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+// GEMM on AVX-512 for n columns: column c's group-G tables at tq + G·gstride + c·g·4 (group-major, so
+// a group's tables for all columns are contiguous); lut_scale/xsum [n][ng]; column c's y at y + c·ldy.
+void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale,
+                      const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
+#endif
+#if defined(__aarch64__)
+void gemv_rows_neon(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+#endif
+
+}  // namespace elutq

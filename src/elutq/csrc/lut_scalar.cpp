@@ -1,0 +1,182 @@
+// Portable scalar reference for the LUT kernels (the other paths must match it).
+//
+// Shapes and layouts: see lut.h.  x [in] fp32 → tq int8 [in_pad/4][16], lut_scale/xsum f32 [ng];
+// W repacked as w uint8 [nrb][ng][bits][g/32][64], sz fp16 [nrb][ng][bits+1][16]; y f32 [out].
+//
+// The integer part (tables and per-plane lookup sums) is bit-identical across all paths; only the
+// final float epilogue (order of fp32 multiply-adds) may differ by rounding.
+#include <cmath>
+#include <cstring>
+
+#include "lut.h"
+
+namespace elutq {
+
+float fp16_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400u)) {
+        man <<= 1;
+        --exp;
+      }
+      man &= 0x3FFu;
+      bits = sign | (exp << 23) | (man << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Signed table of one run for the int8 path: U[m] = Σ_t (2·bit_t(m) − 1)·x_t, summed in the order
+// t = 0..3 as ((±x0 ± x1) ± x2) ± x3 (all paths do the same, so the int8 tables are identical
+// everywhere).  U = 2T − Σx_run is antisymmetric (U[15−m] = −U[m]) and its range Σ|x| is centred,
+// which halves the rounding error of the {0,1} table's worst case.
+static inline void run_table_signed(const float* x4, float* t) {
+  for (int m = 0; m < 16; ++m) {
+    float v = (m & 1) ? x4[0] : -x4[0];
+    v += (m & 2) ? x4[1] : -x4[1];
+    v += (m & 4) ? x4[2] : -x4[2];
+    v += (m & 8) ? x4[3] : -x4[3];
+    t[m] = v;
+  }
+}
+
+// Table of one run for the float path: T[m] = Σ_t bit_t(m)·x_t.
+static inline void run_table(const float* x4, float* t) {
+  for (int m = 0; m < 16; ++m) {
+    float v = 0.0f;
+    if (m & 1) v += x4[0];
+    if (m & 2) v += x4[1];
+    if (m & 4) v += x4[2];
+    if (m & 8) v += x4[3];
+    t[m] = v;
+  }
+}
+
+// The activations of group G, zero-padded to g values.
+static inline void group_x(const float* x, int in, int g, int G, float* xg) {
+  for (int c = 0; c < g; ++c) {
+    const int col = G * g + c;
+    xg[c] = col < in ? x[col] : 0.0f;
+  }
+}
+
+// Σx of a group in the canonical order every path uses: per run (x0+x1)+(x2+x3), runs added into
+// 4 partial sums by k mod 4, combined as (p0+p1)+(p2+p3).
+static inline float group_sum(const float* xg, int g) {
+  float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k = 0; k < g / 4; ++k) p[k & 3] += (xg[4 * k] + xg[4 * k + 1]) + (xg[4 * k + 2] + xg[4 * k + 3]);
+  return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
+                         float* xsum) {
+  float xg[128];
+  float t[32 * 16];
+  for (int G = 0; G < ng; ++G) {
+    group_x(x, in, g, G, xg);
+    float amax = 0.0f;
+    const float s = group_sum(xg, g);
+    for (int k = 0; k < g / 4; ++k) run_table_signed(xg + 4 * k, t + 16 * k);
+    for (int e = 0; e < g * 4; ++e) amax = std::fmax(amax, std::fabs(t[e]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int8_t* q = tq + (size_t)G * gstride;
+    for (int e = 0; e < g * 4; ++e) q[e] = (int8_t)std::nearbyint(t[e] * inv);
+    lut_scale[G] = amax / 254.0f;  // (b·x) = lut_scale·Σ q + Σx/2
+    xsum[G] = s;
+  }
+}
+
+void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf, float* xsum) {
+  float xg[128];
+  for (int G = 0; G < ng; ++G) {
+    group_x(x, in, g, G, xg);
+    const float s = group_sum(xg, g);
+    for (int k = 0; k < g / 4; ++k) run_table(xg + 4 * k, tf + (size_t)G * g * 4 + 16 * k);
+    xsum[G] = s;
+  }
+}
+
+// Store the 16 results of a row block, skipping padded rows.
+static inline void store_rows(const float* y16, int rb, int out, float* y) {
+  const int r0 = rb * kRowBlock;
+  const int n = out - r0 < kRowBlock ? out - r0 : kRowBlock;
+  for (int m = 0; m < n; ++m) y[r0 + m] = y16[m];
+}
+
+void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
+  const int bits = W.bits, g = W.g, nl = g / 32;
+  for (int rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
+    const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
+    float y16[kRowBlock] = {0};
+    for (int G = 0; G < W.ng; ++G) {
+      const int8_t* tg = T.tq + (size_t)G * T.gstride;
+      float fsum[kRowBlock] = {0}, ssum[kRowBlock] = {0};
+      for (int i = 0; i < bits; ++i) {
+        int32_t acc[kRowBlock] = {0};
+        for (int L = 0; L < nl; ++L, wp += kChunkBytes) {
+          const int8_t* t0 = tg + L * 128;  // T[k0 .. k0+3]
+          const int8_t* t1 = t0 + 64;       // T[k0+4 .. k0+7]
+          for (int p = 0; p < kChunkBytes; ++p) {
+            const int j = p & 3;
+            acc[p >> 2] += t0[16 * j + (wp[p] & 15)] + t1[16 * j + (wp[p] >> 4)];
+          }
+        }
+        for (int m = 0; m < kRowBlock; ++m) {
+          const float s = fp16_to_float(sp[i * 16 + m]);
+          fsum[m] += (float)acc[m] * s;
+          ssum[m] += s;
+        }
+      }
+      // y += lut_scale·Σ_i s_i·acc_i + (z + Σ_i s_i / 2)·Σx
+      for (int m = 0; m < kRowBlock; ++m)
+        y16[m] += fsum[m] * T.lut_scale[G] + (fp16_to_float(sp[bits * 16 + m]) + 0.5f * ssum[m]) * T.xsum[G];
+      sp += (bits + 1) * 16;
+    }
+    store_rows(y16, rb, W.out, y);
+  }
+}
+
+void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
+  const int bits = W.bits, g = W.g, nl = g / 32;
+  for (int rb = rb0; rb < rb1; ++rb) {
+    const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
+    const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
+    double y16[kRowBlock] = {0};
+    for (int G = 0; G < W.ng; ++G) {
+      const float* tg = T.tf + (size_t)G * g * 4;
+      for (int i = 0; i < bits; ++i) {
+        double acc[kRowBlock] = {0};
+        for (int L = 0; L < nl; ++L, wp += kChunkBytes) {
+          const float* t0 = tg + L * 128;
+          const float* t1 = t0 + 64;
+          for (int p = 0; p < kChunkBytes; ++p) {
+            const int j = p & 3;
+            acc[p >> 2] += (double)t0[16 * j + (wp[p] & 15)] + (double)t1[16 * j + (wp[p] >> 4)];
+          }
+        }
+        for (int m = 0; m < kRowBlock; ++m) y16[m] += acc[m] * (double)fp16_to_float(sp[i * 16 + m]);
+      }
+      for (int m = 0; m < kRowBlock; ++m) y16[m] += (double)fp16_to_float(sp[bits * 16 + m]) * (double)T.xsum[G];
+      sp += (bits + 1) * 16;
+    }
+    float yf[kRowBlock];
+    for (int m = 0; m < kRowBlock; ++m) yf[m] = (float)y16[m];
+    store_rows(yf, rb, W.out, y);
+  }
+}
+
+}  // namespace elutq

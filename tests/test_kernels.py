@@ -1,0 +1,299 @@
+"""Native LUT kernels against a float64 oracle that decodes the same quantized parameters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from elutq import _native
+from elutq import kernels as K
+from elutq.hlq import QuantConfig, QuantizedWeight, quantize_weight
+
+X86_PATHS = ("scalar", "avx2", "avx512")
+PATHS = [
+    pytest.param(p, marks=pytest.mark.skipif(p not in K.available_paths(), reason=f"CPU lacks {p}")) for p in X86_PATHS
+]
+
+
+def random_qw(out: int, inf: int, bits: int, g: int, seed: int = 0, integer: bool = False) -> QuantizedWeight:
+    """Random HLQ parameters (g = -1: one group per row).  ``integer``: small-integer s and z."""
+    rng = np.random.default_rng(seed)
+    gg = inf if g == -1 else g
+    ng = math.ceil(inf / gg)
+    codes = rng.integers(0, 1 << bits, size=(out, inf), dtype=np.uint8)
+    if integer:
+        s = rng.integers(1, 5, size=(out, ng, bits)).astype(np.float16)
+        z = rng.integers(-8, 9, size=(out, ng)).astype(np.float16)
+    else:
+        s = (rng.uniform(0.5, 1.5, size=(out, ng, bits)) * 2.0 ** np.arange(bits) * 0.01).astype(np.float16)
+        z = (-s.astype(np.float32).sum(-1) / 2 + rng.normal(0, 0.002, size=(out, ng))).astype(np.float16)
+    return QuantizedWeight(torch.from_numpy(codes), torch.from_numpy(s), torch.from_numpy(z), gg)
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+SHAPES = [(37, 576, 128), (16, 128, 128), (50, 200, 64), (33, 96, 32), (5, 40, -1), (70, 576, -1)]
+
+
+# ----------------------------------------------------------------------------- repack
+
+
+def test_repack_layout_matches_definition() -> None:
+    """Every chunk byte holds the documented nibbles (lut.h): p = 4m + j, runs k0 + j / k0 + 4 + j."""
+    out, inf, bits, g = 20, 72, 3, 32
+    qw = random_qw(out, inf, bits, g, seed=1)
+    w, sz, gk = K.repack(qw.pack(), qw.scales, qw.zeros, inf, g)
+    assert gk == 32
+    nrb, ng, nl = 2, 3, 1
+    w = w.reshape(nrb, ng, bits, nl, 64)
+    sz = sz.view(np.float16).reshape(nrb, ng, bits + 1, 16)
+    codes = qw.codes.numpy()
+
+    def nib(i: int, r: int, k: int) -> int:
+        if r >= out:
+            return 0
+        v = 0
+        for t in range(4):
+            c = 4 * k + t
+            if c < inf:
+                v |= ((int(codes[r, c]) >> i) & 1) << t
+        return v
+
+    for rb in range(nrb):
+        for G in range(ng):
+            for i in range(bits):
+                for p in range(64):
+                    m, j = divmod(p, 4)
+                    k0 = G * g // 4
+                    r = 16 * rb + m
+                    assert w[rb, G, i, 0, p] == nib(i, r, k0 + j) | (nib(i, r, k0 + 4 + j) << 4)
+            for m in range(16):
+                r = 16 * rb + m
+                want_s = qw.scales[r, G].numpy() if r < out else np.zeros(bits, np.float16)
+                want_z = qw.zeros[r, G].numpy() if r < out else np.float16(0)
+                np.testing.assert_array_equal(sz[rb, G, :bits, m], want_s)
+                assert sz[rb, G, bits, m] == want_z
+
+
+def test_repack_per_channel_replicates_parameters() -> None:
+    qw = random_qw(9, 300, 2, -1, seed=2)
+    w, sz, gk = K.repack(qw.pack(), qw.scales, qw.zeros, 300, 300)
+    assert gk == 128
+    sz = sz.view(np.float16).reshape(1, 3, 3, 16)
+    for G in range(3):
+        np.testing.assert_array_equal(sz[0, G, :2, :9].T, qw.scales[:, 0].numpy())
+        np.testing.assert_array_equal(sz[0, G, 2, :9], qw.zeros[:, 0].numpy())
+
+
+def test_repack_rejects_bad_input() -> None:
+    qw = random_qw(8, 64, 2, 32)
+    with pytest.raises(ValueError, match="bytes per row"):
+        K.repack(qw.pack(), qw.scales, qw.zeros, 72, 32)
+    with pytest.raises(TypeError, match="float16"):
+        K.repack(qw.pack(), qw.scales.float(), qw.zeros, 64, 32)
+    with pytest.raises(ValueError, match="do not match"):
+        K.repack(qw.pack(), qw.scales[:, :1], qw.zeros, 64, 32)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_tables_match_reference(bits: int, shape: tuple[int, int, int]) -> None:
+    out, inf, g = shape
+    lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=bits), path="scalar")
+    x = np.random.default_rng(3).normal(size=(3, inf)).astype(np.float32)
+    assert rel_err(lin(x, float_tables=True), lin.reference(x)) < 1e-5
+
+
+def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
+    """Expected mean squared output error of the int8-table path.
+
+    The integer lookup sums are exact, so the only error is rounding each (signed) table entry to
+    the integer grid of its group: the kernel computes (b·x) = Δ_G·Σ q + Σx/2 with Δ_G the group's
+    lut_scale (max|U|/254, csrc/lut.h), so each lookup is off by Δ_G·δ, δ uniform in ±1/2, variance
+    Δ_G²/12.  A row adds g_G/4 lookups per plane per group; planes of the same run may hit the same
+    (equally rounded) entry, so the per-run error is at most (Σ_i |s_i|)·Δ_G·δ.  Hence, per output,
+        E[err²] ≤ Σ_G (g_G/4)·(Δ_G²/12)·(Σ_i |s_i|)²
+    (entries at the group's peak round to themselves).  Outputs sharing one x share its rounding
+    errors, so the sample mean is noisy: tests use 16 input vectors and allow 1.5× the expectation;
+    a real bug (wrong nibble, table, sign or scale) is off by orders of magnitude.
+    """
+    g = K.kernel_group_size(lin.in_features, lin.group_size)
+    ng = math.ceil(lin.in_features / g)
+    s = np.abs(lin._scales.numpy().astype(np.float64)).sum(-1)  # [out, ng_orig]
+    gmap = (np.arange(ng) * g) // lin.group_size
+    s = s[:, gmap]  # [out, ng]
+    total = 0.0
+    for xc in x:
+        tq = np.empty(ng * g * 4, np.int8)
+        ls, xs = np.empty(ng, np.float32), np.empty(ng, np.float32)
+        _native.build_tables(xc, g, tq, ls, xs, "scalar")
+        nlook = np.minimum(g, lin.in_features - np.arange(ng) * g) / 4
+        total += float(((nlook * ls.astype(np.float64) ** 2 / 12) * s**2).sum(1).mean())
+    return total / len(x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_tables_within_rounding_bound(path: str, bits: int, shape: tuple[int, int, int]) -> None:
+    out, inf, g = shape
+    lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=10 + bits), path=path)
+    x = np.random.default_rng(4).normal(size=(16, inf)).astype(np.float32)
+    mse = float(((lin(x).astype(np.float64) - lin.reference(x)) ** 2).mean())
+    assert mse <= 1.5 * int8_error_bound(lin, x)
+
+
+def test_int8_on_fitted_weights() -> None:
+    """A realistic fitted matrix (ALS HLQ, 2 bits, g128, in=576 with a short last group)."""
+    w = torch.randn(96, 576)
+    lin = K.LUTLinear(quantize_weight(w, QuantConfig(bits=2, group_size=128, iters=3)))
+    x = torch.randn(4, 576)
+    y, ref = lin(x), lin.reference(x)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (4, 96)
+    assert float(((y.double() - ref) ** 2).mean()) <= 1.5 * int8_error_bound(lin, x.numpy())
+    assert rel_err(lin(x, float_tables=True).numpy(), ref.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("g", [32, 64, 128, -1])
+def test_exact_for_small_integer_activations(path: str, bits: int, g: int) -> None:
+    """Integer x whose every group peaks at exactly Σ|x_run| = 127 makes the signed tables' step 1:
+    the int8 tables are the exact tables, and with small-integer s and z every partial sum is a
+    multiple of 1/2 below 2^23 — exact in fp32."""
+    out, inf = 45, 576
+    lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=bits, integer=True), path=path)
+    gk = K.kernel_group_size(inf, lin.group_size)
+    rng = np.random.default_rng(5)
+    x = rng.integers(-31, 32, size=(2, inf)).astype(np.float32)
+    for c0 in range(0, inf, gk):
+        x[:, c0 : c0 + 4] = [127, 0, 0, 0]
+    ref = lin.reference(x)
+    np.testing.assert_array_equal(lin(x), ref)
+    np.testing.assert_array_equal(lin(x, float_tables=True), ref)
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tables_identical_across_paths(path: str) -> None:
+    x = np.random.default_rng(6).normal(size=200).astype(np.float32)
+    for g in (32, 64, 128):
+        ng = math.ceil(200 / g)
+        got, want = [], []
+        for p, dst in ((path, got), ("scalar", want)):
+            tq = np.empty(ng * g * 4, np.int8)
+            ls, xs = np.empty(ng, np.float32), np.empty(ng, np.float32)
+            _native.build_tables(x, g, tq, ls, xs, p)
+            dst += [tq, ls, xs]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [2, 3])
+def test_paths_agree_with_scalar(path: str, bits: int) -> None:
+    """Integer parts are identical; only the fp32 epilogue's rounding may differ."""
+    qw = random_qw(83, 576, bits, 128, seed=7)
+    x = np.random.default_rng(8).normal(size=(5, 576)).astype(np.float32)
+    y, ys = K.LUTLinear(qw, path=path)(x), K.LUTLinear(qw, path="scalar")(x)
+    assert rel_err(y, ys) < 1e-6
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gemm_columns_equal_gemv(path: str) -> None:
+    lin = K.LUTLinear(random_qw(61, 320, 3, 64, seed=9), path=path)
+    x = np.random.default_rng(10).normal(size=(7, 320)).astype(np.float32)
+    y = lin(x)
+    np.testing.assert_array_equal(lin(x[:1]), lin(x[0])[None])
+    for c in range(7):
+        np.testing.assert_array_equal(y[c], lin(x[c]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_and_two_threads_identical(path: str) -> None:
+    lin = K.LUTLinear(random_qw(300, 1024, 4, 128, seed=11), path=path)
+    x = np.random.default_rng(12).normal(size=(6, 1024)).astype(np.float32)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        y1, v1 = lin(x), lin(x[0])
+        K.set_num_threads(2)
+        assert K.get_num_threads() == 2
+        y2, v2 = lin(x), lin(x[0])
+    finally:
+        K.set_num_threads(before)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(v1, v2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_multi_linear_shares_tables(path: str) -> None:
+    lins = [K.LUTLinear(random_qw(out, 256, 2, 128, seed=out), path=path) for out in (64, 17, 40)]
+    x = torch.randn(3, 256)
+    ys = K.multi_linear(lins, x)
+    for lin, y in zip(lins, ys, strict=True):
+        torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+
+
+def test_from_packed_equals_constructor() -> None:
+    qw = random_qw(40, 160, 2, 32, seed=13)
+    a = K.LUTLinear(qw)
+    b = K.LUTLinear.from_packed(qw.pack(), qw.scales, qw.zeros, 160, 32)
+    x = np.random.default_rng(14).normal(size=160).astype(np.float32)
+    np.testing.assert_array_equal(a(x), b(x))
+    np.testing.assert_allclose(a.dequantize(), qw.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_input_kinds_and_errors() -> None:
+    lin = K.LUTLinear(random_qw(10, 64, 2, 32))
+    xt = torch.randn(64)
+    yt = lin(xt)
+    assert isinstance(yt, torch.Tensor) and yt.shape == (10,)
+    yn = lin(xt.numpy().astype(np.float64))
+    assert isinstance(yn, np.ndarray) and yn.dtype == np.float32 and yn.shape == (10,)
+    np.testing.assert_array_equal(yt.numpy(), yn)
+    assert lin(xt.half()).shape == (10,)
+    with pytest.raises(TypeError, match="floating"):
+        lin(np.ones(64, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"\[64\] or \[N, 64\]"):
+        lin(np.ones(65, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[64\] or \[N, 64\]"):
+        lin(np.ones((2, 3, 64), dtype=np.float32))
+    with pytest.raises(TypeError):
+        lin([0.0] * 64)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not available|not supported|unknown"):
+        K.LUTLinear(random_qw(10, 64, 2, 32), path="sse9")
+    with pytest.raises(ValueError, match="equal in_features"):
+        K.multi_linear([lin, K.LUTLinear(random_qw(10, 96, 2, 32))], xt)
+    with pytest.raises(ValueError):
+        K.set_num_threads(0)
+    assert K.active_path() in K.available_paths()
+    assert "avx512" in repr(K.LUTLinear(random_qw(4, 32, 1, 32), path="avx512")) or "avx512" not in K.available_paths()
+
+
+def test_env_var_forces_path() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from elutq import _native; print(_native.default_path())"  # what kernels.active_path() returns
+    for want in ("scalar", *(p for p in ("avx2", "avx512") if p in K.available_paths())):
+        env = {**os.environ, "ELUTQ_KERNEL": want}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[0] == want
+    env = {**os.environ, "ELUTQ_KERNEL": "bogus"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown kernel path" in out.stderr
