@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
+# The NEON kernels: cross-compiled for AArch64 and run under qemu-user against the scalar reference.
+bash scripts/test_neon.sh
 .venv/bin/python -m pytest -q "$@"
