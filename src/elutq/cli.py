@@ -93,25 +93,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from safetensors import safe_open
 
-    from .checkpoint import WEIGHTS_FILE, read_quantization_config
+    from .checkpoint import read_quantization_config, weight_files
 
     path = Path(args.checkpoint)
     qc = read_quantization_config(path)
     cfg = json.loads((path / "config.json").read_text())
     qbits = qparams = other = 0
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        for k in f.keys():  # noqa: SIM118
-            shape = f.get_slice(k).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(f.get_slice(k).get_dtype(), 16)
-            if k.rsplit(".", 1)[0] in qc["modules"]:
-                qbits += n * elem_bits
-                if k.endswith(".qweight"):
-                    qparams += n * 8 // shape[0]
-            else:
-                other += n
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118
+                shape = f.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(f.get_slice(k).get_dtype(), 16)
+                if k.rsplit(".", 1)[0] in qc["modules"]:
+                    qbits += n * elem_bits
+                    if k.endswith(".qweight"):
+                        qparams += n * 8 // shape[0]
+                else:
+                    other += n
     print(f"checkpoint: {path}")
     print(
         f"  architecture: {', '.join(cfg.get('architectures', []))} ({cfg.get('num_hidden_layers')} layers, "
