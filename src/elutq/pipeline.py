@@ -40,7 +40,7 @@ from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear,
 from .gptq import CodesMode, Hessian, gptq_quantize_weight
 from .hlq import QuantConfig, quantize_weight
 from .models import check_architecture, resolve_source_dir
-from .utils import ElutqError, peak_rss_mb
+from .utils import ElutqError, move_into_place, peak_rss_mb
 
 PROGRESS_FILE = "progress.json"
 HIDDEN_FILE = "hidden.safetensors"
@@ -541,12 +541,4 @@ def _finish(
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / "activations", ignore_errors=True)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
-    if out.exists():
-        if not overwrite:
-            raise ElutqError(f"{out} already exists; choose another output path or pass --overwrite")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        work.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(out)
+    move_into_place(work, out, overwrite)

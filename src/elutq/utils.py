@@ -24,6 +24,20 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
+def move_into_place(src: Path, dest: Path, overwrite: bool = False) -> None:
+    """Rename the finished directory ``src`` to ``dest``; an existing ``dest`` is replaced only with
+    ``overwrite`` (an empty one always), and only after ``src`` is complete."""
+    if dest.exists():
+        if not overwrite and any(dest.iterdir()):
+            raise ElutqError(f"{dest} already exists and is not empty; choose another path or pass --overwrite")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(old)
+        src.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dest)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``dest``; rename it into place only if the body succeeds.
@@ -37,15 +51,7 @@ def atomic_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        if dest.exists():
-            if not overwrite and any(dest.iterdir()):
-                raise ElutqError(f"{dest} already exists and is not empty; choose another path or pass --overwrite")
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        move_into_place(tmp, dest, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
