@@ -21,13 +21,12 @@ def minilm_weights() -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if v.dim() == 2 and "embeddings" not in k}
 
 
-@pytest.fixture()
-def tiny_llama(tmp_path: Path):
-    """A 2-layer llama with random weights and widths that 128 does not divide, saved as an HF dir."""
+def save_tiny_llama(path: Path, seed: int = 0, **overrides):
+    """A small llama with random weights and a tiny tokenizer, saved as an HF dir; returns the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    torch.manual_seed(seed)
+    settings = dict(
         vocab_size=256,
         hidden_size=160,
         intermediate_size=320,
@@ -35,13 +34,18 @@ def tiny_llama(tmp_path: Path):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path / "tiny-llama"
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    return model, path
+    return model
+
+
+@pytest.fixture()
+def tiny_llama(tmp_path: Path):
+    """A 2-layer llama with random weights and widths that 128 does not divide, saved as an HF dir."""
+    path = tmp_path / "tiny-llama"
+    return save_tiny_llama(path, tie_word_embeddings=True), path
 
 
 def tiny_tokenizer():

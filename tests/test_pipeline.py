@@ -179,23 +179,12 @@ def quant_args(path: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture()
 def deeper_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_llama
 
-    from conftest import tiny_tokenizer
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     path = tmp_path / "deeper"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    save_tiny_llama(
+        path, seed=1, hidden_size=96, intermediate_size=160, num_hidden_layers=5, max_position_embeddings=64
+    )
     (path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 100)
     return path
 
