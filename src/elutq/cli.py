@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
@@ -127,36 +126,95 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
-    model, tokenizer, _ = _load_any(args.model)
-    if tokenizer.chat_template and not args.raw:
-        messages = [{"role": "user", "content": args.prompt}]
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature or None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-    dt = time.perf_counter() - t0
-    new = out[0, ids.shape[1] :]
-    print(tokenizer.decode(new, skip_special_tokens=True))
-    print(
-        f"\n[{new.numel()} tokens in {dt:.2f}s: {new.numel() / dt:.1f} tokens/s (torch reference path)]",
-        file=sys.stderr,
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop or None,
+        seed=args.seed,
     )
+
+
+def _load_runtime(args: argparse.Namespace):
+    from .runtime import load
+
+    return load(args.model, max_ctx=args.ctx, threads=args.threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _load_runtime(args)
+    chat = bool(getattr(model.tokenizer, "chat_template", None)) and not args.raw
+    prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if chat else dict(prompt=args.prompt)
+    stream = model.generate(**prompt, **_sampling(args), stream=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    done = stream.completion
+    if done:
+        print(f"[{done.timing.summary()}; {model.runtime.path} kernels]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model = _load_runtime(args)
+    if not getattr(model.tokenizer, "chat_template", None):
+        raise ElutqError(f"{args.model} has no chat template; use `elutq generate --raw` for plain completion")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("elutq chat: /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            model.session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        stream = model.generate(messages=history, **_sampling(args), stream=True)
+        reply = ""
+        try:
+            for piece in stream:
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": reply})
+        if stream.completion and args.verbose:
+            print(f"[{stream.completion.timing.summary()}]", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import bench_runtime
+
+    bench_runtime(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, threads=args.threads,
+                  repeats=args.repeats)
+
+
+def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0: greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=40, help="0: off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,14 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_info)
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint or model")
-    g.add_argument("model")
+    g = sub.add_parser("generate", help="generate text from a checkpoint or model (native runtime, streamed)")
+    g.add_argument("model", help="checkpoint directory or any model `quantize` accepts (run 16-bit)")
     g.add_argument("-p", "--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--raw", action="store_true", help="plain completion: do not apply the chat template")
+    _add_sampling_args(g, temperature=0.0)
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with a checkpoint (history kept, /reset, Ctrl-C stops a reply)")
+    ch.add_argument("model")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("-v", "--verbose", action="store_true", help="print tokens/s after each reply")
+    _add_sampling_args(ch, temperature=0.7)
+    ch.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="prefill/decode tokens/s at 1 and N threads, peak RSS")
+    b.add_argument("model")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=64)
+    b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
+    b.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

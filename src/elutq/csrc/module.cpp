@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lut_driver.h"
+#include "runtime.h"
 
 namespace nb = nanobind;
 using namespace elutq;
@@ -77,6 +78,66 @@ static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq,
   build_tables(resolve(path), x.data(), in, g, ng, tq.data(), (size_t)g * 4, ls.data(), xs.data());
 }
 
+// ------------------------------------------------------------------------------ runtime bindings
+
+static RtLinear& linear_slot(Runtime& rt, int layer, int which) {
+  if (layer == -1) return rt.lm_head;
+  if (layer < 0 || layer >= rt.cfg.n_layers) throw std::out_of_range("layer index out of range");
+  if (which < 0 || which >= kNumLinears) throw std::out_of_range("linear index out of range");
+  return rt.layers[layer].lin[which];
+}
+
+static std::vector<float> to_vec(CArray<const float, nb::ndim<1>> a) { return {a.data(), a.data() + a.size()}; }
+
+static void set_bias(RtLinear& L, CArray<const float, nb::ndim<1>> bias) {
+  if (bias.size() != 0 && (int)bias.size() != L.out) throw std::invalid_argument("bias has the wrong length");
+  L.bias = to_vec(bias);
+}
+
+static void set_lut(Runtime& rt, int layer, int which, const PackedWeight& pw, CArray<const float, nb::ndim<1>> bias) {
+  RtLinear& L = linear_slot(rt, layer, which);
+  const LutWeight& v = pw.view;
+  L.lut = std::make_unique<LutMatrix>(v.w, (size_t)v.nrb() * v.w_bytes_per_rb(), v.sz, (size_t)v.nrb() * v.sz_elems_per_rb(),
+                                      v.out, v.in, v.bits, v.g);
+  L.out = v.out;
+  L.in = v.in;
+  L.w16 = nullptr;
+  set_bias(L, bias);
+}
+
+static void set_dense(Runtime& rt, int layer, int which, CArray<const uint16_t, nb::ndim<2>> w,
+                      CArray<const float, nb::ndim<1>> bias) {
+  RtLinear& L = linear_slot(rt, layer, which);
+  L.lut.reset();
+  L.out = (int)w.shape(0);
+  L.in = (int)w.shape(1);
+  L.own.resize(w.size() * 2);
+  std::memcpy(L.own.p, w.data(), w.size() * 2);
+  L.w16 = (const uint16_t*)L.own.p;
+  set_bias(L, bias);
+}
+
+static void rt_forward(Runtime& rt, std::vector<KVCache*> caches, std::vector<int> pos, std::vector<int> lens,
+                       std::vector<bool> all_logits, CArray<const int32_t, nb::ndim<1>> tokens,
+                       CArray<float, nb::ndim<2>> logits) {
+  const size_t S = caches.size();
+  if (pos.size() != S || lens.size() != S || all_logits.size() != S)
+    throw std::invalid_argument("caches, positions, lengths and all_logits need one entry per sequence");
+  std::vector<SeqSpan> seqs(S);
+  size_t n = 0, r = 0;
+  for (size_t s = 0; s < S; ++s) {
+    seqs[s] = SeqSpan{caches[s], pos[s], lens[s], (bool)all_logits[s]};
+    n += std::max(lens[s], 0);
+    r += all_logits[s] ? std::max(lens[s], 0) : 1;
+  }
+  if (tokens.size() != n) throw std::invalid_argument("tokens must hold the sum of the lengths");
+  if (logits.shape(0) != r || (int)logits.shape(1) != rt.cfg.vocab)
+    throw std::invalid_argument("logits must be [rows, vocab] with one row per requested position");
+  rt.check_complete();
+  nb::gil_scoped_release release;
+  rt.forward(seqs, tokens.data(), logits.data());
+}
+
 NB_MODULE(_native, m) {
   m.doc() = "elutq native code";
   m.def("cpu_features", &cpu_features, "SIMD features of this CPU, as detected at run time.");
@@ -108,4 +169,59 @@ NB_MODULE(_native, m) {
     nb::gil_scoped_release r;
     return read_bandwidth(bytes, reps, threads);
   }, nb::arg("nbytes"), nb::arg("reps"), nb::arg("threads"), "Best-of-reps STREAM-like read bandwidth in GB/s.");
+
+  nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: f32 [layers][max_ctx][kv_dim] for k and v.")
+      .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
+      .def_ro("max_ctx", &KVCache::max_ctx)
+      .def_prop_ro("nbytes", [](const KVCache& c) { return 2 * (size_t)c.n_layers * c.max_ctx * c.kv_dim * 4; });
+
+  nb::class_<Runtime>(m, "Runtime", "The native decode loop of a llama-family model (see runtime.h).")
+      .def("__init__",
+           [](Runtime* self, int n_layers, int hidden, int inter, int n_heads, int n_kv_heads, int head_dim, int vocab,
+              float rms_eps, CArray<const float, nb::ndim<1>> inv_freq, float rope_scale) {
+             RtConfig c;
+             c.n_layers = n_layers; c.hidden = hidden; c.inter = inter; c.n_heads = n_heads;
+             c.n_kv_heads = n_kv_heads; c.head_dim = head_dim; c.vocab = vocab; c.rms_eps = rms_eps;
+             c.inv_freq = to_vec(inv_freq); c.rope_scale = rope_scale;
+             new (self) Runtime(std::move(c));
+           },
+           nb::arg("n_layers"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("n_heads"), nb::arg("n_kv_heads"),
+           nb::arg("head_dim"), nb::arg("vocab"), nb::arg("rms_eps"), nb::arg("inv_freq"), nb::arg("rope_scale"))
+      .def("set_lut", &set_lut, nb::arg("layer"), nb::arg("which"), nb::arg("weight"), nb::arg("bias"),
+           "Linear `which` (0..6: q k v o gate up down) of `layer` (-1: lm_head) from a PackedWeight (copied).")
+      .def("set_dense", &set_dense, nb::arg("layer"), nb::arg("which"), nb::arg("w"), nb::arg("bias"),
+           "The same, from dense fp16 bits [out, in] (copied).")
+      .def("tie_lm_head", [](Runtime& rt) {
+             if (!rt.embed.p) throw std::invalid_argument("set the embedding first");
+             rt.lm_head.lut.reset();
+             rt.lm_head.out = rt.cfg.vocab;
+             rt.lm_head.in = rt.cfg.hidden;
+             rt.lm_head.w16 = (const uint16_t*)rt.embed.p;
+             rt.lm_head.bias.clear();
+           }, "lm_head reads the embedding matrix (tied embeddings).")
+      .def("set_embedding", [](Runtime& rt, CArray<const uint16_t, nb::ndim<2>> e) {
+             if ((int)e.shape(0) != rt.cfg.vocab || (int)e.shape(1) != rt.cfg.hidden)
+               throw std::invalid_argument("embedding must be fp16 bits [vocab, hidden]");
+             rt.embed.resize(e.size() * 2);
+             std::memcpy(rt.embed.p, e.data(), e.size() * 2);
+           }, nb::arg("w"))
+      .def("set_norm", [](Runtime& rt, int layer, const std::string& which, CArray<const float, nb::ndim<1>> w) {
+             const int want = (which == "q" || which == "k") ? rt.cfg.head_dim : rt.cfg.hidden;
+             if ((int)w.size() != want) throw std::invalid_argument("norm weight '" + which + "' has the wrong length");
+             if (layer == -1 && which == "final") { rt.final_norm = to_vec(w); return; }
+             if (layer < 0 || layer >= rt.cfg.n_layers) throw std::out_of_range("layer index out of range");
+             RtLayer& L = rt.layers[layer];
+             if (which == "attn") L.attn_norm = to_vec(w);
+             else if (which == "mlp") L.mlp_norm = to_vec(w);
+             else if (which == "q") L.q_norm = to_vec(w);
+             else if (which == "k") L.k_norm = to_vec(w);
+             else throw std::invalid_argument("norm must be attn, mlp, q, k (or final with layer -1)");
+           }, nb::arg("layer"), nb::arg("which"), nb::arg("w"))
+      .def("set_path", [](Runtime& rt, const std::string& p) { rt.path = resolve(p); }, nb::arg("path"))
+      .def_prop_ro("path", [](const Runtime& rt) { return std::string(path_name(rt.path)); })
+      .def_rw("float_tables", &Runtime::float_tables)
+      .def_prop_ro("weight_bytes", &Runtime::weight_bytes, "bytes of weights one decode step streams")
+      .def("forward", &rt_forward, nb::arg("caches"), nb::arg("positions"), nb::arg("lengths"), nb::arg("all_logits"),
+           nb::arg("tokens"), nb::arg("logits"),
+           "One step over a ragged batch of sequences; see runtime.h.  Releases the GIL.");
 }

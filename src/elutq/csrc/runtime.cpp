@@ -1,0 +1,271 @@
+// The decode loop (see runtime.h for shapes).  Matrices go through the LUT kernels (lut_matmul) or
+// the dense fp16 kernels; everything else (norms, RoPE, attention, SwiGLU) is here, in fp32.
+// Compiled for the baseline ISA; the few hot vector loops are cloned per ISA by the compiler
+// (target_clones, chosen at load time by CPU detection), never by -march=native.
+#include "runtime.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define ELUTQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ELUTQ_CLONES
+#endif
+
+namespace elutq {
+
+// ------------------------------------------------------------------------------ vector helpers
+// 16 independent partial sums: vectorizable without reassociating a single chain.
+
+ELUTQ_CLONES static float dot(const float* a, const float* b, int n) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+ELUTQ_CLONES static void axpy(float a, const float* x, float* y, int n) {  // y += a·x
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+ELUTQ_CLONES static void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+  float ss = 0.0f;
+  for (int j = 0; j < 16; ++j) ss += acc[j];
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / (float)n + eps);
+  for (i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+ELUTQ_CLONES static void add(float* y, const float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+static float* fbuf(AlignedBuf& b, size_t n) {
+  b.resize(n * sizeof(float));
+  return (float*)b.p;
+}
+
+// ------------------------------------------------------------------------------------ state
+
+KVCache::KVCache(int n_layers_, int max_ctx_, int kv_dim_) : n_layers(n_layers_), max_ctx(max_ctx_), kv_dim(kv_dim_) {
+  if (n_layers <= 0 || max_ctx <= 0 || kv_dim <= 0) throw std::invalid_argument("KV cache dimensions must be positive");
+  const size_t bytes = (size_t)n_layers * max_ctx * kv_dim * sizeof(float);
+  k.resize(bytes);
+  v.resize(bytes);
+}
+
+Runtime::Runtime(RtConfig c) : cfg(std::move(c)), layers(cfg.n_layers) {
+  if (cfg.n_layers <= 0 || cfg.hidden <= 0 || cfg.inter <= 0 || cfg.vocab <= 0 || cfg.n_heads <= 0 ||
+      cfg.n_kv_heads <= 0 || cfg.head_dim <= 0 || cfg.head_dim % 2)
+    throw std::invalid_argument("model dimensions must be positive (and head_dim even)");
+  if (cfg.n_heads % cfg.n_kv_heads) throw std::invalid_argument("n_heads must be a multiple of n_kv_heads");
+  if ((int)cfg.inv_freq.size() != cfg.head_dim / 2) throw std::invalid_argument("inv_freq must have head_dim/2 entries");
+  path = default_path();
+}
+
+void Runtime::check_complete() const {
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("runtime is missing " + what);
+  };
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    const RtLayer& L = layers[l];
+    for (int i = 0; i < kNumLinears; ++i) need(L.lin[i].set(), "linear " + std::to_string(i) + " of layer " + std::to_string(l));
+    need(!L.attn_norm.empty() && !L.mlp_norm.empty(), "norms of layer " + std::to_string(l));
+  }
+  need(embed.p != nullptr, "the embedding");
+  need(!final_norm.empty(), "the final norm");
+  need(lm_head.set(), "lm_head");
+}
+
+size_t Runtime::weight_bytes() const {
+  size_t b = lm_head.nbytes();
+  for (const auto& L : layers)
+    for (const auto& lin : L.lin) b += lin.nbytes();
+  return b;
+}
+
+// Matrices reading the same input: HLQ ones with equal shape of input share one table build.
+void Runtime::matmul(std::initializer_list<const RtLinear*> ws, const float* x, int n, std::initializer_list<float*> ys) {
+  std::vector<LutWeight> views;
+  std::vector<float*> outs;
+  auto y = ys.begin();
+  for (const RtLinear* w : ws) {
+    float* yw = *y++;
+    if (w->lut) {
+      views.push_back(w->lut->view);
+      outs.push_back(yw);
+    } else {
+      const uint16_t* W = w->w16;
+      const int in = w->in, out = w->out;
+      const Path p = path;
+      parallel_for(pool().size(), out, 64, [&](int r0, int r1) {
+        switch (p) {
+#if defined(__x86_64__) || defined(_M_X64)
+          case Path::Avx512: dense_rows_avx512(W, in, x, n, r0, r1, yw, out); break;
+          case Path::Avx2: dense_rows_avx2(W, in, x, n, r0, r1, yw, out); break;
+#endif
+          default: dense_rows_scalar(W, in, x, n, r0, r1, yw, out);
+        }
+      });
+    }
+  }
+  if (!views.empty()) {
+    bool same = true;
+    for (const auto& v : views) same = same && v.in == views[0].in && v.g == views[0].g;
+    if (same) {
+      lut_matmul(views, x, n, outs, path, float_tables);
+    } else {
+      for (size_t i = 0; i < views.size(); ++i) lut_matmul({views[i]}, x, n, {outs[i]}, path, float_tables);
+    }
+  }
+  y = ys.begin();
+  for (const RtLinear* w : ws) {
+    float* yw = *y++;
+    if (!w->bias.empty())
+      for (int c = 0; c < n; ++c) add(yw + (size_t)c * w->out, w->bias.data(), w->out);
+  }
+}
+
+// ---------------------------------------------------------------------------------- forward
+
+void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, float* logits) {
+  const int H = cfg.hidden, I = cfg.inter, D = cfg.head_dim, nh = cfg.n_heads, nkv = cfg.n_kv_heads;
+  const int qd = nh * D, kvd = nkv * D, half = D / 2, grp = nh / nkv;
+  int N = 0, R = 0;
+  for (const auto& s : seqs) {
+    if (!s.cache) throw std::invalid_argument("sequence without a KV cache");
+    if (s.cache->n_layers != cfg.n_layers || s.cache->kv_dim != kvd)
+      throw std::invalid_argument("KV cache was made for another model");
+    if (s.n <= 0) throw std::invalid_argument("every sequence needs at least one new token");
+    if (s.pos < 0 || s.pos + s.n > s.cache->max_ctx)
+      throw std::length_error("context overflow: " + std::to_string(s.pos + s.n) + " tokens, the KV cache holds " +
+                              std::to_string(s.cache->max_ctx));
+    N += s.n;
+    R += s.all_logits ? s.n : 1;
+  }
+  if (N == 0) return;
+  for (int i = 0; i < N; ++i)
+    if (tokens[i] < 0 || tokens[i] >= cfg.vocab)
+      throw std::out_of_range("token id " + std::to_string(tokens[i]) + " outside the vocabulary (" +
+                              std::to_string(cfg.vocab) + ")");
+
+  float* x = fbuf(x_, (size_t)N * H);
+  float* h = fbuf(h_, (size_t)N * H);
+  float* q = fbuf(q_, (size_t)N * qd);
+  float* k = fbuf(k_, (size_t)N * kvd);
+  float* v = fbuf(v_, (size_t)N * kvd);
+  float* att = fbuf(att_, (size_t)N * qd);
+  float* g = fbuf(g_, (size_t)N * I);
+  float* u = fbuf(u_, (size_t)N * I);
+  float* tmp = fbuf(tmp_, (size_t)N * H);
+  float* rope = fbuf(rope_, (size_t)N * D);  // per column: cos[half], sin[half]
+
+  // Per column: its sequence and absolute position.
+  std::vector<int> col_seq(N), col_pos(N);
+  for (int s = 0, c = 0; s < (int)seqs.size(); ++s)
+    for (int i = 0; i < seqs[s].n; ++i, ++c) {
+      col_seq[c] = s;
+      col_pos[c] = seqs[s].pos + i;
+    }
+
+  const uint16_t* E = (const uint16_t*)embed.p;
+  for (int c = 0; c < N; ++c) {
+    const uint16_t* e = E + (size_t)tokens[c] * H;
+    for (int i = 0; i < H; ++i) x[(size_t)c * H + i] = fp16_to_float(e[i]);
+    float* cs = rope + (size_t)c * D;
+    for (int i = 0; i < half; ++i) {
+      const float ang = (float)col_pos[c] * cfg.inv_freq[i];  // fp32 product, as transformers computes it
+      cs[i] = std::cos(ang) * cfg.rope_scale;
+      cs[half + i] = std::sin(ang) * cfg.rope_scale;
+    }
+  }
+  auto apply_rope = [&](float* t, int heads, int c) {
+    const float* cs = rope + (size_t)c * D;
+    for (int hd = 0; hd < heads; ++hd) {
+      float* p = t + (size_t)hd * D;
+      for (int i = 0; i < half; ++i) {
+        const float a = p[i], b = p[half + i];
+        p[i] = a * cs[i] - b * cs[half + i];
+        p[half + i] = b * cs[i] + a * cs[half + i];
+      }
+    }
+  };
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int nt = pool().size();
+
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    RtLayer& L = layers[l];
+    // ---- attention
+    for (int c = 0; c < N; ++c) rmsnorm(x + (size_t)c * H, L.attn_norm.data(), h + (size_t)c * H, H, cfg.rms_eps);
+    matmul({&L.lin[kQ], &L.lin[kK], &L.lin[kV]}, h, N, {q, k, v});
+    for (int c = 0; c < N; ++c) {
+      float* qc = q + (size_t)c * qd;
+      float* kc = k + (size_t)c * kvd;
+      if (!L.q_norm.empty()) {
+        for (int hd = 0; hd < nh; ++hd) rmsnorm(qc + hd * D, L.q_norm.data(), qc + hd * D, D, cfg.rms_eps);
+        for (int hd = 0; hd < nkv; ++hd) rmsnorm(kc + hd * D, L.k_norm.data(), kc + hd * D, D, cfg.rms_eps);
+      }
+      apply_rope(qc, nh, c);
+      apply_rope(kc, nkv, c);
+      KVCache* kv = seqs[col_seq[c]].cache;
+      std::memcpy(kv->kp(l, col_pos[c]), kc, sizeof(float) * kvd);
+      std::memcpy(kv->vp(l, col_pos[c]), v + (size_t)c * kvd, sizeof(float) * kvd);
+    }
+    // causal attention, one (column, head) pair per task
+    parallel_for(nt, N * nh, 1, [&](int t0, int t1) {
+      thread_local std::vector<float> sc;
+      for (int t = t0; t < t1; ++t) {
+        const int c = t / nh, hd = t % nh, kh = hd / grp;
+        KVCache* kv = seqs[col_seq[c]].cache;
+        const int len = col_pos[c] + 1;
+        if ((int)sc.size() < len) sc.resize(len);
+        const float* qv = q + (size_t)c * qd + (size_t)hd * D;
+        float mx = -INFINITY;
+        for (int j = 0; j < len; ++j) {
+          sc[j] = dot(qv, kv->kp(l, j) + kh * D, D) * scale;
+          mx = std::max(mx, sc[j]);
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < len; ++j) {
+          sc[j] = std::exp(sc[j] - mx);
+          sum += sc[j];
+        }
+        float* o = att + (size_t)c * qd + (size_t)hd * D;
+        std::fill(o, o + D, 0.0f);
+        const float inv = 1.0f / sum;
+        for (int j = 0; j < len; ++j) axpy(sc[j] * inv, kv->vp(l, j) + kh * D, o, D);
+      }
+    });
+    matmul({&L.lin[kO]}, att, N, {tmp});
+    add(x, tmp, (size_t)N * H);
+    // ---- SwiGLU MLP
+    for (int c = 0; c < N; ++c) rmsnorm(x + (size_t)c * H, L.mlp_norm.data(), h + (size_t)c * H, H, cfg.rms_eps);
+    matmul({&L.lin[kGate], &L.lin[kUp]}, h, N, {g, u});
+    for (size_t i = 0; i < (size_t)N * I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    matmul({&L.lin[kDown]}, g, N, {tmp});
+    add(x, tmp, (size_t)N * H);
+  }
+
+  // ---- logits for the requested columns
+  int r = 0;
+  for (int s = 0, c = 0; s < (int)seqs.size(); c += seqs[s].n, ++s) {
+    const int first = seqs[s].all_logits ? c : c + seqs[s].n - 1;
+    for (int cc = first; cc < c + seqs[s].n; ++cc, ++r)
+      rmsnorm(x + (size_t)cc * H, final_norm.data(), h + (size_t)r * H, H, cfg.rms_eps);
+  }
+  matmul({&lm_head}, h, R, {logits});
+}
+
+}  // namespace elutq

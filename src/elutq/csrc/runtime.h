@@ -1,0 +1,87 @@
+// elutq native decode loop for llama-family decoders (LLaMA 2/3, Mistral, Qwen2/2.5/3, SmolLM).
+//
+// One call runs every layer of a forward step over a "ragged batch": several sequences, each with
+// its own KV cache, start position and number of new tokens (a prompt prefill is one sequence with
+// n > 1 tokens; a decode step of B concurrent requests is B sequences with one token each).  All
+// columns of the batch go through each matrix together, so prefill and batched decode use the GEMM
+// kernels and one set of activation tables per column serves q/k/v and gate/up.
+//
+// Shapes (H = hidden, I = intermediate, D = head_dim, nh/nkv = query/key-value heads, N = Σ n_s):
+//   x, h        f32 [N][H]      residual stream and normed input of a sublayer
+//   q           f32 [N][nh·D]   k, v f32 [N][nkv·D]
+//   KV cache    f32 [layers][max_ctx][nkv·D] for k and for v, per sequence
+//   logits      f32 [R][vocab]  R = Σ_s (all_logits_s ? n_s : 1), sequences in order
+// RoPE is HF's rotate-half form: pairs (i, i + D/2) rotate by angle pos·inv_freq[i] (inv_freq and
+// the attention scaling come from Python, so every rope_scaling type transformers knows works).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "lut_driver.h"
+
+namespace elutq {
+
+struct RtConfig {
+  int n_layers = 0, hidden = 0, inter = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, vocab = 0;
+  float rms_eps = 1e-6f;
+  std::vector<float> inv_freq;  // [head_dim / 2]
+  float rope_scale = 1.0f;      // multiplies cos and sin (yarn's attention scaling)
+};
+
+// A linear layer: HLQ weights for the LUT kernels, or dense fp16 rows (w16, owned or borrowed).
+struct RtLinear {
+  std::unique_ptr<LutMatrix> lut;
+  AlignedBuf own;
+  const uint16_t* w16 = nullptr;  // fp16 [out][in]
+  int out = 0, in = 0;
+  std::vector<float> bias;  // empty: none
+  bool set() const { return out > 0; }
+  size_t nbytes() const { return lut ? lut->nbytes() : (size_t)out * in * 2; }
+};
+
+enum LinearId : int { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kNumLinears };
+
+struct RtLayer {
+  RtLinear lin[kNumLinears];
+  std::vector<float> attn_norm, mlp_norm, q_norm, k_norm;  // q/k norms: [D] (Qwen3) or empty
+};
+
+struct KVCache {
+  int n_layers, max_ctx, kv_dim;
+  AlignedBuf k, v;
+  KVCache(int n_layers, int max_ctx, int kv_dim);
+  float* kp(int l, int t) { return (float*)k.p + ((size_t)l * max_ctx + t) * kv_dim; }
+  float* vp(int l, int t) { return (float*)v.p + ((size_t)l * max_ctx + t) * kv_dim; }
+};
+
+struct SeqSpan {
+  KVCache* cache;
+  int pos;          // tokens already in the cache (the new ones go to pos .. pos + n - 1)
+  int n;            // new tokens
+  bool all_logits;  // logits for every new token, or only the last
+};
+
+class Runtime {
+ public:
+  explicit Runtime(RtConfig cfg);
+  RtConfig cfg;
+  std::vector<RtLayer> layers;
+  AlignedBuf embed;  // fp16 [vocab][H]
+  std::vector<float> final_norm;
+  RtLinear lm_head;
+  Path path = Path::Scalar;
+  bool float_tables = false;
+
+  // tokens: Σ n_s ids, sequence after sequence; logits: see the header comment.  Throws on bad input.
+  void forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, float* logits);
+  size_t weight_bytes() const;  // bytes of weights a decode step streams (all linears + lm_head)
+  void check_complete() const;  // throws if a tensor was never set
+
+ private:
+  void matmul(std::initializer_list<const RtLinear*> ws, const float* x, int n, std::initializer_list<float*> ys);
+  AlignedBuf x_, h_, q_, k_, v_, att_, g_, u_, tmp_, rope_;
+};
+
+}  // namespace elutq

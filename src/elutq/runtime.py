@@ -1,0 +1,575 @@
+"""The inference runtime: an HLQ checkpoint in the native decode loop, tokens out.
+
+    model = elutq.load("out/smollm2-w2")                  # or any model `elutq quantize` accepts (16-bit)
+    print(model.generate("Hello", max_new_tokens=32).text)
+    for piece in model.generate(messages=[{"role": "user", "content": "Hi"}], stream=True):
+        print(piece, end="", flush=True)
+
+Loading reads the safetensors files (memory-mapped), repacks every quantized linear into the LUT
+kernels' layout (cached beside the checkpoint in ``kernel-cache/``, so later loads skip it) and
+hands everything to ``_native.Runtime`` (``csrc/runtime.h``), which runs all layers of a step in
+one call.  Python keeps tokenization, chat templates, sampling and the KV-cache bookkeeping: a
+``Session`` remembers which tokens its cache holds, so a new prompt that extends the previous
+conversation only prefills the new part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from . import __version__, _native, kernels
+from .checkpoint import INDEX_FILE, is_quantized_checkpoint, read_quantization_config
+from .models import check_architecture, resolve_source_dir
+from .utils import ElutqError
+
+# Linear slots of a decoder layer, in the order csrc/runtime.h numbers them.
+LAYER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+KERNEL_CACHE_DIR = "kernel-cache"
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Tensors:
+    """Read-only access to every tensor of a (single-file or sharded) safetensors directory."""
+
+    def __init__(self, path: Path):
+        index = path / INDEX_FILE
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise ElutqError(f"{path} has no *.safetensors weights; pass a checkpoint written by `elutq quantize`")
+        self.files = [path / f for f in files]
+        self.where: dict[str, Any] = {}
+        for f in self.files:
+            if not f.is_file():
+                raise ElutqError(f"{f} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise ElutqError(f"cannot read {f}: {e}; the file is corrupt or truncated: re-quantize") from e
+            self.where.update({k: h for k in h.keys()})  # noqa: SIM118 (safe_open is not a dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ElutqError(f"tensor {name} is missing; the checkpoint does not match its config.json")
+        return self.where[name].get_tensor(name)
+
+    def fingerprint(self) -> str:
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+        return hashlib.sha256(json.dumps([stats, __version__]).encode()).hexdigest()[:16]
+
+
+def _fp16_bits(t: torch.Tensor, name: str) -> np.ndarray:
+    h = t.detach().to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise ElutqError(f"{name} has values outside the fp16 range; the runtime keeps 16-bit tensors in fp16")
+    return np.ascontiguousarray(h.numpy().view(np.uint16))
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+
+
+class _KernelCache:
+    """Repacked (kernel-layout) matrices kept beside the checkpoint: ``kernel-cache/<fingerprint>/``
+    holds ``NAME.w.npy`` and ``NAME.sz.npy`` per quantized linear, memory-mapped on later loads, and
+    ``index.json`` (written last, so a killed first load leaves no cache that looks complete)."""
+
+    def __init__(self, ckpt: Path, fingerprint: str):
+        self.dir = ckpt / KERNEL_CACHE_DIR / fingerprint
+        self.index: dict[str, int] = {}  # name → kernel group size
+        self.complete = False
+        self.writable = True
+        if (self.dir / "index.json").is_file():
+            try:
+                self.index = json.loads((self.dir / "index.json").read_text())
+                self.complete = True
+            except (OSError, ValueError):  # a damaged cache is only a lost speed-up: rebuild it
+                self.index = {}
+        if not self.complete:
+            try:
+                shutil.rmtree(ckpt / KERNEL_CACHE_DIR, ignore_errors=True)  # caches of older files
+                self.dir.mkdir(parents=True)
+            except OSError:
+                self.writable = False  # a read-only checkpoint just goes uncached
+
+    def packed(self, t: _Tensors, name: str, spec: dict, in_f: int) -> Any:
+        """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now."""
+        q = t.get(f"{name}.qweight")
+        bits, out = int(q.shape[0]), int(q.shape[1])
+        w_file, sz_file = self.dir / f"{name}.w.npy", self.dir / f"{name}.sz.npy"
+        if self.complete and name in self.index:
+            try:
+                w = np.load(w_file, mmap_mode="r", allow_pickle=False)
+                sz = np.load(sz_file, mmap_mode="r", allow_pickle=False)
+                return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name])
+            except (OSError, ValueError):
+                pass  # damaged: repack
+        try:
+            w, sz, gk = kernels.repack(q, t.get(f"{name}.scales"), t.get(f"{name}.zeros"), in_f, spec["group_size"])
+        except ValueError as e:
+            raise ElutqError(f"{name}: {e}; the checkpoint is corrupt or from another tool") from e
+        if self.writable and not self.complete:
+            try:
+                np.save(w_file, w, allow_pickle=False)
+                np.save(sz_file, sz, allow_pickle=False)
+                self.index[name] = gk
+            except OSError:
+                self.writable = False
+        return _native.PackedWeight(w, sz, out, in_f, bits, gk)
+
+    def finish(self) -> None:
+        if self.writable and not self.complete and self.index:
+            try:
+                tmp = self.dir / "index.json.tmp"
+                tmp.write_text(json.dumps(self.index))
+                os.replace(tmp, self.dir / "index.json")
+            except OSError:
+                pass
+
+
+@dataclass
+class _Arch:
+    n_layers: int
+    hidden: int
+    inter: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    max_ctx: int
+    tied: bool
+
+
+def _arch(config) -> _Arch:
+    check_architecture(config)
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ElutqError(f"hidden_act {act!r} is not supported by the runtime (llama-family SwiGLU uses 'silu')")
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    max_ctx = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        max_ctx = min(max_ctx, int(window))  # within the window, sliding-window attention is plain causal
+    return _Arch(
+        n_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        inter=config.intermediate_size,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        rms_eps=float(config.rms_norm_eps),
+        max_ctx=max_ctx,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def _rope(config) -> tuple[np.ndarray, float]:
+    """``inv_freq`` and attention scaling exactly as the model's own rotary embedding computes them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    rotary = type(skeleton.model.rotary_emb)(config=config)
+    return _f32(rotary.inv_freq), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Timing:
+    """Speed of one ``generate`` call."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous call
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # after the first generated token
+    time_to_first_token: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), prefill "
+            f"{self.prefill_tokens_per_s:.1f} tok/s; generated {self.generated_tokens} tokens, decode "
+            f"{self.decode_tokens_per_s:.1f} tok/s; time to first token {self.time_to_first_token * 1000:.0f} ms"
+        )
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
+    timing: Timing
+
+
+class TextStream:
+    """Iterator over the text pieces of a streamed generation; ``completion`` is set once it ends."""
+
+    def __init__(self, it: Iterator[str | Completion]):
+        self._it = it
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._it:
+            if isinstance(item, Completion):
+                self.completion = item
+            else:
+                yield item
+
+    def close(self) -> None:
+        """Stop generating (the tokens so far stay in the session's KV cache)."""
+        close = getattr(self._it, "close", None)
+        if close:
+            close()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Sampler:
+    """Greedy when ``temperature == 0``; otherwise temperature, top-k, top-p, in that order."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ElutqError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ElutqError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ElutqError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ElutqError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        logits = logits.astype(np.float64, copy=True)
+        if self.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            v = logits[seen]
+            logits[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        logits /= self.temperature
+        if 0 < self.top_k < logits.size:
+            kth = np.partition(logits, -self.top_k)[-self.top_k]
+            logits[logits < kth] = -np.inf
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        if self.top_p < 1.0:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < self.top_p  # smallest set whose mass reaches top_p
+            mask = np.zeros_like(p, dtype=bool)
+            mask[order[keep]] = True
+            p = np.where(mask, p, 0.0)
+            p /= p.sum()
+        return int(self.rng.choice(p.size, p=p))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Session:
+    """One conversation's KV cache and the tokens it holds."""
+
+    def __init__(self, model: Model, max_ctx: int | None = None):
+        self.model = model
+        self.max_ctx = min(max_ctx or model.max_ctx, model.max_ctx)
+        self.cache = _native.KVCache(model.arch.n_layers, self.max_ctx, model.arch.n_kv_heads * model.arch.head_dim)
+        self.tokens: list[int] = []
+
+    def reset(self) -> None:
+        self.tokens = []
+
+
+class Model:
+    """A loaded model: use :func:`load`."""
+
+    def __init__(self, rt: Any, config, tokenizer, arch: _Arch, path: Path | None, qconfig: dict | None, max_ctx: int):
+        self.runtime, self.config, self.tokenizer, self.arch = rt, config, tokenizer, arch
+        self.path, self.qconfig, self.max_ctx = path, qconfig, max_ctx
+        self.eos_ids = _eos_ids(config, tokenizer, path) if tokenizer is not None else set()
+        self.session = Session(self)
+        self._lock = threading.Lock()  # one forward at a time (the runtime owns its scratch buffers)
+
+    # -- low level
+
+    def forward(self, session: Session, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to ``session``; logits ``[len(tokens) or 1, vocab]`` (float32)."""
+        toks = np.asarray(tokens, dtype=np.int32)
+        if toks.size == 0:
+            raise ElutqError("nothing to run: the token list is empty")
+        pos = len(session.tokens)
+        if pos + toks.size > session.max_ctx:
+            raise ElutqError(
+                f"context overflow: {pos + toks.size} tokens do not fit the {session.max_ctx}-token context; "
+                "shorten the prompt, lower max_new_tokens, or reset the session"
+            )
+        logits = np.empty((toks.size if all_logits else 1, self.arch.vocab), dtype=np.float32)
+        with self._lock:
+            self.runtime.forward([session.cache], [pos], [int(toks.size)], [all_logits], toks, logits)
+        session.tokens.extend(int(t) for t in toks)
+        return logits
+
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, vocab]`` of a token sequence from an empty context (for perplexity)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        s = Session(self, max_ctx=len(ids))
+        chunks = [ids[i : i + PREFILL_CHUNK] for i in range(0, len(ids), PREFILL_CHUNK)]
+        parts = [self.forward(s, c, all_logits=True) for c in chunks]
+        return torch.from_numpy(np.concatenate(parts))
+
+    # -- text
+
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of chat ``messages`` through the model's chat template."""
+        if (prompt is None) == (messages is None):
+            raise ElutqError("pass either a prompt or messages")
+        if messages is not None:
+            if not messages:
+                raise ElutqError("messages is empty; pass at least one {'role': 'user', 'content': ...}")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ElutqError(f"{self.path} has no chat template in its tokenizer config; pass a plain prompt")
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ElutqError("the prompt is empty (no tokens); pass some text")
+        return [int(i) for i in ids]
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        session: Session | None = None,
+    ) -> Completion | TextStream:
+        """Continue ``prompt`` (or answer chat ``messages``).  Greedy unless ``temperature > 0``.
+
+        The session's KV cache is reused for the longest common prefix with its previous tokens.
+        ``stream=True`` returns a :class:`TextStream` of text pieces."""
+        if max_new_tokens < 1:
+            raise ElutqError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        ids = self.encode(prompt, messages)
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        it = self._generate(session or self.session, ids, max_new_tokens, sampler, stops)
+        if stream:
+            return TextStream(it)
+        *_, done = it
+        assert isinstance(done, Completion)
+        return done
+
+    def _generate(
+        self, s: Session, ids: list[int], max_new: int, sampler: Sampler, stops: list[str]
+    ) -> Iterator[str | Completion]:
+        t0 = time.perf_counter()
+        if len(ids) >= s.max_ctx:
+            raise ElutqError(
+                f"the prompt has {len(ids)} tokens; the context holds {s.max_ctx}: shorten the prompt "
+                "(or load with a larger max_ctx if the model allows it)"
+            )
+        keep = _common_prefix(s.tokens, ids)
+        keep = min(keep, len(ids) - 1)  # the last prompt token is always run: its logits start the reply
+        del s.tokens[keep:]
+        timing = Timing(prompt_tokens=len(ids), cached_tokens=keep)
+        rest = ids[keep:]
+        for i in range(0, len(rest), PREFILL_CHUNK):
+            logits = self.forward(s, rest[i : i + PREFILL_CHUNK])[-1]
+        timing.prefill_seconds = time.perf_counter() - t0
+
+        out: list[int] = []
+        text, sent, reason = "", 0, "length"
+        t_first = 0.0
+        hold = max((len(x) for x in stops), default=1) - 1
+        try:
+            while True:
+                tok = sampler(logits, ids + out)
+                if not out:
+                    t_first = time.perf_counter()
+                    timing.time_to_first_token = t_first - t0
+                if tok in self.eos_ids:
+                    reason = "stop"
+                    break
+                out.append(tok)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                cut = min((text.find(x) for x in stops if x in text), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                    break
+                # Hold back an incomplete UTF-8 sequence and anything that may start a stop string.
+                safe = len(text) - (1 if text.endswith("\ufffd") else 0)
+                safe = min(safe, max(len(text) - hold, 0)) if stops else safe
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                if len(out) >= max_new or len(s.tokens) >= s.max_ctx:
+                    break
+                logits = self.forward(s, [tok])[0]
+        finally:
+            timing.generated_tokens = len(out)
+            timing.decode_seconds = time.perf_counter() - t_first if t_first else 0.0
+        if len(text) > sent:
+            yield text[sent:]
+        yield Completion(text=text, token_ids=out, finish_reason=reason, timing=timing)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _eos_ids(config, tokenizer, path: Path) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for e in sources:
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, list):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def load(
+    path: str | Path,
+    *,
+    max_ctx: int | None = None,
+    threads: int | None = None,
+    kernel: str | None = None,
+    float_tables: bool = False,
+) -> Model:
+    """Load a quantized checkpoint (or, 16-bit, any model `elutq quantize` accepts) into the runtime.
+
+    ``max_ctx`` caps the context (default: the model's); ``threads`` sizes the kernel thread pool;
+    ``kernel`` forces a path (scalar/avx2/avx512/neon); ``float_tables`` uses the exact float-table
+    kernels (slow; for accuracy checks)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = str(path)
+    if Path(spec).is_dir() and is_quantized_checkpoint(spec):
+        ckpt = Path(spec)
+        qc: dict | None = read_quantization_config(ckpt)
+    else:
+        ckpt, qc = resolve_source_dir(spec), None
+    config = AutoConfig.from_pretrained(ckpt)
+    config.__dict__.pop("quantization_config", None)
+    arch = _arch(config)
+    if max_ctx is not None:
+        if max_ctx < 2:
+            raise ElutqError(f"max_ctx must be at least 2, got {max_ctx}")
+        arch.max_ctx = min(arch.max_ctx, int(max_ctx))
+    if threads is not None:
+        kernels.set_num_threads(threads)
+    inv_freq, rope_scale = _rope(config)
+    rt = _native.Runtime(
+        arch.n_layers, arch.hidden, arch.inter, arch.n_heads, arch.n_kv_heads, arch.head_dim, arch.vocab,
+        arch.rms_eps, inv_freq, rope_scale,
+    )
+    if kernel:
+        if kernel not in kernels.available_paths():
+            raise ElutqError(f"kernel path {kernel!r} is not available here (available: {kernels.available_paths()})")
+        rt.set_path(kernel)
+    rt.float_tables = float_tables
+    t = _Tensors(ckpt)
+    modules = (qc or {}).get("modules", {})
+    cache = _KernelCache(ckpt, t.fingerprint())
+    no_bias = np.zeros(0, dtype=np.float32)
+
+    q_dim = arch.n_heads * arch.head_dim
+    in_features = (arch.hidden, arch.hidden, arch.hidden, q_dim, arch.hidden, arch.hidden, arch.inter)
+
+    def put_linear(layer: int, slot: int, name: str) -> None:
+        bias = _f32(t.get(f"{name}.bias")) if f"{name}.bias" in t else no_bias
+        if name in modules:
+            in_f = arch.hidden if layer < 0 else in_features[slot]
+            rt.set_lut(layer, slot, cache.packed(t, name, modules[name], in_f), bias)
+        else:
+            rt.set_dense(layer, slot, _fp16_bits(t.get(f"{name}.weight"), name), bias)
+
+    rt.set_embedding(_fp16_bits(t.get("model.embed_tokens.weight"), "model.embed_tokens.weight"))
+    for i in range(arch.n_layers):
+        p = f"model.layers.{i}."
+        for slot, lin in enumerate(LAYER_LINEARS):
+            put_linear(i, slot, p + lin)
+        rt.set_norm(i, "attn", _f32(t.get(p + "input_layernorm.weight")))
+        rt.set_norm(i, "mlp", _f32(t.get(p + "post_attention_layernorm.weight")))
+        if p + "self_attn.q_norm.weight" in t:
+            rt.set_norm(i, "q", _f32(t.get(p + "self_attn.q_norm.weight")))
+            rt.set_norm(i, "k", _f32(t.get(p + "self_attn.k_norm.weight")))
+    rt.set_norm(-1, "final", _f32(t.get("model.norm.weight")))
+    if "lm_head" in modules or "lm_head.weight" in t:
+        put_linear(-1, 0, "lm_head")
+    elif arch.tied:
+        rt.tie_lm_head()
+    else:
+        raise ElutqError(f"{ckpt} has no lm_head and its config does not tie embeddings; re-run `elutq quantize`")
+    cache.finish()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
+
+
+__all__ = ["Completion", "Model", "Sampler", "Session", "TextStream", "Timing", "load"]
