@@ -41,6 +41,56 @@ def save_tiny_llama(path: Path, seed: int = 0, **overrides):
     return model
 
 
+TINY_ARCHS = {
+    # name: (config class, overrides) -- one of each llama-family variant the runtime must handle
+    "llama": ("LlamaConfig", {}),
+    "llama-untied": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "llama3-rope": (
+        "LlamaConfig",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),  # q/k norms, head_dim != hidden / heads
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+}
+
+
+def save_tiny_model(path: Path, arch: str, seed: int = 0, dtype: torch.dtype = torch.float16):
+    """A 2-layer model of the given family (``TINY_ARCHS``), random weights, saved in ``dtype``."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, extra = TINY_ARCHS[arch]
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    config = getattr(transformers, cls_name)(**{**settings, **extra})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases and norm weights, so that a dropped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.to(dtype).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model.float()
+
+
 @pytest.fixture()
 def tiny_llama(tmp_path: Path):
     """A 2-layer llama with random weights and widths that 128 does not divide, saved as an HF dir."""

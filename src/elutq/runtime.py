@@ -348,6 +348,8 @@ class Model:
         toks = np.asarray(tokens, dtype=np.int32)
         if toks.size == 0:
             raise ElutqError("nothing to run: the token list is empty")
+        if toks.min() < 0 or toks.max() >= self.arch.vocab:
+            raise ElutqError(f"token ids must be in 0..{self.arch.vocab - 1} (the vocabulary), got {toks.max()}")
         pos = len(session.tokens)
         if pos + toks.size > session.max_ctx:
             raise ElutqError(

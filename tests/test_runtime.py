@@ -1,0 +1,199 @@
+"""The native runtime against a torch reference running the same (dequantized) weights.
+
+Oracle: ``load_quantized`` builds a transformers model whose HLQ linears multiply with the decoded
+weights in fp32; with float-table kernels the runtime must reproduce its logits to float rounding,
+for every llama-family variant.  int8 tables are held to a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import elutq
+from conftest import TINY_ARCHS, save_tiny_model
+from elutq import _native
+from elutq.checkpoint import load_quantized, save_quantized
+from elutq.hlq import QuantConfig
+from elutq.quantize import quantize
+from elutq.runtime import KERNEL_CACHE_DIR, Sampler, Session
+from elutq.utils import ElutqError
+
+IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]
+
+
+def _quantized(tmp_path, arch: str, bits: int = 3, head_bits: int | None = None):
+    src = tmp_path / f"{arch}-src"
+    model = save_tiny_model(src, arch)
+    from transformers import AutoTokenizer
+
+    head = QuantConfig(4, 32) if head_bits else None
+    quantize(model, QuantConfig(bits, 32), lm_head=head, progress=False)
+    out = save_quantized(model, AutoTokenizer.from_pretrained(src), tmp_path / f"{arch}-q", {"method": "rtn"})
+    return src, out
+
+
+def _torch_logits(path, ids=IDS) -> torch.Tensor:
+    model, _, _ = load_quantized(path)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_float_tables_match_torch_for_each_architecture(tmp_path, arch):
+    _, out = _quantized(tmp_path, arch, head_bits=4 if arch == "llama3-rope" else None)
+    ref = _torch_logits(out)
+    got = elutq.load(out, float_tables=True).logits(IDS)
+    assert got.shape == ref.shape
+    assert _rel_err(got, ref) < 1e-5, arch
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_int8_tables_within_tolerance(tmp_path, arch):
+    # int8 tables carry ~1% relative error per matmul (one scale per group of 32-128 activations);
+    # over 2 layers the logits stay within 5% relative RMS error.
+    _, out = _quantized(tmp_path, arch)
+    ref = _torch_logits(out)
+    for path in elutq.kernels.available_paths():
+        got = elutq.load(out, kernel=path).logits(IDS)
+        assert _rel_err(got, ref) < 0.05, path
+
+
+def test_unquantized_model_runs_dense(tmp_path):
+    """A 16-bit HF directory runs through the dense fp16 kernels; torch on the same fp16 weights agrees."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    save_tiny_model(src, "llama-untied")
+    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([IDS])).logits[0]
+    for path in elutq.kernels.available_paths():
+        got = elutq.load(src, kernel=path).logits(IDS)
+        assert _rel_err(got, ref) < 1e-5, path
+
+
+def test_decode_token_by_token_equals_prefill(tmp_path):
+    _, out = _quantized(tmp_path, "qwen2")
+    model = elutq.load(out)
+    full = model.logits(IDS).numpy()
+    s = Session(model)
+    steps = [model.forward(s, IDS[:8], all_logits=True)]
+    steps += [model.forward(s, [t]) for t in IDS[8:]]
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+def test_ragged_batch_equals_separate_sequences(tmp_path):
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out)
+    rt = model.runtime
+    a, b = IDS[:20], IDS[20:27]
+    sep = [model.logits(a).numpy()[-1], model.logits(b).numpy()[-1]]
+    caches = [_native.KVCache(2, 64, model.arch.n_kv_heads * model.arch.head_dim) for _ in range(2)]
+    logits = np.empty((2, model.arch.vocab), dtype=np.float32)
+    rt.forward(caches, [0, 0], [len(a), len(b)], [False, False], np.array(a + b, dtype=np.int32), logits)
+    np.testing.assert_allclose(logits, np.stack(sep), atol=1e-4 * np.abs(logits).max())
+
+
+def test_kernel_cache_is_reused_and_survives_damage(tmp_path):
+    _, out = _quantized(tmp_path, "llama")
+    first = elutq.load(out).logits(IDS)
+    (index,) = (out / KERNEL_CACHE_DIR).glob("*/index.json")
+    assert json.loads(index.read_text())  # written, with every quantized matrix
+    assert torch.equal(elutq.load(out).logits(IDS), first)  # from the cache
+    for f in index.parent.glob("*.w.npy"):
+        f.write_bytes(b"garbage")
+    assert torch.equal(elutq.load(out).logits(IDS), first)  # damaged entries are repacked
+
+
+def test_generate_stream_stop_and_session_reuse(tmp_path):
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out)
+    prompt = "The quick brown fox"
+    full = model.generate(prompt, max_new_tokens=12)
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+    stream = model.generate(prompt, max_new_tokens=12, stream=True)
+    assert "".join(stream) == full.text and stream.completion.token_ids == full.token_ids
+    # the second call reused the KV cache of the shared prompt
+    assert stream.completion.timing.cached_tokens == len(model.encode(prompt)) - 1
+    # a fresh session gives the same tokens
+    assert model.generate(prompt, max_new_tokens=12, session=Session(model)).token_ids == full.token_ids
+    if len(full.text.strip()) > 2:
+        stop = full.text.strip()[1:3]
+        cut = model.generate(prompt, max_new_tokens=12, stop=[stop])
+        assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+        pieces = list(model.generate(prompt, max_new_tokens=12, stop=stop, stream=True))
+        assert "".join(pieces) == cut.text
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    logits = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    a = [Sampler(temperature=1.0, top_p=0.9, seed=5)(logits, []) for _ in range(3)]
+    b = [Sampler(temperature=1.0, top_p=0.9, seed=5)(logits, []) for _ in range(3)]
+    assert a == b
+    assert Sampler(temperature=2.0, top_k=1, seed=0)(logits, []) == int(np.argmax(logits))
+    draws = {Sampler(temperature=1.0, top_p=0.05, seed=s)(logits, []) for s in range(20)}
+    top = np.argsort(-logits)[:5].tolist()
+    assert draws <= set(top)  # top-p keeps only the head of the distribution
+    pen = Sampler(repetition_penalty=1e6)(logits, [int(np.argmax(logits))])
+    assert pen != int(np.argmax(logits))  # a repeated token is penalised away
+    with pytest.raises(ElutqError, match="top_p"):
+        Sampler(top_p=0.0)
+
+
+def test_bad_input_context_overflow_empty_prompt_non_ascii(tmp_path):
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out, max_ctx=32)
+    with pytest.raises(ElutqError, match="context holds 32"):
+        model.generate("fox " * 40, max_new_tokens=4)
+    with pytest.raises(ElutqError, match="empty"):
+        model.generate("", max_new_tokens=4)
+    with pytest.raises(ElutqError, match="max_new_tokens"):
+        model.generate("fox", max_new_tokens=0)
+    with pytest.raises(ElutqError, match="no chat template"):
+        model.generate(messages=[{"role": "user", "content": "hi"}])
+    # generation stops at the end of the context instead of overflowing
+    done = model.generate("The quick brown fox", max_new_tokens=100)
+    assert done.finish_reason == "length" and len(model.session.tokens) == 32
+    # non-ASCII text goes through the byte-level tokenizer and comes back as valid text
+    text = "Grüße, 東京 🦊"
+    assert model.tokenizer.decode(model.encode(text)) == text
+    out_text = "".join(model.generate(text, max_new_tokens=8, stream=True))
+    out_text.encode("utf-8")  # streamed pieces never split a character into invalid UTF-8
+    with pytest.raises(ElutqError, match="vocabulary"):
+        model.forward(Session(model), [999])
+
+
+def test_cli_generate_chat_bench(tmp_path):
+    _, out = _quantized(tmp_path, "llama")
+    tok_cfg = out / "tokenizer_config.json"
+    cfg = json.loads(tok_cfg.read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok_cfg.write_text(json.dumps(cfg))
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "elutq", *args], input=stdin, capture_output=True, text=True, timeout=300
+        )
+
+    g = run("generate", str(out), "-p", "The quick", "--max-new-tokens", "8")
+    assert g.returncode == 0, g.stderr
+    assert "decode" in g.stderr and "tok/s" in g.stderr
+    c = run("chat", str(out), "--max-new-tokens", "4", "--seed", "1", stdin="hello\n/reset\nfox\n/exit\n")
+    assert c.returncode == 0, c.stderr
+    assert "conversation cleared" in c.stderr
+    b = run("bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4", "--repeats", "1", "--threads", "1")
+    assert b.returncode == 0, b.stderr
+    assert "decode tok/s" in b.stdout and "peak RSS" in b.stdout
+    bad = run("generate", str(tmp_path / "nope"), "-p", "x")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
