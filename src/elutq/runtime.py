@@ -241,7 +241,7 @@ class Timing:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
+    finish_reason: str  # "stop" (end-of-sequence token or stop string), "length" or "cancelled"
     timing: Timing
 
 
@@ -389,11 +389,31 @@ class Model:
             raise ElutqError("the prompt is empty (no tokens); pass some text")
         return [int(i) for i in ids]
 
-    def generate(
+    def forward_batch(self, sessions: Sequence[Session], tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append ``tokens[i]`` to ``sessions[i]`` for all i in one step; the last row of logits of
+        each, ``[len(sessions), vocab]``.  Prefill chunks and decode steps can be mixed."""
+        lens = [len(t) for t in tokens]
+        flat = np.asarray([x for t in tokens for x in t], dtype=np.int32)
+        for s, n in zip(sessions, lens, strict=True):
+            if n < 1 or len(s.tokens) + n > s.max_ctx:
+                raise ElutqError(f"cannot append {n} tokens to a session at {len(s.tokens)}/{s.max_ctx}")
+        if flat.size and (flat.min() < 0 or flat.max() >= self.arch.vocab):
+            raise ElutqError(f"token ids must be in 0..{self.arch.vocab - 1} (the vocabulary)")
+        logits = np.empty((len(sessions), self.arch.vocab), dtype=np.float32)
+        with self._lock:
+            self.runtime.forward(
+                [s.cache for s in sessions], [len(s.tokens) for s in sessions], lens, [False] * len(lens), flat, logits
+            )
+        for s, t in zip(sessions, tokens, strict=True):
+            s.tokens.extend(int(x) for x in t)
+        return logits
+
+    def start(
         self,
         prompt: str | None = None,
         *,
         messages: Sequence[dict] | None = None,
+        ids: Sequence[int] | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -401,77 +421,115 @@ class Model:
         repetition_penalty: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        stream: bool = False,
         session: Session | None = None,
-    ) -> Completion | TextStream:
-        """Continue ``prompt`` (or answer chat ``messages``).  Greedy unless ``temperature > 0``.
-
-        The session's KV cache is reused for the longest common prefix with its previous tokens.
-        ``stream=True`` returns a :class:`TextStream` of text pieces."""
-        if max_new_tokens < 1:
-            raise ElutqError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ) -> Generation:
+        """A reply in the making, for a driver that feeds ``pending`` tokens and calls ``advance``
+        (``generate`` does it for one request; the server does it for many in one batch)."""
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty, seed)
-        ids = self.encode(prompt, messages)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        it = self._generate(session or self.session, ids, max_new_tokens, sampler, stops)
+        if ids is None:
+            ids = self.encode(prompt, messages)
+        stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
+        return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops)
+
+    def generate(self, prompt: str | None = None, *, stream: bool = False, **kw: Any) -> Completion | TextStream:
+        """Continue ``prompt`` (or answer chat ``messages=``).  Greedy unless ``temperature > 0``.
+
+        Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
+        repetition_penalty, stop, seed, session``.  The session's KV cache is reused for the longest
+        common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`."""
+        it = self._drive(self.start(prompt, **kw))
         if stream:
             return TextStream(it)
         *_, done = it
         assert isinstance(done, Completion)
         return done
 
-    def _generate(
-        self, s: Session, ids: list[int], max_new: int, sampler: Sampler, stops: list[str]
-    ) -> Iterator[str | Completion]:
-        t0 = time.perf_counter()
-        if len(ids) >= s.max_ctx:
+    def _drive(self, g: Generation) -> Iterator[str | Completion]:
+        while not g.done:
+            feed = g.pending
+            while len(feed) > PREFILL_CHUNK:  # long prompts in chunks: bounded activation memory
+                self.forward(g.session, feed[:PREFILL_CHUNK])
+                feed = feed[PREFILL_CHUNK:]
+            delta = g.advance(self.forward(g.session, feed)[-1])
+            if delta:
+                yield delta
+        yield g.completion()
+
+
+class Generation:
+    """One request's reply: prompt bookkeeping, sampling, detokenization, stop strings, timing.
+
+    The driver feeds ``pending`` to the session (the uncached prompt part first, then each sampled
+    token) and passes the last row of logits to :meth:`advance`, which returns the new text."""
+
+    def __init__(
+        self, model: Model, session: Session, ids: list[int], max_new: int, sampler: Sampler, stops: list[str]
+    ):
+        if max_new < 1:
+            raise ElutqError(f"max_new_tokens must be >= 1, got {max_new}")
+        if len(ids) >= session.max_ctx:
             raise ElutqError(
-                f"the prompt has {len(ids)} tokens; the context holds {s.max_ctx}: shorten the prompt "
+                f"the prompt has {len(ids)} tokens; the context holds {session.max_ctx}: shorten the prompt "
                 "(or load with a larger max_ctx if the model allows it)"
             )
-        keep = _common_prefix(s.tokens, ids)
-        keep = min(keep, len(ids) - 1)  # the last prompt token is always run: its logits start the reply
-        del s.tokens[keep:]
-        timing = Timing(prompt_tokens=len(ids), cached_tokens=keep)
-        rest = ids[keep:]
-        for i in range(0, len(rest), PREFILL_CHUNK):
-            logits = self.forward(s, rest[i : i + PREFILL_CHUNK])[-1]
-        timing.prefill_seconds = time.perf_counter() - t0
+        self.model, self.session, self.ids, self.max_new = model, session, ids, max_new
+        self.sampler, self.stops = sampler, stops
+        self.t0 = time.perf_counter()
+        keep = min(_common_prefix(session.tokens, ids), len(ids) - 1)  # the last prompt token always runs
+        del session.tokens[keep:]
+        self.pending: list[int] = ids[keep:]
+        self.timing = Timing(prompt_tokens=len(ids), cached_tokens=keep)
+        self.out: list[int] = []
+        self.text, self.sent = "", 0
+        self.done, self.finish_reason = False, "length"
+        self._hold = max((len(x) for x in stops), default=1) - 1
+        self._t_first = 0.0
 
-        out: list[int] = []
-        text, sent, reason = "", 0, "length"
-        t_first = 0.0
-        hold = max((len(x) for x in stops), default=1) - 1
-        try:
-            while True:
-                tok = sampler(logits, ids + out)
-                if not out:
-                    t_first = time.perf_counter()
-                    timing.time_to_first_token = t_first - t0
-                if tok in self.eos_ids:
-                    reason = "stop"
-                    break
-                out.append(tok)
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                cut = min((text.find(x) for x in stops if x in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                    break
-                # Hold back an incomplete UTF-8 sequence and anything that may start a stop string.
-                safe = len(text) - (1 if text.endswith("\ufffd") else 0)
-                safe = min(safe, max(len(text) - hold, 0)) if stops else safe
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-                if len(out) >= max_new or len(s.tokens) >= s.max_ctx:
-                    break
-                logits = self.forward(s, [tok])[0]
-        finally:
-            timing.generated_tokens = len(out)
-            timing.decode_seconds = time.perf_counter() - t_first if t_first else 0.0
-        if len(text) > sent:
-            yield text[sent:]
-        yield Completion(text=text, token_ids=out, finish_reason=reason, timing=timing)
+    def advance(self, logits: np.ndarray) -> str:
+        """Sample the next token from ``logits``; returns the text that is now safe to show."""
+        now = time.perf_counter()
+        if not self.out and not self._t_first:
+            self.timing.prefill_seconds = now - self.t0
+        tok = self.sampler(logits, self.ids + self.out)
+        if not self._t_first:
+            self._t_first = time.perf_counter()
+            self.timing.time_to_first_token = self._t_first - self.t0
+        if tok in self.model.eos_ids:
+            return self._finish("stop")
+        self.out.append(tok)
+        self.text = self.model.tokenizer.decode(self.out, skip_special_tokens=True)
+        cut = min((self.text.find(x) for x in self.stops if x in self.text), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self._finish("stop")
+        if len(self.out) >= self.max_new or len(self.session.tokens) >= self.session.max_ctx:
+            return self._finish("length")
+        self.pending = [tok]
+        # Hold back an incomplete UTF-8 sequence and anything that may start a stop string.
+        safe = len(self.text) - (1 if self.text.endswith("\ufffd") else 0)
+        if self.stops:
+            safe = min(safe, max(len(self.text) - self._hold, 0))
+        return self._emit(safe)
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent : upto], upto
+        return piece
+
+    def _finish(self, reason: str) -> str:
+        self.done, self.finish_reason, self.pending = True, reason, []
+        self.timing.generated_tokens = len(self.out)
+        self.timing.decode_seconds = time.perf_counter() - self._t_first if self._t_first else 0.0
+        return self._emit(len(self.text))
+
+    def cancel(self) -> None:
+        """Stop early (client gone, Ctrl-C); the tokens so far stay in the session."""
+        if not self.done:
+            self._finish("cancelled")
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.out), self.finish_reason, self.timing)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -574,4 +632,4 @@ def load(
     return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
 
 
-__all__ = ["Completion", "Model", "Sampler", "Session", "TextStream", "Timing", "load"]
+__all__ = ["Completion", "Generation", "Model", "Sampler", "Session", "TextStream", "Timing", "load"]
