@@ -205,6 +205,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   repeats=args.repeats)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve(args.model, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
+          max_queue=args.max_queue, threads=args.threads, model_name=args.model_name)
+
+
 def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=temperature, help=f"0: greedy (default {temperature})")
@@ -296,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
     b.add_argument("--repeats", type=int, default=3, help="best of N runs")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("model", help="checkpoint directory (or any model `quantize` accepts, run 16-bit)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--ctx", type=int, default=2048, help="context per request (default 2048, capped by the model)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -140,6 +140,8 @@ static void rt_forward(Runtime& rt, std::vector<KVCache*> caches, std::vector<in
 
 NB_MODULE(_native, m) {
   m.doc() = "elutq native code";
+  // Objects still referenced by daemon threads (a server's engine) at interpreter exit are fine.
+  nb::set_leak_warnings(false);
   m.def("cpu_features", &cpu_features, "SIMD features of this CPU, as detected at run time.");
 
   nb::class_<PackedWeight>(m, "PackedWeight", "A repacked HLQ matrix in the LUT kernel layout (see lut.h).")

@@ -1,0 +1,435 @@
+"""An OpenAI-compatible HTTP server with continuous batching: ``elutq serve CHECKPOINT``.
+
+    HTTP handlers (asyncio)                         engine thread
+    ─────────────────────────                       ───────────────────────────────────────────────
+    validate, tokenize, submit ──► waiting queue ──► admit FIFO into ≤ max_batch slots (own KV cache)
+    stream pieces from the        ◄── per-request   each step: one forward over all active requests
+    request's asyncio queue            queue         (prompt chunks and single decode tokens mixed),
+                                                     then sample, detokenize, stop strings per request
+
+A client that disconnects is cancelled and its slot freed before the next step; beyond
+``max_queue`` waiting requests the server answers 429.  Errors use OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .runtime import Completion, Generation, Model, Session
+from .utils import ElutqError
+
+PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Job:
+    ids: list[int]
+    params: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    gen: Generation | None = None
+    session: Session | None = None
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Engine:
+    """Runs every admitted request in one batched step after another, on its own thread."""
+
+    def __init__(self, model: Model, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ElutqError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.ctx = min(ctx or model.max_ctx, model.max_ctx)
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._free: list[Session] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="elutq-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        with self._cv:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", "server_error")
+            if len(self._active) >= self.max_batch and len(self._waiting) >= self.max_queue:
+                raise APIError(
+                    429, f"server busy: {len(self._active)} requests running and {len(self._waiting)} queued; "
+                    "retry later", "rate_limit_error")
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: _Job) -> None:
+        with self._cv:
+            job.cancelled = True
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let running and queued requests finish for up to ``timeout`` seconds,
+        then tell the rest why they stop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if not self._active and not self._waiting:
+                    break
+            time.sleep(0.05)
+        with self._cv:
+            for job in [*self._active, *self._waiting]:
+                job.cancelled = True
+                job.put(APIError(503, "the server shut down before this request finished", "server_error"))
+            self._waiting.clear()
+            self._cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": len(self._active), "queued": len(self._waiting), "steps": self.steps}
+
+    # -- engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._active):
+                    self._cv.wait()
+                self._reap()
+                while self._waiting and len(self._active) < self.max_batch:
+                    self._admit(self._waiting.popleft())
+                batch = list(self._active)
+            if batch:
+                self._step(batch)
+
+    def _admit(self, job: _Job) -> None:
+        if job.cancelled:
+            return
+        session = self._free.pop() if self._free else Session(self.model, max_ctx=self.ctx)
+        session.reset()
+        try:
+            job.gen = self.model.start(ids=job.ids, session=session, **job.params)
+        except ElutqError as e:
+            self._free.append(session)
+            job.put(APIError(400, str(e)))
+            return
+        job.session = session
+        self._active.append(job)
+
+    def _release(self, job: _Job) -> None:
+        if job in self._active:
+            self._active.remove(job)
+            if job.session is not None:
+                self._free.append(job.session)
+
+    def _reap(self) -> None:
+        for job in [j for j in self._active if j.cancelled]:
+            job.gen.cancel()
+            self._release(job)
+
+    def _step(self, batch: list[_Job]) -> None:
+        budget = PREFILL_BUDGET
+        jobs, feeds = [], []
+        for job in batch:
+            pending = job.gen.pending
+            n = len(pending) if len(pending) == 1 else min(len(pending), budget)
+            if n == 0:
+                continue  # a prompt waiting for prefill budget
+            if len(pending) > 1:
+                budget -= n
+            jobs.append(job)
+            feeds.append(pending[:n])
+        try:
+            logits = self.model.forward_batch([j.session for j in jobs], feeds)
+        except Exception as e:  # never take the engine down: fail this step's requests
+            with self._cv:
+                for job in jobs:
+                    job.put(APIError(500, f"inference failed: {e}", "server_error"))
+                    self._release(job)
+            return
+        self.steps += 1
+        with self._cv:
+            for job, feed, row in zip(jobs, feeds, logits, strict=True):
+                job.gen.pending = job.gen.pending[len(feed) :]
+                if job.gen.pending or job.cancelled:
+                    continue  # more prompt to prefill, or gone (reaped next step)
+                piece = job.gen.advance(row)
+                if piece:
+                    job.put(piece)
+                if job.gen.done:
+                    job.put(job.gen.completion())
+                    self._release(job)
+
+
+# ----------------------------------------------------------------------------- request schemas
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logprobs, ...) are ignored
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=1)
+    truncate: bool = False  # extension: drop the oldest prompt tokens that do not fit the context
+
+
+class CompletionRequest(_Base):
+    prompt: str | list[str]
+
+
+class _Part(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[_Part] | None = None
+
+
+class ChatRequest(_Base):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown, 5.0)  # uvicorn has already let open requests finish
+
+    app = FastAPI(title="elutq", version="1", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON (or not UTF-8)"
+        return APIError(400, f"{msg}" + (f" (at {param})" if param else ""), param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "elutq"}
+        return {"object": "list", "data": [card]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
+
+    def budget(req: _Base, ids: list[int], default: int) -> tuple[list[int], int]:
+        max_tokens = req.max_tokens
+        if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
+        max_tokens = default if max_tokens is None else max_tokens
+        if max_tokens < 1 or max_tokens >= engine.ctx:
+            raise APIError(400, f"max_tokens must be between 1 and {engine.ctx - 1} (the context), got {max_tokens}",
+                           param="max_tokens")
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        room = engine.ctx - 1
+        if len(ids) > room:
+            if not req.truncate:
+                raise APIError(
+                    400, f"the prompt has {len(ids)} tokens; the context holds {engine.ctx} (pass \"truncate\": true "
+                    "to drop the oldest tokens)", param="messages" if isinstance(req, ChatRequest) else "prompt",
+                    code="context_length_exceeded")
+            ids = ids[len(ids) - room :]
+        return ids, max_tokens
+
+    def sampling(req: _Base, max_tokens: int) -> dict[str, Any]:
+        return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                    repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
+        ids, max_tokens = budget(req, model.tokenizer(prompts[0])["input_ids"], default=16)
+        return await run(req, request, ids, max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        check_model(req.model)
+        msgs = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
+        try:
+            ids = model.encode(messages=msgs)
+        except ElutqError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # the template itself rejected the conversation (roles, order, ...)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        ids, max_tokens = budget(req, ids, default=engine.ctx - 1)
+        return await run(req, request, ids, max_tokens, chat=True)
+
+    async def run(req: _Base, request: Request, ids: list[int], max_tokens: int, chat: bool):
+        job = _Job(ids=ids, params=sampling(req, max_tokens), loop=asyncio.get_running_loop())
+        engine.submit(job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        meta = {"id": rid, "created": int(time.time()), "model": model_name}
+        if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(job, engine, meta, chat, len(ids), usage), media_type="text/event-stream")
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(job.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.cancel(job)
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if isinstance(item, APIError):
+                    return item.response()
+                if isinstance(item, Completion):
+                    break
+        except asyncio.CancelledError:
+            engine.cancel(job)
+            raise
+        reason = _reason(item.finish_reason)
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": item.text}, "finish_reason": reason}
+            if chat else {"index": 0, "text": item.text, "finish_reason": reason, "logprobs": None}
+        )
+        return {
+            **meta,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": _usage(len(ids), len(item.token_ids)),
+        }
+
+    return app
+
+
+def _text(content: str | list[_Part] | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _reason(r: str) -> str:
+    return "length" if r == "length" else "stop"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _sse(job: _Job, engine: Engine, meta: dict, chat: bool, n_prompt: int, usage: bool) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(piece: str | None, reason: str | None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if piece is not None:
+                delta["content"] = piece
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": reason, "logprobs": None}
+        return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
+
+    try:
+        if chat:
+            yield chunk("", None, role=True)
+        while True:
+            item = await job.queue.get()
+            if isinstance(item, APIError):
+                yield f"data: {json.dumps({'error': {'message': item.message, 'type': item.type}})}\n\n"
+                break
+            if isinstance(item, Completion):
+                yield chunk(None if chat else "", _reason(item.finish_reason))
+                if usage:
+                    yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(n_prompt, len(item.token_ids))})}\n\n"  # noqa: E501
+                break
+            yield chunk(item, None)
+        yield "data: [DONE]\n\n"
+    finally:
+        engine.cancel(job)  # a no-op once finished; frees the slot at once if the client went away
+
+
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ctx: int | None = 2048,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    threads: int | None = None,
+    model_name: str | None = None,
+) -> None:
+    import uvicorn
+
+    from .runtime import load
+
+    model = load(checkpoint, max_ctx=ctx, threads=threads)
+    name = model_name or Path(str(checkpoint)).name
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    print(f"serving {name} ({model.runtime.path} kernels, context {engine.ctx}, batch {max_batch}) "
+          f"on http://{host}:{port}/v1")
+    uvicorn.run(create_app(model, name, engine), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=30)
