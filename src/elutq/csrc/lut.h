@@ -113,6 +113,9 @@ void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0,
 #if defined(__x86_64__) || defined(_M_X64)
 void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
 void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
+// Attention of one column for one KV head and its grp query heads (runtime.cpp: attend_ref).
+void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                 float scale, float* sc, float* out);
 #endif
 
 #if defined(__aarch64__)

@@ -303,4 +303,50 @@ void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, i
   if (r < r1) dense_rows_scalar(W, in, X, n, r, r1, Y, ldy);
 }
 
+// Causal attention of one column for one KV head and its `grp` query heads (runtime.cpp's
+// attend_ref is the reference; same arguments).  Needs D % 32 == 0.  Scores: two FMA chains per
+// head over D; softmax in fp32; V: 32 output floats at a time kept in registers across positions.
+void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                 float scale, float* sc, float* out) {
+  for (int j = 0; j < len; ++j) {
+    const float* kj = k0 + (size_t)j * stride;
+    for (int r = 0; r < grp; ++r) {
+      const float* qr = q + (size_t)r * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kj + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kj + d + 8), a1);
+      }
+      sc[(size_t)r * len + j] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int r = 0; r < grp; ++r) {
+    float* p = sc + (size_t)r * len;
+    float mx = p[0];
+    for (int j = 1; j < len; ++j) mx = p[j] > mx ? p[j] : mx;
+    float sum = 0.0f;
+    for (int j = 0; j < len; ++j) {
+      p[j] = __builtin_expf(p[j] - mx);
+      sum += p[j];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int d = 0; d < D; d += 32) {
+      __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+      for (int j = 0; j < len; ++j) {
+        const float* vj = v0 + (size_t)j * stride + d;
+        const __m256 w = _mm256_set1_ps(p[j]);
+        o0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj), o0);
+        o1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8), o1);
+        o2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 16), o2);
+        o3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 24), o3);
+      }
+      float* o = out + (size_t)r * D + d;
+      _mm256_storeu_ps(o, _mm256_mul_ps(o0, inv));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1, inv));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(o2, inv));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(o3, inv));
+    }
+  }
+}
+
 }  // namespace elutq

@@ -21,19 +21,47 @@ namespace elutq {
 // ------------------------------------------------------------------------------ vector helpers
 // 16 independent partial sums: vectorizable without reassociating a single chain.
 
-ELUTQ_CLONES static float dot(const float* a, const float* b, int n) {
-  float acc[16] = {0};
-  int i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.0f;
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-ELUTQ_CLONES static void axpy(float a, const float* x, float* y, int n) {  // y += a·x
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+// Causal attention of one column for one KV head and the `grp` query heads that share it (the
+// portable reference; lut_avx2.cpp has the AVX2 version)
+// (contiguous in q and out, as transformers' repeat_kv maps them): each K and V row is loaded once
+// for all of them.  k0/v0: position 0 of this KV head, `stride` floats between positions.
+ELUTQ_CLONES static void attend_ref(const float* q, const float* k0, const float* v0, size_t stride, int len, int D,
+                                int grp, float scale, float* sc /* [grp][len] */, float* out /* [grp][D] */) {
+  for (int j = 0; j < len; ++j) {
+    const float* kj = k0 + (size_t)j * stride;
+    for (int r = 0; r < grp; ++r) {
+      const float* qr = q + (size_t)r * D;
+      float acc[16] = {0};
+      int d = 0;
+      for (; d + 16 <= D; d += 16)
+        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * kj[d + t];
+      float s = 0.0f;
+      for (int t = 0; t < 16; ++t) s += acc[t];
+      for (; d < D; ++d) s += qr[d] * kj[d];
+      sc[(size_t)r * len + j] = s * scale;
+    }
+  }
+  for (int r = 0; r < grp; ++r) {
+    float* p = sc + (size_t)r * len;
+    float mx = -INFINITY;
+    for (int j = 0; j < len; ++j) mx = std::max(mx, p[j]);
+    float sum = 0.0f;
+    for (int j = 0; j < len; ++j) {
+      p[j] = std::exp(p[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < len; ++j) p[j] *= inv;
+    std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
+  }
+  for (int j = 0; j < len; ++j) {
+    const float* vj = v0 + (size_t)j * stride;
+    for (int r = 0; r < grp; ++r) {
+      const float w = sc[(size_t)r * len + j];
+      float* o = out + (size_t)r * D;
+      for (int d = 0; d < D; ++d) o[d] += w * vj[d];
+    }
+  }
 }
 
 ELUTQ_CLONES static void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
@@ -203,6 +231,10 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     }
   };
   const float scale = 1.0f / std::sqrt((float)D);
+  auto attention = attend_ref;
+#if defined(__x86_64__) || defined(_M_X64)
+  if ((path == Path::Avx2 || path == Path::Avx512) && D % 32 == 0) attention = attend_avx2;
+#endif
   const int nt = pool().size();
 
   for (int l = 0; l < cfg.n_layers; ++l) {
@@ -223,29 +255,16 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       std::memcpy(kv->kp(l, col_pos[c]), kc, sizeof(float) * kvd);
       std::memcpy(kv->vp(l, col_pos[c]), v + (size_t)c * kvd, sizeof(float) * kvd);
     }
-    // causal attention, one (column, head) pair per task
-    parallel_for(nt, N * nh, 1, [&](int t0, int t1) {
+    // causal attention, one (column, KV head) pair per task
+    parallel_for(nt, N * nkv, 1, [&](int t0, int t1) {
       thread_local std::vector<float> sc;
       for (int t = t0; t < t1; ++t) {
-        const int c = t / nh, hd = t % nh, kh = hd / grp;
+        const int c = t / nkv, kh = t % nkv;
         KVCache* kv = seqs[col_seq[c]].cache;
         const int len = col_pos[c] + 1;
-        if ((int)sc.size() < len) sc.resize(len);
-        const float* qv = q + (size_t)c * qd + (size_t)hd * D;
-        float mx = -INFINITY;
-        for (int j = 0; j < len; ++j) {
-          sc[j] = dot(qv, kv->kp(l, j) + kh * D, D) * scale;
-          mx = std::max(mx, sc[j]);
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < len; ++j) {
-          sc[j] = std::exp(sc[j] - mx);
-          sum += sc[j];
-        }
-        float* o = att + (size_t)c * qd + (size_t)hd * D;
-        std::fill(o, o + D, 0.0f);
-        const float inv = 1.0f / sum;
-        for (int j = 0; j < len; ++j) axpy(sc[j] * inv, kv->vp(l, j) + kh * D, o, D);
+        if (sc.size() < (size_t)len * grp) sc.resize((size_t)len * grp);
+        const size_t off = (size_t)c * qd + (size_t)kh * grp * D;
+        attention(q + off, kv->kp(l, 0) + kh * D, kv->vp(l, 0) + kh * D, kvd, len, D, grp, scale, sc.data(), att + off);
       }
     });
     matmul({&L.lin[kO]}, att, N, {tmp});

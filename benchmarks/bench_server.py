@@ -1,0 +1,148 @@
+"""Load test of `elutq serve` on loopback: 1, 4 and 16 concurrent streaming clients.
+
+    .venv/bin/python benchmarks/bench_server.py [--checkpoint DIR] [--requests 3] [--max-tokens 64]
+
+Starts the server as a subprocess (default checkpoint: the default model, RTN HLQ w4g128, made once
+under out/), then for each concurrency level runs that many clients, each sending ``--requests``
+chat requests one after another (a bounded count).  Prints aggregate decode tokens/s, time to
+first token (p50/p99), per-token latency (p50/p99), failures, the server's peak RSS, and the
+aggregate speed-up over a single client, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "List some facts about the moon.",
+    "Describe a busy market in the morning.",
+]
+
+
+def default_checkpoint() -> Path:
+    out = ROOT / "out" / "bench-smollm2-hlq-w4g128"
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "elutq", "quantize", "default", "-o", str(out), "--method", "rtn", "--bits", "4"]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+async def one_client(url: str, n: int, max_tokens: int, idx: int, stats: dict) -> None:
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(n):
+            body = {
+                "model": "bench",
+                "messages": [{"role": "user", "content": QUESTIONS[(idx + r) % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0.7,
+                "seed": idx * 1000 + r,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            t0 = time.perf_counter()
+            stamps: list[float] = []
+            tokens = 0
+            try:
+                async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+                    if resp.status_code != 200:
+                        stats["failed"] += 1
+                        continue
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            stats["failed"] += 1
+                            break
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            stamps.append(time.perf_counter())
+            except httpx.HTTPError:
+                stats["failed"] += 1
+                continue
+            if stamps:
+                stats["ttft"].append(stamps[0] - t0)
+                stats["itl"].extend(np.diff(stamps).tolist())
+            stats["tokens"] += tokens
+            stats["ok"] += 1
+
+
+async def level(url: str, clients: int, n: int, max_tokens: int) -> dict:
+    stats = {"ttft": [], "itl": [], "tokens": 0, "ok": 0, "failed": 0}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client(url, n, max_tokens, i, stats) for i in range(clients)))
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def server_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    ckpt = args.checkpoint or default_checkpoint()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "elutq", "serve", str(ckpt), "--port", str(port), "--model-name", "bench",
+           "--max-batch", str(max(args.clients)), "--ctx", "1024"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+        print(f"checkpoint: {ckpt}\n{args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
+        print(f"{'clients':>7} {'ok':>4} {'fail':>4} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11}")
+        base = None
+        for c in args.clients:
+            st = asyncio.run(level(url, c, args.requests, args.max_tokens))
+            tps = st["tokens"] / st["seconds"]
+            base = base or tps
+            q = lambda xs, p: 1000 * float(np.percentile(xs, p)) if xs else float("nan")  # noqa: E731
+            print(f"{c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} {tps:>10.1f} {q(st['ttft'], 50):>7.0f}ms "
+                  f"{q(st['ttft'], 99):>7.0f}ms {q(st['itl'], 50):>6.1f}ms {q(st['itl'], 99):>6.1f}ms "
+                  f"{tps / base:>10.2f}x")
+        print(f"server peak RSS: {server_rss_mb(proc.pid):.0f} MiB")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
