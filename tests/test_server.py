@@ -180,3 +180,29 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(checkpoint):
         assert post({**body, "max_tokens": 3}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_shutdown_tells_unfinished_requests_why(checkpoint):
+    import asyncio
+
+    from elutq.server import APIError, _Job
+
+    model = elutq.load(checkpoint, max_ctx=64)
+    engine = Engine(model, max_batch=1, max_queue=4)
+    engine.start()
+    loop = asyncio.new_event_loop()
+    try:
+        ids = model.encode("The quick brown fox")
+        with model._lock:  # park the engine inside its first step
+            running = _Job(ids=ids, params={"max_new_tokens": 40}, loop=loop)
+            engine.submit(running)
+            _wait_for(lambda: engine.stats()["running"] == 1, "the request to run")
+            engine.shutdown(timeout=0.2)
+            with pytest.raises(APIError) as refused:
+                engine.submit(_Job(ids=ids, params={}, loop=loop))
+            assert refused.value.status == 503
+        item = loop.run_until_complete(asyncio.wait_for(running.queue.get(), 10))
+        assert isinstance(item, APIError) and item.status == 503 and "shut down" in item.message
+        _wait_for(lambda: engine.stats()["running"] == 0, "the slot to be freed")
+    finally:
+        loop.close()
