@@ -292,27 +292,29 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        logits = logits.astype(np.float64, copy=True)
+        # float32 throughout and inverse-CDF sampling by hand: this runs once per token per request
+        # (up to a whole batch per step), so it must cost far less than the model's step.
+        x = np.asarray(logits, dtype=np.float32)
         if self.repetition_penalty != 1.0 and len(history):
+            x = x.copy()
             seen = np.unique(np.asarray(history, dtype=np.int64))
-            v = logits[seen]
-            logits[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
+            v = x[seen]
+            x[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
         if self.temperature == 0:
-            return int(np.argmax(logits))
-        logits /= self.temperature
-        if 0 < self.top_k < logits.size:
-            kth = np.partition(logits, -self.top_k)[-self.top_k]
-            logits[logits < kth] = -np.inf
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+            return int(np.argmax(x))
+        p = x * np.float32(1.0 / self.temperature)
+        if 0 < self.top_k < p.size:
+            kth = np.partition(p, -self.top_k)[-self.top_k]
+            p[p < kth] = -np.inf
+        p -= p.max()
+        np.exp(p, out=p)
         if self.top_p < 1.0:
             order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < self.top_p  # smallest set whose mass reaches top_p
-            mask = np.zeros_like(p, dtype=bool)
-            mask[order[keep]] = True
-            p = np.where(mask, p, 0.0)
-            p /= p.sum()
-        return int(self.rng.choice(p.size, p=p))
+            mass = np.cumsum(p[order], dtype=np.float64)
+            keep = mass - p[order] < self.top_p * mass[-1]  # smallest head whose mass reaches top_p
+            p[order[~keep]] = 0.0
+        cdf = np.cumsum(p, dtype=np.float64)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), p.size - 1))
 
 
 # ----------------------------------------------------------------------------- the model
