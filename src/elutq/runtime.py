@@ -114,12 +114,19 @@ class _KernelCache:
                 self.complete = True
             except (OSError, ValueError):  # a damaged cache is only a lost speed-up: rebuild it
                 self.index = {}
-        if not self.complete:
+        self._root = ckpt / KERNEL_CACHE_DIR
+        self._made = False
+
+    def _prepare(self) -> bool:
+        """Create the cache folder on first use (removing caches of older files)."""
+        if not self._made and self.writable:
             try:
-                shutil.rmtree(ckpt / KERNEL_CACHE_DIR, ignore_errors=True)  # caches of older files
+                shutil.rmtree(self._root, ignore_errors=True)
                 self.dir.mkdir(parents=True)
+                self._made = True
             except OSError:
                 self.writable = False  # a read-only checkpoint just goes uncached
+        return self.writable
 
     def packed(self, t: _Tensors, name: str, spec: dict, in_f: int) -> Any:
         """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now."""
@@ -137,7 +144,7 @@ class _KernelCache:
             w, sz, gk = kernels.repack(q, t.get(f"{name}.scales"), t.get(f"{name}.zeros"), in_f, spec["group_size"])
         except ValueError as e:
             raise ElutqError(f"{name}: {e}; the checkpoint is corrupt or from another tool") from e
-        if self.writable and not self.complete:
+        if not self.complete and self._prepare():
             try:
                 np.save(w_file, w, allow_pickle=False)
                 np.save(sz_file, sz, allow_pickle=False)
