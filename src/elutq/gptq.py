@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -86,96 +87,132 @@ def _cpu_threads(n: int, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@dataclass
+class GPTQPlan:
+    """What GPTQ derives from one Hessian, shared by every linear reading the same input (q/k/v, gate/up)."""
+
+    groups: list[torch.Tensor]  # column indices of each group, in visiting order
+    perm: torch.Tensor  # all columns in visiting order
+    u: torch.Tensor  # upper Cholesky factor of (H + λI)⁻¹ in visiting order, fp32
+    importance: torch.Tensor  # diag(H) in visiting order, fp32
+    dead: torch.Tensor  # inputs that are always zero
+
+
+@torch.no_grad()
+def gptq_plan(
+    h: torch.Tensor, group_size: int, damp: float = 0.01, act_order: bool = False, device: torch.device | None = None
+) -> GPTQPlan:
+    """Visiting order and inverse-Hessian factor for ``h [in, in]`` with groups of ``group_size``."""
+    h = h.to(device=device or h.device, dtype=torch.float64).clone()
+    n = h.shape[0]
+    dead = h.diagonal() == 0  # inputs that are always zero: their weights cannot matter
+    h[dead, dead] = 1.0
+    # Column visiting order: groups (contiguous in the original order) by decreasing Hessian mass,
+    # columns inside a group by decreasing diag(H).
+    diag = h.diagonal()
+    groups = [
+        torch.arange(j * group_size, min((j + 1) * group_size, n), device=h.device)
+        for j in range(num_groups(n, group_size))
+    ]
+    if act_order:
+        groups = sorted(groups, key=lambda cols: -diag[cols].sum().item())
+        groups = [cols[torch.argsort(diag[cols], descending=True, stable=True)] for cols in groups]
+    perm = torch.cat(groups)
+    u = _inverse_hessian_factor(h[perm][:, perm], damp)
+    return GPTQPlan(groups, perm, u, diag[perm].float(), dead)
+
+
 @torch.no_grad()
 def gptq_quantize_weight(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     config: QuantConfig,
     damp: float = 0.01,
     act_order: bool = False,
     codes: CodesMode = "per-column",
     weighted_fit: bool = True,
+    plan: GPTQPlan | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``w [out, in]`` with Hessian ``h [in, in]`` (see the module docstring).
 
-    ``weighted_fit`` fits each group's levels with ``diag(H)`` as per-column importance.  The math
-    runs on ``w``'s device (``h`` is moved there); the result is returned on the CPU.
+    ``weighted_fit`` fits each group's levels with ``diag(H)`` as per-column importance.  ``plan``
+    (from :func:`gptq_plan` with the same group size; then ``h``, ``damp`` and ``act_order`` are not
+    used) saves refactoring the Hessian for linears that share it.  The math runs on ``w``'s
+    device; the result is returned on the CPU.
     """
-    with _cpu_threads(1, w.device):
-        return _gptq(w, h, config, damp, act_order, codes, weighted_fit)
-
-
-def _gptq(
-    w: torch.Tensor,
-    h: torch.Tensor,
-    config: QuantConfig,
-    damp: float,
-    act_order: bool,
-    codes: CodesMode,
-    weighted_fit: bool,
-) -> QuantizedWeight:
     out, n = w.shape
     dev = w.device
     g = config.group_for(n)
     ng = num_groups(n, g)
-    # Work on Wᵀ: the column loop below then reads and updates contiguous rows.
+    if plan is None:
+        plan = gptq_plan(h, g, damp, act_order, dev)
+    # Work on Wᵀ in visiting order: the column loop below then reads and updates contiguous rows.
     wt = w.detach().float().t().contiguous()
-    h = h.to(device=dev, dtype=torch.float64).clone()
-    dead = h.diagonal() == 0  # inputs that are always zero: their weights cannot matter
-    h[dead, dead] = 1.0
-    wt[dead] = 0.0
-
-    # Column visiting order: groups (contiguous in the original order) by decreasing Hessian mass,
-    # columns inside a group by decreasing diag(H).
-    diag = h.diagonal()
-    groups = [torch.arange(j * g, min((j + 1) * g, n), device=dev) for j in range(ng)]
-    if act_order:
-        groups = sorted(groups, key=lambda cols: -diag[cols].sum().item())
-        groups = [cols[torch.argsort(diag[cols], descending=True, stable=True)] for cols in groups]
-    perm = torch.cat(groups)
-    wt, h = wt[perm], h[perm][:, perm]
-    u = _inverse_hessian_factor(h, damp)
-    imp_all = diag[perm].float()
+    wt[plan.dead] = 0.0
+    wt = wt[plan.perm]
+    u = plan.u
 
     scales = torch.zeros(out, ng, config.bits, device=dev)
     zeros = torch.zeros(out, ng, device=dev)
     q_codes = torch.zeros(n, out, dtype=torch.uint8, device=dev)  # transposed, like wt
     a = 0
-    for cols in groups:
+    for cols in plan.groups:
         b = a + cols.numel()
         gi = int(cols.min().item()) // g  # index of this group in the stored layout
-        block = wt[a:b].t()  # [out, g] view of the error-compensated weights
-        if config.format == "uniform":
-            s, z = fit_uniform_minmax(block, config.bits)
-        else:
-            imp = imp_all[a:b].unsqueeze(0) if weighted_fit else torch.ones(1, b - a, device=dev)
-            s, z = fit_hlq_als(block, config.bits, imp, iters=config.iters)
-        s, z = s.half().float(), z.half().float()  # the stored precision defines the levels
-        scales[:, gi], zeros[:, gi] = s, z
-        lv = levels(s, z)
-        if codes == "fixed":
-            fixed = uniform_codes(block, s, z) if config.format == "uniform" else assign_nearest(block, s, z)
-            fixed_t = fixed.t().contiguous()
-            fixed_q = lv.gather(1, fixed.long()).t().contiguous()
-        else:
-            # Sorted levels and their midpoints, once per group: each column is then one comparison.
-            sorted_lv, order = lv.sort(dim=1)
-            mid = (sorted_lv[:, 1:] + sorted_lv[:, :-1]) * 0.5
-
-        err = torch.empty(b - a, out, device=dev)
-        for j in range(b - a):
-            col = wt[a + j]
-            if codes == "fixed":
-                c, q = fixed_t[j], fixed_q[j]
-            else:
-                pos = (col.unsqueeze(1) > mid).sum(1, keepdim=True)  # index of the nearest sorted level
-                c, q = order.gather(1, pos).squeeze(1), sorted_lv.gather(1, pos).squeeze(1)
-            q_codes[a + j] = c
-            e = (col - q) / u[a + j, a + j]
-            wt[a + j + 1 : b] -= u[a + j, a + j + 1 : b].unsqueeze(1) * e.unsqueeze(0)
-            err[j] = e
-        wt[b:] -= u[a:b, b:].t() @ err
+        with _cpu_threads(1, dev):
+            err = _quantize_group(wt, u, a, b, q_codes, scales, zeros, gi, plan.importance, config, codes, weighted_fit)
+        wt[b:] -= u[a:b, b:].t() @ err  # the group's error, fed to every later column (all threads)
         a = b
     codes_out = torch.empty_like(q_codes)
-    codes_out[perm] = q_codes
+    codes_out[plan.perm] = q_codes
     return QuantizedWeight(codes_out.t().contiguous().cpu(), scales.half().cpu(), zeros.half().cpu(), g)
+
+
+def _quantize_group(
+    wt: torch.Tensor,
+    u: torch.Tensor,
+    a: int,
+    b: int,
+    q_codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    gi: int,
+    importance: torch.Tensor,
+    config: QuantConfig,
+    codes: CodesMode,
+    weighted_fit: bool,
+) -> torch.Tensor:
+    """Fit one group's levels on rows ``a:b`` of ``wt``, quantize them column by column with error
+    feedback inside the group; fills ``q_codes``, ``scales``, ``zeros`` and returns the scaled errors."""
+    out, dev = wt.shape[1], wt.device
+    block = wt[a:b].t()  # [out, g] view of the error-compensated weights
+    if config.format == "uniform":
+        s, z = fit_uniform_minmax(block, config.bits)
+    else:
+        imp = importance[a:b].unsqueeze(0) if weighted_fit else torch.ones(1, b - a, device=dev)
+        s, z = fit_hlq_als(block, config.bits, imp, iters=config.iters)
+    s, z = s.half().float(), z.half().float()  # the stored precision defines the levels
+    scales[:, gi], zeros[:, gi] = s, z
+    lv = levels(s, z)
+    if codes == "fixed":
+        fixed = uniform_codes(block, s, z) if config.format == "uniform" else assign_nearest(block, s, z)
+        fixed_t = fixed.t().contiguous()
+        fixed_q = lv.gather(1, fixed.long()).t().contiguous()
+    else:
+        # Sorted levels and their midpoints, once per group: each column is then one comparison.
+        sorted_lv, order = lv.sort(dim=1)
+        mid = (sorted_lv[:, 1:] + sorted_lv[:, :-1]) * 0.5
+
+    err = torch.empty(b - a, out, device=dev)
+    for j in range(b - a):
+        col = wt[a + j]
+        if codes == "fixed":
+            c, q = fixed_t[j], fixed_q[j]
+        else:
+            pos = (col.unsqueeze(1) > mid).sum(1, keepdim=True)  # index of the nearest sorted level
+            c, q = order.gather(1, pos).squeeze(1), sorted_lv.gather(1, pos).squeeze(1)
+        q_codes[a + j] = c
+        e = (col - q) / u[a + j, a + j]
+        wt[a + j + 1 : b] -= u[a + j, a + j + 1 : b].unsqueeze(1) * e.unsqueeze(0)
+        err[j] = e
+    return err

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
-from .gptq import CodesMode, Hessian, gptq_quantize_weight
+from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, quantize_weight
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError, move_into_place, peak_rss_mb
@@ -302,16 +302,13 @@ def quantize_layer_gptq(
             for h in hooks:
                 h.remove()
         for group in pass_groups:
+            hess = hessians[group[0]]
+            g = cfg.quant.group_for(hess.h.shape[0])
+            plan = gptq_plan(hess.h, g, damp=cfg.damp, act_order=cfg.act_order)  # one factorization per input
+            del hessians[group[0]], hess
             for name in group:
                 linear = layer.get_submodule(name)
-                qw = gptq_quantize_weight(
-                    linear.weight,
-                    hessians[group[0]].h,
-                    cfg.quant,
-                    damp=cfg.damp,
-                    act_order=cfg.act_order,
-                    codes=cfg.codes,
-                )
+                qw = gptq_quantize_weight(linear.weight, None, cfg.quant, codes=cfg.codes, plan=plan)
                 bias = None if linear.bias is None else linear.bias.cpu()
                 module = HLQLinear.from_quantized(qw, bias).to(dev)
                 set_module(layer, name, module)
