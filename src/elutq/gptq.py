@@ -54,18 +54,24 @@ class Hessian:
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H)."""
-    h = h.clone()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    h += eye * (damp * h.diagonal().mean().clamp_min(1e-12))
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H).  ``h`` is modified.
+
+    At most two n×n fp64 matrices are alive at once (an 8192-wide Hessian is 0.5 GB each).
+    """
+    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
     for _ in range(5):
         chol, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             break
-        h += eye * h.diagonal().mean() * damp  # more damping
+        h.diagonal().add_(h.diagonal().mean() * damp)  # more damping
     else:
         raise RuntimeError("Hessian is not positive definite even after extra damping")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    del h
+    inv = torch.cholesky_inverse(chol)
+    del chol
+    u = torch.linalg.cholesky(inv, upper=True)
+    del inv
+    return u.float()
 
 
 @contextlib.contextmanager
@@ -100,16 +106,25 @@ class GPTQPlan:
 
 @torch.no_grad()
 def gptq_plan(
-    h: torch.Tensor, group_size: int, damp: float = 0.01, act_order: bool = False, device: torch.device | None = None
+    h: torch.Tensor,
+    group_size: int,
+    damp: float = 0.01,
+    act_order: bool = False,
+    device: torch.device | None = None,
+    consume: bool = False,
 ) -> GPTQPlan:
-    """Visiting order and inverse-Hessian factor for ``h [in, in]`` with groups of ``group_size``."""
-    h = h.to(device=device or h.device, dtype=torch.float64).clone()
+    """Visiting order and inverse-Hessian factor for ``h [in, in]`` with groups of ``group_size``.
+
+    ``consume=True`` lets it overwrite and free ``h`` (saves a copy of a large Hessian)."""
+    h = h.to(device=device or h.device, dtype=torch.float64)
+    if not consume:
+        h = h.clone()
     n = h.shape[0]
     dead = h.diagonal() == 0  # inputs that are always zero: their weights cannot matter
-    h[dead, dead] = 1.0
+    h.diagonal()[dead] = 1.0
     # Column visiting order: groups (contiguous in the original order) by decreasing Hessian mass,
     # columns inside a group by decreasing diag(H).
-    diag = h.diagonal()
+    diag = h.diagonal().clone()
     groups = [
         torch.arange(j * group_size, min((j + 1) * group_size, n), device=h.device)
         for j in range(num_groups(n, group_size))
@@ -118,7 +133,9 @@ def gptq_plan(
         groups = sorted(groups, key=lambda cols: -diag[cols].sum().item())
         groups = [cols[torch.argsort(diag[cols], descending=True, stable=True)] for cols in groups]
     perm = torch.cat(groups)
-    u = _inverse_hessian_factor(h[perm][:, perm], damp)
+    h = h.index_select(0, perm)  # rebinding frees the unpermuted copy (when it is ours)
+    h = h.index_select(1, perm)
+    u = _inverse_hessian_factor(h, damp)
     return GPTQPlan(groups, perm, u, diag[perm].float(), dead)
 
 
@@ -147,9 +164,9 @@ def gptq_quantize_weight(
     if plan is None:
         plan = gptq_plan(h, g, damp, act_order, dev)
     # Work on Wᵀ in visiting order: the column loop below then reads and updates contiguous rows.
-    wt = w.detach().float().t().contiguous()
-    wt[plan.dead] = 0.0
-    wt = wt[plan.perm]
+    # (Permute before widening to fp32: one full-size copy fewer for a 16-bit lm_head.)
+    wt = w.detach().t()[plan.perm].float()
+    wt[plan.dead[plan.perm]] = 0.0
     u = plan.u
 
     scales = torch.zeros(out, ng, config.bits, device=dev)
@@ -163,9 +180,9 @@ def gptq_quantize_weight(
             err = _quantize_group(wt, u, a, b, q_codes, scales, zeros, gi, plan.importance, config, codes, weighted_fit)
         wt[b:] -= u[a:b, b:].t() @ err  # the group's error, fed to every later column (all threads)
         a = b
-    codes_out = torch.empty_like(q_codes)
-    codes_out[plan.perm] = q_codes
-    return QuantizedWeight(codes_out.t().contiguous().cpu(), scales.half().cpu(), zeros.half().cpu(), g)
+    del wt
+    codes_out = q_codes.t()[:, torch.argsort(plan.perm)].cpu()  # back to [out, in], original column order
+    return QuantizedWeight(codes_out, scales.half().cpu(), zeros.half().cpu(), g)
 
 
 def _quantize_group(

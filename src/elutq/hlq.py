@@ -107,13 +107,13 @@ def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes`` uint8 ``[out, in]`` → ``qweight`` uint8 ``[bits, out, ceil(in/8)]`` (LSB first)."""
     out, n = codes.shape
     pad = (-n) % 8
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad))
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).view(1, 1, 8)
-    planes = []
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(out, -1, 8)
+    # uint8 all the way: temporaries stay the size of the codes (an lm_head has ~10^8 of them).
+    planes = torch.zeros(bits, out, c.shape[1], dtype=torch.uint8, device=codes.device)
     for i in range(bits):
-        b = ((c >> i) & 1).to(torch.int32).view(out, -1, 8)
-        planes.append((b * weights).sum(-1).to(torch.uint8))
-    return torch.stack(planes)
+        for k in range(8):
+            planes[i] |= ((c[:, :, k] >> i) & 1) << k
+    return planes
 
 
 def unpack_bitplanes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:

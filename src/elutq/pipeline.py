@@ -175,7 +175,8 @@ class Activations:
                 out.append(y)
             else:
                 path = directory / f"chunk-{k:05d}.safetensors"
-                save_file({"x": y.contiguous()}, str(path))
+                with _disk_errors(path):
+                    save_file({"x": y.contiguous()}, str(path))
                 out.append(path)
         return Activations(out)
 
@@ -190,10 +191,27 @@ class Activations:
         return cls([state[f"chunk.{k}"] for k in range(len(state))])
 
 
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full, quota, permissions) mid-run becomes a user error that says how to go on.
+
+    Nothing is lost: progress.json only ever names layers whose files and next activations are
+    complete, so a rerun with --resume continues from the last finished layer.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise ElutqError(
+            f"cannot write {path} ({e.strerror or e}); free space there or choose another location "
+            "(-o, --offload-dir), then rerun the same command with --resume: finished layers are kept"
+        ) from e
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with _disk_errors(path):
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -301,18 +319,21 @@ def quantize_layer_gptq(
         finally:
             for h in hooks:
                 h.remove()
+        del hook, hess  # the hooks' closures must not keep a Hessian alive past its plan
         for group in pass_groups:
-            hess = hessians[group[0]]
-            g = cfg.quant.group_for(hess.h.shape[0])
-            plan = gptq_plan(hess.h, g, damp=cfg.damp, act_order=cfg.act_order)  # one factorization per input
-            del hessians[group[0]], hess
+            h = hessians.pop(group[0]).h
+            g = cfg.quant.group_for(h.shape[0])
+            # One factorization per input, shared by the group; it consumes (frees) the Hessian.
+            plan = gptq_plan(h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)
+            del h
             for name in group:
                 linear = layer.get_submodule(name)
                 qw = gptq_quantize_weight(linear.weight, None, cfg.quant, codes=cfg.codes, plan=plan)
                 bias = None if linear.bias is None else linear.bias.cpu()
                 module = HLQLinear.from_quantized(qw, bias).to(dev)
                 set_module(layer, name, module)
-                replaced[name] = (linear, module)
+                # The caller only needs the shape: a meta-device shell frees the fp32 weight now.
+                replaced[name] = (linear.to("meta"), module)
     return replaced, fp_first
 
 
@@ -399,6 +420,8 @@ def quantize_streaming(
     source = SafetensorsSource(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
     check_architecture(config)
+    # Before anything is written, so a bad --device leaves no unfinished run behind.
+    device = resolve_device(cfg.device) if cfg.method == "gptq" else torch.device("cpu")  # RTN: no activations
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -410,6 +433,8 @@ def quantize_streaming(
 
     progress_file = work / PROGRESS_FILE
     state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
+    if work.exists() and not progress_file.is_file():
+        shutil.rmtree(work)  # a run that failed before finishing a layer: nothing in it to keep
     if work.exists():
         if not resume and not overwrite:
             raise ElutqError(
@@ -433,7 +458,6 @@ def quantize_streaming(
     report = PipelineReport(resumed_from=state["layers_done"], layer_errors=list(state.get("errors", [])))
     prefer = torch.bfloat16 if str(getattr(config, "dtype", None) or "").endswith("bfloat16") else torch.float16
     needs_acts = cfg.method == "gptq"
-    device = resolve_device(cfg.device) if needs_acts else torch.device("cpu")  # RTN needs no activations
 
     # Calibration activations entering layer `layers_done`.
     acts: Activations | None = None
@@ -541,7 +565,7 @@ def _write_head(
             tensors["lm_head.weight"] = head_w.to(storage_dtype(head_w, prefer))
         bits = params = 0
     else:
-        w = head_w.to(torch.float32)
+        w = head_w  # 16-bit: GPTQ widens its own transposed copy, RTN its chunks
         if cfg.method == "gptq":
             w = w.to(device)
             rms = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
