@@ -22,10 +22,12 @@ def parse_setting(s: str) -> tuple[int, int]:
 
 @dataclass
 class Measured:
-    """One child process: exit status, wall seconds, peak RSS as the kernel accounted it, its output."""
+    """One child process: exit status, wall seconds, CPU seconds (user + system), peak RSS as the kernel
+    accounted it, its output.  On a shared machine CPU seconds are the steadier figure."""
 
     returncode: int
     seconds: float
+    cpu_seconds: float
     peak_rss_mb: float
     output: str
 
@@ -44,7 +46,7 @@ def run_measured(args: list[str], log: Path | None = None, env: dict[str, str] |
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = out_path.read_text() if log else ""
-    return Measured(proc.returncode, seconds, usage.ru_maxrss / 1024, output)
+    return Measured(proc.returncode, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output)
 
 
 def elutq_cmd(*args: str) -> list[str]:

@@ -57,6 +57,7 @@ def quantize_and_eval(
         "bpw": bpw,
         "ppl": r["ppl"],
         "quant_seconds": q.seconds,
+        "quant_cpu_seconds": q.cpu_seconds,
         "quant_peak_rss_mb": q.peak_rss_mb,
         "eval_seconds": r["eval_seconds"],
         "tokens_scored": r["tokens_scored"],
@@ -110,7 +111,8 @@ def main() -> None:
             save()
             print(
                 f"{setting} {fmt:7s} {method:4s} {row['codes']:10s} ppl {row['ppl']:.3f}  bpw {row['bpw']:.3f}  "
-                f"quantize {row['quant_seconds']:.0f}s, peak RSS {row['quant_peak_rss_mb']:.0f} MiB",
+                f"quantize {row['quant_seconds']:.0f}s ({row['quant_cpu_seconds']:.0f} CPU-s), "
+                f"peak RSS {row['quant_peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     report(rows, args)
@@ -142,14 +144,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             + " | ".join(fmt_int(cells[f, m]["ppl"]) for f in FORMATS for m in METHODS)
             + f" | {names[best]} |"
         )
-    print("\n| setting | format | method | codes | BPW | ppl | quantize wall (s) | quantize peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| setting | format | method | codes | BPW | ppl | quantize wall (s) | CPU (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["setting"] == "fp32":
             continue
         print(
             f"| {r['setting']} | {r['format']} | {r['method']} | {r['codes']} | {r['bpw']:.3f} | {fmt_int(r['ppl'])} "
-            f"| {r['quant_seconds']:.0f} | {r['quant_peak_rss_mb']:.0f} |"
+            f"| {r['quant_seconds']:.0f} | {r['quant_cpu_seconds']:.0f} | {r['quant_peak_rss_mb']:.0f} |"
         )
     codes_rows = [
         (s, get(s, "hlq", "gptq"), get(s, "hlq", "gptq", "fixed")) for s in args.codes_settings.split(",") if s
