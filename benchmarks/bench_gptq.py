@@ -99,8 +99,12 @@ def main() -> None:
         save()
     print(f"baseline ppl {done(('fp32', '-', '-', '-'))['ppl']:.3f}", flush=True)
 
-    jobs = [(s, f, m, "per-column") for s in args.settings.split(",") for f in FORMATS for m in METHODS]
-    jobs += [(s, "hlq", "gptq", "fixed") for s in args.codes_settings.split(",") if s]
+    # Setting by setting (in the order given), so an interrupted run leaves whole rows.
+    codes_settings = [s for s in args.codes_settings.split(",") if s]
+    jobs = []
+    for s in args.settings.split(","):
+        jobs += [(s, f, m, "per-column") for f in FORMATS for m in METHODS]
+        jobs += [(s, "hlq", "gptq", "fixed")] if s in codes_settings else []
     with tempfile.TemporaryDirectory(prefix="elutq-bench-gptq-", dir=args.work) as tmp:
         for setting, fmt, method, codes in jobs:
             key = (setting, fmt, method, codes if method == "gptq" else "-")
