@@ -137,14 +137,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     )
     print("| setting | BPW | uniform RTN | uniform GPTQ | HLQ RTN | HLQ GPTQ | best |")
     print("|---|---|---|---|---|---|---|")
-    settings = [s for s in args.settings.split(",") if get(s, "hlq", "gptq")]
+    settings = [s for s in args.settings.split(",") if all(get(s, f, m) for f in FORMATS for m in METHODS)]
     for s in settings:
         cells = {(f, m): get(s, f, m) for f in FORMATS for m in METHODS}
         best = min(cells, key=lambda k: cells[k]["ppl"])
         names = {("uniform", "rtn"): "uniform RTN", ("uniform", "gptq"): "uniform GPTQ",
                  ("hlq", "rtn"): "HLQ RTN", ("hlq", "gptq"): "HLQ GPTQ"}  # fmt: skip
         print(
-            f"| w{s[1:]} | {cells['hlq', 'gptq']['bpw']:.3f} | "
+            f"| {s} | {cells['hlq', 'gptq']['bpw']:.3f} | "
             + " | ".join(fmt_int(cells[f, m]["ppl"]) for f in FORMATS for m in METHODS)
             + f" | {names[best]} |"
         )
