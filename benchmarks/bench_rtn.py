@@ -18,16 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from _common import parse_setting
 from elutq.eval import load_text, perplexity, tokenize
 from elutq.hlq import QuantConfig, quantize_weight
 from elutq.models import load_model
 from elutq.quantize import quantize
 from elutq.utils import peak_rss_mb
-
-
-def parse_setting(s: str) -> tuple[int, int]:
-    bits, group = s.removeprefix("w").split("g")
-    return int(bits), int(group)
 
 
 def minilm_mse(bits: int, group: int, fmt: str) -> float:

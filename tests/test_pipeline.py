@@ -252,6 +252,10 @@ def test_calibration_text_too_short(tiny_llama, tmp_path):
     with pytest.raises(ElutqError, match="fewer than"):
         quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
     assert not (tmp_path / "q").exists()
+    # Nothing was finished, so the fixed command simply runs (no --resume/--overwrite needed).
+    (tmp_path / "short.txt").write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
+    assert (tmp_path / "q" / "config.json").is_file()
 
 
 def test_unwritable_offload_dir(tiny_llama, tmp_path):
@@ -296,3 +300,88 @@ def test_layers_that_cannot_be_walked(tiny_llama, tmp_path):
     )
     with pytest.raises(ElutqError, match="cannot be walked"):
         quantize_streaming(str(path), tmp_path / "q", gptq_cfg(), progress=False)
+
+
+def test_disk_full_mid_run_then_resume(deeper_llama, tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC while offloading layer 2's outputs) is a clear error, and
+    --resume afterwards gives the same checkpoint as an uninterrupted run."""
+    import errno
+
+    import elutq.pipeline as pipeline
+
+    cfg = gptq_cfg(
+        calib=CalibConfig(n_samples=8, seqlen=32, dataset=None, text=str(deeper_llama / "calib.txt")),
+        offload="always",
+        offload_dir=str(tmp_path / "acts"),
+    )
+    quantize_streaming(str(deeper_llama), tmp_path / "full", cfg, progress=False)
+
+    real_save = pipeline.save_file
+
+    def full_disk(tensors, path, *args, **kwargs):
+        if "layer-00002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_file", full_disk)
+    with pytest.raises(ElutqError, match=r"No space left on device.*--resume"):
+        quantize_streaming(str(deeper_llama), tmp_path / "q", cfg, progress=False)
+    assert not (tmp_path / "q").exists()
+    assert json.loads((tmp_path / "q.partial" / "progress.json").read_text())["layers_done"] == 1
+    monkeypatch.setattr(pipeline, "save_file", real_save)
+    report = quantize_streaming(str(deeper_llama), tmp_path / "q", cfg, resume=True, progress=False)
+    assert report.resumed_from == 1
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "q")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tiny_llama, tmp_path, capsys):
+    from elutq.cli import main
+
+    _, path = tiny_llama
+    with pytest.raises(ElutqError, match=r"sees no CUDA GPU.*--device cpu"):
+        quantize_streaming(str(path), tmp_path / "q", gptq_cfg(device="cuda"), progress=False)
+    assert main(quant_args(path, tmp_path / "q", "--device", "cuda")) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_device_names():
+    from elutq.pipeline import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu0", "mps"):
+        with pytest.raises(ElutqError, match="--device"):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_on_cuda_matches_cpu(minilm_weights):
+    """Same algorithm on the GPU: the codes may differ only where fp noise flips a near-tie."""
+    w = minilm_weights["encoder.layer.2.intermediate.dense.weight"]
+    h = Hessian(w.shape[1])
+    h.add(correlated_inputs(w.shape[1], 2048))
+    for fmt in ("hlq", "uniform"):
+        cfg = QuantConfig(2, 128, fmt)
+        cpu = gptq_quantize_weight(w, h.h, cfg, act_order=True)
+        gpu = gptq_quantize_weight(w.cuda(), h.h.cuda(), cfg, act_order=True)
+        assert (cpu.codes == gpu.codes).float().mean() > 0.99
+        x = correlated_inputs(w.shape[1], 512)
+        e_cpu = (x @ (cpu.dequantize() - w).T).pow(2).mean()
+        e_gpu = (x @ (gpu.dequantize() - w).T).pow(2).mean()
+        assert abs(e_cpu - e_gpu) < 0.02 * e_cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streaming_gptq_on_cuda_matches_cpu(deeper_llama, tmp_path):
+    calib = CalibConfig(n_samples=8, seqlen=32, dataset=None, text=str(deeper_llama / "calib.txt"))
+    models = {}
+    for dev in ("cpu", "cuda"):
+        quantize_streaming(str(deeper_llama), tmp_path / dev, gptq_cfg(calib=calib, device=dev), progress=False)
+        models[dev] = load_quantized(tmp_path / dev)[0]
+    ref = load_model(str(deeper_llama))[0]
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        errs = {d: (m(ids).logits - ref(ids).logits).pow(2).mean().item() for d, m in models.items()}
+    assert abs(errs["cuda"] - errs["cpu"]) < 0.05 * errs["cpu"], errs

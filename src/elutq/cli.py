@@ -51,6 +51,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         codes=args.codes,
         offload=args.offload,
         offload_dir=args.offload_dir,
+        device=args.device,
     )
     out = Path(args.output)
     report = quantize_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
@@ -262,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep calibration activations in files (auto: when they do not fit in RAM)",
     )
     r.add_argument("--offload-dir", help="where offloaded activations go (default: inside OUT.partial)")
+    r.add_argument(
+        "--device",
+        default="auto",
+        help="where GPTQ runs the layers and its math: cpu, cuda, cuda:N, or auto (CUDA when present; default)",
+    )
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     q.set_defaults(func=cmd_quantize)

@@ -107,22 +107,22 @@ def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes`` uint8 ``[out, in]`` → ``qweight`` uint8 ``[bits, out, ceil(in/8)]`` (LSB first)."""
     out, n = codes.shape
     pad = (-n) % 8
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad))
-    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 8)
-    planes = []
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(out, -1, 8)
+    # uint8 all the way: temporaries stay the size of the codes (an lm_head has ~10^8 of them).
+    planes = torch.zeros(bits, out, c.shape[1], dtype=torch.uint8, device=codes.device)
     for i in range(bits):
-        b = ((c >> i) & 1).to(torch.int32).view(out, -1, 8)
-        planes.append((b * weights).sum(-1).to(torch.uint8))
-    return torch.stack(planes)
+        for k in range(8):
+            planes[i] |= ((c[:, :, k] >> i) & 1) << k
+    return planes
 
 
 def unpack_bitplanes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_bitplanes`: ``[bits, out, ceil(in/8)]`` → codes ``[out, in]``."""
     bits, out, nbytes = qweight.shape
-    shifts = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=qweight.device).view(1, 1, 1, 8)
     b = (qweight.unsqueeze(-1) >> shifts) & 1  # [bits, out, nbytes, 8]
     b = b.reshape(bits, out, nbytes * 8)[:, :, :in_features]
-    codes = torch.zeros(out, in_features, dtype=torch.uint8)
+    codes = torch.zeros(out, in_features, dtype=torch.uint8, device=qweight.device)
     for i in range(bits):
         codes |= b[i] << i
     return codes
@@ -131,15 +131,15 @@ def unpack_bitplanes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- levels & codes
 
 
-def plane_bits(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def plane_bits(bits: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """``[2^bits, bits]`` matrix whose row k holds the bit-planes of code k."""
-    k = torch.arange(1 << bits)
-    return ((k.unsqueeze(1) >> torch.arange(bits)) & 1).to(dtype)
+    k = torch.arange(1 << bits, device=device)
+    return ((k.unsqueeze(1) >> torch.arange(bits, device=device)) & 1).to(dtype)
 
 
 def levels(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """All ``2^bits`` reconstruction levels: ``[..., bits]``, ``[...]`` → ``[..., 2^bits]``."""
-    return zeros.unsqueeze(-1) + scales @ plane_bits(scales.shape[-1], scales.dtype).T
+    return zeros.unsqueeze(-1) + scales @ plane_bits(scales.shape[-1], scales.dtype, scales.device).T
 
 
 def assign_nearest(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ def fit_uniform_minmax(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     # Padding repeats a real column, so it never moves the min or max.
     lo, hi = w.amin(1), w.amax(1)
     delta = (hi - lo) / ((1 << bits) - 1)
-    scales = delta.unsqueeze(1) * (2.0 ** torch.arange(bits, dtype=w.dtype))
+    scales = delta.unsqueeze(1) * (2.0 ** torch.arange(bits, dtype=w.dtype, device=w.device))
     return scales, lo
 
 
@@ -203,13 +203,13 @@ def solve_scales(w: torch.Tensor, codes: torch.Tensor, bits: int, h: torch.Tenso
     n_codes = 1 << bits
     idx = codes.long()
     hw = h.expand_as(w).to(torch.float64)
-    mass = torch.zeros(w.shape[0], n_codes, dtype=torch.float64).scatter_add_(1, idx, hw)
+    mass = torch.zeros(w.shape[0], n_codes, dtype=torch.float64, device=w.device).scatter_add_(1, idx, hw)
     moment = torch.zeros_like(mass).scatter_add_(1, idx, hw * w.to(torch.float64))
-    p = torch.cat([plane_bits(bits, torch.float64), torch.ones(n_codes, 1, dtype=torch.float64)], 1)
+    p = torch.cat([plane_bits(bits, torch.float64, w.device), mass.new_ones(n_codes, 1)], 1)
     gram = torch.einsum("ki,nk,kj->nij", p, mass, p)
     rhs = moment @ p
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-    gram = gram + ridge.view(-1, 1, 1) * torch.eye(bits + 1, dtype=torch.float64)
+    gram = gram + ridge.view(-1, 1, 1) * torch.eye(bits + 1, dtype=torch.float64, device=w.device)
     x = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1).to(w.dtype)
     return x[:, :bits], x[:, bits]
 
@@ -229,16 +229,34 @@ def fit_hlq_als(
     err = weighted_sq_error(w, decode(codes, scales, zeros), h)
     if history is not None:
         history.append(err.sum().item())
+    # A group whose step did not lower its error keeps its parameters, so every later step would
+    # recompute exactly the same thing: only groups that improved stay active (an exact shortcut).
+    active: torch.Tensor | None = None  # None: all groups
     for _ in range(iters):
-        codes = assign_nearest(w, scales, zeros)
-        new_s, new_z = solve_scales(w, codes, bits, h)
-        new_err = weighted_sq_error(w, decode(codes, new_s, new_z), h)
-        better = new_err < err
-        scales = torch.where(better.unsqueeze(1), new_s, scales)
-        zeros = torch.where(better, new_z, zeros)
-        err = torch.minimum(new_err, err)
+        if active is None:
+            wa, ha, sa, za, ea = w, h, scales, zeros, err
+        else:
+            wa, sa, za, ea = w[active], scales[active], zeros[active], err[active]
+            ha = h if h.shape[0] == 1 else h[active]
+        codes = assign_nearest(wa, sa, za)
+        new_s, new_z = solve_scales(wa, codes, bits, ha)
+        new_err = weighted_sq_error(wa, decode(codes, new_s, new_z), ha)
+        better = new_err < ea
+        sa = torch.where(better.unsqueeze(1), new_s, sa)
+        za = torch.where(better, new_z, za)
+        ea = torch.minimum(new_err, ea)
+        if active is None:
+            scales, zeros, err = sa, za, ea
+            active = torch.nonzero(better).squeeze(1)
+        else:
+            scales[active], zeros[active], err[active] = sa, za, ea
+            active = active[better]
         if history is not None:
             history.append(err.sum().item())
+        if active.numel() == 0:
+            if history is not None:  # keep one entry per iteration
+                history.extend([history[-1]] * (iters - len(history) + 1))
+            break
     return scales, zeros
 
 

@@ -18,6 +18,7 @@ model and the settings, so ``resume=True`` continues a killed run and produces t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
-from .gptq import CodesMode, Hessian, gptq_quantize_weight
+from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, quantize_weight
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError, move_into_place, peak_rss_mb
@@ -69,6 +70,7 @@ class PipelineConfig:
     batch_size: int = 8  # calibration samples per forward (and per offloaded chunk)
     offload: Literal["auto", "always", "never"] = "auto"
     offload_dir: str | None = None
+    device: str = "auto"  # where GPTQ's layer forwards and math run: "cpu", "cuda[:N]" or "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
@@ -81,6 +83,7 @@ class PipelineConfig:
         d = asdict(self)
         d.pop("offload")
         d.pop("offload_dir")
+        d.pop("device")  # same result up to fp noise: a run may resume on another device
         if self.method == "rtn":
             for k in ("calib", "damp", "act_order", "true_sequential", "codes", "batch_size"):
                 d.pop(k)
@@ -172,7 +175,8 @@ class Activations:
                 out.append(y)
             else:
                 path = directory / f"chunk-{k:05d}.safetensors"
-                save_file({"x": y.contiguous()}, str(path))
+                with _disk_errors(path):
+                    save_file({"x": y.contiguous()}, str(path))
                 out.append(path)
         return Activations(out)
 
@@ -187,10 +191,27 @@ class Activations:
         return cls([state[f"chunk.{k}"] for k in range(len(state))])
 
 
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full, quota, permissions) mid-run becomes a user error that says how to go on.
+
+    Nothing is lost: progress.json only ever names layers whose files and next activations are
+    complete, so a rerun with --resume continues from the last finished layer.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise ElutqError(
+            f"cannot write {path} ({e.strerror or e}); free space there or choose another location "
+            "(-o, --offload-dir), then rerun the same command with --resume: finished layers are kept"
+        ) from e
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with _disk_errors(path):
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -202,11 +223,38 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------- one layer
 
 
-def _materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> nn.Module:
-    """Fill a meta-device module with its tensors from the source, in float32."""
-    module = module.to_empty(device="cpu")
+def resolve_device(spec: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available) → a torch device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ElutqError(f"unknown device {spec!r}; pass --device cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ElutqError(
+                f"--device {spec} was asked for, but PyTorch {torch.__version__} ({build}) sees no CUDA GPU; "
+                "pass --device cpu (or auto), or install a CUDA build of PyTorch on a machine with an NVIDIA GPU"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ElutqError(
+                f"--device {spec} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible; "
+                "pass --device cuda:0 (or auto)"
+            )
+    elif dev.type != "cpu":
+        raise ElutqError(f"device {spec!r} is not supported; pass --device cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def _materialize(
+    module: nn.Module, source: SafetensorsSource, prefix: str, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Fill a meta-device module with its tensors from the source, in float32, on ``device``."""
+    module = module.to_empty(device=device)
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        p.data = source.get(f"{prefix}{name}").to(torch.float32)
+        p.data = source.get(f"{prefix}{name}").to(device=device, dtype=torch.float32)
         p.requires_grad_(False)
     return module
 
@@ -221,10 +269,17 @@ def _sequential_groups(layer: nn.Module, true_sequential: bool) -> list[list[str
     return groups + [[n] for n in rest]
 
 
+class _StopForward(Exception):
+    """Raised by a hook once a pass has the inputs it needs: the rest of the layer would be wasted work."""
+
+
 @torch.no_grad()
 def _run_layer(layer: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
-    out = layer(x, attention_mask=None, position_embeddings=pos)
-    return out[0] if isinstance(out, tuple) else out
+    """One decoder layer on ``x``; runs where the layer lives, the output comes back to ``x``'s device."""
+    dev = pos[0].device
+    out = layer(x.to(dev), attention_mask=None, position_embeddings=pos)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(x.device)
 
 
 @torch.no_grad()
@@ -238,35 +293,47 @@ def quantize_layer_gptq(
     """
     groups = _sequential_groups(layer, cfg.true_sequential)
     replaced: dict[str, tuple[nn.Linear, HLQLinear]] = {}
-    fp_first: torch.Tensor | None = None
+    dev = pos[0].device
+    fp_first = _run_layer(layer, next(iter(acts)), pos)  # nothing is quantized yet: the fp reference
     passes = [groups] if not cfg.true_sequential else [[g] for g in groups]
-    for p_idx, pass_groups in enumerate(passes):
+    for pass_groups in passes:
+        # With one group per pass, nothing after the group's input is needed: stop the forward there
+        # (the q/k/v pass then costs one RMSNorm instead of a whole layer).
+        stop = len(pass_groups) == 1
         hessians: dict[str, Hessian] = {}
         hooks = []
         for group in pass_groups:
             first = layer.get_submodule(group[0])
-            hessians[group[0]] = hess = Hessian(first.in_features)
-            hooks.append(first.register_forward_pre_hook(lambda m, args, hess=hess: hess.add(args[0])))
-        for k, x in enumerate(acts):
-            y = _run_layer(layer, x, pos)
-            if p_idx == 0 and k == 0:
-                fp_first = y  # nothing is quantized yet: this is the full-precision output
-        for h in hooks:
-            h.remove()
+            hessians[group[0]] = hess = Hessian(first.in_features, device=dev)
+
+            def hook(m, args, hess=hess, stop=stop) -> None:
+                hess.add(args[0])
+                if stop:
+                    raise _StopForward
+
+            hooks.append(first.register_forward_pre_hook(hook))
+        try:
+            for x in acts:
+                with contextlib.suppress(_StopForward):
+                    _run_layer(layer, x, pos)
+        finally:
+            for h in hooks:
+                h.remove()
+        del hook, hess  # the hooks' closures must not keep a Hessian alive past its plan
         for group in pass_groups:
+            h = hessians.pop(group[0]).h
+            g = cfg.quant.group_for(h.shape[0])
+            # One factorization per input, shared by the group; it consumes (frees) the Hessian.
+            plan = gptq_plan(h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)
+            del h
             for name in group:
                 linear = layer.get_submodule(name)
-                qw = gptq_quantize_weight(
-                    linear.weight,
-                    hessians[group[0]].h,
-                    cfg.quant,
-                    damp=cfg.damp,
-                    act_order=cfg.act_order,
-                    codes=cfg.codes,
-                )
-                module = HLQLinear.from_quantized(qw, linear.bias)
+                qw = gptq_quantize_weight(linear.weight, None, cfg.quant, codes=cfg.codes, plan=plan)
+                bias = None if linear.bias is None else linear.bias.cpu()
+                module = HLQLinear.from_quantized(qw, bias).to(dev)
                 set_module(layer, name, module)
-                replaced[name] = (linear, module)
+                # The caller only needs the shape: a meta-device shell frees the fp32 weight now.
+                replaced[name] = (linear.to("meta"), module)
     return replaced, fp_first
 
 
@@ -285,7 +352,7 @@ def _layer_tensors(layer: nn.Module, prefix: str, prefer: torch.dtype) -> dict[s
     for name, t in layer.state_dict().items():
         if t.is_floating_point() and not name.endswith((".scales", ".zeros")):
             t = t.to(storage_dtype(t, prefer))
-        out[prefix + name] = t.contiguous()
+        out[prefix + name] = t.contiguous().cpu()
     return out
 
 
@@ -353,6 +420,8 @@ def quantize_streaming(
     source = SafetensorsSource(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
     check_architecture(config)
+    # Before anything is written, so a bad --device leaves no unfinished run behind.
+    device = resolve_device(cfg.device) if cfg.method == "gptq" else torch.device("cpu")  # RTN: no activations
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -364,6 +433,8 @@ def quantize_streaming(
 
     progress_file = work / PROGRESS_FILE
     state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
+    if work.exists() and not progress_file.is_file():
+        shutil.rmtree(work)  # a run that failed before finishing a layer: nothing in it to keep
     if work.exists():
         if not resume and not overwrite:
             raise ElutqError(
@@ -400,7 +471,7 @@ def quantize_streaming(
             _check_offload_dir(offload_root, act_bytes)
         rotary = type(skeleton.model.rotary_emb)(config=config)
         pos_ids = torch.arange(cfg.calib.seqlen).unsqueeze(0)
-        pos = rotary(torch.zeros(1, dtype=torch.float32), pos_ids)
+        pos = tuple(t.to(device) for t in rotary(torch.zeros(1, dtype=torch.float32), pos_ids))
         if state["layers_done"] == 0:
             emb = source.get("model.embed_tokens.weight")
             batches = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
@@ -414,7 +485,7 @@ def quantize_streaming(
     bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not progress, initial=state["layers_done"])
     for i in range(state["layers_done"], n_layers):
         prefix = f"model.layers.{i}."
-        layer = _materialize(layers[i], source, prefix)
+        layer = _materialize(layers[i], source, prefix, device)
         if cfg.method == "gptq":
             replaced, fp_out = quantize_layer_gptq(layer, acts, pos, cfg)
             new_acts = acts.map(lambda x, layer=layer: _run_layer(layer, x, pos), _chunk_dir(offload_root, i + 1))
@@ -452,7 +523,7 @@ def quantize_streaming(
         _maybe_stop_for_test(i)
     bar.close()
 
-    head_bits, head_params = _write_head(skeleton, source, config, acts, cfg, work, prefer)
+    head_bits, head_params = _write_head(skeleton, source, config, acts, cfg, work, prefer, device)
     report.storage_bits += head_bits
     report.n_params += head_params
     _finish(work, out, config, tokenizer, cfg, report, overwrite)
@@ -472,7 +543,14 @@ def _maybe_stop_for_test(layer: int) -> None:
 
 @torch.no_grad()
 def _write_head(
-    skeleton, source: SafetensorsSource, config, acts, cfg: PipelineConfig, work: Path, prefer: torch.dtype
+    skeleton,
+    source: SafetensorsSource,
+    config,
+    acts,
+    cfg: PipelineConfig,
+    work: Path,
+    prefer: torch.dtype,
+    device: torch.device,
 ):
     """Embeddings, final norm and lm_head → model-head.safetensors. Returns (storage bits, params) of lm_head."""
     tensors: dict[str, torch.Tensor] = {}
@@ -487,13 +565,14 @@ def _write_head(
             tensors["lm_head.weight"] = head_w.to(storage_dtype(head_w, prefer))
         bits = params = 0
     else:
-        w = head_w.to(torch.float32)
+        w = head_w  # 16-bit: GPTQ widens its own transposed copy, RTN its chunks
         if cfg.method == "gptq":
+            w = w.to(device)
             rms = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
-            rms.weight.data = norm.to(torch.float32)
-            h = Hessian(config.hidden_size)
+            rms.weight.data = norm.to(device=device, dtype=torch.float32)
+            h = Hessian(config.hidden_size, device=device)
             for x in acts:
-                h.add(rms(x))
+                h.add(rms(x.to(device)))
             qw = gptq_quantize_weight(w, h.h, cfg.lm_head, damp=cfg.damp, act_order=cfg.act_order, codes=cfg.codes)
         else:
             qw = quantize_weight(w, cfg.lm_head)

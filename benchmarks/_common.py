@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmark scripts (imported as ``_common`` when a script runs from benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_setting(s: str) -> tuple[int, int]:
+    """``"w2g128"`` → ``(2, 128)``."""
+    bits, group = s.removeprefix("w").split("g")
+    return int(bits), int(group)
+
+
+@dataclass
+class Measured:
+    """One child process: exit status, wall seconds, CPU seconds (user + system), peak RSS as the kernel
+    accounted it, its output.  On a shared machine CPU seconds are the steadier figure."""
+
+    returncode: int
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mb: float
+    output: str
+
+
+def run_measured(args: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> Measured:
+    """Run ``args`` as a child and measure it alone.
+
+    ``os.wait4`` returns the rusage of exactly that child, so ``ru_maxrss`` is its own peak RSS
+    (``RUSAGE_CHILDREN`` would be the maximum over every child this process ever waited for).
+    """
+    out_path = log or Path(os.devnull)
+    t0 = time.perf_counter()
+    with open(out_path, "w") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = out_path.read_text() if log else ""
+    return Measured(proc.returncode, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output)
+
+
+def elutq_cmd(*args: str) -> list[str]:
+    """``python -m elutq ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "elutq", *args]
+
+
+def eval_ppl(model: str, max_tokens: int | None, log: Path | None = None) -> dict:
+    """WikiText-2 test perplexity of a checkpoint or model via ``elutq eval --json`` (a fresh process)."""
+    extra = ["--max-tokens", str(max_tokens)] if max_tokens else []
+    with tempfile.TemporaryDirectory(prefix="elutq-bench-") as tmp:
+        m = run_measured(
+            elutq_cmd("eval", model, "--dataset", "wikitext2", "--json", *extra), log=log or Path(tmp) / "log"
+        )
+    if m.returncode != 0:
+        raise RuntimeError(f"elutq eval {model} failed:\n{m.output[-3000:]}")
+    line = next(ln for ln in reversed(m.output.splitlines()) if ln.startswith("{"))
+    return {**json.loads(line), "eval_seconds": m.seconds}
+
+
+def fmt_int(x: float) -> str:
+    """Perplexities span 19 to 10^6: thousands separators above 1000, two decimals below."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
