@@ -40,6 +40,12 @@ LLAMA7B = dict(n_layers=32, hidden=4096, inter=11008, n_heads=32, n_kv_heads=32,
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike getrusage's ru_maxrss, Linux does not carry it over from
+    the parent across fork + exec, so each worker reports its own)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -235,12 +241,13 @@ def run_worker(kind: str, **a) -> dict:
 # ----------------------------------------------------------------------------- artifacts
 
 
-def make_checkpoint(out: Path, bits: int, method: str) -> Path:
+def make_checkpoint(out: Path, bits: int, method: str, iters: int | None) -> Path:
     if not (out / "config.json").is_file():
         print(f"  quantizing the default model: HLQ w{bits}g128 {method} -> {out}", flush=True)
         elutq_cli = Path(sys.executable).with_name("elutq")
+        extra = ["--iters", str(iters)] if iters is not None else []
         subprocess.run([str(elutq_cli), "quantize", "default", "-o", str(out), "--method", method, "--bits", str(bits),
-                        "--group-size", "128", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+                        "--group-size", "128", "--overwrite", *extra], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -423,6 +430,7 @@ def main() -> None:
     ap.add_argument("--w2", type=Path, help="HLQ w2g128 checkpoint of the default model (default: make one, RTN)")
     ap.add_argument("--w4", type=Path, help="HLQ w4g128 checkpoint of the default model (default: make one, RTN)")
     ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="for checkpoints made here")
+    ap.add_argument("--iters", type=int, help="HLQ ALS iterations for checkpoints made here (default: elutq's)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
@@ -448,12 +456,16 @@ def main() -> None:
     print(f"llama-cpp-python {llama_cpp.__version__}; elutq kernels: {kernels.active_path()}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at start", flush=True)
     print("preparing artifacts...", flush=True)
-    w2 = args.w2 or make_checkpoint(args.work / f"smollm2-hlq-w2g128-{args.method}", 2, args.method)
-    w4 = args.w4 or make_checkpoint(args.work / f"smollm2-hlq-w4g128-{args.method}", 4, args.method)
+    tag = args.method + (f"-iters{args.iters}" if args.iters is not None else "")
+    w2 = args.w2 or make_checkpoint(args.work / f"smollm2-hlq-w2g128-{tag}", 2, args.method, args.iters)
+    w4 = args.w4 or make_checkpoint(args.work / f"smollm2-hlq-w4g128-{tag}", 4, args.method, args.iters)
     ours_ckpt = {"hlq w2g128": w2, "hlq w4g128": w4}
     ggufs = make_default_ggufs(args.work, max(args.threads))
     ggufs_7b = {} if args.skip_7b else make_7b_ggufs(args.work, args.layers_7b, max(args.threads))
     sums = {t: gguf_summary(p) for t, p in ggufs.items()}
+    for n, p in ours_ckpt.items():
+        qc = json.loads((p / "config.json").read_text())["quantization_config"]
+        print(f"  elutq {n}: {p} (method {qc.get('method')}, ALS iters {qc.get('iters')})")
     bpw = {n: checkpoint_bpw(p) for n, p in ours_ckpt.items()}
     common = dict(threads=args.threads, prompt=args.prompt, gen=args.gen)
 

@@ -34,8 +34,8 @@ if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ]; then
         "$SDIST_DIR"
     echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
 fi
-# llama-cpp-python's runtime deps and the converter's (it loads SmolLM2's BPE tokenizer with
-# transformers, already in .venv).
-pip install -q diskcache jinja2 typing-extensions pyyaml
+# llama-cpp-python's runtime deps and the converter's (it imports sentencepiece before it falls
+# back to tokenizer.json through transformers, already in .venv).
+pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece
 .venv/bin/python -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)'
 echo "peer sources: $SDIST_DIR"
