@@ -81,20 +81,30 @@ class PerplexityResult:
         )
 
 
-def context_length(model: nn.Module) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+def context_length(model) -> int:
+    n = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return min(n, int(getattr(model, "max_ctx", n)))  # a runtime model may be loaded with a shorter context
+
+
+def window_logits(model, window: torch.Tensor) -> torch.Tensor:
+    """Logits ``[T, vocab]`` of one window: a torch causal LM, or any object with ``logits(ids)``
+    (``elutq.runtime.Model``, or another engine behind that method)."""
+    if isinstance(model, nn.Module):
+        return model(window.unsqueeze(0)).logits[0]
+    return model.logits(window)
 
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module,
+    model,
     input_ids: torch.Tensor,
     seqlen: int = 2048,
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the 1-D token sequence ``input_ids``."""
+    """Perplexity of ``model`` (a torch causal LM or a runtime model, see :func:`window_logits`) on the
+    1-D token sequence ``input_ids``."""
     seqlen = min(seqlen, context_length(model))
     stride = stride or seqlen
     if not 0 < stride <= seqlen:
@@ -111,7 +121,7 @@ def perplexity(
     t0 = time.perf_counter()
     for b in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
         window = ids[b : b + seqlen]
-        logits = model(window.unsqueeze(0)).logits[0, :-1].float()
+        logits = window_logits(model, window)[:-1].float()
         targets = window[1:]
         first = max(done - b - 1, 0)  # skip positions a previous window already scored
         loss = F.cross_entropy(logits[first:], targets[first:], reduction="sum")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Optional: install llama.cpp (through the PyPI package llama-cpp-python, which builds it from
+# source) into .venv, as the peer that benchmarks/bench_runtime.py measures elutq against.
+# Not part of the tests or CI: the build takes ~15-25 min on 2 cores.
+#
+# Also unpacks the same sdist under $PEER_DIR so the benchmark can run llama.cpp's own
+# HF->GGUF converter (vendor/llama.cpp/convert_hf_to_gguf.py; it imports the gguf-py next to it,
+# so it matches the built llama.cpp whatever gguf version elutq itself has installed).
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LLAMA_CPP_PYTHON_VERSION=0.3.36          # the version the README's figures were measured with
+PEER_DIR=${PEER_DIR:-${ELUTQ_CACHE:-$HOME/.cache/elutq}/peer}
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+pip() { .venv/bin/python -m pip "$@" --disable-pip-version-check; }
+
+SDIST_DIR="$PEER_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+if [ ! -f "$SDIST_DIR/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+    mkdir -p "$PEER_DIR"
+    pip download -q --no-deps --no-binary llama-cpp-python -d "$PEER_DIR" \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    tar -xzf "$PEER_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$PEER_DIR"
+fi
+
+have=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)
+if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ]; then
+    # GGML_NATIVE builds for the CPU this runs on (AVX2 here; AVX-512 only where the CPU has it).
+    # Install from the unpacked sdist so the build matches the converter above.
+    echo "building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION); this takes a while..."
+    start=$(date +%s)
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+        nice -n 10 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps \
+        "$SDIST_DIR"
+    echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
+fi
+# llama-cpp-python's runtime deps and the converter's (it imports sentencepiece before it falls
+# back to tokenizer.json through transformers, already in .venv).
+pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece
+.venv/bin/python -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)'
+echo "peer sources: $SDIST_DIR"
