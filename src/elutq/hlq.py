@@ -131,15 +131,15 @@ def unpack_bitplanes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- levels & codes
 
 
-def plane_bits(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def plane_bits(bits: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
     """``[2^bits, bits]`` matrix whose row k holds the bit-planes of code k."""
-    k = torch.arange(1 << bits)
-    return ((k.unsqueeze(1) >> torch.arange(bits)) & 1).to(dtype)
+    k = torch.arange(1 << bits, device=device)
+    return ((k.unsqueeze(1) >> torch.arange(bits, device=device)) & 1).to(dtype)
 
 
 def levels(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """All ``2^bits`` reconstruction levels: ``[..., bits]``, ``[...]`` → ``[..., 2^bits]``."""
-    return zeros.unsqueeze(-1) + scales @ plane_bits(scales.shape[-1], scales.dtype).T
+    return zeros.unsqueeze(-1) + scales @ plane_bits(scales.shape[-1], scales.dtype, scales.device).T
 
 
 def assign_nearest(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
