@@ -73,6 +73,52 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .calibration import CalibConfig
+    from .finetune import FinetuneConfig, finetune_block
+
+    calib = CalibConfig(
+        n_samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        seed=args.calib_seed,
+        dataset=None if args.calib_text else args.calib_dataset,
+        text=args.calib_text,
+    )
+    cfg = FinetuneConfig(
+        stage=args.stage,
+        calib=calib,
+        val_fraction=args.val_fraction,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device or ("cuda" if _cuda_available() else "cpu"),
+    )
+    out = Path(args.output)
+    report = finetune_block(args.checkpoint, args.source, out, cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"\nfinetuned {args.checkpoint} ({args.stage} reconstruction against {args.source}) on {cfg.device}")
+    print(f"  calibration: {calib.n_samples} x {calib.seqlen} tokens from {report.calib_source}")
+    if report.resumed_from:
+        print(f"  resumed after layer {report.resumed_from - 1}")
+    start = [r["start_val"] for r in report.layers]
+    best = [r["best_val"] for r in report.layers]
+    print(
+        f"  held-out relative block MSE: mean {sum(start) / len(start):.3e} -> {sum(best) / len(best):.3e}, "
+        f"last layer {start[-1]:.3e} -> {best[-1]:.3e}"
+    )
+    print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
+    print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import load_text, perplexity, tokenize
 
@@ -271,6 +317,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser("finetune", help="finetune a checkpoint's scales/offsets (HLQ-FT block reconstruction)")
+    f.add_argument("checkpoint", help="quantized checkpoint directory (from `elutq quantize`)")
+    f.add_argument("--source", required=True, help="the full-precision model it was quantized from")
+    f.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    f.add_argument("--stage", choices=["block"], default="block")
+    fc = f.add_argument_group("calibration (WikiText-2 valid by default)")
+    fc.add_argument("--calib-samples", type=int, default=64)
+    fc.add_argument("--calib-seqlen", type=int, default=256)
+    fc.add_argument("--calib-seed", type=int, default=0)
+    fc.add_argument("--calib-dataset", default="wikitext2", help="named dataset (its 'valid' split)")
+    fc.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
+    ft = f.add_argument_group("training")
+    ft.add_argument("--val-fraction", type=float, default=0.125, help="held-out share of the samples")
+    ft.add_argument("--batch-size", type=int, default=4, help="samples per step")
+    ft.add_argument("--epochs", type=int, default=4, help="passes over the training samples per layer")
+    ft.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (cosine schedule)")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
+    ft.add_argument("--patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint or model")
     e.add_argument("model", help="checkpoint directory or any model `quantize` accepts")

@@ -1,0 +1,462 @@
+"""HLQ-FT: finetune the scales and offsets of a quantized checkpoint, codes frozen.
+
+Block reconstruction (``stage="block"``), streamed one decoder layer at a time::
+
+    checkpoint + source shards ──► embed(calibration ids) = X_fp = X_q
+                                   for each layer i:
+                                     fp layer i (source)   : Y_fp = layer_fp(X_fp)           (target)
+                                     quantized layer i (ckpt): train s, z so layer_q(X_q) ≈ Y_fp (MSE)
+                                       AdamW + cosine schedule, held-out samples pick the best state
+                                     write model-layer-i.safetensors (fp16 s, z), progress.json
+                                     X_fp ← Y_fp,  X_q ← layer_q(X_q) with the written (fp16) parameters
+                               ──► head tensors copied, config.json + index → rename OUT.partial → OUT
+
+The {0,1} codes never change, so ``W = z[:, grp] + Σ_i s[:, grp, i]·b_i`` is linear in the trained
+parameters and needs no straight-through estimator.  Inputs of layer ``i`` come from the already
+finetuned layers, so each layer also learns to correct the error its predecessors left.  The result
+is a normal checkpoint (same tensors, same loader, same kernels).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .calibration import CalibConfig, calibration_ids
+from .checkpoint import INDEX_FILE, HLQLinear, read_quantization_config, set_module
+from .hlq import dequantize, unpack_bitplanes
+from .models import check_architecture, resolve_source_dir
+from .pipeline import (
+    PROGRESS_FILE,
+    Activations,
+    SafetensorsSource,
+    _atomic_json,
+    _atomic_save,
+    _materialize,
+    _maybe_stop_for_test,
+    _run_layer,
+)
+from .utils import ElutqError, move_into_place, peak_rss_mb
+
+HIDDEN_FP_FILE = "hidden-fp.safetensors"
+HIDDEN_Q_FILE = "hidden-q.safetensors"
+# Config fields that must agree between the checkpoint and the source model.
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    stage: Literal["block"] = "block"
+    calib: CalibConfig = CalibConfig(n_samples=64, seqlen=256)  # 16k tokens: CPU-sized
+    val_fraction: float = 0.125  # held-out calibration samples (early stopping / best state)
+    batch_size: int = 4  # samples per step (and per activation chunk)
+    epochs: int = 4  # passes over the training samples per layer
+    lr: float = 1e-2  # best of 1e-4..1e-2 on layers 0 and 4 of the default model at w2g128
+    weight_decay: float = 0.0  # decay would pull scales towards 0, not towards their fitted values
+    warmup_frac: float = 0.0
+    eval_every: int = 0  # steps between held-out evaluations (0: once per epoch... and at the end)
+    patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.stage != "block":
+            raise ValueError(f"stage must be 'block' (got {self.stage!r})")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
+            raise ValueError("batch_size >= 1, epochs >= 0 and lr > 0 are required")
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the result (and so the resume fingerprint); the device is left out."""
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+
+# ----------------------------------------------------------------------------- the trainable view
+
+
+class TrainableHLQ(nn.Module):
+    """An ``HLQLinear`` with fp32 trainable scales ``s`` [out, ng, bits] and offsets ``z`` [out, ng].
+
+    Codes are a frozen buffer.  The forward dequantizes with the same function as ``HLQLinear``, so
+    before training (``s``, ``z`` = the fp16 values) the outputs are bit-identical.
+    """
+
+    def __init__(self, m: HLQLinear):
+        super().__init__()
+        self.in_features, self.out_features = m.in_features, m.out_features
+        self.bits, self.group_size = m.bits, m.group_size
+        self.register_buffer("codes", unpack_bitplanes(m.qweight.cpu(), m.in_features).to(m.scales.device))
+        self.s = nn.Parameter(m.scales.detach().float().clone())
+        self.z = nn.Parameter(m.zeros.detach().float().clone())
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.codes, self.s, self.z, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def round_(self) -> None:
+        """Round ``s``, ``z`` to the fp16 values a checkpoint stores (so the forward equals the written model)."""
+        self.s.copy_(self.s.half().float())
+        self.z.copy_(self.z.half().float())
+
+    @torch.no_grad()
+    def write_back(self, m: HLQLinear) -> None:
+        """Store the parameters into ``m`` as fp16 (codes, bias and layout unchanged)."""
+        m.scales.copy_(self.s.half().cpu())
+        m.zeros.copy_(self.z.half().cpu())
+
+
+def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
+    """Replace every ``HLQLinear`` inside ``module`` by a ``TrainableHLQ``; returns them by name."""
+    views = {}
+    for name, m in [(n, m) for n, m in module.named_modules() if isinstance(m, HLQLinear)]:
+        views[name] = TrainableHLQ(m)
+        set_module(module, name, views[name])
+    return views
+
+
+# ----------------------------------------------------------------------------- reading the inputs
+
+
+def _load_config_without_quant(path: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config.__dict__.pop("quantization_config", None)
+    return config
+
+
+def _check_source_matches(ckpt: Path, ckpt_cfg, src: Path, src_cfg, ck: SafetensorsSource, source: SafetensorsSource):
+    fix = "pass --source the model this checkpoint was quantized from"
+    for k in _SHAPE_FIELDS:
+        a, b = getattr(ckpt_cfg, k, None), getattr(src_cfg, k, None)
+        if a != b:
+            raise ElutqError(f"the source model {src} does not match the checkpoint {ckpt}: {k} is {b}, not {a}; {fix}")
+    # The checkpoint keeps the embeddings 16-bit: the source's, rounded, must be the same tensor.
+    name = "model.embed_tokens.weight"
+    stored, orig = ck.get(name), source.get(name)
+    if stored.shape != orig.shape or not torch.allclose(
+        stored.float(), orig.to(stored.dtype).float(), atol=1e-3, rtol=1e-2
+    ):
+        raise ElutqError(f"the source model {src} does not match the checkpoint {ckpt}: the embeddings differ; {fix}")
+
+
+def _materialize_quantized(layer: nn.Module, ck: SafetensorsSource, prefix: str, modules: dict) -> nn.Module:
+    """A meta-device layer filled from the checkpoint: ``HLQLinear`` where it is quantized, fp32 elsewhere."""
+    for name, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+        spec = modules.get(prefix + name)
+        if spec is not None:
+            set_module(
+                layer,
+                name,
+                HLQLinear(
+                    lin.in_features, lin.out_features, spec["bits"], spec["group_size"], bias=lin.bias is not None
+                ),
+            )
+    layer = layer.to_empty(device="cpu")
+    for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        v = ck.get(prefix + name)
+        t.data = v if name.endswith((".qweight", ".scales", ".zeros")) else v.to(torch.float32)
+        t.requires_grad_(False)
+    return layer
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+@dataclass
+class LayerResult:
+    start_val: float  # held-out relative MSE before training
+    best_val: float  # held-out relative MSE of the state written (fp16 parameters)
+    steps: int
+    best_step: int
+
+
+def _forward(layer: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
+    out = layer(x, attention_mask=None, position_embeddings=pos)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _val_error(layer: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], pos, dev: torch.device) -> float:
+    """Relative MSE ``Σ(yq - y)² / Σy²`` over the held-out chunks."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x, y in zip(xs, ys, strict=True):
+            y = y.to(dev)
+            num += (_run_layer(layer, x.to(dev), pos) - y).pow(2).sum().item()
+            den += y.pow(2).sum().item()
+    return num / max(den, 1e-30)
+
+
+def train_layer(
+    layer: nn.Module,
+    views: dict[str, TrainableHLQ],
+    x_q: list[torch.Tensor],
+    y_fp: list[torch.Tensor],
+    pos,
+    cfg: FinetuneConfig,
+    layer_idx: int,
+    progress: bool = True,
+) -> LayerResult:
+    """Train the views' ``s``, ``z`` so ``layer(x_q) ≈ y_fp``; leaves the best held-out state, fp16-rounded."""
+    dev = torch.device(cfg.device)
+    n_val = max(1, round(len(x_q) * cfg.val_fraction))
+    if len(x_q) - n_val < 1:
+        raise ElutqError(
+            f"{len(x_q)} calibration chunks leave none for training after {n_val} held out; "
+            "pass more --calib-samples or a smaller --batch-size"
+        )
+    train_idx, val_idx = list(range(len(x_q) - n_val)), list(range(len(x_q) - n_val, len(x_q)))
+    xv, yv = [x_q[k] for k in val_idx], [y_fp[k] for k in val_idx]
+    params = [p for v in views.values() for p in (v.s, v.z)]
+    for v in views.values():
+        v.round_()
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    start = best = _val_error(layer, xv, yv, pos, dev)
+    best_state, best_step = snapshot(), 0
+    total = cfg.epochs * len(train_idx)
+    if total == 0 or not params:
+        return LayerResult(start, best, 0, 0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_frac * total)
+
+    def lr_at(step: int) -> float:  # linear warmup, then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    eval_every = cfg.eval_every or len(train_idx)
+    # Seeded per layer, so a resumed run draws the same batches as an uninterrupted one.
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + layer_idx)
+    order = [train_idx[k] for e in range(cfg.epochs) for k in torch.randperm(len(train_idx), generator=gen).tolist()]
+    bar = tqdm(order, desc=f"layer {layer_idx}", unit="step", leave=False, disable=not progress)
+    bad_evals, step, running = 0, 0, None
+    for step, k in enumerate(bar, start=1):
+        y = y_fp[k].to(dev)
+        loss = (_forward(layer, x_q[k].to(dev), pos) - y).pow(2).mean() / y.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if step % eval_every == 0 or step == total:
+            # Judge the state as it would be written: fp16-rounded, then go on from the fp32 one.
+            fp32 = snapshot()
+            for v in views.values():
+                v.round_()
+            val = _val_error(layer, xv, yv, pos, dev)
+            if val < best:
+                best, best_state, best_step, bad_evals = val, snapshot(), step, 0
+            else:
+                bad_evals += 1
+            with torch.no_grad():
+                for p, t in zip(params, fp32, strict=True):
+                    p.copy_(t)
+            bar.set_postfix(loss=f"{running:.3e}", val=f"{val:.3e}", best=f"{best:.3e}")
+            if cfg.patience and bad_evals >= cfg.patience:
+                break
+        else:
+            bar.set_postfix(loss=f"{running:.3e}", best=f"{best:.3e}")
+    bar.close()
+    with torch.no_grad():
+        for p, t in zip(params, best_state, strict=True):
+            p.copy_(t)
+    return LayerResult(start, best, step, best_step)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class FinetuneReport:
+    seconds: float = 0.0
+    layers: list[dict] = field(default_factory=list)  # per layer: start_val, best_val, steps, best_step
+    resumed_from: int = 0
+    calib_source: str | None = None
+    peak_rss_mb: float = 0.0
+
+
+def _fingerprint(ck: SafetensorsSource, source: SafetensorsSource, cfg: FinetuneConfig) -> str:
+    blob = {
+        "checkpoint": ck.fingerprint(),
+        "source": source.fingerprint(),
+        "settings": cfg.settings(),
+        "elutq": __version__,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finetune_block(
+    checkpoint: str | Path,
+    source_model: str,
+    out: str | Path,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneReport:
+    """Block reconstruction of the quantized ``checkpoint`` against ``source_model`` into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    ckpt, out = Path(checkpoint), Path(out)
+    qc = read_quantization_config(ckpt)
+    if (out / "config.json").exists() and not overwrite:
+        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    if out.resolve() == ckpt.resolve():
+        raise ElutqError(f"the output {out} is the input checkpoint; write the finetuned model elsewhere")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ElutqError(f"--device {cfg.device} was asked for but torch sees no CUDA device; use --device cpu")
+    work = out.with_name(out.name + ".partial")
+    src_dir = resolve_source_dir(source_model)
+    ck, source = SafetensorsSource(ckpt), SafetensorsSource(src_dir)
+    config, src_config = _load_config_without_quant(ckpt), _load_config_without_quant(src_dir)
+    check_architecture(config)
+    _check_source_matches(ckpt, config, src_dir, src_config, ck, source)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt if (ckpt / "tokenizer_config.json").exists() else src_dir)
+    fingerprint = _fingerprint(ck, source, cfg)
+
+    progress_file = work / PROGRESS_FILE
+    state: dict[str, Any] = {"fingerprint": fingerprint, "layers_done": 0, "layers": []}
+    if work.exists():
+        if not resume and not overwrite:
+            raise ElutqError(
+                f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
+            )
+        if overwrite and not resume:
+            shutil.rmtree(work)
+        elif progress_file.is_file():
+            state = json.loads(progress_file.read_text())
+            if state["fingerprint"] != fingerprint:
+                raise ElutqError(
+                    f"the unfinished run at {work} was started with another checkpoint, source or settings; "
+                    "rerun with the same ones, or pass --overwrite to start over"
+                )
+    work.mkdir(parents=True, exist_ok=True)
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = skeleton.model.layers
+    report = FinetuneReport(resumed_from=state["layers_done"], layers=list(state["layers"]))
+    modules: dict = qc["modules"]
+    dev = torch.device(cfg.device)
+
+    ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
+    rotary = type(skeleton.model.rotary_emb)(config=config)
+    pos = tuple(
+        t.to(dev) for t in rotary(torch.zeros(1, dtype=torch.float32), torch.arange(cfg.calib.seqlen).unsqueeze(0))
+    )
+    if state["layers_done"] == 0:
+        emb = source.get("model.embed_tokens.weight").to(torch.float32)
+        x_fp = [emb[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
+        # The quantized model embeds with its stored (16-bit) table.
+        emb_q = ck.get("model.embed_tokens.weight").to(torch.float32)
+        x_q = [emb_q[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
+        del emb, emb_q
+    else:
+        x_fp = Activations.from_snapshot(work / HIDDEN_FP_FILE).chunks
+        x_q = Activations.from_snapshot(work / HIDDEN_Q_FILE).chunks
+
+    bar = tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, initial=state["layers_done"])
+    for i in range(state["layers_done"], len(layers)):
+        prefix = f"model.layers.{i}."
+        fp_layer = _materialize(copy.deepcopy(layers[i]), source, prefix).to(dev)
+        y_fp = [_run_layer(fp_layer, x.to(dev), pos).cpu() for x in x_fp]
+        del fp_layer
+        q_layer = _materialize_quantized(layers[i], ck, prefix, modules)
+        hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
+        views = trainable_views(q_layer)
+        q_layer.to(dev)
+        res = train_layer(q_layer, views, x_q, y_fp, pos, cfg, i, progress)
+        with torch.no_grad():
+            x_q = [_run_layer(q_layer, x.to(dev), pos).cpu() for x in x_q]  # the written (fp16) parameters
+        tensors = {}
+        for name, v in views.items():
+            v.write_back(hlq[name])
+            tensors[f"{prefix}{name}.scales"] = hlq[name].scales.contiguous()
+            tensors[f"{prefix}{name}.zeros"] = hlq[name].zeros.contiguous()
+        # Everything else of the layer is copied from the checkpoint unchanged.
+        for k in ck.weight_map:
+            if k.startswith(prefix) and k not in tensors:
+                tensors[k] = ck.get(k).contiguous()
+        _atomic_save(tensors, work / f"model-layer-{i:05d}.safetensors", {"format": "pt"})
+        x_fp = y_fp
+        Activations(x_fp).snapshot(work / HIDDEN_FP_FILE)
+        Activations(x_q).snapshot(work / HIDDEN_Q_FILE)
+        report.layers.append(asdict(res))
+        state = {"fingerprint": fingerprint, "layers_done": i + 1, "layers": report.layers}
+        _atomic_json(state, progress_file)
+        layers[i] = nn.Identity()
+        del q_layer, views, hlq
+        bar.update(1)
+        bar.set_postfix(err=f"{res.start_val:.2e}→{res.best_val:.2e}", rss=f"{peak_rss_mb():.0f}M")
+        _maybe_stop_for_test(i)
+    bar.close()
+
+    _write_rest(ck, ckpt, work, len(layers), qc, cfg, report, tokenizer)
+    move_into_place(work, out, overwrite)
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_mb = peak_rss_mb()
+    return report
+
+
+def _write_rest(
+    ck: SafetensorsSource, ckpt: Path, work: Path, n_layers: int, qc: dict, cfg: FinetuneConfig, report, tokenizer
+) -> None:
+    """Non-layer tensors (embeddings, norm, lm_head) copied, index, config and tokenizer; progress removed."""
+    prefixes = tuple(f"model.layers.{i}." for i in range(n_layers))
+    head = {k: ck.get(k).contiguous() for k in ck.weight_map if not k.startswith(prefixes)}
+    _atomic_save(head, work / "model-head.safetensors", {"format": "pt"})
+    from safetensors import safe_open
+
+    weight_map = {}
+    for f in sorted(work.glob("model-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
+    _atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
+    cfg_dict = json.loads((ckpt / "config.json").read_text())
+    history = list(qc.get("finetune", []))
+    history.append(
+        {
+            "stage": cfg.stage,
+            "settings": cfg.settings(),
+            "calibration_text": report.calib_source,
+            "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
+        }
+    )
+    cfg_dict["quantization_config"]["finetune"] = history
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+    for f in (PROGRESS_FILE, HIDDEN_FP_FILE, HIDDEN_Q_FILE):
+        (work / f).unlink(missing_ok=True)
+    (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,153 @@
+"""HLQ-FT block reconstruction: the trainable view, error reduction, never-worse, loading, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+from elutq.calibration import CalibConfig
+from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
+from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, trainable_views
+from elutq.hlq import QuantConfig, quantize_weight
+from elutq.pipeline import PipelineConfig, quantize_streaming
+from elutq.utils import ElutqError
+from test_pipeline import assert_same_checkpoint, run_cli
+
+
+def test_trainable_view_reproduces_hlqlinear_exactly(minilm_weights):
+    w = minilm_weights["encoder.layer.0.intermediate.dense.weight"][:, :352]  # 352 = 2·128 + 96: short last group
+    m = HLQLinear.from_quantized(quantize_weight(w, QuantConfig(3, 128)), torch.randn(w.shape[0]))
+    v = TrainableHLQ(m)
+    x = torch.randn(5, 7, 352)
+    assert torch.equal(v(x), m(x))
+    assert v.s.requires_grad and v.z.requires_grad and not v.codes.is_floating_point()
+    # Linear in s, z: the gradient w.r.t. z of sum(W) is the number of columns of each group.
+    v.weight().sum().backward()
+    assert v.z.grad[0].tolist() == [128.0, 128.0, 96.0]
+    # After training steps, writing back (fp16) gives an HLQLinear equal to the rounded view.
+    with torch.no_grad():
+        v.s.mul_(1.01).add_(1e-4)
+        v.z.sub_(3e-4)
+    v.round_()
+    v.write_back(m)
+    assert torch.equal(v(x), m(x))
+
+
+@pytest.fixture()
+def tiny_ckpt(tmp_path: Path) -> tuple[Path, Path, CalibConfig]:
+    """A 3-layer llama (widths 96/160: no group divides evenly at g=64), its RTN w2g32 checkpoint, calibration."""
+    src = tmp_path / "src"
+    save_tiny_llama(src, seed=1, hidden_size=96, intermediate_size=160, num_hidden_layers=3, max_position_embeddings=64)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. A lazy dog sleeps. " * 60)
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(4, 32))
+    quantize_streaming(str(src), tmp_path / "q", cfg, progress=False)
+    return src, tmp_path / "q", CalibConfig(n_samples=16, seqlen=32, dataset=None, text=str(text))
+
+
+def ft_cfg(calib: CalibConfig, **kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"calib": calib, "batch_size": 2, "epochs": 4, "lr": 1e-3, **kw})
+
+
+def test_block_reconstruction_reduces_error_and_loads(tiny_ckpt, tmp_path):
+    import elutq
+
+    src, q, calib = tiny_ckpt
+    report = finetune_block(q, str(src), tmp_path / "ft", ft_cfg(calib), progress=False)
+    starts = [r["start_val"] for r in report.layers]
+    bests = [r["best_val"] for r in report.layers]
+    assert len(report.layers) == 3 and all(b <= s for s, b in zip(starts, bests, strict=True)), report.layers
+    assert sum(bests) < 0.8 * sum(starts), report.layers  # a real reduction, not a tie
+
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert before.keys() == after.keys()
+    for k in before:
+        if k.startswith("model.layers.") and k.endswith((".scales", ".zeros")):
+            assert after[k].dtype == torch.float16 and not torch.equal(before[k], after[k]), k
+        else:  # codes, norms, embeddings and the lm_head are untouched
+            assert torch.equal(before[k], after[k]), k
+
+    model, tok, qc = load_quantized(tmp_path / "ft")
+    assert qc["finetune"][0]["stage"] == "block" and qc["method"] == "rtn"
+    ids = torch.tensor([tok("The lazy dog jumps over the quick brown fox.")["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits[0].float()
+    runtime = elutq.load(str(tmp_path / "ft"), threads=1)
+    got = torch.as_tensor(runtime.logits(ids[0].tolist()))
+    torch.testing.assert_close(got.reshape(ref.shape), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+
+    # Closer to the full-precision model than the checkpoint it started from, end to end.
+    from elutq.models import load_model
+
+    fp, _ = load_model(str(src))
+    qm, _, _ = load_quantized(q)
+    with torch.no_grad():
+        target = fp(ids).logits[0]
+        err_q = (qm(ids).logits[0] - target).pow(2).mean()
+    assert (ref - target).pow(2).mean() < err_q
+
+
+def test_never_returns_a_worse_state(tiny_ckpt, tmp_path):
+    """A learning rate that wrecks training must leave the input parameters exactly as they were."""
+    src, q, calib = tiny_ckpt
+    report = finetune_block(q, str(src), tmp_path / "ft", ft_cfg(calib, lr=5.0), progress=False)
+    assert all(r["best_val"] == r["start_val"] and r["best_step"] == 0 for r in report.layers), report.layers
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def ft_args(src: Path, q: Path, out: Path, calib_text: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", str(q), "--source", str(src), "-o", str(out), "--calib-text", str(calib_text),
+        "--calib-samples", "16", "--calib-seqlen", "32", "--batch-size", "2", "--epochs", "2", "--lr", "1e-3",
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_crash_then_resume_gives_the_same_checkpoint(tiny_ckpt, tmp_path):
+    src, q, calib = tiny_ckpt
+    text = Path(calib.text)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    done = run_cli(ft_args(src, q, full, text))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held-out relative block MSE" in done.stdout
+    crashed = run_cli(ft_args(src, q, resumed, text), env={"ELUTQ_TEST_CRASH_AFTER_LAYER": "1"})
+    assert crashed.returncode == 17 and not resumed.exists()
+    assert json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())["layers_done"] == 2
+    again = run_cli(ft_args(src, q, resumed, text))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = run_cli(ft_args(src, q, resumed, text, "--resume", "--lr", "2e-3"))
+    assert other.returncode == 2 and "settings" in other.stderr
+    done = run_cli(ft_args(src, q, resumed, text, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed after layer 1" in done.stdout and not (tmp_path / "resumed.partial").exists()
+    assert_same_checkpoint(full, resumed)
+
+
+def test_source_that_does_not_match(tiny_ckpt, tmp_path):
+    _, q, calib = tiny_ckpt
+    wider = tmp_path / "wider"
+    save_tiny_llama(wider, seed=1, hidden_size=128, intermediate_size=160, num_hidden_layers=3)
+    with pytest.raises(ElutqError, match="hidden_size is 128, not 96"):
+        finetune_block(q, str(wider), tmp_path / "ft", ft_cfg(calib), progress=False)
+    other = tmp_path / "other"  # same shapes, other weights
+    save_tiny_llama(
+        other, seed=2, hidden_size=96, intermediate_size=160, num_hidden_layers=3, max_position_embeddings=64
+    )
+    with pytest.raises(ElutqError, match="embeddings differ"):
+        finetune_block(q, str(other), tmp_path / "ft", ft_cfg(calib), progress=False)
+    with pytest.raises(ElutqError, match="not a checkpoint directory"):
+        finetune_block(tmp_path / "nothing", str(other), tmp_path / "ft", ft_cfg(calib), progress=False)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_trainable_views_replace_every_hlq_linear(tiny_ckpt):
+    _, q, _ = tiny_ckpt
+    model, _, _ = load_quantized(q)
+    layer = model.model.layers[0]
+    views = trainable_views(layer)
+    assert len(views) == 7 and not any(isinstance(m, HLQLinear) for m in layer.modules())
