@@ -6,7 +6,9 @@ Starts the server as a subprocess (default checkpoint: the default model, RTN HL
 under out/), then for each concurrency level runs that many clients, each sending ``--requests``
 chat requests one after another (a bounded count).  Prints aggregate decode tokens/s, time to
 first token (p50/p99), per-token latency (p50/p99), failures, the server's peak RSS, and the
-aggregate speed-up over a single client, measured in the same run.
+aggregate speed-up over a single client, measured in the same run; from the server's /health
+counters: batched steps, tokens sampled per step, prompt tokens actually computed (shared prefixes
+are not), and the share of wall time spent in the model's forward.
 """
 
 from __future__ import annotations
@@ -41,52 +43,56 @@ def default_checkpoint() -> Path:
     return out
 
 
-async def one_client(url: str, n: int, max_tokens: int, idx: int, stats: dict) -> None:
-    async with httpx.AsyncClient(timeout=600) as client:
-        for r in range(n):
-            body = {
-                "model": "bench",
-                "messages": [{"role": "user", "content": QUESTIONS[(idx + r) % len(QUESTIONS)]}],
-                "max_tokens": max_tokens,
-                "temperature": 0.7,
-                "seed": idx * 1000 + r,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            t0 = time.perf_counter()
-            stamps: list[float] = []
-            tokens = 0
-            try:
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-                    if resp.status_code != 200:
-                        stats["failed"] += 1
+async def one_client(client: httpx.AsyncClient, url: str, n: int, max_tokens: int, idx: int, stats: dict) -> None:
+    for r in range(n):
+        body = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": QUESTIONS[(idx + r) % len(QUESTIONS)]}],
+            "max_tokens": max_tokens,
+            "temperature": 0.7,
+            "seed": idx * 1000 + r,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        tokens = 0
+        try:
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    stats["failed"] += 1
+                    continue
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            stats["failed"] += 1
-                            break
-                        if chunk.get("usage"):
-                            tokens = chunk["usage"]["completion_tokens"]
-                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                            stamps.append(time.perf_counter())
-            except httpx.HTTPError:
-                stats["failed"] += 1
-                continue
-            if stamps:
-                stats["ttft"].append(stamps[0] - t0)
-                stats["itl"].extend(np.diff(stamps).tolist())
-            stats["tokens"] += tokens
-            stats["ok"] += 1
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        stats["failed"] += 1
+                        break
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        stamps.append(time.perf_counter())
+        except httpx.HTTPError:
+            stats["failed"] += 1
+            continue
+        if stamps:
+            stats["ttft"].append(stamps[0] - t0)
+            stats["itl"].extend(np.diff(stamps).tolist())
+        stats["tokens"] += tokens
+        stats["ok"] += 1
 
 
 async def level(url: str, clients: int, n: int, max_tokens: int) -> dict:
     stats = {"ttft": [], "itl": [], "tokens": 0, "ok": 0, "failed": 0}
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one_client(url, n, max_tokens, i, stats) for i in range(clients)))
-    stats["seconds"] = time.perf_counter() - t0
+    # One connection per client, opened before the clock starts (building a client costs ~20 ms of
+    # the load generator's CPU, which is not the server's time).
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await asyncio.gather(*(client.get(url + "/health") for _ in range(clients)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(client, url, n, max_tokens, i, stats) for i in range(clients)))
+        stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
@@ -128,16 +134,23 @@ def main() -> None:
             time.sleep(0.5)
         print(f"checkpoint: {ckpt}\n{args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
         print(f"{'clients':>7} {'ok':>4} {'fail':>4} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11}")
+              f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11} {'steps':>6} {'rows/step':>9} {'prompt tok':>10} "
+              f"{'in forward':>10}")
         base = None
         for c in args.clients:
+            h0 = httpx.get(url + "/health").json()
             st = asyncio.run(level(url, c, args.requests, args.max_tokens))
+            h1 = httpx.get(url + "/health").json()
+            steps = h1["steps"] - h0["steps"]
+            rows = (h1["sampled_tokens"] - h0["sampled_tokens"]) / max(steps, 1)
+            fwd = (h1["forward_seconds"] - h0["forward_seconds"]) / st["seconds"]
+            prompt = h1["prompt_tokens_computed"] - h0["prompt_tokens_computed"]
             tps = st["tokens"] / st["seconds"]
             base = base or tps
             q = lambda xs, p: 1000 * float(np.percentile(xs, p)) if xs else float("nan")  # noqa: E731
             print(f"{c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} {tps:>10.1f} {q(st['ttft'], 50):>7.0f}ms "
                   f"{q(st['ttft'], 99):>7.0f}ms {q(st['itl'], 50):>6.1f}ms {q(st['itl'], 99):>6.1f}ms "
-                  f"{tps / base:>10.2f}x")
+                  f"{tps / base:>10.2f}x {steps:>6} {rows:>9.1f} {prompt:>10} {fwd:>9.0%}")
         print(f"server peak RSS: {server_rss_mb(proc.pid):.0f} MiB")
     finally:
         proc.terminate()

@@ -21,7 +21,7 @@ from elutq import _native
 from elutq.checkpoint import load_quantized, save_quantized
 from elutq.hlq import QuantConfig
 from elutq.quantize import quantize
-from elutq.runtime import KERNEL_CACHE_DIR, Sampler, Session
+from elutq.runtime import KERNEL_CACHE_DIR, Sampler, Session, _draw, _keep_top_p
 from elutq.utils import ElutqError
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]
@@ -149,6 +149,32 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert pen != int(np.argmax(logits))  # a repeated token is penalised away
     with pytest.raises(ElutqError, match="top_p"):
         Sampler(top_p=0.0)
+
+
+def test_draw_follows_the_weights_across_blocks():
+    # weights in several 512-wide blocks, empty blocks between them, one at the very end
+    p = np.zeros(1300, np.float32)
+    idx = [3, 511, 512, 600, 1299]
+    p[idx] = [1.0, 0.5, 4.0, 2.0, 3.0]
+    rng = np.random.default_rng(0)
+    counts = np.bincount([_draw(p, rng.random()) for _ in range(20000)], minlength=p.size)
+    assert counts.sum() == counts[idx].sum()  # never a zero-weight index
+    np.testing.assert_allclose(counts[idx] / 20000, p[idx] / p.sum(), atol=0.012)
+    assert _draw(p, 0.0) == 3 and _draw(p, np.nextafter(1.0, 0.0)) == 1299
+
+
+def test_top_p_matches_a_full_sort():
+    rng = np.random.default_rng(2)
+    for n, top_p in [(50, 0.5), (3000, 0.9), (5000, 0.999)]:
+        p = np.exp(rng.standard_normal(n).astype(np.float32) * 2)
+        order = np.argsort(-p, kind="stable")
+        mass = np.cumsum(p[order], dtype=np.float64)
+        ref = np.zeros_like(p)
+        head = order[mass - p[order] < top_p * p.sum(dtype=np.float64)]
+        ref[head] = p[head]
+        got = p.copy()
+        _keep_top_p(got, top_p)
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_bad_input_context_overflow_empty_prompt_non_ascii(tmp_path):

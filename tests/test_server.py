@@ -112,6 +112,23 @@ def test_concurrent_requests_are_batched_and_match_single(server):
     assert server.engine.stats()["steps"] - steps0 < 60
 
 
+def test_shared_prompt_prefix_is_computed_once(server):
+    # Requests that open alike (a system prompt) reuse the KV of a finished or running one.
+    head = "Be terse, please. "
+    prompts = [head + q for q in ("The quick brown", "A lazy dog", "Over the fox")]
+    n_head = len(server.model.encode(head))
+    expect = [
+        server.model.generate(p, max_new_tokens=6, session=elutq.runtime.Session(server.model)).text for p in prompts
+    ]
+    before = server.engine.stats()["prompt_tokens_computed"]
+    got = [server.client.completions.create(model=NAME, prompt=p, max_tokens=6, temperature=0).choices[0].text
+           for p in prompts]
+    assert got == expect
+    computed = server.engine.stats()["prompt_tokens_computed"] - before
+    total = sum(len(server.model.encode(p)) for p in prompts)
+    assert computed <= total - 2 * (n_head - 2)  # the 2nd and 3rd requests skip (almost) the whole head
+
+
 def raw(server, path: str, body: bytes | str, status: int) -> dict:
     r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text

@@ -299,8 +299,9 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        # float32 throughout and inverse-CDF sampling by hand: this runs once per token per request
-        # (up to a whole batch per step), so it must cost far less than the model's step.
+        # float32 throughout, and no full sort or cumsum over the vocabulary (both cost more than
+        # the exp): this runs once per token per request, up to a whole batch per step, so it must
+        # cost far less than the model's step.
         x = np.asarray(logits, dtype=np.float32)
         if self.repetition_penalty != 1.0 and len(history):
             x = x.copy()
@@ -316,12 +317,48 @@ class Sampler:
         p -= p.max()
         np.exp(p, out=p)
         if self.top_p < 1.0:
-            order = np.argsort(-p)
-            mass = np.cumsum(p[order], dtype=np.float64)
-            keep = mass - p[order] < self.top_p * mass[-1]  # smallest head whose mass reaches top_p
-            p[order[~keep]] = 0.0
-        cdf = np.cumsum(p, dtype=np.float64)
-        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), p.size - 1))
+            _keep_top_p(p, self.top_p)
+        return _draw(p, self.rng.random())
+
+
+_BLOCK = 512
+
+
+def _keep_top_p(p: np.ndarray, top_p: float) -> None:
+    """Zero all but the smallest set of largest weights whose mass reaches ``top_p`` of the total."""
+    total = float(p.sum(dtype=np.float64))
+    k = min(p.size, 1024)
+    while True:  # usually one round: the head of a language model's distribution is short
+        head = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
+        order = head[np.argsort(-p[head], kind="stable")]
+        mass = np.cumsum(p[order], dtype=np.float64)
+        if mass[-1] >= top_p * total or k == p.size:
+            break
+        k = min(p.size, 8 * k)
+    keep = mass - p[order] < top_p * total  # each kept weight starts below the threshold
+    drop = np.ones(p.size, dtype=bool)
+    drop[order[keep]] = False
+    p[drop] = 0.0
+
+
+def _draw(p: np.ndarray, u: float) -> int:
+    """Index i with probability p[i] / Σp (p >= 0, not all 0), for u uniform in [0, 1): inverse CDF,
+    first over block sums, then inside the chosen block."""
+    n = p.size
+    pad = (-n) % _BLOCK
+    blocks = (np.concatenate([p, np.zeros(pad, p.dtype)]) if pad else p).reshape(-1, _BLOCK)
+    cb = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+    target = u * cb[-1]
+    b = min(int(np.searchsorted(cb, target, side="right")), cb.size - 1)
+    while b > 0 and cb[b] == cb[b - 1]:  # rounding may land on an empty block: step back
+        b -= 1
+    lo = b * _BLOCK
+    part = p[lo : lo + _BLOCK]
+    within = np.cumsum(part, dtype=np.float64)
+    i = int(np.searchsorted(within, target - (cb[b - 1] if b else 0.0), side="right"))
+    if i >= part.size or part[i] == 0:  # past the block's end by rounding: its last non-zero weight
+        i = int(np.flatnonzero(part)[-1])
+    return lo + i
 
 
 # ----------------------------------------------------------------------------- the model
@@ -338,6 +375,13 @@ class Session:
 
     def reset(self) -> None:
         self.tokens = []
+
+    def share_prefix(self, src: Session, n: int) -> None:
+        """Start from ``src``'s first ``n`` tokens, their KV copied: a prompt prefix that several
+        requests share (a system prompt, an earlier turn) then runs through the model once."""
+        n = min(n, len(src.tokens))
+        self.cache.copy_prefix(src.cache, n)
+        self.tokens = src.tokens[:n]
 
 
 class Model:

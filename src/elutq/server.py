@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -32,10 +34,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .runtime import Completion, Generation, Model, Session
+from .runtime import Completion, Generation, Model, Session, _common_prefix
 from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
+SWITCH_INTERVAL = float(os.environ.get("ELUTQ_SWITCH", "0.0005"))  # seconds; see serve()
+MIN_SHARED_PREFIX = 8  # copy another request's KV only for a prefix longer than this (else recompute)
 
 
 class APIError(Exception):
@@ -80,7 +84,9 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="elutq-engine", daemon=True)
-        self.steps = 0
+        self.steps = 0  # counters for /health: steps, tokens sampled, prompt tokens run, seconds in forward
+        self.sampled = self.prompt_tokens = 0
+        self.forward_seconds = 0.0
 
     def start(self) -> None:
         if not self._thread.is_alive():
@@ -123,7 +129,9 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cv:
-            return {"running": len(self._active), "queued": len(self._waiting), "steps": self.steps}
+            return {"running": len(self._active), "queued": len(self._waiting), "steps": self.steps,
+                    "sampled_tokens": self.sampled, "prompt_tokens_computed": self.prompt_tokens,
+                    "forward_seconds": round(self.forward_seconds, 3)}
 
     # -- engine thread
 
@@ -139,11 +147,27 @@ class Engine:
             if batch:
                 self._step(batch)
 
+    def _session_for(self, ids: list[int]) -> Session:
+        """A free session for ``ids``: the one whose cached tokens share the longest prefix with
+        them; if a running request's session shares a longer one (a common system prompt), its KV
+        for that prefix is copied in, so a shared prefix is computed once."""
+        def shared(s: Session) -> int:
+            return _common_prefix(s.tokens, ids)
+
+        session = max(self._free, key=shared, default=None)
+        if session is None:
+            session = Session(self.model, max_ctx=self.ctx)
+        else:
+            self._free.remove(session)
+        donor = max((j.session for j in self._active if j.session is not None), key=shared, default=None)
+        if donor is not None and shared(donor) > shared(session) + MIN_SHARED_PREFIX:
+            session.share_prefix(donor, shared(donor))
+        return session
+
     def _admit(self, job: _Job) -> None:
         if job.cancelled:
             return
-        session = self._free.pop() if self._free else Session(self.model, max_ctx=self.ctx)
-        session.reset()
+        session = self._session_for(job.ids)
         try:
             job.gen = self.model.start(ids=job.ids, session=session, **job.params)
         except ElutqError as e:
@@ -176,6 +200,7 @@ class Engine:
                 budget -= n
             jobs.append(job)
             feeds.append(pending[:n])
+        t0 = time.perf_counter()
         try:
             logits = self.model.forward_batch([j.session for j in jobs], feeds)
         except Exception as e:  # never take the engine down: fail this step's requests
@@ -185,17 +210,38 @@ class Engine:
                     self._release(job)
             return
         self.steps += 1
+        self.forward_seconds += time.perf_counter() - t0
+        self.prompt_tokens += sum(len(f) for j, f in zip(jobs, feeds, strict=True) if not j.gen.out)
+        out: list[tuple[_Job, Any]] = []
         with self._cv:
             for job, feed, row in zip(jobs, feeds, logits, strict=True):
                 job.gen.pending = job.gen.pending[len(feed) :]
                 if job.gen.pending or job.cancelled:
                     continue  # more prompt to prefill, or gone (reaped next step)
                 piece = job.gen.advance(row)
+                self.sampled += 1
                 if piece:
-                    job.put(piece)
+                    out.append((job, piece))
                 if job.gen.done:
-                    job.put(job.gen.completion())
+                    out.append((job, job.gen.completion()))
                     self._release(job)
+        _deliver(out)
+
+
+def _deliver(items: list[tuple[_Job, Any]]) -> None:
+    """Hand a step's outputs to their requests' queues: one wake-up of each event loop per step,
+    not one per token (each costs the event loop a self-pipe write and the GIL)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
+    for job, item in items:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[_Job, Any]]) -> None:
+    for job, item in batch:
+        job.queue.put_nowait(item)
 
 
 # ----------------------------------------------------------------------------- request schemas
@@ -393,20 +439,36 @@ async def _sse(job: _Job, engine: Engine, meta: dict, chat: bool, n_prompt: int,
             choice = {"index": 0, "text": piece or "", "finish_reason": reason, "logprobs": None}
         return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
 
+    # The content chunk is formatted from a fixed head: it is sent for every token of every stream.
+    head = json.dumps({**meta, "object": obj})[:-1]
+    tail = '}, "finish_reason": null}]}\n\n' if chat else ', "finish_reason": null, "logprobs": null}]}\n\n'
+    open_ = f'data: {head}, "choices": [{{"index": 0, ' + ('"delta": {"content": ' if chat else '"text": ')
+
+    def content(piece: str) -> str:
+        return open_ + json.dumps(piece) + tail
+
     try:
         if chat:
             yield chunk("", None, role=True)
-        while True:
-            item = await job.queue.get()
-            if isinstance(item, APIError):
-                yield f"data: {json.dumps({'error': {'message': item.message, 'type': item.type}})}\n\n"
-                break
-            if isinstance(item, Completion):
-                yield chunk(None if chat else "", _reason(item.finish_reason))
-                if usage:
-                    yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(n_prompt, len(item.token_ids))})}\n\n"  # noqa: E501
-                break
-            yield chunk(item, None)
+        done = False
+        while not done:
+            items = [await job.queue.get()]
+            while not job.queue.empty():  # the engine got ahead: send what is there in one write
+                items.append(job.queue.get_nowait())
+            text = []
+            for item in items:
+                if isinstance(item, APIError):
+                    text.append(f"data: {json.dumps({'error': {'message': item.message, 'type': item.type}})}\n\n")
+                    done = True
+                    break
+                if isinstance(item, Completion):
+                    text.append(chunk(None if chat else "", _reason(item.finish_reason)))
+                    if usage:
+                        text.append(f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(n_prompt, len(item.token_ids))})}\n\n")  # noqa: E501
+                    done = True
+                    break
+                text.append(content(item))
+            yield "".join(text)
         yield "data: [DONE]\n\n"
     finally:
         engine.cancel(job)  # a no-op once finished; frees the slot at once if the client went away
@@ -427,6 +489,9 @@ def serve(
     from .runtime import load
 
     model = load(checkpoint, max_ctx=ctx, threads=threads)
+    # The engine thread needs the GIL for a moment after every step; by default a busy event loop
+    # keeps it for up to 5 ms, which would idle the model between steps.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     name = model_name or Path(str(checkpoint)).name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     print(f"serving {name} ({model.runtime.path} kernels, context {engine.ctx}, batch {max_batch}) "

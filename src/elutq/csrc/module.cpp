@@ -175,7 +175,18 @@ NB_MODULE(_native, m) {
   nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: f32 [layers][max_ctx][kv_dim] for k and v.")
       .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
       .def_ro("max_ctx", &KVCache::max_ctx)
-      .def_prop_ro("nbytes", [](const KVCache& c) { return 2 * (size_t)c.n_layers * c.max_ctx * c.kv_dim * 4; });
+      .def_prop_ro("nbytes", [](const KVCache& c) { return 2 * (size_t)c.n_layers * c.max_ctx * c.kv_dim * 4; })
+      .def("copy_prefix", [](KVCache& self, const KVCache& src, int n) {
+        if (src.n_layers != self.n_layers || src.kv_dim != self.kv_dim)
+          throw std::invalid_argument("KV caches of different models");
+        if (n < 0 || n > src.max_ctx || n > self.max_ctx)
+          throw std::out_of_range("prefix of " + std::to_string(n) + " positions does not fit both caches");
+        if (&src == &self) return;
+        for (int l = 0; l < self.n_layers; ++l) {
+          std::memcpy(self.kp(l, 0), const_cast<KVCache&>(src).kp(l, 0), sizeof(float) * n * self.kv_dim);
+          std::memcpy(self.vp(l, 0), const_cast<KVCache&>(src).vp(l, 0), sizeof(float) * n * self.kv_dim);
+        }
+      }, nb::arg("src"), nb::arg("n"), "Copy positions 0..n-1 of every layer from src (a shared prompt prefix).");
 
   nb::class_<Runtime>(m, "Runtime", "The native decode loop of a llama-family model (see runtime.h).")
       .def("__init__",

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -78,6 +79,11 @@ ELUTQ_CLONES static void rmsnorm(const float* x, const float* w, float* y, int n
 
 ELUTQ_CLONES static void add(float* y, const float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+// SiLU(g)·u in place over n values.
+ELUTQ_CLONES static void swiglu(float* g, const float* u, size_t n) {
+  for (size_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 static float* fbuf(AlignedBuf& b, size_t n) {
@@ -208,8 +214,16 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       col_pos[c] = seqs[s].pos + i;
     }
 
+  const int nt = pool().size();
+  // Per-column work (norms, RoPE, SwiGLU) is split over the threads by column: serial, it would
+  // cost a batched step as much as a large share of its matrix work.
+  auto columns = [&](const std::function<void(int)>& f) {
+    parallel_for(N >= 2 ? nt : 1, N, 1, [&](int c0, int c1) {
+      for (int c = c0; c < c1; ++c) f(c);
+    });
+  };
   const uint16_t* E = (const uint16_t*)embed.p;
-  for (int c = 0; c < N; ++c) {
+  columns([&](int c) {
     const uint16_t* e = E + (size_t)tokens[c] * H;
     for (int i = 0; i < H; ++i) x[(size_t)c * H + i] = fp16_to_float(e[i]);
     float* cs = rope + (size_t)c * D;
@@ -218,7 +232,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       cs[i] = std::cos(ang) * cfg.rope_scale;
       cs[half + i] = std::sin(ang) * cfg.rope_scale;
     }
-  }
+  });
   auto apply_rope = [&](float* t, int heads, int c) {
     const float* cs = rope + (size_t)c * D;
     for (int hd = 0; hd < heads; ++hd) {
@@ -235,14 +249,13 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
 #if defined(__x86_64__) || defined(_M_X64)
   if ((path == Path::Avx2 || path == Path::Avx512) && D % 32 == 0) attention = attend_avx2;
 #endif
-  const int nt = pool().size();
 
   for (int l = 0; l < cfg.n_layers; ++l) {
     RtLayer& L = layers[l];
     // ---- attention
-    for (int c = 0; c < N; ++c) rmsnorm(x + (size_t)c * H, L.attn_norm.data(), h + (size_t)c * H, H, cfg.rms_eps);
+    columns([&](int c) { rmsnorm(x + (size_t)c * H, L.attn_norm.data(), h + (size_t)c * H, H, cfg.rms_eps); });
     matmul({&L.lin[kQ], &L.lin[kK], &L.lin[kV]}, h, N, {q, k, v});
-    for (int c = 0; c < N; ++c) {
+    columns([&](int c) {
       float* qc = q + (size_t)c * qd;
       float* kc = k + (size_t)c * kvd;
       if (!L.q_norm.empty()) {
@@ -254,7 +267,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       KVCache* kv = seqs[col_seq[c]].cache;
       std::memcpy(kv->kp(l, col_pos[c]), kc, sizeof(float) * kvd);
       std::memcpy(kv->vp(l, col_pos[c]), v + (size_t)c * kvd, sizeof(float) * kvd);
-    }
+    });
     // causal attention, one (column, KV head) pair per task
     parallel_for(nt, N * nkv, 1, [&](int t0, int t1) {
       thread_local std::vector<float> sc;
@@ -270,9 +283,9 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     matmul({&L.lin[kO]}, att, N, {tmp});
     add(x, tmp, (size_t)N * H);
     // ---- SwiGLU MLP
-    for (int c = 0; c < N; ++c) rmsnorm(x + (size_t)c * H, L.mlp_norm.data(), h + (size_t)c * H, H, cfg.rms_eps);
+    columns([&](int c) { rmsnorm(x + (size_t)c * H, L.mlp_norm.data(), h + (size_t)c * H, H, cfg.rms_eps); });
     matmul({&L.lin[kGate], &L.lin[kUp]}, h, N, {g, u});
-    for (size_t i = 0; i < (size_t)N * I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    columns([&](int c) { swiglu(g + (size_t)c * I, u + (size_t)c * I, I); });
     matmul({&L.lin[kDown]}, g, N, {tmp});
     add(x, tmp, (size_t)N * H);
   }
