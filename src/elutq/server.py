@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import threading
 import time
 import uuid
@@ -38,7 +36,6 @@ from .runtime import Completion, Generation, Model, Session, _common_prefix
 from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
-SWITCH_INTERVAL = float(os.environ.get("ELUTQ_SWITCH", "0.0005"))  # seconds; see serve()
 MIN_SHARED_PREFIX = 8  # copy another request's KV only for a prefix longer than this (else recompute)
 
 
@@ -489,9 +486,6 @@ def serve(
     from .runtime import load
 
     model = load(checkpoint, max_ctx=ctx, threads=threads)
-    # The engine thread needs the GIL for a moment after every step; by default a busy event loop
-    # keeps it for up to 5 ms, which would idle the model between steps.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     name = model_name or Path(str(checkpoint)).name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     print(f"serving {name} ({model.runtime.path} kernels, context {engine.ctx}, batch {max_batch}) "
