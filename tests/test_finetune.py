@@ -1,4 +1,5 @@
-"""HLQ-FT block reconstruction: the trainable view, error reduction, never-worse, loading, resume, bad input."""
+"""HLQ-FT: the trainable view; block reconstruction and end-to-end tuning: error reduction,
+never-worse, loading, resume, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import save_tiny_llama
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
-from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, trainable_views
+from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, finetune_e2e, trainable_views
 from elutq.hlq import QuantConfig, quantize_weight
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.utils import ElutqError
@@ -151,3 +152,79 @@ def test_trainable_views_replace_every_hlq_linear(tiny_ckpt):
     layer = model.model.layers[0]
     views = trainable_views(layer)
     assert len(views) == 7 and not any(isinstance(m, HLQLinear) for m in layer.modules())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def e2e_cfg(calib: CalibConfig, **kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"stage": "e2e", "calib": calib, "batch_size": 2, "epochs": 3, "lr": 1e-4, **kw})
+
+
+def _kl_to_source(src: Path, ckpt: Path, ids: torch.Tensor) -> float:
+    from elutq.models import load_model
+
+    fp, _ = load_model(str(src))
+    qm, _, _ = load_quantized(ckpt)
+    with torch.no_grad():
+        p = fp(ids).logits.float().log_softmax(-1)
+        q = qm(ids).logits.float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_e2e_reduces_the_loss_and_writes_a_normal_checkpoint(tiny_ckpt, tmp_path, loss):
+    import elutq
+
+    src, q, calib = tiny_ckpt
+    report = finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(calib, loss=loss), progress=False)
+    r = report.e2e
+    assert r["loss"] == loss and r["steps"] == 3 * 7 and r["best_step"] > 0
+    assert r["best_val"] < (0.9 if loss == "kl" else 0.99) * r["start_val"], r
+
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.endswith((".scales", ".zeros")) for k in changed), changed  # codes never move
+    assert any(k.startswith("lm_head.") for k in changed)  # the 4-bit lm_head is tuned too
+
+    _, tok, qc = load_quantized(tmp_path / "ft")
+    assert qc["finetune"][-1]["stage"] == "e2e" and qc["finetune"][-1]["settings"]["loss"] == loss
+    ids = torch.tensor([tok("The lazy dog jumps over the quick brown fox. A dog.")["input_ids"]])
+    if loss == "kl":  # on text it was not trained on, closer to the full-precision model
+        assert _kl_to_source(src, tmp_path / "ft", ids) < _kl_to_source(src, q, ids)
+    assert elutq.load(str(tmp_path / "ft"), threads=1).generate("The lazy", max_new_tokens=4).token_ids
+    assert not (tmp_path / "ft.partial").exists()
+
+
+def test_e2e_never_returns_a_worse_state(tiny_ckpt, tmp_path):
+    src, q, calib = tiny_ckpt
+    report = finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(calib, lr=5.0, epochs=1), progress=False)
+    assert report.e2e["best_step"] == 0 and report.e2e["best_val"] == report.e2e["start_val"]
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_e2e_crash_then_resume_and_block_then_e2e(tiny_ckpt, tmp_path):
+    src, q, calib = tiny_ckpt
+    text = Path(calib.text)
+    e2e = ["--stage", "e2e", "--eval-every", "4", "--lr", "1e-4"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    done = run_cli(ft_args(src, q, full, text, *e2e))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held-out KL to the source model per token" in done.stdout
+    crashed = run_cli(ft_args(src, q, resumed, text, *e2e), env={"ELUTQ_TEST_CRASH_AFTER_STEP": "8"})
+    assert crashed.returncode == 17 and not resumed.exists()
+    assert json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())["step"] == 8
+    done = run_cli(ft_args(src, q, resumed, text, *e2e, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed after step 8" in done.stdout and not (tmp_path / "resumed.partial").exists()
+    assert_same_checkpoint(full, resumed)
+
+    both = tmp_path / "both"
+    done = run_cli(ft_args(src, q, both, text, "--stage", "block,e2e"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "block reconstruction" in done.stdout and "end-to-end tuning (kl)" in done.stdout
+    _, _, qc = load_quantized(both)
+    assert [h["stage"] for h in qc["finetune"]] == ["block", "e2e"]
+    assert not (tmp_path / "both.block").exists()

@@ -74,8 +74,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    import dataclasses
+    import shutil
+
     from .calibration import CalibConfig
-    from .finetune import FinetuneConfig, finetune_block
+    from .finetune import DEFAULT_LR, FinetuneConfig, finetune_block, finetune_e2e
 
     calib = CalibConfig(
         n_samples=args.calib_samples,
@@ -84,31 +87,59 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         dataset=None if args.calib_text else args.calib_dataset,
         text=args.calib_text,
     )
-    cfg = FinetuneConfig(
-        stage=args.stage,
+    stages = args.stage.split(",")
+    base = FinetuneConfig(
+        stage=stages[0],
         calib=calib,
         val_fraction=args.val_fraction,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        lr=args.lr,
         weight_decay=args.weight_decay,
         eval_every=args.eval_every,
         patience=args.patience,
         seed=args.seed,
+        loss=args.loss,
         device=args.device or ("cuda" if _cuda_available() else "cpu"),
     )
     out = Path(args.output)
-    report = finetune_block(args.checkpoint, args.source, out, cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"\nfinetuned {args.checkpoint} ({args.stage} reconstruction against {args.source}) on {cfg.device}")
-    print(f"  calibration: {calib.n_samples} x {calib.seqlen} tokens from {report.calib_source}")
-    if report.resumed_from:
-        print(f"  resumed after layer {report.resumed_from - 1}")
-    start = [r["start_val"] for r in report.layers]
-    best = [r["best_val"] for r in report.layers]
-    print(
-        f"  held-out relative block MSE: mean {sum(start) / len(start):.3e} -> {sum(best) / len(best):.3e}, "
-        f"last layer {start[-1]:.3e} -> {best[-1]:.3e}"
-    )
+    src = args.checkpoint
+    # block,e2e: block reconstruction into OUT.block (kept until the e2e stage is written, so a
+    # killed run resumes there), then end-to-end tuning from it into OUT.
+    for k, stage in enumerate(stages):
+        cfg = dataclasses.replace(base, stage=stage, lr=args.lr or DEFAULT_LR[stage])
+        dst = out if k == len(stages) - 1 else out.with_name(out.name + f".{stage}")
+        if dst != out and (dst / "config.json").exists() and args.resume:
+            print(f"{stage}: using the finished stage at {dst}")
+            src = dst
+            continue
+        run = finetune_block if stage == "block" else finetune_e2e
+        report = run(src, args.source, dst, cfg, resume=args.resume, overwrite=args.overwrite)
+        _print_finetune(report, stage, src, args.source, dst, cfg)
+        if src != args.checkpoint:
+            shutil.rmtree(src)
+        src = dst
+
+
+def _print_finetune(report, stage: str, ckpt: str | Path, source: str, out: Path, cfg) -> None:
+    what = "block reconstruction" if stage == "block" else f"end-to-end tuning ({cfg.loss})"
+    print(f"\nfinetuned {ckpt} ({what} against {source}) on {cfg.device}")
+    print(f"  calibration: {cfg.calib.n_samples} x {cfg.calib.seqlen} tokens from {report.calib_source}")
+    if stage == "block":
+        if report.resumed_from:
+            print(f"  resumed after layer {report.resumed_from - 1}")
+        start = [r["start_val"] for r in report.layers]
+        best = [r["best_val"] for r in report.layers]
+        print(
+            f"  held-out relative block MSE: mean {sum(start) / len(start):.3e} -> {sum(best) / len(best):.3e}, "
+            f"last layer {start[-1]:.3e} -> {best[-1]:.3e}"
+        )
+    else:
+        if report.resumed_from:
+            print(f"  resumed after step {report.resumed_from}")
+        r = report.e2e
+        name = "KL to the source model" if r["loss"] == "kl" else "cross-entropy"
+        print(f"  held-out {name} per token: {r['start_val']:.4f} -> {r['best_val']:.4f} "
+              f"(best at step {r['best_step']} of {r['steps']})")
     print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
     print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
 
@@ -318,11 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     q.set_defaults(func=cmd_quantize)
 
-    f = sub.add_parser("finetune", help="finetune a checkpoint's scales/offsets (HLQ-FT block reconstruction)")
+    f = sub.add_parser(
+        "finetune", help="finetune a checkpoint's scales/offsets (HLQ-FT: block reconstruction, end-to-end tuning)"
+    )
     f.add_argument("checkpoint", help="quantized checkpoint directory (from `elutq quantize`)")
     f.add_argument("--source", required=True, help="the full-precision model it was quantized from")
     f.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
-    f.add_argument("--stage", choices=["block"], default="block")
+    f.add_argument(
+        "--stage", choices=["block", "e2e", "block,e2e"], default="block",
+        help="block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
+        "outputs; block,e2e: one after the other",
+    )
+    f.add_argument("--loss", choices=["kl", "ce"], default="kl",
+                   help="e2e loss: KL to the source model's next-token distribution, or the causal-LM loss")
     fc = f.add_argument_group("calibration (WikiText-2 valid by default)")
     fc.add_argument("--calib-samples", type=int, default=64)
     fc.add_argument("--calib-seqlen", type=int, default=256)
@@ -332,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = f.add_argument_group("training")
     ft.add_argument("--val-fraction", type=float, default=0.125, help="held-out share of the samples")
     ft.add_argument("--batch-size", type=int, default=4, help="samples per step")
-    ft.add_argument("--epochs", type=int, default=4, help="passes over the training samples per layer")
-    ft.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (cosine schedule)")
+    ft.add_argument("--epochs", type=int, default=4, help="passes over the training samples (per layer for block)")
+    ft.add_argument("--lr", type=float, default=None,
+                    help="AdamW learning rate, cosine schedule (default: 1e-2 for block, 1e-4 for e2e)")
     ft.add_argument("--weight-decay", type=float, default=0.0)
     ft.add_argument("--eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
     ft.add_argument("--patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")

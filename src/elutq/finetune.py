@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import INDEX_FILE, HLQLinear, read_quantization_config, set_module
+from .checkpoint import INDEX_FILE, WEIGHTS_FILE, HLQLinear, read_quantization_config, set_module
 from .hlq import dequantize, unpack_bitplanes
 from .models import check_architecture, resolve_source_dir
 from .pipeline import (
@@ -50,6 +52,7 @@ from .pipeline import (
 )
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
+DEFAULT_LR = {"block": 1e-2, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
 HIDDEN_FP_FILE = "hidden-fp.safetensors"
 HIDDEN_Q_FILE = "hidden-q.safetensors"
 # Config fields that must agree between the checkpoint and the source model.
@@ -66,7 +69,7 @@ _SHAPE_FIELDS = (
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    stage: Literal["block"] = "block"
+    stage: Literal["block", "e2e"] = "block"
     calib: CalibConfig = CalibConfig(n_samples=64, seqlen=256)  # 16k tokens: CPU-sized
     val_fraction: float = 0.125  # held-out calibration samples (early stopping / best state)
     batch_size: int = 4  # samples per step (and per activation chunk)
@@ -77,11 +80,14 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: once per epoch... and at the end)
     patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
     seed: int = 0
+    loss: Literal["kl", "ce"] = "kl"  # e2e: KL to the fp model's next-token distribution, or causal-LM loss
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.stage != "block":
-            raise ValueError(f"stage must be 'block' (got {self.stage!r})")
+        if self.stage not in ("block", "e2e"):
+            raise ValueError(f"stage must be 'block' or 'e2e' (got {self.stage!r})")
+        if self.loss not in ("kl", "ce"):
+            raise ValueError(f"loss must be 'kl' or 'ce' (got {self.loss!r})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
@@ -91,6 +97,8 @@ class FinetuneConfig:
         """What determines the result (and so the resume fingerprint); the device is left out."""
         d = asdict(self)
         d.pop("device")
+        if self.stage == "block":
+            d.pop("loss")  # block reconstruction always fits the fp block's output (MSE)
         return d
 
 
@@ -301,9 +309,10 @@ def train_layer(
 class FinetuneReport:
     seconds: float = 0.0
     layers: list[dict] = field(default_factory=list)  # per layer: start_val, best_val, steps, best_step
-    resumed_from: int = 0
+    resumed_from: int = 0  # block: layers done before; e2e: steps done before
     calib_source: str | None = None
     peak_rss_mb: float = 0.0
+    e2e: dict | None = None  # the e2e stage's E2EResult
 
 
 def _fingerprint(ck: SafetensorsSource, source: SafetensorsSource, cfg: FinetuneConfig) -> str:
@@ -316,19 +325,28 @@ def _fingerprint(ck: SafetensorsSource, source: SafetensorsSource, cfg: Finetune
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def finetune_block(
-    checkpoint: str | Path,
-    source_model: str,
-    out: str | Path,
-    cfg: FinetuneConfig = FinetuneConfig(),
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> FinetuneReport:
-    """Block reconstruction of the quantized ``checkpoint`` against ``source_model`` into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class _Run:
+    """An opened finetuning run: inputs checked, work directory ready, earlier progress read."""
 
-    t0 = time.perf_counter()
+    ckpt: Path
+    out: Path
+    work: Path
+    qc: dict
+    config: Any
+    ck: SafetensorsSource
+    source: SafetensorsSource
+    tokenizer: Any
+    fingerprint: str
+    state: dict
+
+
+def _open_run(
+    checkpoint: str | Path, source_model: str, out: str | Path, cfg: FinetuneConfig, resume: bool, overwrite: bool,
+    fresh: dict,
+) -> _Run:
+    from transformers import AutoTokenizer
+
     ckpt, out = Path(checkpoint), Path(out)
     qc = read_quantization_config(ckpt)
     if (out / "config.json").exists() and not overwrite:
@@ -347,7 +365,7 @@ def finetune_block(
     fingerprint = _fingerprint(ck, source, cfg)
 
     progress_file = work / PROGRESS_FILE
-    state: dict[str, Any] = {"fingerprint": fingerprint, "layers_done": 0, "layers": []}
+    state: dict[str, Any] = {"fingerprint": fingerprint, **fresh}
     if work.exists():
         if not resume and not overwrite:
             raise ElutqError(
@@ -363,6 +381,26 @@ def finetune_block(
                     "rerun with the same ones, or pass --overwrite to start over"
                 )
     work.mkdir(parents=True, exist_ok=True)
+    return _Run(ckpt, out, work, qc, config, ck, source, tokenizer, fingerprint, state)
+
+
+def finetune_block(
+    checkpoint: str | Path,
+    source_model: str,
+    out: str | Path,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneReport:
+    """Block reconstruction of the quantized ``checkpoint`` against ``source_model`` into ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    run = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, {"layers_done": 0, "layers": []})
+    ckpt, out, work, qc, config = run.ckpt, run.out, run.work, run.qc, run.config
+    ck, source, tokenizer, fingerprint, state = run.ck, run.source, run.tokenizer, run.fingerprint, run.state
+    progress_file = work / PROGRESS_FILE
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -444,19 +482,239 @@ def _write_rest(
         with safe_open(str(f), framework="pt") as h:
             weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
     _atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
-    cfg_dict = json.loads((ckpt / "config.json").read_text())
-    history = list(qc.get("finetune", []))
-    history.append(
-        {
-            "stage": cfg.stage,
-            "settings": cfg.settings(),
-            "calibration_text": report.calib_source,
-            "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
-        }
-    )
-    cfg_dict["quantization_config"]["finetune"] = history
-    if tokenizer is not None:
-        tokenizer.save_pretrained(work)
     for f in (PROGRESS_FILE, HIDDEN_FP_FILE, HIDDEN_Q_FILE):
         (work / f).unlink(missing_ok=True)
+    entry = {
+        "stage": cfg.stage,
+        "settings": cfg.settings(),
+        "calibration_text": report.calib_source,
+        "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
+    }
+    _write_config(ckpt, work, qc, entry, tokenizer)
+
+
+def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> None:
+    """The input checkpoint's config.json with this stage appended to its finetuning history (written
+    last: it marks the directory complete), and the tokenizer."""
+    cfg_dict = json.loads((ckpt / "config.json").read_text())
+    cfg_dict["quantization_config"]["finetune"] = [*qc.get("finetune", []), entry]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _maybe_stop_for_test_at(step: int) -> None:
+    """Tests simulate a crash right after the state of step ``step`` is saved (ELUTQ_TEST_CRASH_AFTER_STEP)."""
+    if os.environ.get("ELUTQ_TEST_CRASH_AFTER_STEP") == str(step):
+        os._exit(17)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TEACHER_DIR = "teacher"
+E2E_STATE_FILE = "e2e-state.safetensors"
+
+
+@dataclass
+class E2EResult:
+    loss: str
+    start_val: float  # held-out loss before training (KL to the teacher, or cross-entropy)
+    best_val: float  # held-out loss of the state written (fp16 parameters)
+    steps: int
+    best_step: int
+
+
+@torch.no_grad()
+def _write_teacher(skeleton, source: SafetensorsSource, chunks: list[torch.Tensor], pos, work: Path, dev, progress):
+    """The fp model's next-token log-probabilities on each chunk of calibration ids, written as fp16
+    files.  Streamed one decoder layer at a time, so the teacher is never resident."""
+    emb = source.get("model.embed_tokens.weight").to(torch.float32)
+    hs = [emb[c] for c in chunks]
+    head = source.get("lm_head.weight").to(torch.float32) if "lm_head.weight" in source else emb
+    del emb
+    layers = skeleton.model.layers
+    for i in tqdm(range(len(layers)), desc="teacher", unit="layer", disable=not progress, leave=False):
+        layer = _materialize(copy.deepcopy(layers[i]), source, f"model.layers.{i}.", dev)
+        hs = [_run_layer(layer, h.to(dev), pos).cpu() for h in hs]
+        del layer
+    norm = _materialize(copy.deepcopy(skeleton.model.norm), source, "model.norm.", dev)
+    (work / TEACHER_DIR).mkdir(exist_ok=True)
+    for k, h in enumerate(hs):
+        logp = (norm(h.to(dev)) @ head.to(dev).T).log_softmax(-1)
+        _atomic_save({"logp": logp.half().cpu().contiguous()}, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
+
+
+def _e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    if teacher is None:  # causal-LM loss on the calibration text
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    logp = teacher.float()
+    return (logp.exp() * (logp - logits.log_softmax(-1))).sum(-1).mean()  # KL(teacher || student) per token
+
+
+def finetune_e2e(
+    checkpoint: str | Path,
+    source_model: str,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneReport:
+    """End-to-end tuning of every quantized linear's scales and offsets of ``checkpoint`` (codes
+    frozen) with the KL divergence to ``source_model``'s next-token distribution (``cfg.loss='kl'``)
+    or the causal-LM loss (``'ce'``), whole model at once with gradient checkpointing, into ``out``.
+
+    The teacher's log-probabilities are computed once, streamed layer by layer, and kept on disk in
+    the run's work directory.  After every held-out evaluation the parameters, the optimizer state
+    and the best state so far are saved there, so ``resume=True`` continues a killed run and gives
+    the same checkpoint as an uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import load_quantized
+
+    if cfg.stage != "e2e":
+        raise ValueError("finetune_e2e needs a FinetuneConfig with stage='e2e'")
+    t0 = time.perf_counter()
+    run = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, {"teacher_done": False, "step": 0})
+    work, dev, state = run.work, torch.device(cfg.device), run.state
+    report = FinetuneReport(resumed_from=state["step"])
+
+    ids, report.calib_source = calibration_ids(run.tokenizer, cfg.calib)
+    chunks = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
+    n_val = max(1, round(len(chunks) * cfg.val_fraction))
+    train_idx, val_idx = list(range(len(chunks) - n_val)), list(range(len(chunks) - n_val, len(chunks)))
+    if not train_idx:
+        raise ElutqError(
+            f"{len(chunks)} calibration chunks leave none for training after {n_val} held out; "
+            "pass more --calib-samples or a smaller --batch-size"
+        )
+    if cfg.loss == "kl" and not state["teacher_done"]:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(run.config)
+        rotary = type(skeleton.model.rotary_emb)(config=run.config)
+        pos = tuple(
+            t.to(dev) for t in rotary(torch.zeros(1, dtype=torch.float32), torch.arange(cfg.calib.seqlen).unsqueeze(0))
+        )
+        _write_teacher(skeleton, run.source, chunks, pos, work, dev, progress)
+        del skeleton
+        state["teacher_done"] = True
+        _atomic_json(state, work / PROGRESS_FILE)
+
+    def teacher(k: int) -> torch.Tensor | None:
+        if cfg.loss != "kl":
+            return None
+        return load_file(str(work / TEACHER_DIR / f"chunk-{k:05d}.safetensors"))["logp"].to(dev)
+
+    model, _, _ = load_quantized(run.ckpt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    views = trainable_views(model)
+    model.to(dev)
+    model.config.use_cache = False
+    # Activation checkpointing: each decoder layer's activations are recomputed in the backward pass.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.24
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    names = sorted(views)
+    params = [p for n in names for p in (views[n].s, views[n].z)]
+    for v in views.values():
+        v.round_()
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = sum(_e2e_loss(model, chunks[k].to(dev), teacher(k)).item() for k in val_idx) / len(val_idx)
+        model.train()
+        return loss
+
+    total = cfg.epochs * len(train_idx)
+    eval_every = cfg.eval_every or len(train_idx)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = [train_idx[k] for e in range(cfg.epochs) for k in torch.randperm(len(train_idx), generator=gen).tolist()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_frac * total)
+
+    def lr_at(step: int) -> float:  # step counts from 0: linear warmup, then cosine to 0
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    step = state["step"]
+    if step == 0:
+        best = start = val_loss()
+        best_state, best_step = [p.detach().clone() for p in params], 0
+    else:  # resume: parameters, optimizer moments and the best state as saved after an evaluation
+        saved = load_file(str(work / E2E_STATE_FILE))
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(saved[f"param.{i}"])
+                opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": saved[f"exp_avg.{i}"].to(dev),
+                                "exp_avg_sq": saved[f"exp_avg_sq.{i}"].to(dev)}  # fmt: skip
+        best_state = [saved[f"best.{i}"].to(dev) for i in range(len(params))]
+        start, best, best_step = state["start_val"], state["best_val"], state["best_step"]
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="e2e", unit="step", disable=not progress)
+    running = None
+    while step < total:
+        k = order[step]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = _e2e_loss(model, chunks[k].to(dev), teacher(k))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", best=f"{best:.4f}")
+        if step % eval_every and step != total:
+            continue
+        # Judge the state as it would be written (fp16-rounded), then go on from the fp32 one.
+        fp32 = [p.detach().clone() for p in params]
+        for v in views.values():
+            v.round_()
+        val = val_loss()
+        if val < best:
+            best, best_state, best_step = val, [p.detach().clone() for p in params], step
+        with torch.no_grad():
+            for p, t in zip(params, fp32, strict=True):
+                p.copy_(t)
+        tensors = {}
+        for i, p in enumerate(params):
+            st = opt.state[p]
+            tensors[f"param.{i}"], tensors[f"best.{i}"] = p.detach().cpu(), best_state[i].cpu()
+            tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"] = st["exp_avg"].cpu(), st["exp_avg_sq"].cpu()
+        _atomic_save({k: t.contiguous() for k, t in tensors.items()}, work / E2E_STATE_FILE)
+        state.update(step=step, start_val=start, best_val=best, best_step=best_step)
+        _atomic_json(state, work / PROGRESS_FILE)
+        bar.set_postfix(loss=f"{running:.4f}", val=f"{val:.4f}", best=f"{best:.4f}")
+        _maybe_stop_for_test_at(step)
+    bar.close()
+
+    with torch.no_grad():
+        for p, t in zip(params, best_state, strict=True):
+            p.copy_(t)
+    updated = {}
+    for n in names:
+        updated[f"{n}.scales"] = views[n].s.detach().half().cpu().contiguous()
+        updated[f"{n}.zeros"] = views[n].z.detach().half().cpu().contiguous()
+    report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step))
+    tensors = {k: updated.get(k, run.ck.get(k)).contiguous() for k in run.ck.weight_map}
+    _atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
+    for f in (PROGRESS_FILE, E2E_STATE_FILE):
+        (work / f).unlink(missing_ok=True)
+    shutil.rmtree(work / TEACHER_DIR, ignore_errors=True)
+    history_entry = {
+        "stage": "e2e",
+        "settings": cfg.settings(),
+        "calibration_text": report.calib_source,
+        "held_out_loss": [start, best],
+    }
+    _write_config(run.ckpt, work, run.qc, history_entry, run.tokenizer)
+    move_into_place(work, run.out, overwrite)
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_mb = peak_rss_mb()
+    return report
