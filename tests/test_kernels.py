@@ -116,14 +116,15 @@ def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
     """Expected mean squared output error of the int8-table path.
 
     The integer lookup sums are exact, so the only error is rounding each (signed) table entry to
-    the integer grid of its group: the kernel computes (b·x) = Δ_G·Σ q + Σx/2 with Δ_G the group's
-    lut_scale (max|U|/254, csrc/lut.h), so each lookup is off by Δ_G·δ, δ uniform in ±1/2, variance
-    Δ_G²/12.  A row adds g_G/4 lookups per plane per group; planes of the same run may hit the same
-    (equally rounded) entry, so the per-run error is at most (Σ_i |s_i|)·Δ_G·δ.  Hence, per output,
-        E[err²] ≤ Σ_G (g_G/4)·(Δ_G²/12)·(Σ_i |s_i|)²
-    (entries at the group's peak round to themselves).  Outputs sharing one x share its rounding
-    errors, so the sample mean is noisy: tests use 16 input vectors and allow 1.5× the expectation;
-    a real bug (wrong nibble, table, sign or scale) is off by orders of magnitude.
+    the integer grid of its run: the kernel computes (b·x) = Δ_G·Σ_k mult_k·q_k + Σx/2 with Δ_G the
+    group's lut_scale (max|U|/2032, csrc/lut.h) and mult_k ∈ {1, 2, 4, 8} the run's multiplier, so
+    each lookup is off by Δ_G·mult_k·δ, δ uniform in ±1/2, variance (Δ_G·mult_k)²/12.  Planes of the
+    same run may hit the same (equally rounded) entry, so the per-run error is at most
+    (Σ_i |s_i|)·Δ_G·mult_k·δ.  Hence, per output,
+        E[err²] ≤ Σ_G Σ_k ((Δ_G·mult_k)²/12)·(Σ_i |s_i|)²
+    (entries at the group's peak round to themselves; padded runs have no error).  Outputs sharing
+    one x share its rounding errors, so the sample mean is noisy: tests use 16 input vectors and
+    allow 1.5× the expectation; a real bug (wrong nibble, table, sign or scale) is off by orders of magnitude.
     """
     g = K.kernel_group_size(lin.in_features, lin.group_size)
     ng = math.ceil(lin.in_features / g)
@@ -132,11 +133,12 @@ def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
     s = s[:, gmap]  # [out, ng]
     total = 0.0
     for xc in x:
-        tq = np.empty(ng * g * 4, np.int8)
+        tq, tm = np.empty(ng * g * 4, np.int8), np.empty(ng * g // 4, np.uint8)
         ls, xs = np.empty(ng, np.float32), np.empty(ng, np.float32)
-        _native.build_tables(xc, g, tq, ls, xs, "scalar")
-        nlook = np.minimum(g, lin.in_features - np.arange(ng) * g) / 4
-        total += float(((nlook * ls.astype(np.float64) ** 2 / 12) * s**2).sum(1).mean())
+        _native.build_tables(xc, g, tq, tm, ls, xs, "scalar")
+        real = (np.arange(ng * g // 4) * 4 < lin.in_features).reshape(ng, -1)  # runs with real columns
+        m2 = ((tm.reshape(ng, -1).astype(np.float64) ** 2) * real).sum(1)  # Σ_k mult_k² per group
+        total += float(((m2 * ls.astype(np.float64) ** 2 / 12) * s**2).sum(1).mean())
     return total / len(x)
 
 
@@ -191,10 +193,10 @@ def test_tables_identical_across_paths(path: str) -> None:
         ng = math.ceil(200 / g)
         got, want = [], []
         for p, dst in ((path, got), ("scalar", want)):
-            tq = np.empty(ng * g * 4, np.int8)
+            tq, tm = np.empty(ng * g * 4, np.int8), np.empty(ng * g // 4, np.uint8)
             ls, xs = np.empty(ng, np.float32), np.empty(ng, np.float32)
-            _native.build_tables(x, g, tq, ls, xs, p)
-            dst += [tq, ls, xs]
+            _native.build_tables(x, g, tq, tm, ls, xs, p)
+            dst += [tq, tm, ls, xs]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
 

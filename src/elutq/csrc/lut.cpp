@@ -269,13 +269,14 @@ LutMatrix::LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_
 
 // ---------------------------------------------------------------------------------- driver
 
-void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* ls, float* xs) {
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride, float* ls,
+                  float* xs) {
   switch (p) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Path::Avx512: build_tables_avx512(x, in, g, ng, tq, gstride, ls, xs); return;
-    case Path::Avx2: build_tables_avx2(x, in, g, ng, tq, gstride, ls, xs); return;
+    case Path::Avx512: build_tables_avx512(x, in, g, ng, tq, tm, gstride, ls, xs); return;
+    case Path::Avx2: build_tables_avx2(x, in, g, ng, tq, tm, gstride, ls, xs); return;
 #endif
-    default: build_tables_scalar(x, in, g, ng, tq, gstride, ls, xs); return;
+    default: build_tables_scalar(x, in, g, ng, tq, tm, gstride, ls, xs); return;
   }
 }
 
@@ -293,8 +294,8 @@ static void gemv_rows(Path p, const LutWeight& W, const LutTables& T, int rb0, i
 }
 
 // Rows of all matrices form one sequence of row blocks; each thread takes a contiguous slice.
-// int8 tables are stored group-major: column c's group G at tq + (G·n + c)·g·4, so the tables a
-// GEMM tile needs (one group, many columns) are contiguous.
+// int8 tables are stored group-major: column c's group G at tq + (G·n + c)·g·4 (its multipliers at
+// tm + (G·n + c)·g/4), so the tables a GEMM tile needs (one group, many columns) are contiguous.
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
                 bool float_tables, int max_threads) {
   if (Ws.empty() || n <= 0) return;
@@ -316,12 +317,13 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
 
   // 1) tables, one set per column (columns split over threads)
-  thread_local AlignedBuf tq_buf, tf_buf, ls_buf, xs_buf;
+  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf;
   ls_buf.resize(sizeof(float) * n * ng);
   xs_buf.resize(sizeof(float) * n * ng);
   float* ls = (float*)ls_buf.p;
   float* xs = (float*)xs_buf.p;
   int8_t* tq = nullptr;
+  uint8_t* tm = nullptr;
   float* tf = nullptr;
   if (float_tables) {
     tf_buf.resize(sizeof(float) * tlen * n);
@@ -329,6 +331,8 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   } else {
     tq_buf.resize(tlen * n);
     tq = (int8_t*)tq_buf.p;
+    tm_buf.resize(tlen * n / 16);
+    tm = (uint8_t*)tm_buf.p;
   }
   const size_t gstride = g4 * n;
   auto tables_job = [&](int c0, int c1) {
@@ -336,7 +340,8 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       if (float_tables)
         build_float_tables_scalar(X + (size_t)c * in, in, g, ng, tf + c * tlen, xs + (size_t)c * ng);
       else
-        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, gstride, ls + (size_t)c * ng, xs + (size_t)c * ng);
+        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride, ls + (size_t)c * ng,
+                     xs + (size_t)c * ng);
     }
   };
   parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
@@ -344,6 +349,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   auto col_tables = [&](int c) {
     LutTables T;
     T.tq = tq + c * g4;
+    T.tm = tm + c * g4 / 16;
     T.gstride = gstride;
     T.lut_scale = ls + (size_t)c * ng;
     T.xsum = xs + (size_t)c * ng;
@@ -382,8 +388,8 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
         for (int r0 = lo; r0 < hi; r0 += rbb)
           for (int c0 = 0; c0 < n; c0 += cc)
-            gemm(W, tq + c0 * g4, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng, std::min(cc, n - c0), r0,
-                 std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
+            gemm(W, tq + c0 * g4, tm + c0 * g4 / 16, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng,
+                 std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
         continue;
       }
 #endif

@@ -14,15 +14,23 @@
 // int8 tables ("int8-table" path) use the signed (±1) form of the same table,
 //     U[k][m] = Σ_t (2·bit_t(m) − 1)·x[4k+t] = 2·T[k][m] − Σx_run,   antisymmetric: U[15−m] = −U[m],
 // whose range (±Σ|x_run|) is centred, so int8 quantization loses about half as much as with T.
-// The tables of one group are quantized together, q = rint(U · 127 / max|U|), and
-//     (b_i · x)_G = lut_scale · Σ_k q[k][nib] + Σx_G / 2,      lut_scale = max|U| / 254
-// (0 for an all-zero group), so the lookups are summed exactly in integers and per group
+// Each run k gets a power-of-two share of its group's int8 range: with M = max_k m_k over the
+// group, m_k = max_m |U[k][m]| = Σ_t |x_t| (summed in the table's order, so it is exactly that max),
+// e_k ∈ 0..3 is the largest with m_k·2^e_k <= M, and
+//     q[k][m] = rint(U[k][m] · 127·2^e_k / M),     mult[k] = 2^(3 − e_k) ∈ {1, 2, 4, 8},
+// so a run far below the group's peak is rounded on a grid up to 8× finer (activation outliers
+// cost only their own runs precision), and the lookups are still summed exactly in integers,
+// each multiplied by its run's mult (the u8 operand of vpdpbusd / vpmaddubsw, a widening multiply
+// on NEON):
+//     (b_i · x)_G = lut_scale · Σ_k mult[k]·q[k][nib] + Σx_G / 2,      lut_scale = M / (254·8)
+// (0 for an all-zero group), and per group
 //     y_r += lut_scale · Σ_i s_i · acc_i  +  (z + Σ_i s_i / 2) · Σx_G   (Σx_G from the float input).
 // Float tables ("float-table" path, accuracy reference, scalar only) use T itself, unquantized.
 //
 // ------------------------------------------------------------------------------------------
 // Activation tables (built per input vector, per call):
 //   tq        int8  [in_pad/4][16]  q[k][m], run-major, run k at byte 16k; in_pad = ng·g (x zero-padded)
+//   tm        uint8 [in_pad/4]      mult[k] (1, 2, 4 or 8), run k at byte k
 //   lut_scale f32   [ng]
 //   xsum      f32   [ng]            Σx over the group's real columns
 //
@@ -72,12 +80,30 @@ struct LutWeight {
 struct LutTables {
   const int8_t* tq = nullptr;  // group G's g/4 run tables at tq + G·gstride
   size_t gstride = 0;          // int8 table bytes between groups (g·4 for one vector)
+  const uint8_t* tm = nullptr;  // group G's g/4 run multipliers at tm + G·gstride/16
   const float* tf = nullptr;   // [in_pad/4][16] (float-table path only)
   const float* lut_scale = nullptr;  // [ng]
   const float* xsum = nullptr;       // [ng]
 };
 
 extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
+
+// The table exponent e_k of a run whose largest |entry| is mk in a group whose largest is M: the
+// largest e in 0..3 with mk·2^e <= M (exact: only power-of-two scaling and comparisons), so every
+// path derives the same int8 tables.  Internal linkage: each ISA's translation unit has its own copy.
+static inline int run_exponent(float mk, float M) {
+  int e = 0;
+  while (e < 3 && mk * (float)(2 << e) <= M) ++e;
+  return e;
+}
+
+// m_k of one run: ((|x0| + |x1|) + |x2|) + |x3|, the same float operations as the table entry whose
+// signs match x (lut_scalar.cpp: run_table_signed), so it equals max_m |U[m]| bit for bit.
+static inline float run_peak(const float* x4) {
+  const float a0 = x4[0] < 0 ? -x4[0] : x4[0], a1 = x4[1] < 0 ? -x4[1] : x4[1];
+  const float a2 = x4[2] < 0 ? -x4[2] : x4[2], a3 = x4[3] < 0 ? -x4[3] : x4[3];
+  return ((a0 + a1) + a2) + a3;
+}
 
 enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
@@ -87,25 +113,27 @@ enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 // gemv_rows_*: rows of row blocks [rb0, rb1) of y = W·x; writes y[r] for real rows r only.
 
 float fp16_to_float(uint16_t h);
-void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                         float* xsum);
+// Multipliers are written at tm + G·gstride/16 (one byte per 16 table bytes).
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                         float* lut_scale, float* xsum);
 void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf, float* xsum);
 void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 
 #if defined(__x86_64__) || defined(_M_X64)
-void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                       float* xsum);
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                       float* lut_scale, float* xsum);
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
-void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum,
-                    int n, int rb0, int rb1, float* y, size_t ldy);  // as gemm_rows_avx512
-void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                         float* xsum);
+void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
+                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);  // as gemm_rows_avx512
+void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                         float* lut_scale, float* xsum);
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 // GEMM on AVX-512 for n columns: column c's group-G tables at tq + G·gstride + c·g·4 (group-major, so
-// a group's tables for all columns are contiguous); lut_scale/xsum [n][ng]; column c's y at y + c·ldy.
-void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale,
-                      const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
+// a group's tables for all columns are contiguous), its multipliers at tm + (G·gstride + c·g·4)/16;
+// lut_scale/xsum [n][ng]; column c's y at y + c·ldy.
+void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,
+                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
 #endif
 // Dense fp16 rows for the layers a checkpoint keeps in 16 bits (e.g. a tied lm_head):
 //   W fp16 [out][in] (row-major), X f32 [n][in];  Y[c·ldy + r] = Σ_k W[r][k]·X[c][k]  for r in [r0, r1).

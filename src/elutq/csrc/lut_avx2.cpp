@@ -9,11 +9,14 @@
 // Then one vpshufb per ymm looks up 32 entries, with the tables as plain 32-byte loads
 // ([T[k0] | T[k0+1]], [T[k0+2] | T[k0+3]], and +64 bytes for the high nibbles).  vpunpck{l,h}bw
 // of the A and B results pairs j0 with j2 (lane 0) and j1 with j3 (lane 1) for the same row, and
-// vpmaddubsw with ones adds each pair into int16, accumulated per group (|sum| ≤ 2·254·g/32 ≤ 2032
-// per lane for g ≤ 128: no overflow); the two lanes are added once per plane and group.
+// vpmaddubsw with the pair's run multipliers (lut.h: 1..8; [m0, m2] in lane 0, [m1, m3] in lane 1)
+// adds each pair into int16, accumulated per group (|sum| ≤ 2·8·254·g/32 ≤ 16256 per lane for
+// g ≤ 128: no overflow); the two lanes are added once per plane and group.
 //
 // Only intrinsics and plain functions live here (no std templates).
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "lut.h"
 
@@ -22,13 +25,17 @@ namespace elutq {
 namespace {
 
 struct Consts {
-  __m256i nib, ones8, tr_bytes, tr_dwords;
+  __m256i nib, tr_bytes, tr_dwords, mult_lo, mult_hi;
 };
 
 inline Consts make_consts() {
   Consts c;
   c.nib = _mm256_set1_epi8(0x0F);
-  c.ones8 = _mm256_set1_epi8(1);
+  // run multipliers of a chunk (8 bytes mult[k0..k0+7]) in the byte order of the vpmaddubsw pairs
+  c.mult_lo = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,  //
+                               1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
+  c.mult_hi = _mm256_setr_epi8(4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6,  //
+                               5, 7, 5, 7, 5, 7, 5, 7, 5, 7, 5, 7, 5, 7, 5, 7);
   // in-lane 4×4 byte transpose: position 4j + m takes byte 4m + j
   c.tr_bytes = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,  //
                                 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -52,18 +59,28 @@ inline void chunk_indices(const uint8_t* wp, const Consts& c, __m256i* idx) {
   idx[3] = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.nib);
 }
 
+// The multiplier vectors of one chunk (low-nibble runs k0..k0+3, high-nibble runs k0+4..k0+7).
+inline void chunk_mults(const uint8_t* m, const Consts& c, __m256i& mlo, __m256i& mhi) {
+  long long v;
+  std::memcpy(&v, m, 8);
+  const __m256i b = _mm256_set1_epi64x(v);
+  mlo = _mm256_shuffle_epi8(b, c.mult_lo);
+  mhi = _mm256_shuffle_epi8(b, c.mult_hi);
+}
+
 // int16 per-row partial sums of one chunk: r07 (rows 0–7) and r815 (rows 8–15), lane 0 holding
 // j = 0, 2 and lane 1 j = 1, 3 (for both nibbles).  t: the chunk's 128 table bytes.
-inline void chunk_lookup(const __m256i* idx, const int8_t* t, const Consts& c, __m256i& r07, __m256i& r815) {
+inline void chunk_lookup(const __m256i* idx, const int8_t* t, __m256i mlo, __m256i mhi, __m256i& r07,
+                         __m256i& r815) {
   const __m256i alo = idx[0], blo = idx[1], ahi = idx[2], bhi = idx[3];
   const __m256i sa = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)t), alo);
   const __m256i sb = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 32)), blo);
   const __m256i ha = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 64)), ahi);
   const __m256i hb = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)(t + 96)), bhi);
-  r07 = _mm256_add_epi16(_mm256_maddubs_epi16(c.ones8, _mm256_unpacklo_epi8(sa, sb)),
-                         _mm256_maddubs_epi16(c.ones8, _mm256_unpacklo_epi8(ha, hb)));
-  r815 = _mm256_add_epi16(_mm256_maddubs_epi16(c.ones8, _mm256_unpackhi_epi8(sa, sb)),
-                          _mm256_maddubs_epi16(c.ones8, _mm256_unpackhi_epi8(ha, hb)));
+  r07 = _mm256_add_epi16(_mm256_maddubs_epi16(mlo, _mm256_unpacklo_epi8(sa, sb)),
+                         _mm256_maddubs_epi16(mhi, _mm256_unpacklo_epi8(ha, hb)));
+  r815 = _mm256_add_epi16(_mm256_maddubs_epi16(mlo, _mm256_unpackhi_epi8(sa, sb)),
+                          _mm256_maddubs_epi16(mhi, _mm256_unpackhi_epi8(ha, hb)));
 }
 
 // Lanes of an int16 accumulator added → 8 int32 (one per row).
@@ -82,6 +99,8 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
+      __m256i mlo[NL], mhi[NL];
+      for (int L = 0; L < NL; ++L) chunk_mults(T.tm + (size_t)G * T.gstride / 16 + 8 * L, c, mlo[L], mhi[L]);
       __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = q0;
       for (int i = 0; i < BITS; ++i) {
         __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
@@ -89,7 +108,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
           __m256i r07, r815, idx[4];
           if (g_prefetch_bytes) _mm_prefetch((const char*)wp + g_prefetch_bytes, _MM_HINT_T1);
           chunk_indices(wp, c, idx);
-          chunk_lookup(idx, tg + 128 * L, c, r07, r815);
+          chunk_lookup(idx, tg + 128 * L, mlo[L], mhi[L], r07, r815);
           a0 = _mm256_add_epi16(a0, r07);
           a1 = _mm256_add_epi16(a1, r815);
         }
@@ -123,8 +142,8 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 // GEMM: per (row block, group) the transposed indices of all planes are computed once and reused
 // for every column (same arithmetic, in the same order, as gemv_t for each column).
 template <int BITS, int NL>
-void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum, int n,
-            int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
+            const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
   const Consts c = make_consts();
   alignas(32) __m256i idx[BITS][NL][4];
@@ -147,13 +166,16 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
       const __m256 z0 = _mm256_fmadd_ps(q0, half, load_h8(sp + 16 * BITS));  // z + Σs/2
       const __m256 z1 = _mm256_fmadd_ps(q1, half, load_h8(sp + 16 * BITS + 8));
       const int8_t* tg = tq + (size_t)G * gstride;
-      for (int col = 0; col < n; ++col, tg += G4) {
+      const uint8_t* mg = tm + (size_t)G * gstride / 16;
+      for (int col = 0; col < n; ++col, tg += G4, mg += G4 / 16) {
+        __m256i mlo[NL], mhi[NL];
+        for (int L = 0; L < NL; ++L) chunk_mults(mg + 8 * L, c, mlo[L], mhi[L]);
         __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
         for (int i = 0; i < BITS; ++i) {
           __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
           for (int L = 0; L < NL; ++L) {
             __m256i r07, r815;
-            chunk_lookup(idx[i][L], tg + 128 * L, c, r07, r815);
+            chunk_lookup(idx[i][L], tg + 128 * L, mlo[L], mhi[L], r07, r815);
             a0 = _mm256_add_epi16(a0, r07);
             a1 = _mm256_add_epi16(a1, r815);
           }
@@ -182,8 +204,8 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
 }
 
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
-using GemmFn = void (*)(const LutWeight&, const int8_t*, size_t, const float*, const float*, int, int, int, float*,
-                        size_t, float*);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, const uint8_t*, size_t, const float*, const float*, int, int,
+                        int, float*, size_t, float*);
 
 template <int BITS>
 GemvFn pick(int nl) {
@@ -202,22 +224,22 @@ void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, fl
   f(W, T, rb0, rb1, y);
 }
 
-void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum,
-                    int n, int rb0, int rb1, float* y, size_t ldy) {
+void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
+                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
   const int nl = W.g / 32;
   GemmFn f = W.bits == 1   ? pick_gemm<1>(nl)
              : W.bits == 2 ? pick_gemm<2>(nl)
              : W.bits == 3 ? pick_gemm<3>(nl)
                            : pick_gemm<4>(nl);
   float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 32);
-  f(W, tq, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  f(W, tq, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
   _mm_free(ybuf);
 }
 
 // Tables: each run's 16 signed entries as two ymm (entries 0–7, 8–15), built in the scalar order
 // ((±x0 ± x1) ± x2) ± x3 with signs applied by xor.
-void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                       float* xsum) {
+void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                       float* lut_scale, float* xsum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   // sign bit where bit t of entry m (m = 0–7) is 0; bit 3 is 0 in entries 0–7, 1 in 8–15
   const int S = (int)0x80000000u;
@@ -225,6 +247,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
   const __m256 n1 = _mm256_castsi256_ps(_mm256_setr_epi32(S, S, 0, 0, S, S, 0, 0));
   const __m256 n2 = _mm256_castsi256_ps(_mm256_setr_epi32(S, S, S, S, 0, 0, 0, 0));
   __m256 t[64];
+  float peak[32];
   alignas(32) float xg[128];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
@@ -234,7 +257,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
       for (int c = 0; c < g; ++c) xg[c] = c < nreal ? xp[c] : 0.0f;
       xp = xg;
     }
-    __m256 amax = _mm256_setzero_ps();
+    float m = 0.0f;
     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
     for (int k = 0; k < g / 4; ++k) {
       const float* x4 = xp + 4 * k;
@@ -247,15 +270,16 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
       v = _mm256_add_ps(v, _mm256_xor_ps(x3, sign));           // entries 0–7
       t[2 * k] = v;
       t[2 * k + 1] = w;
-      amax = _mm256_max_ps(amax, _mm256_max_ps(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, w)));
+      peak[k] = run_peak(x4);
+      m = m > peak[k] ? m : peak[k];
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float m = _mm_cvtss_f32(m4);
-    const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    const float invf = m > 0.0f ? 127.0f / m : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
+    uint8_t* mult = tm + (size_t)G * gstride / 16;
     for (int k = 0; k < g / 4; ++k) {
+      const int e = run_exponent(peak[k], m);
+      const __m256 inv = _mm256_set1_ps(invf * (float)(1 << e));
+      mult[k] = (uint8_t)(8 >> e);
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k], inv));
       const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k + 1], inv));
       const __m256i p16 = _mm256_packs_epi32(a, b);  // lanes: a0-3 b0-3 | a4-7 b4-7
@@ -263,7 +287,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, size_t
       // p8 = a0-3 b0-3 a4-7 b4-7 → reorder to a0-7 b0-7
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm_shuffle_epi32(p8, _MM_SHUFFLE(3, 1, 2, 0)));
     }
-    lut_scale[G] = m / 254.0f;
+    lut_scale[G] = m / 2032.0f;
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

@@ -5,13 +5,16 @@
 //   lo = (chunk & 0x0F) | 16·(p mod 4)      index into the 64-byte table T[k0..k0+3]
 //   hi = (chunk >> 4 & 0x0F) | 16·(p mod 4)  index into T[k0+4..k0+7]
 //   vpermb(lo, tq + 128L), vpermb(hi, tq + 128L + 64)  → 64 int8 lookups each (16 rows × 4 runs)
-//   vpdpbusd(acc, 1, lookups) sums each row's 4 bytes into its int32 lane → acc = 16 rows' sums.
+//   vpdpbusd(acc, mult, lookups) sums each row's 4 bytes, times their runs' multipliers (lut.h; the
+//   u8 operand is the broadcast of mult[k0..k0+3], resp. mult[k0+4..k0+7]), into its int32 lane.
 // Per (row block, group): y += lut_scale·Σ_i s_i·float(acc_i) + (z + Σ_i s_i/2)·Σx, fp16 scales via
 // vcvtph2ps (signed tables, see lut.h).
 //
 // Only intrinsics and plain functions live here (no std templates), so no AVX-512 code can leak
 // into inline functions shared with baseline translation units.
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "lut.h"
 
@@ -23,12 +26,18 @@ inline __m512i chunk_pattern() {  // byte p → 16·(p mod 4)
   return _mm512_set1_epi32(0x30201000);
 }
 
+// The u8 multipliers of 4 consecutive runs, in every dword (byte j ↔ run k0 + j).
+inline __m512i mult4(const uint8_t* m) {
+  int32_t v;
+  std::memcpy(&v, m, 4);
+  return _mm512_set1_epi32(v);
+}
+
 // Sum of one plane over one group for 16 rows: NL chunks of 64 bytes.
 template <int NL>
-inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, int pf) {
+inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, const uint8_t* mg, int pf) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i pat = chunk_pattern();
-  const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
 #pragma GCC unroll 4
   for (int L = 0; L < NL; ++L) {
@@ -38,8 +47,8 @@ inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, int pf) {
     const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
     const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
     const __m512i t1 = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
-    acc0 = _mm512_dpbusd_epi32(acc0, ones, _mm512_permutexvar_epi8(lo, t0));
-    acc1 = _mm512_dpbusd_epi32(acc1, ones, _mm512_permutexvar_epi8(hi, t1));
+    acc0 = _mm512_dpbusd_epi32(acc0, mult4(mg + 8 * L), _mm512_permutexvar_epi8(lo, t0));
+    acc1 = _mm512_dpbusd_epi32(acc1, mult4(mg + 8 * L + 4), _mm512_permutexvar_epi8(hi, t1));
   }
   return _mm512_add_epi32(acc0, acc1);
 }
@@ -61,15 +70,16 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
 
 // 16 outputs of one row block for one activation vector.
 template <int BITS, int NL>
-inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int8_t* tq, size_t gstride,
-                        const float* lut_scale, const float* xsum) {
+inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int8_t* tq, const uint8_t* tm,
+                        size_t gstride, const float* lut_scale, const float* xsum) {
   __m512 yacc = _mm512_setzero_ps();
   for (int G = 0; G < ng; ++G) {
     const int8_t* tg = tq + (size_t)G * gstride;
+    const uint8_t* mg = tm + (size_t)G * gstride / 16;
     __m512 fsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
-      const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, g_prefetch_bytes);
+      const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, mg, g_prefetch_bytes);
       const __m512 s = load_h16(sp + 16 * i);
       fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, fsum);
       ssum = _mm512_add_ps(ssum, s);
@@ -93,7 +103,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
-    store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
+    store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.tm, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
   }
 }
 
@@ -101,11 +111,11 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 // buffer and reused for every column; each column's group tables (g·4 bytes, contiguous across
 // columns in the group-major table layout) are loaded once into registers and serve all planes.
 template <int BITS, int NL>
-void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale, const float* xsum, int n,
-            int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
+            const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
   alignas(64) __m512i idx[BITS][NL][2];
-  const __m512i mask = _mm512_set1_epi8(0x0F), pat = chunk_pattern(), ones = _mm512_set1_epi8(1);
+  const __m512i mask = _mm512_set1_epi8(0x0F), pat = chunk_pattern();
   const int ng = W.ng;
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
@@ -126,21 +136,24 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
       }
       const __m512 z = _mm512_fmadd_ps(ssum, _mm512_set1_ps(0.5f), load_h16(sp + 16 * BITS));  // z + Σs/2
       const int8_t* tg = tq + (size_t)G * gstride;
-      for (int c = 0; c < n; ++c, tg += G4) {
-        __m512i t[NL][2];
+      const uint8_t* mg = tm + (size_t)G * gstride / 16;
+      for (int c = 0; c < n; ++c, tg += G4, mg += G4 / 16) {
+        // Chunk-outer, plane-inner: each chunk's tables and multipliers are loaded once and serve
+        // every plane (few live registers, so 4-bit tiles do not spill).
+        __m512i acc[BITS][2];
+        for (int i = 0; i < BITS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
         for (int L = 0; L < NL; ++L) {
-          t[L][0] = _mm512_loadu_si512((const void*)(tg + 128 * L));
-          t[L][1] = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
+          const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
+          const __m512i t1 = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
+          const __m512i m0 = mult4(mg + 8 * L), m1 = mult4(mg + 8 * L + 4);
+          for (int i = 0; i < BITS; ++i) {
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], m0, _mm512_permutexvar_epi8(idx[i][L][0], t0));
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], m1, _mm512_permutexvar_epi8(idx[i][L][1], t1));
+          }
         }
         __m512 fsum = _mm512_setzero_ps();
-        for (int i = 0; i < BITS; ++i) {
-          __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-          for (int L = 0; L < NL; ++L) {
-            a0 = _mm512_dpbusd_epi32(a0, ones, _mm512_permutexvar_epi8(idx[i][L][0], t[L][0]));
-            a1 = _mm512_dpbusd_epi32(a1, ones, _mm512_permutexvar_epi8(idx[i][L][1], t[L][1]));
-          }
-          fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), s[i], fsum);
-        }
+        for (int i = 0; i < BITS; ++i)
+          fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[i][0], acc[i][1])), s[i], fsum);
         __m512 yc = _mm512_load_ps(ybuf + 16 * c);
         yc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[(size_t)c * ng + G]), yc);
         yc = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[(size_t)c * ng + G]), yc);
@@ -154,8 +167,8 @@ void gemm_t(const LutWeight& W, const int8_t* tq, size_t gstride, const float* l
 }
 
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
-using GemmFn = void (*)(const LutWeight&, const int8_t*, size_t, const float*, const float*, int, int, int, float*,
-                        size_t, float*);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, const uint8_t*, size_t, const float*, const float*, int, int,
+                        int, float*, size_t, float*);
 
 template <int BITS>
 GemvFn pick_gemv(int nl) {
@@ -191,23 +204,24 @@ void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
   gemv_fn(W.bits, W.g)(W, T, rb0, rb1, y);
 }
 
-void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, size_t gstride, const float* lut_scale,
-                      const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
+void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,
+                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
   float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 64);
-  gemm_fn(W.bits, W.g)(W, tq, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  gemm_fn(W.bits, W.g)(W, tq, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
   _mm_free(ybuf);
 }
 
 // Tables: one zmm holds the 16 signed entries of one run, ((±x0 ± x1) ± x2) ± x3 with the signs
 // applied by xor (matching the scalar reference bit for bit), then quantized with the group's
 // max |U| (see lut_scalar.cpp).
-void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                         float* xsum) {
+void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                         float* lut_scale, float* xsum) {
   // sign bit set in the entries m whose bit t is 0
   const __m512 sgn = _mm512_set1_ps(-0.0f), zero = _mm512_setzero_ps();
   const __m512 neg0 = _mm512_mask_mov_ps(sgn, 0xAAAA, zero), neg1 = _mm512_mask_mov_ps(sgn, 0xCCCC, zero);
   const __m512 neg2 = _mm512_mask_mov_ps(sgn, 0xF0F0, zero), neg3 = _mm512_mask_mov_ps(sgn, 0xFF00, zero);
   __m512 t[32];
+  float peak[32];
   alignas(64) float xg[128];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
@@ -217,7 +231,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size
       for (int c = 0; c < g; ++c) xg[c] = c < nreal ? xp[c] : 0.0f;
       xp = xg;
     }
-    __m512 amax = _mm512_setzero_ps();
+    float m = 0.0f;
     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
     for (int k = 0; k < g / 4; ++k) {
       const float* x4 = xp + 4 * k;
@@ -227,16 +241,20 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, size
       v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[2]), neg2));
       v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[3]), neg3));
       t[k] = v;
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      peak[k] = run_peak(x4);
+      m = m > peak[k] ? m : peak[k];
     }
-    const float m = _mm512_reduce_max_ps(amax);
-    const __m512 inv = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
+    uint8_t* mult = tm + (size_t)G * gstride / 16;
     for (int k = 0; k < g / 4; ++k) {
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(t[k], inv));  // round to nearest even
+      const int e = run_exponent(peak[k], m);
+      const __m512 inv_k = _mm512_set1_ps(inv * (float)(1 << e));
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(t[k], inv_k));  // round to nearest even
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm512_cvtsepi32_epi8(qi));
+      mult[k] = (uint8_t)(8 >> e);
     }
-    lut_scale[G] = m / 254.0f;
+    lut_scale[G] = m / 2032.0f;
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

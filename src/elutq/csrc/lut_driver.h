@@ -76,8 +76,8 @@ struct LutMatrix {
   size_t nbytes() const { return (size_t)view.nrb() * (view.w_bytes_per_rb() + 2 * view.sz_elems_per_rb()); }
 };
 
-void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                  float* xsum);
+void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                  float* lut_scale, float* xsum);
 
 // Y_w[c, :] = W_w · X[c, :] for every matrix w (all with the same in_features and group size) and
 // column c < n; the activation tables are built once per column and shared by all matrices.

@@ -4,17 +4,31 @@
 // 16-byte quarters (rows 4q..4q+3).  For each quarter:
 //   lo = (v & 0x0F) | 16·(p mod 4),  hi = (v >> 4) | 16·(p mod 4)
 //   vqtbl4q_u8(T[k0..k0+3] as 4 q-registers, lo)   → 16 int8 lookups (4 rows × 4 runs), same for hi
-//   vpaddlq_s8 sums byte pairs into int16 (runs j = 0+1, 2+3); these accumulate over the group
-//   (|sum| ≤ 254·g/16 ≤ 2032: no overflow), then vpaddlq_s16 gives one int32 per row.
+//   vmull_s8 by the runs' multipliers (lut.h: 1..8, byte j ↔ run k0 + j) widens to int16 and
+//   vpaddq_s16 sums byte pairs (runs j = 0+1, 2+3); these accumulate over the group
+//   (|sum| ≤ 8·254·g/16 ≤ 16256: no overflow), then vpaddlq_s16 gives one int32 per row.
 // Tables are built with the scalar builder (they are small next to the weights).
 #if defined(__aarch64__)
 #include <arm_neon.h>
+
+#include <cstring>
 
 #include "lut.h"
 
 namespace elutq {
 
 namespace {
+
+// Σ of adjacent byte pairs of r, each byte times its run's multiplier (m: mult[k0..k0+3] as bytes).
+inline int16x8_t pair_sums(int8x16_t r, int8x16_t m) {
+  return vpaddq_s16(vmull_s8(vget_low_s8(r), vget_low_s8(m)), vmull_high_s8(r, m));
+}
+
+inline int8x16_t mult4(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return vreinterpretq_s8_u32(vdupq_n_u32(v));
+}
 
 template <int BITS, int NL>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
@@ -27,6 +41,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     for (int q = 0; q < 4; ++q) yv[q] = vdupq_n_f32(0.0f);
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
+      const uint8_t* mg = T.tm + (size_t)G * T.gstride / 16;
       float32x4_t f[4], ss[4];
       for (int q = 0; q < 4; ++q) f[q] = ss[q] = vdupq_n_f32(0.0f);
       for (int i = 0; i < BITS; ++i) {
@@ -36,13 +51,14 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
           if (g_prefetch_bytes) __builtin_prefetch(wp + g_prefetch_bytes, 0, 2);
           const uint8x16x4_t t0 = vld1q_u8_x4((const uint8_t*)(tg + 128 * L));
           const uint8x16x4_t t1 = vld1q_u8_x4((const uint8_t*)(tg + 128 * L + 64));
+          const int8x16_t m0 = mult4(mg + 8 * L), m1 = mult4(mg + 8 * L + 4);
           for (int q = 0; q < 4; ++q) {
             const uint8x16_t v = vld1q_u8(wp + 16 * q);
             const uint8x16_t lo = vorrq_u8(vandq_u8(v, nib), pat);
             const uint8x16_t hi = vorrq_u8(vshrq_n_u8(v, 4), pat);
             const int8x16_t rlo = vreinterpretq_s8_u8(vqtbl4q_u8(t0, lo));
             const int8x16_t rhi = vreinterpretq_s8_u8(vqtbl4q_u8(t1, hi));
-            a[q] = vaddq_s16(a[q], vaddq_s16(vpaddlq_s8(rlo), vpaddlq_s8(rhi)));
+            a[q] = vaddq_s16(a[q], vaddq_s16(pair_sums(rlo, m0), pair_sums(rhi, m1)));
           }
         }
         for (int q = 0; q < 4; ++q) {

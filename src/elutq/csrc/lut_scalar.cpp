@@ -81,20 +81,29 @@ static inline float group_sum(const float* xg, int g) {
   return (p[0] + p[1]) + (p[2] + p[3]);
 }
 
-void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, size_t gstride, float* lut_scale,
-                         float* xsum) {
+void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
+                         float* lut_scale, float* xsum) {
   float xg[128];
-  float t[32 * 16];
+  float t[32 * 16], peak[32];
   for (int G = 0; G < ng; ++G) {
     group_x(x, in, g, G, xg);
     float amax = 0.0f;
     const float s = group_sum(xg, g);
-    for (int k = 0; k < g / 4; ++k) run_table_signed(xg + 4 * k, t + 16 * k);
-    for (int e = 0; e < g * 4; ++e) amax = std::fmax(amax, std::fabs(t[e]));
+    for (int k = 0; k < g / 4; ++k) {
+      run_table_signed(xg + 4 * k, t + 16 * k);
+      peak[k] = run_peak(xg + 4 * k);
+      amax = std::fmax(amax, peak[k]);
+    }
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
-    for (int e = 0; e < g * 4; ++e) q[e] = (int8_t)std::nearbyint(t[e] * inv);
-    lut_scale[G] = amax / 254.0f;  // (b·x) = lut_scale·Σ q + Σx/2
+    uint8_t* mult = tm + (size_t)G * gstride / 16;
+    for (int k = 0; k < g / 4; ++k) {
+      const int e = run_exponent(peak[k], amax);
+      const float inv_k = inv * (float)(1 << e);
+      for (int m = 0; m < 16; ++m) q[16 * k + m] = (int8_t)std::nearbyint(t[16 * k + m] * inv_k);
+      mult[k] = (uint8_t)(8 >> e);
+    }
+    lut_scale[G] = amax / 2032.0f;  // (b·x) = lut_scale·Σ mult·q + Σx/2;  2032 = 254·8
     xsum[G] = s;
   }
 }
@@ -124,15 +133,17 @@ void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
     float y16[kRowBlock] = {0};
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
+      const uint8_t* mg = T.tm + (size_t)G * T.gstride / 16;
       float fsum[kRowBlock] = {0}, ssum[kRowBlock] = {0};
       for (int i = 0; i < bits; ++i) {
         int32_t acc[kRowBlock] = {0};
         for (int L = 0; L < nl; ++L, wp += kChunkBytes) {
           const int8_t* t0 = tg + L * 128;  // T[k0 .. k0+3]
           const int8_t* t1 = t0 + 64;       // T[k0+4 .. k0+7]
+          const uint8_t* m0 = mg + 8 * L;   // mult[k0 .. k0+7]
           for (int p = 0; p < kChunkBytes; ++p) {
             const int j = p & 3;
-            acc[p >> 2] += t0[16 * j + (wp[p] & 15)] + t1[16 * j + (wp[p] >> 4)];
+            acc[p >> 2] += m0[j] * t0[16 * j + (wp[p] & 15)] + m0[4 + j] * t1[16 * j + (wp[p] >> 4)];
           }
         }
         for (int m = 0; m < kRowBlock; ++m) {

@@ -119,6 +119,7 @@ void run_case(int out, int in, int bits, int g, std::mt19937& rng) {
   for (auto& v : x) v = nd(rng);
   const int ng = W.ng;
   std::vector<int8_t> tq((size_t)ng * g * 4);
+  std::vector<uint8_t> tm((size_t)ng * g / 4);
   std::vector<float> tf((size_t)ng * g * 4), ls(ng), xs(ng), xsf(ng);
 
   // 1. float tables vs the layout definition
@@ -133,9 +134,10 @@ void run_case(int out, int in, int bits, int g, std::mt19937& rng) {
   check(e < 1e-5, "float-table vs layout reference", e);
 
   // 2. every SIMD path vs scalar int8
-  build_tables_scalar(x.data(), in, g, ng, tq.data(), (size_t)g * 4, ls.data(), xs.data());
+  build_tables_scalar(x.data(), in, g, ng, tq.data(), tm.data(), (size_t)g * 4, ls.data(), xs.data());
   LutTables T;
   T.tq = tq.data();
+  T.tm = tm.data();
   T.gstride = (size_t)g * 4;
   T.lut_scale = ls.data();
   T.xsum = xs.data();
@@ -145,9 +147,10 @@ void run_case(int out, int in, int bits, int g, std::mt19937& rng) {
   for (Path p : available_paths()) {
     if (p == Path::Scalar) continue;
     std::vector<int8_t> tq2(tq.size());
+    std::vector<uint8_t> tm2(tm.size());
     std::vector<float> ls2(ng), xs2(ng), y(out);
-    build_tables(p, x.data(), in, g, ng, tq2.data(), (size_t)g * 4, ls2.data(), xs2.data());
-    check(tq2 == tq && ls2 == ls && xs2 == xs, "tables identical to scalar", 0);
+    build_tables(p, x.data(), in, g, ng, tq2.data(), tm2.data(), (size_t)g * 4, ls2.data(), xs2.data());
+    check(tq2 == tq && tm2 == tm && ls2 == ls && xs2 == xs, "tables identical to scalar", 0);
     std::vector<float*> outs{y.data()};
     lut_matmul({W}, x.data(), 1, outs, p, false, 1);
     e = rel_err(y.data(), ysd);

@@ -69,13 +69,14 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads);
 }
 
-static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq, CArray<float> ls, CArray<float> xs,
-                   const std::string& path) {
+static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq, CArray<uint8_t> tm, CArray<float> ls,
+                   CArray<float> xs, const std::string& path) {
   const int in = (int)x.shape(0), ng = (in + g - 1) / g;
   if (g != 32 && g != 64 && g != 128) throw std::invalid_argument("group size must be 32, 64 or 128");
-  if (tq.size() != (size_t)ng * g * 4 || ls.size() != (size_t)ng || xs.size() != (size_t)ng)
+  if (tq.size() != (size_t)ng * g * 4 || tm.size() != (size_t)ng * g / 4 || ls.size() != (size_t)ng ||
+      xs.size() != (size_t)ng)
     throw std::invalid_argument("table output arrays have the wrong size");
-  build_tables(resolve(path), x.data(), in, g, ng, tq.data(), (size_t)g * 4, ls.data(), xs.data());
+  build_tables(resolve(path), x.data(), in, g, ng, tq.data(), tm.data(), (size_t)g * 4, ls.data(), xs.data());
 }
 
 // ------------------------------------------------------------------------------ runtime bindings
@@ -156,7 +157,7 @@ NB_MODULE(_native, m) {
   m.def("matmul", &matmul, nb::arg("weights"), nb::arg("x"), nb::arg("outs"), nb::arg("path") = "",
         nb::arg("float_tables") = false, nb::arg("max_threads") = 0,
         "outs[w][c, :] = weights[w] · x[c, :] for every matrix w, sharing x's tables across matrices.");
-  m.def("build_tables", &tables, nb::arg("x"), nb::arg("group_size"), nb::arg("tq"), nb::arg("lut_scale"),
+  m.def("build_tables", &tables, nb::arg("x"), nb::arg("group_size"), nb::arg("tq"), nb::arg("tm"), nb::arg("lut_scale"),
         nb::arg("xsum"), nb::arg("path") = "", "int8 activation tables of one vector (for tests).");
   m.def("available_paths", [] {
     std::vector<std::string> v;
