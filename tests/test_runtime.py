@@ -21,7 +21,7 @@ from elutq import _native
 from elutq.checkpoint import load_quantized, save_quantized
 from elutq.hlq import QuantConfig
 from elutq.quantize import quantize
-from elutq.runtime import KERNEL_CACHE_DIR, Sampler, Session, _draw, _keep_top_p
+from elutq.runtime import KERNEL_CACHE_DIR, IncrementalDecoder, Sampler, Session, _draw, _keep_top_p
 from elutq.utils import ElutqError
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]
@@ -149,6 +149,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert pen != int(np.argmax(logits))  # a repeated token is penalised away
     with pytest.raises(ElutqError, match="top_p"):
         Sampler(top_p=0.0)
+
+
+def test_incremental_decoding_equals_decoding_everything():
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rng = np.random.default_rng(0)
+    texts = ["Grüße, 東京 🦊 and the quick brown fox", "a  b\n\nc", "🦊🦊🦊"]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    seqs += [rng.integers(0, len(tok), 30).tolist() for _ in range(20)]  # lone UTF-8 bytes included
+    for k, ids in enumerate(seqs):
+        dec = IncrementalDecoder(tok)
+        pieces = [dec.push(int(i)) for i in ids]
+        if k < len(texts):  # valid text: a character split over tokens is never emitted half
+            assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) + dec.flush() == tok.decode(ids, skip_special_tokens=True)
 
 
 def test_draw_follows_the_weights_across_blocks():

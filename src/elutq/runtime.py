@@ -509,6 +509,38 @@ class Model:
         yield g.completion()
 
 
+class IncrementalDecoder:
+    """Text of a growing token sequence at O(1) cost per token: only a short window is decoded —
+    the tokens since the last complete character plus the ones before them, so that tokenizers whose
+    decoding depends on context (SentencePiece's leading space) give the same text as decoding the
+    whole sequence.  Bytes of an unfinished UTF-8 character are held back until it completes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # window start; end of the tokens whose text was returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, tok: int) -> str:
+        """Append a token; returns the new text that is complete."""
+        self.ids.append(tok)
+        prefix = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """The held-back rest (an unfinished character decodes as U+FFFD)."""
+        prefix = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return full[len(prefix) :]
+
+
 class Generation:
     """One request's reply: prompt bookkeeping, sampling, detokenization, stop strings, timing.
 
@@ -534,6 +566,7 @@ class Generation:
         self.timing = Timing(prompt_tokens=len(ids), cached_tokens=keep)
         self.out: list[int] = []
         self.text, self.sent = "", 0
+        self._decoder = IncrementalDecoder(model.tokenizer)
         self.done, self.finish_reason = False, "length"
         self._hold = max((len(x) for x in stops), default=1) - 1
         self._t_first = 0.0
@@ -543,25 +576,29 @@ class Generation:
         now = time.perf_counter()
         if not self.out and not self._t_first:
             self.timing.prefill_seconds = now - self.t0
-        tok = self.sampler(logits, self.ids + self.out)
+        history = self.ids + self.out if self.sampler.repetition_penalty != 1.0 else ()
+        tok = self.sampler(logits, history)
         if not self._t_first:
             self._t_first = time.perf_counter()
             self.timing.time_to_first_token = self._t_first - self.t0
         if tok in self.model.eos_ids:
             return self._finish("stop")
         self.out.append(tok)
-        self.text = self.model.tokenizer.decode(self.out, skip_special_tokens=True)
-        cut = min((self.text.find(x) for x in self.stops if x in self.text), default=-1)
+        new = self._decoder.push(tok)
+        # A stop string first seen now overlaps the new text: search only from there.
+        start = max(len(self.text) - self._hold, 0)
+        self.text += new
+        cut = min((i for x in self.stops if (i := self.text.find(x, start)) >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
-            return self._finish("stop")
+            return self._finish("stop", flush=False)
         if len(self.out) >= self.max_new or len(self.session.tokens) >= self.session.max_ctx:
             return self._finish("length")
         self.pending = [tok]
-        # Hold back an incomplete UTF-8 sequence and anything that may start a stop string.
-        safe = len(self.text) - (1 if self.text.endswith("\ufffd") else 0)
+        # Hold back anything that may start a stop string (unfinished characters are held by the decoder).
+        safe = len(self.text)
         if self.stops:
-            safe = min(safe, max(len(self.text) - self._hold, 0))
+            safe = max(len(self.text) - self._hold, 0)
         return self._emit(safe)
 
     def _emit(self, upto: int) -> str:
@@ -570,7 +607,13 @@ class Generation:
         piece, self.sent = self.text[self.sent : upto], upto
         return piece
 
-    def _finish(self, reason: str) -> str:
+    def _finish(self, reason: str, flush: bool = True) -> str:
+        if flush:  # the held-back rest of the text; it may complete a stop string
+            start = max(len(self.text) - self._hold, 0)
+            self.text += self._decoder.flush()
+            cut = min((i for x in self.stops if (i := self.text.find(x, start)) >= 0), default=-1)
+            if cut >= 0:
+                self.text, reason = self.text[:cut], "stop"
         self.done, self.finish_reason, self.pending = True, reason, []
         self.timing.generated_tokens = len(self.out)
         self.timing.decode_seconds = time.perf_counter() - self._t_first if self._t_first else 0.0
