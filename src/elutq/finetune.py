@@ -74,7 +74,7 @@ class FinetuneConfig:
     val_fraction: float = 0.125  # held-out calibration samples (early stopping / best state)
     batch_size: int = 4  # samples per step (and per activation chunk)
     epochs: int = 4  # passes over the training samples per layer
-    lr: float = 1e-2  # best of 1e-4..1e-2 on layers 0 and 4 of the default model at w2g128
+    lr: float | None = None  # None: DEFAULT_LR of the stage (block: best of 1e-4..1e-2 on layers 0, 4 at w2g128)
     weight_decay: float = 0.0  # decay would pull scales towards 0, not towards their fitted values
     warmup_frac: float = 0.0
     eval_every: int = 0  # steps between held-out evaluations (0: once per epoch... and at the end)
@@ -88,6 +88,8 @@ class FinetuneConfig:
             raise ValueError(f"stage must be 'block' or 'e2e' (got {self.stage!r})")
         if self.loss not in ("kl", "ce"):
             raise ValueError(f"loss must be 'kl' or 'ce' (got {self.loss!r})")
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.stage])
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
