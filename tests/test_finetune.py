@@ -228,3 +228,17 @@ def test_e2e_crash_then_resume_and_block_then_e2e(tiny_ckpt, tmp_path):
     _, _, qc = load_quantized(both)
     assert [h["stage"] for h in qc["finetune"]] == ["block", "e2e"]
     assert not (tmp_path / "both.block").exists()
+
+
+def test_e2e_bad_settings_are_refused_and_write_nothing(tiny_ckpt, tmp_path):
+    src, q, calib = tiny_ckpt
+    with pytest.raises(ValueError, match="stage must be"):
+        FinetuneConfig(stage="layers")
+    with pytest.raises(ValueError, match="loss must be"):
+        FinetuneConfig(stage="e2e", loss="mse")
+    with pytest.raises(ValueError, match="stage='e2e'"):
+        finetune_e2e(q, str(src), tmp_path / "ft", FinetuneConfig(calib=calib), progress=False)
+    few = CalibConfig(n_samples=2, seqlen=32, dataset=None, text=calib.text)  # one chunk: none left to train on
+    with pytest.raises(ElutqError, match="none for training"):
+        finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(few), progress=False)
+    assert not (tmp_path / "ft").exists()

@@ -36,10 +36,9 @@ def test_greedy_64_tokens_match_torch_with_float_tables(checkpoint):
 def test_int8_tables_logits_and_top1(checkpoint):
     """int8 tables (the fast path) against torch, teacher-forced on 512 WikiText-2 test tokens.
 
-    Measured on this model: relative RMS logit error 1.3e-2 and top-1 agreement 98.0% (the int8
-    activation tables with per-run power-of-two multipliers carry 0.2-0.6% error per matmul; see
-    docs/KERNELS.md).  The bounds below leave a margin over those figures; a kernel or runtime bug
-    moves them by orders of magnitude."""
+    Measured on this model: relative RMS logit error 1.3e-2 and top-1 agreement 98.0% (int8
+    activation tables with per-run power-of-two multipliers; see docs/KERNELS.md).  The bounds below
+    leave a margin over those figures; a kernel or runtime bug moves them by orders of magnitude."""
     ref_model, tokenizer, _ = load_quantized(checkpoint)
     text, _ = load_text(dataset="wikitext2", split="test")
     ids = tokenizer(text[:20000], add_special_tokens=False).input_ids[:512]

@@ -78,7 +78,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     import shutil
 
     from .calibration import CalibConfig
-    from .finetune import DEFAULT_LR, FinetuneConfig, finetune_block, finetune_e2e
+    from .finetune import FinetuneConfig, finetune_block, finetune_e2e
 
     calib = CalibConfig(
         n_samples=args.calib_samples,
@@ -106,7 +106,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     # block,e2e: block reconstruction into OUT.block (kept until the e2e stage is written, so a
     # killed run resumes there), then end-to-end tuning from it into OUT.
     for k, stage in enumerate(stages):
-        cfg = dataclasses.replace(base, stage=stage, lr=args.lr or DEFAULT_LR[stage])
+        cfg = dataclasses.replace(base, stage=stage, lr=args.lr)  # None: the stage's default
         dst = out if k == len(stages) - 1 else out.with_name(out.name + f".{stage}")
         if dst != out and (dst / "config.json").exists() and args.resume:
             print(f"{stage}: using the finished stage at {dst}")

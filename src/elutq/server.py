@@ -151,14 +151,15 @@ class Engine:
         def shared(s: Session) -> int:
             return _common_prefix(s.tokens, ids)
 
-        session = max(self._free, key=shared, default=None)
+        have, session = max(((shared(s), s) for s in self._free), key=lambda t: t[0], default=(0, None))
         if session is None:
             session = Session(self.model, max_ctx=self.ctx)
         else:
             self._free.remove(session)
-        donor = max((j.session for j in self._active if j.session is not None), key=shared, default=None)
-        if donor is not None and shared(donor) > shared(session) + MIN_SHARED_PREFIX:
-            session.share_prefix(donor, shared(donor))
+        best, donor = max(((shared(j.session), j.session) for j in self._active if j.session is not None),
+                          key=lambda t: t[0], default=(0, None))
+        if donor is not None and best > have + MIN_SHARED_PREFIX:
+            session.share_prefix(donor, best)
         return session
 
     def _admit(self, job: _Job) -> None:
