@@ -242,3 +242,27 @@ def test_e2e_bad_settings_are_refused_and_write_nothing(tiny_ckpt, tmp_path):
     with pytest.raises(ElutqError, match="none for training"):
         finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(few), progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+def test_quantize_finetune_equals_quantize_then_finetune(tiny_ckpt, tmp_path):
+    """`quantize --finetune e2e` = `quantize` then `finetune --stage e2e` (same defaults), bit for bit."""
+    src, q, calib = tiny_ckpt
+    text = Path(calib.text)
+    quant = ["--method", "rtn", "--bits", "2", "--group-size", "32", "--lm-head-group-size", "32"]
+    one = tmp_path / "one"
+    done = run_cli([
+        "quantize", str(src), "-o", str(one), *quant, "--finetune", "e2e", "--calib-text", str(text),
+        "--ft-calib-samples", "16", "--ft-calib-seqlen", "32", "--ft-batch-size", "2", "--ft-epochs", "2",
+        "--ft-lr", "1e-3", "--ft-device", "cpu",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "end-to-end tuning (kl)" in done.stdout and not (tmp_path / "one.quantized").exists()
+    two_q = tmp_path / "two_q"
+    assert run_cli(["quantize", str(src), "-o", str(two_q), *quant]).returncode == 0
+    two = tmp_path / "two"
+    done = run_cli(ft_args(src, two_q, two, text, "--stage", "e2e"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_checkpoint(one, two)
+    # An existing output is refused before any quantization work.
+    again = run_cli(["quantize", str(src), "-o", str(one), *quant, "--finetune", "e2e"])
+    assert again.returncode == 2 and "--overwrite" in again.stderr and not (tmp_path / "one.quantized").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,7 +54,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         offload_dir=args.offload_dir,
         device=args.device,
     )
-    out = Path(args.output)
+    out = final = Path(args.output)
+    if args.finetune:
+        # Quantize into OUT.quantized, finetune from it into OUT.  Refuse an existing OUT now, not after
+        # the quantization.
+        if (final / "config.json").exists() and not args.overwrite:
+            raise ElutqError(f"{final} already holds a checkpoint; choose another output path or pass --overwrite")
+        out = final.with_name(final.name + ".quantized")
+        if args.resume and (out / "config.json").exists():
+            print(f"quantization: using the finished checkpoint at {out}")
+            _run_finetune_stages(args, out, args.model, final, args.finetune.split(","))
+            shutil.rmtree(out)
+            return
     report = quantize_streaming(args.model, out, cfg, resume=args.resume, overwrite=args.overwrite)
     errs = report.layer_errors
     kind = "relative output MSE" if args.method == "gptq" else "weight MSE"
@@ -71,53 +83,61 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"  per-layer {kind}: mean {sum(errs) / len(errs):.3e}, worst {errs[worst]:.3e} (layer {worst})")
     print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
     print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
+    if args.finetune:
+        _run_finetune_stages(args, out, args.model, final, args.finetune.split(","))
+        shutil.rmtree(out)
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
-    import dataclasses
-    import shutil
-
+def _finetune_config(args: argparse.Namespace, stage: str):
     from .calibration import CalibConfig
-    from .finetune import FinetuneConfig, finetune_block, finetune_e2e
+    from .finetune import FinetuneConfig
 
     calib = CalibConfig(
-        n_samples=args.calib_samples,
-        seqlen=args.calib_seqlen,
+        n_samples=args.ft_calib_samples,
+        seqlen=args.ft_calib_seqlen,
         seed=args.calib_seed,
         dataset=None if args.calib_text else args.calib_dataset,
         text=args.calib_text,
     )
-    stages = args.stage.split(",")
-    base = FinetuneConfig(
-        stage=stages[0],
+    return FinetuneConfig(
+        stage=stage,
         calib=calib,
         val_fraction=args.val_fraction,
         batch_size=args.batch_size,
         epochs=args.epochs,
+        lr=args.lr,  # None: the stage's default
         weight_decay=args.weight_decay,
         eval_every=args.eval_every,
         patience=args.patience,
         seed=args.seed,
         loss=args.loss,
-        device=args.device or ("cuda" if _cuda_available() else "cpu"),
+        device=args.ft_device or ("cuda" if _cuda_available() else "cpu"),
     )
-    out = Path(args.output)
-    src = args.checkpoint
-    # block,e2e: block reconstruction into OUT.block (kept until the e2e stage is written, so a
-    # killed run resumes there), then end-to-end tuning from it into OUT.
+
+
+def _run_finetune_stages(args: argparse.Namespace, ckpt: str | Path, source: str, out: Path, stages: list[str]) -> None:
+    """Each stage reads the previous one's checkpoint; all but the last write to OUT.<stage>, kept until the
+    next stage is written (so a killed run resumes there), then removed.  ``ckpt`` itself is never removed."""
+    from .finetune import finetune_block, finetune_e2e
+
+    src = ckpt
     for k, stage in enumerate(stages):
-        cfg = dataclasses.replace(base, stage=stage, lr=args.lr)  # None: the stage's default
+        cfg = _finetune_config(args, stage)
         dst = out if k == len(stages) - 1 else out.with_name(out.name + f".{stage}")
         if dst != out and (dst / "config.json").exists() and args.resume:
             print(f"{stage}: using the finished stage at {dst}")
             src = dst
             continue
         run = finetune_block if stage == "block" else finetune_e2e
-        report = run(src, args.source, dst, cfg, resume=args.resume, overwrite=args.overwrite)
-        _print_finetune(report, stage, src, args.source, dst, cfg)
-        if src != args.checkpoint:
+        report = run(src, source, dst, cfg, resume=args.resume, overwrite=args.overwrite)
+        _print_finetune(report, stage, src, source, dst, cfg)
+        if src != ckpt:
             shutil.rmtree(src)
         src = dst
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    _run_finetune_stages(args, args.checkpoint, args.source, Path(args.output), args.stage.split(","))
 
 
 def _print_finetune(report, stage: str, ckpt: str | Path, source: str, out: Path, cfg) -> None:
@@ -302,6 +322,32 @@ def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
 
 
+FINETUNE_STAGES = ["block", "e2e", "block,e2e"]
+FINETUNE_STAGE_HELP = (
+    "block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
+    "outputs; block,e2e: one after the other"
+)
+
+
+def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
+    """HLQ-FT training options; ``prefix`` 'ft-' for `quantize --finetune` (dests stay the same)."""
+    def opt(name: str, **kw) -> None:
+        g.add_argument(f"--{prefix}{name}", dest=name.replace("-", "_"), **kw)
+
+    opt("loss", choices=["kl", "ce"], default="kl",
+        help="e2e loss: KL to the source model's next-token distribution, or the causal-LM loss")
+    opt("val-fraction", type=float, default=0.125, help="held-out share of the samples")
+    opt("batch-size", type=int, default=4, help="samples per step")
+    opt("epochs", type=int, default=4, help="passes over the training samples (per layer for block)")
+    opt("lr", type=float, default=None, help="AdamW learning rate, cosine schedule (default: 1e-2 block, 1e-4 e2e)")
+    opt("weight-decay", type=float, default=0.0)
+    opt("eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
+    opt("patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")
+    opt("seed", type=int, default=0)
+    g.add_argument(f"--{prefix}device", dest="ft_device", default=None,
+                   help="cpu or cuda (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elutq", description="LUT-aware low-bit quantization of LLMs for CPUs")
     p.add_argument("--version", action="version", version=f"elutq {__version__}")
@@ -347,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    qf = q.add_argument_group("finetuning after quantization (HLQ-FT; see `elutq finetune`)")
+    qf.add_argument("--finetune", choices=FINETUNE_STAGES, default=None, help=FINETUNE_STAGE_HELP)
+    qf.add_argument("--ft-calib-samples", type=int, default=64, help="finetuning samples (default 64)")
+    qf.add_argument("--ft-calib-seqlen", type=int, default=256, help="finetuning sample length (default 256)")
+    _add_training_args(qf, prefix="ft-")
     q.set_defaults(func=cmd_quantize)
 
     f = sub.add_parser(
@@ -355,30 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("checkpoint", help="quantized checkpoint directory (from `elutq quantize`)")
     f.add_argument("--source", required=True, help="the full-precision model it was quantized from")
     f.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
-    f.add_argument(
-        "--stage", choices=["block", "e2e", "block,e2e"], default="block",
-        help="block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
-        "outputs; block,e2e: one after the other",
-    )
-    f.add_argument("--loss", choices=["kl", "ce"], default="kl",
-                   help="e2e loss: KL to the source model's next-token distribution, or the causal-LM loss")
+    f.add_argument("--stage", choices=FINETUNE_STAGES, default="block", help=FINETUNE_STAGE_HELP)
     fc = f.add_argument_group("calibration (WikiText-2 valid by default)")
-    fc.add_argument("--calib-samples", type=int, default=64)
-    fc.add_argument("--calib-seqlen", type=int, default=256)
+    fc.add_argument("--calib-samples", dest="ft_calib_samples", type=int, default=64)
+    fc.add_argument("--calib-seqlen", dest="ft_calib_seqlen", type=int, default=256)
     fc.add_argument("--calib-seed", type=int, default=0)
     fc.add_argument("--calib-dataset", default="wikitext2", help="named dataset (its 'valid' split)")
     fc.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
-    ft = f.add_argument_group("training")
-    ft.add_argument("--val-fraction", type=float, default=0.125, help="held-out share of the samples")
-    ft.add_argument("--batch-size", type=int, default=4, help="samples per step")
-    ft.add_argument("--epochs", type=int, default=4, help="passes over the training samples (per layer for block)")
-    ft.add_argument("--lr", type=float, default=None,
-                    help="AdamW learning rate, cosine schedule (default: 1e-2 for block, 1e-4 for e2e)")
-    ft.add_argument("--weight-decay", type=float, default=0.0)
-    ft.add_argument("--eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
-    ft.add_argument("--patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_training_args(f.add_argument_group("training"), prefix="")
     f.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     f.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     f.set_defaults(func=cmd_finetune)
