@@ -13,6 +13,7 @@ first ``--max-tokens`` tokens (HF tokenizer ids for both engines), ours through 
 through its own logits, with bits per weight read from the files.
 
     bash scripts/setup_peer.sh                                    # once: builds llama.cpp (~20 min)
+    .venv/bin/python benchmarks/bench_runtime.py --prepare-only   # checkpoints, GGUFs (no timing)
     .venv/bin/python benchmarks/bench_runtime.py --quality        # everything
     .venv/bin/python benchmarks/bench_runtime.py --skip-7b        # the default model only
 
@@ -442,6 +443,8 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true", help="also WikiText-2 perplexity of the default model's variants")
     ap.add_argument("--max-tokens", type=int, default=16384, help="perplexity over this many test tokens")
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make the checkpoints and GGUFs, then stop (so the timed part can run on a quiet machine)")
     args = ap.parse_args()
 
     try:
@@ -468,6 +471,9 @@ def main() -> None:
         print(f"  elutq {n}: {p} (method {qc.get('method')}, ALS iters {qc.get('iters')})")
     bpw = {n: checkpoint_bpw(p) for n, p in ours_ckpt.items()}
     common = dict(threads=args.threads, prompt=args.prompt, gen=args.gen)
+    if args.prepare_only:
+        print("artifacts ready in", args.work)
+        return
 
     if not args.skip_small:
         bw = read_bw(args.threads)
