@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
 from elutq.gptq import Hessian, gptq_quantize_weight
-from elutq.hlq import QuantConfig, quantize_weight
+from elutq.hlq import QuantConfig, QuantizedWeight, quantize_weight
 from elutq.models import load_model
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.quantize import quantize
@@ -128,6 +128,48 @@ def test_streaming_gptq_checkpoint_loads_and_beats_rtn(tiny_llama, tmp_path):
             errs[method] = (model(ids).logits - ref_logits).pow(2).mean().item()
     assert qc["calibration_text"] == str(text)
     assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_lm_head_quantized_in_row_slices_equals_whole(tiny_llama, tmp_path, monkeypatch, method):
+    """The lm_head is quantized HEAD_ROWS rows at a time (bounded memory); rows are independent, so
+    slicing changes nothing."""
+    import elutq.pipeline as pipeline
+
+    _, path = tiny_llama
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    calib = CalibConfig(n_samples=4, seqlen=32, dataset=None, text=str(text))
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method=method, calib=calib, lm_head=QuantConfig(3, 32))
+    quantize_streaming(str(path), tmp_path / "whole", cfg, progress=False)
+    monkeypatch.setattr(pipeline, "HEAD_ROWS", 37)  # not a divisor of the vocabulary: a short last slice
+    quantize_streaming(str(path), tmp_path / "sliced", cfg, progress=False)
+    whole, sliced = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "sliced")
+    for k in ("lm_head.qweight", "lm_head.scales", "lm_head.zeros"):
+        assert whole[k].shape == sliced[k].shape, k
+        if method == "rtn":
+            assert torch.equal(whole[k], sliced[k]), k
+    if method == "gptq":  # same algorithm per row; BLAS may round differently for other matrix heights
+        a, b = (QuantizedWeight.unpack(t["lm_head.qweight"], t["lm_head.scales"], t["lm_head.zeros"], 160, 32)
+                for t in (whole, sliced))  # fmt: skip
+        assert (a.codes == b.codes).float().mean() > 0.99
+        assert torch.allclose(a.dequantize(), b.dequantize(), atol=1e-2)
+
+
+def test_safetensors_source_reads_what_safe_open_reads(tmp_path):
+    from safetensors.torch import save_file
+
+    from elutq.pipeline import SafetensorsSource
+
+    ts = {
+        "a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2),
+        "d": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.empty(0, 4), "f": torch.tensor([True, False]),
+    }  # fmt: skip
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    src = SafetensorsSource(tmp_path)
+    for k, t in ts.items():
+        got = src.get(k)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
 
 
 def test_layer_by_layer_pass_matches_the_full_model(tiny_llama):

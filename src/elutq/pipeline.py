@@ -39,7 +39,7 @@ from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
-from .hlq import QuantConfig, quantize_weight
+from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
@@ -93,6 +93,13 @@ class PipelineConfig:
 # ----------------------------------------------------------------------------- reading the source
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
 class SafetensorsSource:
     """Tensors of a single-file or sharded (index json) safetensors checkpoint, read on demand."""
 
@@ -118,7 +125,7 @@ class SafetensorsSource:
             for f in files:
                 with safe_open(str(self.dir / f), framework="pt") as h:
                     self.weight_map.update({k: f for k in h.keys()})  # noqa: SIM118
-        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -129,10 +136,27 @@ class SafetensorsSource:
                 f"tensor {name} is not in the checkpoint at {self.dir}; the model's layers cannot be "
                 "walked (is it a llama-family checkpoint with standard tensor names?)"
             )
+        # Plain reads, not safe_open's memory map: mapped pages a process has touched count towards its
+        # RSS for as long as the file stays mapped, so reading a whole model through one map makes the
+        # quantizer's RSS grow by every layer it has read.
         f = self.weight_map[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(self.dir / f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        if f not in self._headers:
+            with open(self.dir / f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[f] = (8 + n, json.loads(fh.read(n)))
+        start, header = self._headers[f]
+        info = header[name]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ElutqError(f"tensor {name} in {self.dir / f} has dtype {info['dtype']}, which elutq cannot read")
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.dir / f, "rb") as fh:
+            fh.seek(start + begin)
+            if fh.readinto(buf) != len(buf):
+                raise ElutqError(f"{self.dir / f} is truncated (tensor {name}); download it again")
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(info["shape"])
 
     def fingerprint(self) -> str:
         """Names, shapes and dtypes of all tensors plus sizes and edge bytes of each file (cheap, not a full hash)."""
@@ -531,6 +555,9 @@ def quantize_streaming(
     return report
 
 
+HEAD_ROWS = 8192  # lm_head rows quantized at a time
+
+
 def _chunk_dir(root: Path | None, layer: int) -> Path | None:
     return None if root is None else root / f"layer-{layer:05d}"
 
@@ -565,19 +592,36 @@ def _write_head(
             tensors["lm_head.weight"] = head_w.to(storage_dtype(head_w, prefer))
         bits = params = 0
     else:
-        w = head_w  # 16-bit: GPTQ widens its own transposed copy, RTN its chunks
+        # Rows are independent in both RTN and GPTQ (one Hessian for all rows), so the vocabulary is
+        # quantized in slices: the fp32 working copies then stay small for any vocabulary size.
         if cfg.method == "gptq":
-            w = w.to(device)
             rms = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
             rms.weight.data = norm.to(device=device, dtype=torch.float32)
             h = Hessian(config.hidden_size, device=device)
             for x in acts:
                 h.add(rms(x.to(device)))
-            qw = gptq_quantize_weight(w, h.h, cfg.lm_head, damp=cfg.damp, act_order=cfg.act_order, codes=cfg.codes)
+
+            def quantize_rows(w: torch.Tensor) -> QuantizedWeight:
+                return gptq_quantize_weight(
+                    w.to(device), h.h, cfg.lm_head, damp=cfg.damp, act_order=cfg.act_order, codes=cfg.codes
+                )
         else:
-            qw = quantize_weight(w, cfg.lm_head)
-        tensors["lm_head.qweight"], tensors["lm_head.scales"], tensors["lm_head.zeros"] = qw.pack(), qw.scales, qw.zeros
-        bits, params = qw.storage_bits(), w.numel()
+
+            def quantize_rows(w: torch.Tensor) -> QuantizedWeight:
+                return quantize_weight(w, cfg.lm_head)
+
+        packed, scales, zeros = [], [], []
+        bits = 0
+        for r in range(0, head_w.shape[0], HEAD_ROWS):
+            qw = quantize_rows(head_w[r : r + HEAD_ROWS])
+            packed.append(qw.pack().cpu())
+            scales.append(qw.scales.cpu())
+            zeros.append(qw.zeros.cpu())
+            bits += qw.storage_bits()
+            del qw
+        tensors["lm_head.qweight"] = torch.cat(packed, 1)
+        tensors["lm_head.scales"], tensors["lm_head.zeros"] = torch.cat(scales), torch.cat(zeros)
+        params = head_w.numel()
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
     return bits, params
 
