@@ -247,6 +247,31 @@ def test_multi_linear_shares_tables(path: str) -> None:
         torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
 
 
+def test_avx2_byte_order_gives_identical_results() -> None:
+    """A matrix copied in the AVX2 order (lut.h) gives, on the scalar path (int8 and float tables),
+    exactly what the standard order gives; paths that read only the standard order refuse it."""
+    qw = random_qw(70, 320, 3, 64, seed=15)
+    w, sz, gk = K.repack(qw.pack(), qw.scales, qw.zeros, 320, 64)
+    std = _native.PackedWeight(w, sz, 70, 320, 3, gk)
+    avx2 = _native.PackedWeight(w, sz, 70, 320, 3, gk, avx2_order=True)
+    assert avx2.avx2_order and not std.avx2_order
+    x = np.random.default_rng(16).normal(size=(3, 320)).astype(np.float32)
+    out = {}
+    for float_tables in (False, True):
+        a, b = np.empty((3, 70), np.float32), np.empty((3, 70), np.float32)
+        _native.matmul([std], x, [a], "scalar", float_tables)
+        _native.matmul([avx2], x, [b], "scalar", float_tables)
+        np.testing.assert_array_equal(a, b)
+        out[float_tables] = a
+    if "avx2" in K.available_paths():
+        _native.matmul([avx2], x, [b], "avx2", False)
+        np.testing.assert_array_equal(b, K.LUTLinear(qw, path="avx2")(x))
+        assert rel_err(b, out[False]) < 1e-6
+    if "avx512" in K.available_paths():
+        with pytest.raises(ValueError, match="avx2 path"):
+            _native.matmul([avx2], x, [b], "avx512", False)
+
+
 def test_from_packed_equals_constructor() -> None:
     qw = random_qw(40, 160, 2, 32, seed=13)
     a = K.LUTLinear(qw)

@@ -108,7 +108,7 @@ def synthetic_model(
         nrb, ng = -(-out // kernels.ROW_BLOCK), -(-inp // group_size)
         w = rng.integers(0, 256, size=nrb * ng * b * (group_size // 32) * 64, dtype=np.uint8)
         sz = (rng.standard_normal(nrb * ng * (b + 1) * kernels.ROW_BLOCK) * 0.01).astype(np.float16)
-        return _native.PackedWeight(w, sz.view(np.uint16), out, inp, b, group_size)
+        return _native.PackedWeight(w, sz.view(np.uint16), out, inp, b, group_size, rt.path == "avx2")
 
     no_bias = np.zeros(0, dtype=np.float32)
     kv = n_kv_heads * head_dim

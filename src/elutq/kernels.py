@@ -152,7 +152,10 @@ class LUTLinear:
         self.path = path or active_path()
         if self.path not in available_paths():
             raise ValueError(f"kernel path {self.path!r} is not available here (available: {available_paths()})")
-        self._packed = _native.PackedWeight(w, sz, self.out_features, self.in_features, self.bits, gk)
+        # The avx2 path reads its own byte order (csrc/lut.h), applied when the matrix is copied in.
+        self._packed = _native.PackedWeight(
+            w, sz, self.out_features, self.in_features, self.bits, gk, avx2_order=self.path == "avx2"
+        )
         # kept for the float64 reference
         self._qweight, self._scales, self._zeros = qweight, scales, zeros
 

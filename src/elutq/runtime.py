@@ -128,8 +128,9 @@ class _KernelCache:
                 self.writable = False  # a read-only checkpoint just goes uncached
         return self.writable
 
-    def packed(self, t: _Tensors, name: str, spec: dict, in_f: int) -> Any:
-        """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now."""
+    def packed(self, t: _Tensors, name: str, spec: dict, in_f: int, avx2_order: bool) -> Any:
+        """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now (the
+        cache holds the standard order; ``avx2_order`` is applied when the matrix is copied in)."""
         q = t.get(f"{name}.qweight")
         bits, out = int(q.shape[0]), int(q.shape[1])
         w_file, sz_file = self.dir / f"{name}.w.npy", self.dir / f"{name}.sz.npy"
@@ -137,7 +138,7 @@ class _KernelCache:
             try:
                 w = np.load(w_file, mmap_mode="r", allow_pickle=False)
                 sz = np.load(sz_file, mmap_mode="r", allow_pickle=False)
-                return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name])
+                return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name], avx2_order)
             except (OSError, ValueError):
                 pass  # damaged: repack
         try:
@@ -151,7 +152,7 @@ class _KernelCache:
                 self.index[name] = gk
             except OSError:
                 self.writable = False
-        return _native.PackedWeight(w, sz, out, in_f, bits, gk)
+        return _native.PackedWeight(w, sz, out, in_f, bits, gk, avx2_order)
 
     def finish(self) -> None:
         if self.writable and not self.complete and self.index:
@@ -702,7 +703,7 @@ def load(
         bias = _f32(t.get(f"{name}.bias")) if f"{name}.bias" in t else no_bias
         if name in modules:
             in_f = arch.hidden if layer < 0 else in_features[slot]
-            rt.set_lut(layer, slot, cache.packed(t, name, modules[name], in_f), bias)
+            rt.set_lut(layer, slot, cache.packed(t, name, modules[name], in_f, rt.path == "avx2"), bias)
         else:
             rt.set_dense(layer, slot, _fp16_bits(t.get(f"{name}.weight"), name), bias)
 

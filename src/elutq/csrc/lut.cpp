@@ -241,7 +241,7 @@ void AlignedBuf::resize(size_t bytes) {
 AlignedBuf::~AlignedBuf() { std::free(p); }
 
 LutMatrix::LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_t sz_elems, int out, int in,
-                     int bits, int g) {
+                     int bits, int g, bool avx2_order) {
   if (bits < 1 || bits > 4) throw std::invalid_argument("bits must be 1..4");
   if (g != 32 && g != 64 && g != 128) throw std::invalid_argument("kernel group size must be 32, 64 or 128");
   if (out < 1 || in < 1) throw std::invalid_argument("out and in must be >= 1");
@@ -260,8 +260,16 @@ LutMatrix::LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_
                                 std::to_string(szn));
   wbuf.resize(wn);
   szbuf.resize(szn * 2);
-  std::memcpy(wbuf.p, w, wn);
+  if (avx2_order) {
+    uint8_t* dst = (uint8_t*)wbuf.p;
+    for (size_t c = 0; c < wn; c += kChunkBytes)
+      for (int m = 0; m < kRowBlock; ++m)
+        for (int j = 0; j < 4; ++j) dst[c + chunk_byte(true, m, j)] = w[c + chunk_byte(false, m, j)];
+  } else {
+    std::memcpy(wbuf.p, w, wn);
+  }
   std::memcpy(szbuf.p, sz, szn * 2);
+  v.avx2_order = avx2_order;
   v.w = (const uint8_t*)wbuf.p;
   v.sz = (const uint16_t*)szbuf.p;
   view = v;
@@ -300,8 +308,12 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
                 bool float_tables, int max_threads) {
   if (Ws.empty() || n <= 0) return;
   const int in = Ws[0].in, g = Ws[0].g, ng = Ws[0].ng;
-  for (const auto& W : Ws)
+  for (const auto& W : Ws) {
     if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
+    if (W.avx2_order && !float_tables && p != Path::Avx2 && p != Path::Scalar)
+      throw std::invalid_argument(std::string("a matrix loaded for the avx2 path cannot run on the ") + path_name(p) +
+                                  " path; load it for that path");
+  }
   const size_t g4 = (size_t)g * 4;  // table bytes (entries) per column and group
   const size_t tlen = g4 * ng;      // per column
   const int pool_size = pool().size();

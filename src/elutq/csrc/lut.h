@@ -45,6 +45,12 @@
 //       16-byte tables T[k0..k0+3] (resp. T[k0+4..k0+7]) — i.e. 64 contiguous bytes of tq — does
 //       16 rows × 4 runs of lookups at once, and summing each aligned group of 4 result bytes
 //       gives the per-row sum (vpermb + vpdpbusd on AVX-512, tbl ×4 + pairwise adds on NEON).
+//       AVX2 order (a matrix loaded for the avx2 path, LutWeight::avx2_order): inside every chunk,
+//       byte q = 16j + m holds what byte 4m + j holds above, so two plain 32-byte loads give the
+//       vpshufb operands [j0 | j1] and [j2 | j3] (rows 0..15 in each lane) with no transposition
+//       per chunk.  The order is applied when the matrix is copied into its aligned buffer
+//       (LutMatrix); repack() and the kernel cache always hold the order above.  Only the AVX2 and
+//       scalar paths read it.
 //   sz  fp16  [nrb][ng][bits + 1][16]   planes' scales s_i of the 16 rows, then their zeros z.
 //       Padded rows have zero scales and zeros, so they produce 0.
 //
@@ -70,6 +76,7 @@ struct LutWeight {
   int bits = 0;                  // 1..4
   int g = 0;                     // 32, 64 or 128
   int ng = 0;                    // number of groups; in_pad = ng·g
+  bool avx2_order = false;       // chunk bytes in the AVX2 order (see above)
   int nrb() const { return (out + kRowBlock - 1) / kRowBlock; }
   int in_pad() const { return ng * g; }
   size_t w_bytes_per_rb() const { return (size_t)ng * bits * (g / 32) * kChunkBytes; }
@@ -104,6 +111,9 @@ static inline float run_peak(const float* x4) {
   const float a2 = x4[2] < 0 ? -x4[2] : x4[2], a3 = x4[3] < 0 ? -x4[3] : x4[3];
   return ((a0 + a1) + a2) + a3;
 }
+
+// Byte of a chunk holding row m's nibbles of runs j and j + 4 (j = 0..3).
+static inline int chunk_byte(bool avx2_order, int m, int j) { return avx2_order ? 16 * j + m : 4 * m + j; }
 
 enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 

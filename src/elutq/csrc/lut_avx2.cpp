@@ -6,6 +6,8 @@
 // or T[k0 + 4 + j] (high nibble).  So each chunk is first transposed so that one lane holds the 16
 // rows' bytes of one j (in row order):
 //   vpshufb (4×4 byte transpose per lane) → vpermd → vpunpck{l,h}qdq:  A = [j0 | j1], B = [j2 | j3]
+// A matrix loaded for this path is stored in the AVX2 order (lut.h), which is A and B already:
+// two plain loads, no transposition (ORDER = true below; false reads the standard order).
 // Then one vpshufb per ymm looks up 32 entries, with the tables as plain 32-byte loads
 // ([T[k0] | T[k0+1]], [T[k0+2] | T[k0+3]], and +64 bytes for the high nibbles).  vpunpck{l,h}bw
 // of the A and B results pairs j0 with j2 (lane 0) and j1 with j3 (lane 1) for the same row, and
@@ -46,7 +48,16 @@ inline Consts make_consts() {
 
 // The 4 index vectors of one chunk: idx[0] = low nibbles of lanes j0 | j1, idx[1] = low nibbles of
 // j2 | j3, idx[2], idx[3] = the high nibbles (bytes = rows 0..15 in order).
+template <bool ORDER>
 inline void chunk_indices(const uint8_t* wp, const Consts& c, __m256i* idx) {
+  if (ORDER) {
+    const __m256i a = _mm256_loadu_si256((const __m256i*)wp), b = _mm256_loadu_si256((const __m256i*)(wp + 32));
+    idx[0] = _mm256_and_si256(a, c.nib);
+    idx[1] = _mm256_and_si256(b, c.nib);
+    idx[2] = _mm256_and_si256(_mm256_srli_epi16(a, 4), c.nib);
+    idx[3] = _mm256_and_si256(_mm256_srli_epi16(b, 4), c.nib);
+    return;
+  }
   const __m256i y0 = _mm256_permutevar8x32_epi32(
       _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)wp), c.tr_bytes), c.tr_dwords);
   const __m256i y1 = _mm256_permutevar8x32_epi32(
@@ -90,7 +101,7 @@ inline __m256i lanes_to_i32(__m256i a) {
 
 inline __m256 load_h8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
-template <int BITS, int NL>
+template <int BITS, int NL, bool ORDER>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   const Consts c = make_consts();
   for (int rb = rb0; rb < rb1; ++rb) {
@@ -107,7 +118,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
           __m256i r07, r815, idx[4];
           if (g_prefetch_bytes) _mm_prefetch((const char*)wp + g_prefetch_bytes, _MM_HINT_T1);
-          chunk_indices(wp, c, idx);
+          chunk_indices<ORDER>(wp, c, idx);
           chunk_lookup(idx, tg + 128 * L, mlo[L], mhi[L], r07, r815);
           a0 = _mm256_add_epi16(a0, r07);
           a1 = _mm256_add_epi16(a1, r815);
@@ -141,7 +152,7 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 
 // GEMM: per (row block, group) the transposed indices of all planes are computed once and reused
 // for every column (same arithmetic, in the same order, as gemv_t for each column).
-template <int BITS, int NL>
+template <int BITS, int NL, bool ORDER>
 void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
             const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
@@ -155,7 +166,7 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
     for (int k = 0; k < 2 * n; ++k) _mm256_store_ps(ybuf + 8 * k, _mm256_setzero_ps());
     for (int G = 0; G < ng; ++G) {
       for (int i = 0; i < BITS; ++i)
-        for (int L = 0; L < NL; ++L) chunk_indices(wp + (i * NL + L) * kChunkBytes, c, idx[i][L]);
+        for (int L = 0; L < NL; ++L) chunk_indices<ORDER>(wp + (i * NL + L) * kChunkBytes, c, idx[i][L]);
       __m256 s0[BITS], s1[BITS], q0 = _mm256_setzero_ps(), q1 = q0;
       for (int i = 0; i < BITS; ++i) {
         s0[i] = load_h8(sp + 16 * i);
@@ -207,30 +218,40 @@ using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
 using GemmFn = void (*)(const LutWeight&, const int8_t*, const uint8_t*, size_t, const float*, const float*, int, int,
                         int, float*, size_t, float*);
 
-template <int BITS>
-GemvFn pick(int nl) {
-  return nl == 1 ? gemv_t<BITS, 1> : nl == 2 ? gemv_t<BITS, 2> : gemv_t<BITS, 4>;
+template <int BITS, bool ORDER>
+GemvFn pick_order(int nl) {
+  return nl == 1 ? gemv_t<BITS, 1, ORDER> : nl == 2 ? gemv_t<BITS, 2, ORDER> : gemv_t<BITS, 4, ORDER>;
 }
 template <int BITS>
-GemmFn pick_gemm(int nl) {
-  return nl == 1 ? gemm_t<BITS, 1> : nl == 2 ? gemm_t<BITS, 2> : gemm_t<BITS, 4>;
+GemvFn pick(int nl, bool order) {
+  return order ? pick_order<BITS, true>(nl) : pick_order<BITS, false>(nl);
+}
+template <int BITS, bool ORDER>
+GemmFn pick_gemm_order(int nl) {
+  return nl == 1 ? gemm_t<BITS, 1, ORDER> : nl == 2 ? gemm_t<BITS, 2, ORDER> : gemm_t<BITS, 4, ORDER>;
+}
+template <int BITS>
+GemmFn pick_gemm(int nl, bool order) {
+  return order ? pick_gemm_order<BITS, true>(nl) : pick_gemm_order<BITS, false>(nl);
 }
 
 }  // namespace
 
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   const int nl = W.g / 32;
-  GemvFn f = W.bits == 1 ? pick<1>(nl) : W.bits == 2 ? pick<2>(nl) : W.bits == 3 ? pick<3>(nl) : pick<4>(nl);
+  const bool o = W.avx2_order;
+  GemvFn f = W.bits == 1 ? pick<1>(nl, o) : W.bits == 2 ? pick<2>(nl, o) : W.bits == 3 ? pick<3>(nl, o) : pick<4>(nl, o);
   f(W, T, rb0, rb1, y);
 }
 
 void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
                     const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
   const int nl = W.g / 32;
-  GemmFn f = W.bits == 1   ? pick_gemm<1>(nl)
-             : W.bits == 2 ? pick_gemm<2>(nl)
-             : W.bits == 3 ? pick_gemm<3>(nl)
-                           : pick_gemm<4>(nl);
+  const bool o = W.avx2_order;
+  GemmFn f = W.bits == 1   ? pick_gemm<1>(nl, o)
+             : W.bits == 2 ? pick_gemm<2>(nl, o)
+             : W.bits == 3 ? pick_gemm<3>(nl, o)
+                           : pick_gemm<4>(nl, o);
   float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 32);
   f(W, tq, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
   _mm_free(ybuf);

@@ -72,7 +72,9 @@ struct LutMatrix {
   AlignedBuf wbuf, szbuf;
   LutWeight view;
   // w: nrb·ng·bits·(g/32)·64 bytes; sz: nrb·ng·(bits+1)·16 fp16 values.  Throws on bad sizes.
-  LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_t sz_elems, int out, int in, int bits, int g);
+  // avx2_order: store the chunks in the AVX2 order (lut.h) — for a matrix the avx2 path will run.
+  LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_t sz_elems, int out, int in, int bits, int g,
+            bool avx2_order = false);
   size_t nbytes() const { return (size_t)view.nrb() * (view.w_bytes_per_rb() + 2 * view.sz_elems_per_rb()); }
 };
 

@@ -141,10 +141,11 @@ void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
           const int8_t* t0 = tg + L * 128;  // T[k0 .. k0+3]
           const int8_t* t1 = t0 + 64;       // T[k0+4 .. k0+7]
           const uint8_t* m0 = mg + 8 * L;   // mult[k0 .. k0+7]
-          for (int p = 0; p < kChunkBytes; ++p) {
-            const int j = p & 3;
-            acc[p >> 2] += m0[j] * t0[16 * j + (wp[p] & 15)] + m0[4 + j] * t1[16 * j + (wp[p] >> 4)];
-          }
+          for (int m = 0; m < kRowBlock; ++m)
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t b = wp[chunk_byte(W.avx2_order, m, j)];
+              acc[m] += m0[j] * t0[16 * j + (b & 15)] + m0[4 + j] * t1[16 * j + (b >> 4)];
+            }
         }
         for (int m = 0; m < kRowBlock; ++m) {
           const float s = fp16_to_float(sp[i * 16 + m]);
@@ -174,10 +175,11 @@ void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int
         for (int L = 0; L < nl; ++L, wp += kChunkBytes) {
           const float* t0 = tg + L * 128;
           const float* t1 = t0 + 64;
-          for (int p = 0; p < kChunkBytes; ++p) {
-            const int j = p & 3;
-            acc[p >> 2] += (double)t0[16 * j + (wp[p] & 15)] + (double)t1[16 * j + (wp[p] >> 4)];
-          }
+          for (int m = 0; m < kRowBlock; ++m)
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t b = wp[chunk_byte(W.avx2_order, m, j)];
+              acc[m] += (double)t0[16 * j + (b & 15)] + (double)t1[16 * j + (b >> 4)];
+            }
         }
         for (int m = 0; m < kRowBlock; ++m) y16[m] += acc[m] * (double)fp16_to_float(sp[i * 16 + m]);
       }

@@ -39,8 +39,8 @@ using CArray = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
 
 // A repacked matrix (see lut.h for the layout), owning 64-byte-aligned copies of its buffers.
 struct PackedWeight : LutMatrix {
-  PackedWeight(CArray<const uint8_t> w, CArray<const uint16_t> sz, int out, int in, int bits, int g)
-      : LutMatrix(w.data(), w.size(), sz.data(), sz.size(), out, in, bits, g) {}
+  PackedWeight(CArray<const uint8_t> w, CArray<const uint16_t> sz, int out, int in, int bits, int g, bool avx2_order)
+      : LutMatrix(w.data(), w.size(), sz.data(), sz.size(), out, in, bits, g, avx2_order) {}
 };
 
 static Path resolve(const std::string& path) { return path.empty() ? default_path() : parse_path(path); }
@@ -100,6 +100,7 @@ static void set_lut(Runtime& rt, int layer, int which, const PackedWeight& pw, C
   const LutWeight& v = pw.view;
   L.lut = std::make_unique<LutMatrix>(v.w, (size_t)v.nrb() * v.w_bytes_per_rb(), v.sz, (size_t)v.nrb() * v.sz_elems_per_rb(),
                                       v.out, v.in, v.bits, v.g);
+  L.lut->view.avx2_order = v.avx2_order;  // the bytes were copied as they are, already in that order
   L.out = v.out;
   L.in = v.in;
   L.w16 = nullptr;
@@ -146,8 +147,11 @@ NB_MODULE(_native, m) {
   m.def("cpu_features", &cpu_features, "SIMD features of this CPU, as detected at run time.");
 
   nb::class_<PackedWeight>(m, "PackedWeight", "A repacked HLQ matrix in the LUT kernel layout (see lut.h).")
-      .def(nb::init<CArray<const uint8_t>, CArray<const uint16_t>, int, int, int, int>(), nb::arg("w"),
-           nb::arg("sz"), nb::arg("out_features"), nb::arg("in_features"), nb::arg("bits"), nb::arg("group_size"))
+      .def(nb::init<CArray<const uint8_t>, CArray<const uint16_t>, int, int, int, int, bool>(), nb::arg("w"),
+           nb::arg("sz"), nb::arg("out_features"), nb::arg("in_features"), nb::arg("bits"), nb::arg("group_size"),
+           nb::arg("avx2_order") = false,
+           "avx2_order: keep the chunks in the AVX2 order (lut.h); such a matrix runs on the avx2 and scalar paths only")
+      .def_prop_ro("avx2_order", [](const PackedWeight& p) { return p.view.avx2_order; })
       .def_prop_ro("out_features", [](const PackedWeight& p) { return p.view.out; })
       .def_prop_ro("in_features", [](const PackedWeight& p) { return p.view.in; })
       .def_prop_ro("bits", [](const PackedWeight& p) { return p.view.bits; })
