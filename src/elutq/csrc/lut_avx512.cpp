@@ -114,12 +114,51 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 }
 
 // GEMM: per (row block, group) the chunk indices of all planes are computed once into an L1
-// buffer and reused for every column; each column's group tables (g·4 bytes, contiguous across
-// columns in the group-major table layout) are loaded once into registers and serve all planes.
+// buffer and reused for every column.  Columns go NC at a time (4 for 1-2 bits, 2 for 3-4): each
+// index register loaded from L1 then serves NC columns' lookups, which keeps the loads (indices,
+// tables, multipliers) below the permute/dot-product work — with one column at a time the loads
+// were the bottleneck.  Each column's group tables (g·4 bytes, contiguous across columns in the
+// group-major layout) are read once per group.  The epilogue is the GEMV's, operation for
+// operation, so a GEMM column equals the GEMV bit for bit.
+template <int BITS, int NL, int NC>
+inline void gemm_cols(const __m512i (*idx)[NL][2], const __m512* s, __m512 z, const int8_t* tg, const uint8_t* mg,
+                      const float* ls, const float* xs, int ng, float* yb) {
+  constexpr int G4 = NL * 128;
+  __m512i acc[NC][BITS];
+  for (int c = 0; c < NC; ++c)
+    for (int i = 0; i < BITS; ++i) acc[c][i] = _mm512_setzero_si512();
+  for (int L = 0; L < NL; ++L) {
+    __m512i t0[NC], t1[NC], m0[NC], m1[NC];
+    for (int c = 0; c < NC; ++c) {
+      t0[c] = _mm512_loadu_si512((const void*)(tg + c * G4 + 128 * L));
+      t1[c] = _mm512_loadu_si512((const void*)(tg + c * G4 + 128 * L + 64));
+      m0[c] = mult4(mg + c * (G4 / 16) + 8 * L);
+      m1[c] = mult4(mg + c * (G4 / 16) + 8 * L + 4);
+    }
+    for (int i = 0; i < BITS; ++i) {
+      const __m512i lo = _mm512_load_si512((const void*)&idx[i][L][0]);
+      const __m512i hi = _mm512_load_si512((const void*)&idx[i][L][1]);
+      for (int c = 0; c < NC; ++c) {
+        acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], m0[c], _mm512_permutexvar_epi8(lo, t0[c]));
+        acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], m1[c], _mm512_permutexvar_epi8(hi, t1[c]));
+      }
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    __m512 fsum = _mm512_setzero_ps();
+    for (int i = 0; i < BITS; ++i) fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c][i]), s[i], fsum);
+    __m512 yc = _mm512_load_ps(yb + 16 * c);
+    yc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(ls[(size_t)c * ng]), yc);
+    yc = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[(size_t)c * ng]), yc);
+    _mm512_store_ps(yb + 16 * c, yc);
+  }
+}
+
 template <int BITS, int NL>
 void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
             const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
+  constexpr int NC = BITS <= 2 ? 4 : 2;
   alignas(64) __m512i idx[BITS][NL][2];
   const __m512i mask = _mm512_set1_epi8(0x0F), pat = chunk_pattern();
   const int ng = W.ng;
@@ -143,28 +182,15 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
       const __m512 z = _mm512_fmadd_ps(ssum, _mm512_set1_ps(0.5f), load_h16(sp + 16 * BITS));  // z + Σs/2
       const int8_t* tg = tq + (size_t)G * gstride;
       const uint8_t* mg = tm + (size_t)G * gstride / 16;
-      for (int c = 0; c < n; ++c, tg += G4, mg += G4 / 16) {
-        // Chunk-outer, plane-inner: each chunk's tables and multipliers are loaded once and serve
-        // every plane (few live registers, so 4-bit tiles do not spill).
-        __m512i acc[BITS][2];
-        for (int i = 0; i < BITS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
-        for (int L = 0; L < NL; ++L) {
-          const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
-          const __m512i t1 = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
-          const __m512i m0 = mult4(mg + 8 * L), m1 = mult4(mg + 8 * L + 4);
-          for (int i = 0; i < BITS; ++i) {
-            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], m0, _mm512_permutexvar_epi8(idx[i][L][0], t0));
-            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], m1, _mm512_permutexvar_epi8(idx[i][L][1], t1));
-          }
-        }
-        __m512 fsum = _mm512_setzero_ps();
-        for (int i = 0; i < BITS; ++i)
-          fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[i][0], acc[i][1])), s[i], fsum);
-        __m512 yc = _mm512_load_ps(ybuf + 16 * c);
-        yc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(lut_scale[(size_t)c * ng + G]), yc);
-        yc = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[(size_t)c * ng + G]), yc);
-        _mm512_store_ps(ybuf + 16 * c, yc);
-      }
+      const float* ls = lut_scale + G;
+      const float* xs = xsum + G;
+      int c = 0;
+      for (; c + NC <= n; c += NC)
+        gemm_cols<BITS, NL, NC>(idx, s, z, tg + (size_t)c * G4, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
+                                xs + (size_t)c * ng, ng, ybuf + 16 * c);
+      for (; c < n; ++c)
+        gemm_cols<BITS, NL, 1>(idx, s, z, tg + (size_t)c * G4, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
+                               xs + (size_t)c * ng, ng, ybuf + 16 * c);
       wp += BITS * NL * 64;
       sp += (BITS + 1) * 16;
     }
@@ -217,18 +243,116 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, s
   _mm_free(ybuf);
 }
 
-// Tables: one zmm holds the 16 signed entries of one run, ((±x0 ± x1) ± x2) ± x3 with the signs
-// applied by xor (matching the scalar reference bit for bit), then quantized with the group's
-// max |U| (see lut_scalar.cpp).
+// Tables, 16 runs at a time with one run per lane (lut_scalar.cpp is the reference, matched bit for
+// bit).  Four loads of 16 floats hold runs 0-3, 4-7, 8-11, 12-15 (one run per 128-bit lane); a 4×4
+// transpose inside each 128-bit lane gives X_t (element t of every run), lane f = 4·l + i holding
+// run 4·i + l.  The 8 entries with bit 3 set are ((±x0 ± x1) ± x2) + x3, the other 8 their exact
+// negations (U[15−m] = −U[m]: every partial sum negates exactly).  Entries are scaled by the run's
+// 127·2^e/M, rounded to nearest even, packed to int8 with two saturating packs, and one byte
+// permute per 4 output runs puts them in run-major order (kTablePerm).
+namespace {
+
+constexpr int kRunLane[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // run r is in lane kRunLane[r]
+
+// After packs_epi16(packs_epi32(E_4j, E_4j+1), packs_epi32(E_4j+2, E_4j+3)) =: Z_j, entry m of the
+// run in lane f sits in Z_{m/4} at byte 16·(f/4) + 4·(m%4) + f%4.  Output zmm b (runs 4b..4b+3,
+// 16 entries each) takes m < 8 from (Z0, Z1) and m >= 8 from (Z2, Z3) with one two-source permute
+// each and a blend.
+struct TablePerm {
+  alignas(64) uint8_t idx[4][64];
+  uint64_t hi_mask;
+  alignas(64) int32_t mult_perm[16];  // lane of run r, for the multipliers
+  TablePerm() : hi_mask(0) {
+    for (int b = 0; b < 4; ++b)
+      for (int rho = 0; rho < 4; ++rho)
+        for (int m = 0; m < 16; ++m) {
+          const int f = kRunLane[4 * b + rho];
+          const int pos = 16 * (f / 4) + 4 * (m % 4) + f % 4;
+          idx[b][16 * rho + m] = (uint8_t)(pos + 64 * ((m / 4) & 1));
+          if (b == 0 && m >= 8) hi_mask |= 1ull << (16 * rho + m);
+        }
+    for (int r = 0; r < 16; ++r) mult_perm[r] = kRunLane[r];
+  }
+};
+const TablePerm kTablePerm;
+
+inline void transpose4_lanes(__m512& a, __m512& b, __m512& c, __m512& d) {  // 4×4 in every 128-bit lane
+  const __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
+  const __m512 t2 = _mm512_unpacklo_ps(c, d), t3 = _mm512_unpackhi_ps(c, d);
+  a = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  b = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  c = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  d = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+}
+
+inline __m512 abs_ps(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+}
+
+// X_0..X_3 of the runs at xp (nruns = 16, or 8 for g = 32: the other lanes are zero).
+inline void load_runs(const float* xp, int nruns, __m512 X[4]) {
+  const __m512 z = _mm512_setzero_ps();
+  X[0] = _mm512_loadu_ps(xp);
+  X[1] = _mm512_loadu_ps(xp + 16);
+  X[2] = nruns > 8 ? _mm512_loadu_ps(xp + 32) : z;
+  X[3] = nruns > 8 ? _mm512_loadu_ps(xp + 48) : z;
+  transpose4_lanes(X[0], X[1], X[2], X[3]);
+}
+
+inline __m512 run_peaks(const __m512 X[4]) {  // ((|x0| + |x1|) + |x2|) + |x3|, as run_peak
+  return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(abs_ps(X[0]), abs_ps(X[1])), abs_ps(X[2])), abs_ps(X[3]));
+}
+
+// Tables and multipliers of `nruns` runs (16, or 8) at q / mult; inv = 127/M (0 for M = 0).
+inline void runs_tables(const __m512 X[4], __m512 peak, float M, float inv, int nruns, int8_t* q, uint8_t* mult) {
+  const __m512 sgn = _mm512_set1_ps(-0.0f);
+  auto neg = [&](__m512 v) { return xor_ps(v, sgn); };
+  // e = #{j in 1..3 : peak·2^j <= M}, the loop of run_exponent (monotone in j).
+  const __m512 Mv = _mm512_set1_ps(M);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i e = _mm512_setzero_si512();
+  for (int j = 1; j <= 3; ++j) {
+    const __mmask16 le = _mm512_cmp_ps_mask(_mm512_mul_ps(peak, _mm512_set1_ps((float)(1 << j))), Mv, _CMP_LE_OQ);
+    e = _mm512_mask_add_epi32(e, le, e, one);
+  }
+  const __m512 inv_k = _mm512_scalef_ps(_mm512_set1_ps(inv), _mm512_cvtepi32_ps(e));  // inv·2^e, exact
+  // Entries 8 + j (bit 3 set): a = ±x0 ± x1 (bits 0, 1 of j), b = a ± x2 (bit 2), U = b + x3.
+  const __m512 app = _mm512_add_ps(X[0], X[1]), anp = _mm512_sub_ps(X[1], X[0]);
+  const __m512 a[4] = {neg(app), neg(anp), anp, app};  // j & 3 = 0: −x0 − x1, 1: x0 − x1, 2: −x0 + x1, 3
+  __m512i E[16];
+  for (int j = 0; j < 8; ++j) {
+    const __m512 b = (j & 4) ? _mm512_add_ps(a[j & 3], X[2]) : _mm512_sub_ps(a[j & 3], X[2]);
+    const __m512 u = _mm512_add_ps(b, X[3]);
+    E[8 + j] = _mm512_cvtps_epi32(_mm512_mul_ps(u, inv_k));
+    E[7 - j] = _mm512_cvtps_epi32(_mm512_mul_ps(neg(u), inv_k));
+  }
+  __m512i Z[4];
+  for (int k = 0; k < 4; ++k)
+    Z[k] = _mm512_packs_epi16(_mm512_packs_epi32(E[4 * k], E[4 * k + 1]), _mm512_packs_epi32(E[4 * k + 2], E[4 * k + 3]));
+  const __mmask64 hm = kTablePerm.hi_mask;
+  for (int b = 0; b < nruns / 4; ++b) {
+    const __m512i ix = _mm512_load_si512((const void*)kTablePerm.idx[b]);
+    const __m512i lo = _mm512_permutex2var_epi8(Z[0], ix, Z[1]), hi = _mm512_permutex2var_epi8(Z[2], ix, Z[3]);
+    _mm512_storeu_si512((void*)(q + 64 * b), _mm512_mask_blend_epi8(hm, lo, hi));
+  }
+  // mult = 8 >> e, in run order
+  const __m512i m32 = _mm512_permutexvar_epi32(_mm512_load_si512((const void*)kTablePerm.mult_perm),
+                                               _mm512_srlv_epi32(_mm512_set1_epi32(8), e));
+  const __m128i m8 = _mm512_cvtepi32_epi8(m32);
+  if (nruns == 16)
+    _mm_storeu_si128((__m128i*)mult, m8);
+  else
+    _mm_storel_epi64((__m128i*)mult, m8);
+}
+
+}  // namespace
+
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                          float* lut_scale, float* xsum) {
-  // sign bit set in the entries m whose bit t is 0
-  const __m512 sgn = _mm512_set1_ps(-0.0f), zero = _mm512_setzero_ps();
-  const __m512 neg0 = _mm512_mask_mov_ps(sgn, 0xAAAA, zero), neg1 = _mm512_mask_mov_ps(sgn, 0xCCCC, zero);
-  const __m512 neg2 = _mm512_mask_mov_ps(sgn, 0xF0F0, zero), neg3 = _mm512_mask_mov_ps(sgn, 0xFF00, zero);
-  __m512 t[32];
-  float peak[32];
+  const int nruns = g / 4 < 16 ? g / 4 : 16;  // runs per batch of lanes
+  const int nb = g / 4 / nruns;               // batches per group (1 or 2)
   alignas(64) float xg[128];
+  alignas(64) float s16[16];
   for (int G = 0; G < ng; ++G) {
     const int c0 = G * g;
     const int nreal = in - c0 < g ? in - c0 : g;
@@ -237,30 +361,20 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint
       for (int c = 0; c < g; ++c) xg[c] = c < nreal ? xp[c] : 0.0f;
       xp = xg;
     }
-    float m = 0.0f;
+    __m512 X[2][4], peak[2];
+    for (int b = 0; b < nb; ++b) {
+      load_runs(xp + 64 * b, nruns, X[b]);
+      peak[b] = run_peaks(X[b]);
+    }
+    const float M = _mm512_reduce_max_ps(nb == 2 ? _mm512_max_ps(peak[0], peak[1]) : peak[0]);
+    const float inv = M > 0.0f ? 127.0f / M : 0.0f;
     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
-    for (int k = 0; k < g / 4; ++k) {
-      const float* x4 = xp + 4 * k;
-      part[k & 3] += (x4[0] + x4[1]) + (x4[2] + x4[3]);
-      __m512 v = xor_ps(_mm512_set1_ps(x4[0]), neg0);
-      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[1]), neg1));
-      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[2]), neg2));
-      v = _mm512_add_ps(v, xor_ps(_mm512_set1_ps(x4[3]), neg3));
-      t[k] = v;
-      peak[k] = run_peak(x4);
-      m = m > peak[k] ? m : peak[k];
+    for (int b = 0; b < nb; ++b) {
+      runs_tables(X[b], peak[b], M, inv, nruns, tq + (size_t)G * gstride + 256 * b, tm + (size_t)G * gstride / 16 + 16 * b);
+      _mm512_store_ps(s16, _mm512_add_ps(_mm512_add_ps(X[b][0], X[b][1]), _mm512_add_ps(X[b][2], X[b][3])));
+      for (int r = 0; r < nruns; ++r) part[r & 3] += s16[kRunLane[r]];
     }
-    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-    int8_t* q = tq + (size_t)G * gstride;
-    uint8_t* mult = tm + (size_t)G * gstride / 16;
-    for (int k = 0; k < g / 4; ++k) {
-      const int e = run_exponent(peak[k], m);
-      const __m512 inv_k = _mm512_set1_ps(inv * (float)(1 << e));
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(t[k], inv_k));  // round to nearest even
-      _mm_storeu_si128((__m128i*)(q + 16 * k), _mm512_cvtsepi32_epi8(qi));
-      mult[k] = (uint8_t)(8 >> e);
-    }
-    lut_scale[G] = m / 2032.0f;
+    lut_scale[G] = M / 2032.0f;
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }
