@@ -1,97 +1,99 @@
-"""HLQ-FT on the default model: quantized baseline vs + block reconstruction, WikiText-2 test perplexity.
+"""HLQ-FT on the default model: the quantized baseline vs each finetuning stage, WikiText-2 test perplexity.
 
-    .venv/bin/python benchmarks/bench_finetune.py [--settings w2g128,w3g128] [--method gptq|rtn]
-        [--max-tokens 16384] [--work DIR] [--reuse] [finetune options passed on after --]
+    .venv/bin/python benchmarks/bench_finetune.py [--settings w2g128,w2g64,w3g128] [--stages block,e2e]
+        [--method gptq|rtn] [--max-tokens 65536] [--work DIR] [--json FILE] [finetune options after --]
 
-Every stage runs as its own `elutq` process, so its wall time and peak RSS are its own:
-`elutq quantize` (the baseline), `elutq finetune` (block reconstruction, calibrated on WikiText-2
-`valid`), and `elutq eval` on the first --max-tokens tokens of WikiText-2 `test` for the fp model,
-the baseline and the finetuned checkpoint.  Prints a markdown table (the README's).
-With --reuse an existing baseline checkpoint in --work is used as is (its time is then not measured).
+Every stage runs as its own `elutq` process, measured alone (wall seconds, CPU seconds and peak RSS
+from the OS via ``os.wait4``): `elutq quantize` (the baseline, GPTQ on WikiText-2 `valid` by default),
+then `elutq finetune --stage S` from that baseline for each S in --stages (`block`, `e2e`, or the
+chain `block,e2e` written `block+e2e`), all calibrated and trained on WikiText-2 `valid`; and
+`elutq eval` on the first --max-tokens tokens of WikiText-2 `test` for each checkpoint.  Prints a
+markdown table (the README's).  With --json, every finished row is saved there and a rerun skips
+the rows it holds (checkpoints already in --work are reused, their times not measured again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-
-def run(args: list[str]) -> tuple[str, float]:
-    """Run `elutq ARGS`; returns stdout and wall seconds (fails loudly)."""
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "elutq", *args], capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"elutq {' '.join(args)} failed:\n{p.stderr[-3000:]}")
-    return p.stdout, time.perf_counter() - t0
+from _common import elutq_cmd, eval_ppl, fmt_int, parse_setting, run_measured
 
 
-def peak_rss(stdout: str) -> float:
-    return float(re.findall(r"peak RSS: (\d+) MiB", stdout)[-1])
-
-
-def ppl(spec: Path | str, max_tokens: int) -> tuple[float, str]:
-    out, _ = run(
-        ["eval", str(spec), "--dataset", "wikitext2", "--split", "test", "--max-tokens", str(max_tokens), "--json"]
-    )
-    res = json.loads(out.strip().splitlines()[-2])  # the JSON line, before "peak RSS"
-    return res["ppl"], f"{res['tokens_scored']} tokens scored in {res['windows']} windows of {res['seqlen']}"
+def stage_args(stage: str) -> list[str]:
+    return ["--stage", stage.replace("+", ",")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="w2g128,w3g128")
+    ap.add_argument("--settings", default="w2g128,w2g64,w3g128")
+    ap.add_argument("--stages", default="block,e2e", help="comma-separated: block, e2e, block+e2e")
     ap.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="the baseline quantizer")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="score the first N WikiText-2 test tokens")
-    ap.add_argument("--work", type=Path, default=Path("bench-finetune"), help="where checkpoints go")
-    ap.add_argument("--reuse", action="store_true", help="reuse baseline checkpoints already in --work")
+    ap.add_argument("--max-tokens", type=int, default=65536, help="score the first N WikiText-2 test tokens")
+    ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"), help="where checkpoints and logs go")
+    ap.add_argument("--json", type=Path, help="save rows here; a rerun skips rows already saved")
     ap.add_argument("finetune_args", nargs="*", help="extra `elutq finetune` options (after --)")
     args = ap.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    for s in stages:
+        if s not in ("block", "e2e", "block+e2e"):
+            ap.error(f"unknown stage {s!r} (expected block, e2e or block+e2e)")
     args.work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
 
-    fp_ppl, scored = ppl("default", args.max_tokens)
-    print(f"# WikiText-2 test, first {args.max_tokens} tokens ({scored}); fp32 ppl {fp_ppl:.3f}", flush=True)
-    rows = []
+    def save(key: str, row: dict) -> None:
+        rows[key] = row
+        print(json.dumps({key: row}), flush=True)
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            tmp.replace(args.json)
+
+    def measured(kind: str, cmd: list[str], out: Path) -> dict:
+        if (out / "config.json").is_file():
+            return {"wall_s": None, "cpu_s": None, "rss_mb": None}  # reused
+        m = run_measured(elutq_cmd(*cmd, "--overwrite"), log=args.work / f"{out.name}.log")
+        if m.returncode != 0:
+            raise SystemExit(f"{kind} failed (log: {args.work / f'{out.name}.log'}):\n{m.output[-3000:]}")
+        return {"wall_s": m.seconds, "cpu_s": m.cpu_seconds, "rss_mb": m.peak_rss_mb}
+
+    if "fp" not in rows:
+        save("fp", {"ppl": eval_ppl("default", args.max_tokens)["ppl"]})
     for setting in args.settings.split(","):
-        bits, group = setting.removeprefix("w").split("g")
+        bits, group = parse_setting(setting)
         base = args.work / f"{args.method}-{setting}"
-        if args.reuse and (base / "config.json").is_file():
-            q_time, q_rss = None, None
-        else:
-            out, q_time = run(
-                ["quantize", "default", "-o", str(base), "--method", args.method, "--bits", bits,
-                 "--group-size", group, "--overwrite"]
-            )  # fmt: skip
-            q_rss = peak_rss(out)
-        base_ppl, _ = ppl(base, args.max_tokens)
-        print(f"{setting} {args.method}: ppl {base_ppl:.3f}", flush=True)
-        ft = args.work / f"{args.method}-{setting}-block"
-        out, f_time = run(
-            ["finetune", str(base), "--source", "default", "-o", str(ft), "--overwrite", *args.finetune_args]
-        )
-        print(out, flush=True)
-        ft_ppl, _ = ppl(ft, args.max_tokens)
-        print(f"{setting} {args.method} + block: ppl {ft_ppl:.3f}", flush=True)
-        rows.append((setting, base_ppl, q_time, q_rss, ft_ppl, f_time, peak_rss(out)))
+        key = f"{setting} {args.method}"
+        if key not in rows:
+            cost = measured(args.method, ["quantize", "default", "-o", str(base), "--method", args.method,
+                                          "--bits", str(bits), "--group-size", str(group)], base)
+            save(key, {**cost, "ppl": eval_ppl(str(base), args.max_tokens)["ppl"]})
+        for stage in stages:
+            key = f"{setting} {args.method} + {stage}"
+            if key in rows:
+                continue
+            ft = args.work / f"{args.method}-{setting}-{stage}"
+            cost = measured(stage, ["finetune", str(base), "--source", "default", "-o", str(ft),
+                                    *stage_args(stage), *args.finetune_args], ft)
+            save(key, {**cost, "ppl": eval_ppl(str(ft), args.max_tokens)["ppl"]})
 
     def t(x: float | None) -> str:
-        return "reused" if x is None else f"{x:.0f}"
+        return "reused" if x is None else f"{x:,.0f}"
 
-    print(f"\nfp32: {fp_ppl:.2f}")
-    print(
-        f"| setting | {args.method} ppl | + block ppl | change | {args.method} time (s) | {args.method} peak RSS (MiB) "
-        "| block time (s) | block peak RSS (MiB) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for s, bp, qt, qr, fp, ftime, frss in rows:
-        print(
-            f"| {s} | {bp:.2f} | {fp:.2f} | {100 * (fp / bp - 1):+.1f}% | {t(qt)} | {t(qr)} "
-            f"| {ftime:.0f} | {frss:.0f} |"
-        )
+    print(f"\nWikiText-2 test, first {args.max_tokens} tokens; fp32 ppl {rows['fp']['ppl']:.2f}\n")
+    print("| setting | checkpoint | ppl | vs baseline | wall (s) | CPU (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for setting in args.settings.split(","):
+        base = rows.get(f"{setting} {args.method}")
+        if not base:
+            continue
+        for stage in ["", *stages]:
+            r = rows.get(f"{setting} {args.method}" + (f" + {stage}" if stage else ""))
+            if not r:
+                continue
+            change = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if stage else ""
+            print(f"| {setting} | {args.method.upper()}{' + ' + stage if stage else ''} | {fmt_int(r['ppl'])} | "
+                  f"{change} | {t(r['wall_s'])} | {t(r['cpu_s'])} | {t(r['rss_mb'])} |")
 
 
 if __name__ == "__main__":

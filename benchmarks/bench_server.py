@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run the levels this many times against one server; the summary takes each level's median")
     args = ap.parse_args()
     ckpt = args.checkpoint or default_checkpoint()
     with socket.socket() as s:
@@ -137,20 +139,30 @@ def main() -> None:
               f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11} {'steps':>6} {'rows/step':>9} {'prompt tok':>10} "
               f"{'in forward':>10}")
         base = None
-        for c in args.clients:
-            h0 = httpx.get(url + "/health").json()
-            st = asyncio.run(level(url, c, args.requests, args.max_tokens))
-            h1 = httpx.get(url + "/health").json()
-            steps = h1["steps"] - h0["steps"]
-            rows = (h1["sampled_tokens"] - h0["sampled_tokens"]) / max(steps, 1)
-            fwd = (h1["forward_seconds"] - h0["forward_seconds"]) / st["seconds"]
-            prompt = h1["prompt_tokens_computed"] - h0["prompt_tokens_computed"]
-            tps = st["tokens"] / st["seconds"]
-            base = base or tps
-            q = lambda xs, p: 1000 * float(np.percentile(xs, p)) if xs else float("nan")  # noqa: E731
-            print(f"{c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} {tps:>10.1f} {q(st['ttft'], 50):>7.0f}ms "
-                  f"{q(st['ttft'], 99):>7.0f}ms {q(st['itl'], 50):>6.1f}ms {q(st['itl'], 99):>6.1f}ms "
-                  f"{tps / base:>10.2f}x {steps:>6} {rows:>9.1f} {prompt:>10} {fwd:>9.0%}")
+        agg: dict[int, list[float]] = {c: [] for c in args.clients}
+        fails = 0
+        for _round in range(args.rounds):
+            for c in args.clients:
+                h0 = httpx.get(url + "/health").json()
+                st = asyncio.run(level(url, c, args.requests, args.max_tokens))
+                h1 = httpx.get(url + "/health").json()
+                steps = h1["steps"] - h0["steps"]
+                rows = (h1["sampled_tokens"] - h0["sampled_tokens"]) / max(steps, 1)
+                fwd = (h1["forward_seconds"] - h0["forward_seconds"]) / st["seconds"]
+                prompt = h1["prompt_tokens_computed"] - h0["prompt_tokens_computed"]
+                tps = st["tokens"] / st["seconds"]
+                agg[c].append(tps)
+                fails += st["failed"]
+                base = tps if c == args.clients[0] else base
+                q = lambda xs, p: 1000 * float(np.percentile(xs, p)) if xs else float("nan")  # noqa: E731
+                print(f"{c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} {tps:>10.1f} "
+                      f"{q(st['ttft'], 50):>7.0f}ms {q(st['ttft'], 99):>7.0f}ms {q(st['itl'], 50):>6.1f}ms "
+                      f"{q(st['itl'], 99):>6.1f}ms {tps / base:>10.2f}x {steps:>6} {rows:>9.1f} {prompt:>10} "
+                      f"{fwd:>9.0%}", flush=True)
+        med = {c: float(np.median(v)) for c, v in agg.items()}
+        c0 = args.clients[0]
+        print(f"\nmedian of {args.rounds} rounds: " + ", ".join(
+            f"{c} clients {med[c]:.1f} tok/s ({med[c] / med[c0]:.2f}x)" for c in args.clients) + f"; {fails} failed")
         print(f"server peak RSS: {server_rss_mb(proc.pid):.0f} MiB")
     finally:
         proc.terminate()
