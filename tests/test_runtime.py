@@ -21,7 +21,7 @@ from elutq import _native
 from elutq.checkpoint import load_quantized, save_quantized
 from elutq.hlq import QuantConfig
 from elutq.quantize import quantize
-from elutq.runtime import KERNEL_CACHE_DIR, IncrementalDecoder, Sampler, Session, _draw, _keep_top_p
+from elutq.runtime import KERNEL_CACHE_DIR, IncrementalDecoder, Sampler, Session, sample_batch
 from elutq.utils import ElutqError
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]
@@ -167,30 +167,69 @@ def test_incremental_decoding_equals_decoding_everything():
         assert "".join(pieces) + dec.flush() == tok.decode(ids, skip_special_tokens=True)
 
 
+def _draws(logits: np.ndarray, us: np.ndarray, t: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The native sampler's picks for one row of logits and each uniform in ``us``."""
+    n = len(us)
+    out = np.empty(n, np.int32)
+    rows = np.ascontiguousarray(np.broadcast_to(logits.astype(np.float32), (n, logits.size)))
+    _native.sample_rows(rows, np.full(n, 1 / t, np.float32), np.full(n, top_k, np.int32),
+                        np.full(n, top_p, np.float32), us.astype(np.float64), out)
+    return out
+
+
 def test_draw_follows_the_weights_across_blocks():
-    # weights in several 512-wide blocks, empty blocks between them, one at the very end
+    # weights in several 512-wide blocks, empty blocks between them, one at the very end (logits of
+    # exactly the weights: log p, −inf for 0)
     p = np.zeros(1300, np.float32)
     idx = [3, 511, 512, 600, 1299]
     p[idx] = [1.0, 0.5, 4.0, 2.0, 3.0]
-    rng = np.random.default_rng(0)
-    counts = np.bincount([_draw(p, rng.random()) for _ in range(20000)], minlength=p.size)
+    with np.errstate(divide="ignore"):
+        logits = np.log(p)
+    us = np.random.default_rng(0).random(20000)
+    counts = np.bincount(_draws(logits, us), minlength=p.size)
     assert counts.sum() == counts[idx].sum()  # never a zero-weight index
     np.testing.assert_allclose(counts[idx] / 20000, p[idx] / p.sum(), atol=0.012)
-    assert _draw(p, 0.0) == 3 and _draw(p, np.nextafter(1.0, 0.0)) == 1299
+    # inverse CDF in vocabulary order: u = 0 is the first weight, u → 1 the last
+    assert _draws(logits, np.array([0.0, np.nextafter(1.0, 0.0)])).tolist() == [3, 1299]
+    # u just below / above the first weight's share of the total
+    edge = 1.0 / p.sum()
+    assert _draws(logits, np.array([edge * 0.999, edge * 1.001])).tolist() == [3, 511]
 
 
-def test_top_p_matches_a_full_sort():
+def test_top_p_and_top_k_keep_what_a_full_sort_keeps():
     rng = np.random.default_rng(2)
     for n, top_p in [(50, 0.5), (3000, 0.9), (5000, 0.999)]:
-        p = np.exp(rng.standard_normal(n).astype(np.float32) * 2)
+        logits = rng.standard_normal(n).astype(np.float32) * 2
+        p = np.exp(logits.astype(np.float64) - logits.max())
         order = np.argsort(-p, kind="stable")
-        mass = np.cumsum(p[order], dtype=np.float64)
-        ref = np.zeros_like(p)
-        head = order[mass - p[order] < top_p * p.sum(dtype=np.float64)]
-        ref[head] = p[head]
-        got = p.copy()
-        _keep_top_p(got, top_p)
-        np.testing.assert_array_equal(got, ref)
+        mass = np.cumsum(p[order])
+        keep = np.sort(order[mass - p[order] < top_p * p.sum()])
+        # the inverse CDF over the kept weights, in vocabulary order, at the midpoints of their shares
+        cum = np.cumsum(p[keep]) / p[keep].sum()
+        mids = (np.concatenate([[0.0], cum[:-1]]) + cum) / 2
+        np.testing.assert_array_equal(_draws(logits, mids, top_p=top_p), keep)
+        k = 7
+        top = np.sort(np.argsort(-logits)[:k])
+        got = set(_draws(logits, rng.random(4000), top_k=k).tolist())
+        assert got == set(top.tolist())  # every one of the k largest, nothing else
+        # temperature: greedy at 0, sharper below 1
+        assert _draws(logits, np.array([0.5]), t=1e-4)[0] == int(np.argmax(logits))
+
+
+def test_sample_batch_rows_are_independent():
+    logits = np.random.default_rng(3).standard_normal((6, 500)).astype(np.float32)
+    samplers = [Sampler(temperature=0.8, top_p=0.9, top_k=k, seed=s) for s, k in enumerate([0, 5, 0, 40, 0, 3])]
+    samplers[2] = Sampler()  # greedy: consumes no random number
+    batch = sample_batch(logits, samplers, [[]] * 6)
+    again = [Sampler(temperature=0.8, top_p=0.9, top_k=k, seed=s) for s, k in enumerate([0, 5, 0, 40, 0, 3])]
+    again[2] = Sampler()
+    assert batch == [s(row, []) for s, row in zip(again, logits, strict=True)]
+    assert batch[2] == int(np.argmax(logits[2]))
+    with pytest.raises(ElutqError, match="one sampler"):
+        sample_batch(logits, samplers[:3], [[]] * 3)
+    with pytest.raises(ValueError, match="top_p"):
+        _native.sample_rows(logits, np.ones(6, np.float32), np.zeros(6, np.int32), np.zeros(6, np.float32),
+                            np.zeros(6), np.empty(6, np.int32))
 
 
 def test_bad_input_context_overflow_empty_prompt_non_ascii(tmp_path):

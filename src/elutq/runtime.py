@@ -300,66 +300,40 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        # float32 throughout, and no full sort or cumsum over the vocabulary (both cost more than
-        # the exp): this runs once per token per request, up to a whole batch per step, so it must
-        # cost far less than the model's step.
-        x = np.asarray(logits, dtype=np.float32)
-        if self.repetition_penalty != 1.0 and len(history):
-            x = x.copy()
-            seen = np.unique(np.asarray(history, dtype=np.int64))
-            v = x[seen]
-            x[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
-        if self.temperature == 0:
-            return int(np.argmax(x))
-        p = x * np.float32(1.0 / self.temperature)
-        if 0 < self.top_k < p.size:
-            kth = np.partition(p, -self.top_k)[-self.top_k]
-            p[p < kth] = -np.inf
-        p -= p.max()
-        np.exp(p, out=p)
-        if self.top_p < 1.0:
-            _keep_top_p(p, self.top_p)
-        return _draw(p, self.rng.random())
+        return sample_batch(np.asarray(logits, dtype=np.float32)[None], [self], [history])[0]
+
+    def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """``logits`` with the repetition penalty applied to the tokens in ``history`` (a copy), or as is."""
+        if self.repetition_penalty == 1.0 or not len(history):
+            return logits
+        x = np.array(logits, dtype=np.float32)
+        seen = np.unique(np.asarray(history, dtype=np.int64))
+        v = x[seen]
+        x[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
+        return x
 
 
-_BLOCK = 512
-
-
-def _keep_top_p(p: np.ndarray, top_p: float) -> None:
-    """Zero all but the smallest set of largest weights whose mass reaches ``top_p`` of the total."""
-    total = float(p.sum(dtype=np.float64))
-    k = min(p.size, 1024)
-    while True:  # usually one round: the head of a language model's distribution is short
-        head = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
-        order = head[np.argsort(-p[head], kind="stable")]
-        mass = np.cumsum(p[order], dtype=np.float64)
-        if mass[-1] >= top_p * total or k == p.size:
-            break
-        k = min(p.size, 8 * k)
-    keep = mass - p[order] < top_p * total  # each kept weight starts below the threshold
-    drop = np.ones(p.size, dtype=bool)
-    drop[order[keep]] = False
-    p[drop] = 0.0
-
-
-def _draw(p: np.ndarray, u: float) -> int:
-    """Index i with probability p[i] / Σp (p >= 0, not all 0), for u uniform in [0, 1): inverse CDF,
-    first over block sums, then inside the chosen block."""
-    n = p.size
-    pad = (-n) % _BLOCK
-    blocks = (np.concatenate([p, np.zeros(pad, p.dtype)]) if pad else p).reshape(-1, _BLOCK)
-    cb = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
-    target = u * cb[-1]
-    b = min(int(np.searchsorted(cb, target, side="right")), cb.size - 1)
-    while b > 0 and cb[b] == cb[b - 1]:  # rounding may land on an empty block: step back
-        b -= 1
-    lo = b * _BLOCK
-    part = p[lo : lo + _BLOCK]
-    within = np.cumsum(part, dtype=np.float64)
-    i = int(np.searchsorted(within, target - (cb[b - 1] if b else 0.0), side="right"))
-    if i >= part.size or part[i] == 0:  # past the block's end by rounding: its last non-zero weight
-        i = int(np.flatnonzero(part)[-1])
-    return lo + i
+def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> list[int]:
+    """One token per row of ``logits`` [R, vocab], row r by ``samplers[r]`` (its own settings and
+    random stream) after ``histories[r]``'s repetition penalty, all rows in one native call split
+    over the threads (``csrc/runtime.h``: ``sample_rows``): greedy rows take the first largest logit;
+    sampled rows draw by inverse CDF in vocabulary order over e^(logit/T − max), restricted to the
+    top-k, then to the smallest set of largest weights whose mass reaches top-p.  Each sampled row
+    consumes one uniform from its sampler's generator; greedy rows consume none."""
+    rows = np.ascontiguousarray(logits, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[0] != len(samplers) or len(histories) != len(samplers):
+        raise ElutqError("sample_batch needs one sampler and one history per row of a 2-D logits array")
+    penalized = [s.penalized(rows[r], h) for r, (s, h) in enumerate(zip(samplers, histories, strict=True))]
+    if any(x is not rows[r] for r, x in enumerate(penalized)):
+        rows = np.stack(penalized)
+    n = len(samplers)
+    inv_t = np.array([0.0 if s.temperature == 0 else 1.0 / s.temperature for s in samplers], dtype=np.float32)
+    top_k = np.array([s.top_k for s in samplers], dtype=np.int32)
+    top_p = np.array([s.top_p for s in samplers], dtype=np.float32)
+    u = np.array([0.0 if s.temperature == 0 else s.rng.random() for s in samplers], dtype=np.float64)
+    out = np.empty(n, dtype=np.int32)
+    _native.sample_rows(rows, inv_t, top_k, top_p, u, out)
+    return out.tolist()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -572,13 +546,18 @@ class Generation:
         self._hold = max((len(x) for x in stops), default=1) - 1
         self._t_first = 0.0
 
-    def advance(self, logits: np.ndarray) -> str:
-        """Sample the next token from ``logits``; returns the text that is now safe to show."""
+    def history(self) -> Sequence[int]:
+        """What the repetition penalty looks at (nothing when there is no penalty)."""
+        return self.ids + self.out if self.sampler.repetition_penalty != 1.0 else ()
+
+    def advance(self, logits: np.ndarray | None, token: int | None = None) -> str:
+        """Sample the next token from ``logits`` (or take ``token``, already sampled from them with
+        this generation's sampler, e.g. by :func:`sample_batch` for a whole batch); returns the text
+        that is now safe to show."""
         now = time.perf_counter()
         if not self.out and not self._t_first:
             self.timing.prefill_seconds = now - self.t0
-        history = self.ids + self.out if self.sampler.repetition_penalty != 1.0 else ()
-        tok = self.sampler(logits, history)
+        tok = self.sampler(logits, self.history()) if token is None else int(token)
         if not self._t_first:
             self._t_first = time.perf_counter()
             self.timing.time_to_first_token = self._t_first - self.t0
@@ -729,4 +708,4 @@ def load(
     return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
 
 
-__all__ = ["Completion", "Generation", "Model", "Sampler", "Session", "TextStream", "Timing", "load"]
+__all__ = ["Completion", "Generation", "Model", "Sampler", "Session", "TextStream", "Timing", "load", "sample_batch"]

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .runtime import Completion, Generation, Model, Session, _common_prefix
+from .runtime import Completion, Generation, Model, Session, _common_prefix, sample_batch
 from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
@@ -211,12 +211,25 @@ class Engine:
         self.forward_seconds += time.perf_counter() - t0
         self.prompt_tokens += sum(len(f) for j, f in zip(jobs, feeds, strict=True) if not j.gen.out)
         out: list[tuple[_Job, Any]] = []
+        ready = []
+        for r, (job, feed) in enumerate(zip(jobs, feeds, strict=True)):
+            job.gen.pending = job.gen.pending[len(feed) :]
+            if not (job.gen.pending or job.cancelled):  # else: more prompt to prefill, or gone (reaped next step)
+                ready.append(r)
+        # every ready row sampled in one native call (threads over rows), not one Python pass per row
+        try:
+            toks = sample_batch(logits[ready], [jobs[r].gen.sampler for r in ready],
+                                [jobs[r].gen.history() for r in ready])
+        except Exception as e:  # as for the forward: fail this step's requests, keep serving
+            with self._cv:
+                for job in jobs:
+                    job.put(APIError(500, f"sampling failed: {e}", "server_error"))
+                    self._release(job)
+            return
         with self._cv:
-            for job, feed, row in zip(jobs, feeds, logits, strict=True):
-                job.gen.pending = job.gen.pending[len(feed) :]
-                if job.gen.pending or job.cancelled:
-                    continue  # more prompt to prefill, or gone (reaped next step)
-                piece = job.gen.advance(row)
+            for r, tok in zip(ready, toks, strict=True):
+                job = jobs[r]
+                piece = job.gen.advance(None, tok)
                 self.sampled += 1
                 if piece:
                     out.append((job, piece))

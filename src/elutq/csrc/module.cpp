@@ -140,6 +140,22 @@ static void rt_forward(Runtime& rt, std::vector<KVCache*> caches, std::vector<in
   rt.forward(seqs, tokens.data(), logits.data());
 }
 
+static void rt_sample(CArray<const float, nb::ndim<2>> logits, CArray<const float, nb::ndim<1>> inv_t,
+                      CArray<const int32_t, nb::ndim<1>> top_k, CArray<const float, nb::ndim<1>> top_p,
+                      CArray<const double, nb::ndim<1>> u, CArray<int32_t, nb::ndim<1>> out) {
+  const size_t R = logits.shape(0);
+  if (inv_t.size() != R || top_k.size() != R || top_p.size() != R || u.size() != R || out.size() != R)
+    throw std::invalid_argument("inv_t, top_k, top_p, u and out need one entry per row of logits");
+  if (logits.shape(1) < 1) throw std::invalid_argument("logits need at least one column");
+  for (size_t r = 0; r < R; ++r)
+    if (!(inv_t.data()[r] >= 0.0f) || !(top_p.data()[r] > 0.0f && top_p.data()[r] <= 1.0f) || top_k.data()[r] < 0 ||
+        !(u.data()[r] >= 0.0 && u.data()[r] < 1.0))
+      throw std::invalid_argument("row " + std::to_string(r) + ": need inv_t >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= u < 1");
+  nb::gil_scoped_release release;
+  sample_rows(logits.data(), (int)R, (int)logits.shape(1), inv_t.data(), top_k.data(), top_p.data(), u.data(),
+              out.data());
+}
+
 NB_MODULE(_native, m) {
   m.doc() = "elutq native code";
   // Objects still referenced by daemon threads (a server's engine) at interpreter exit are fine.
@@ -171,6 +187,8 @@ NB_MODULE(_native, m) {
   m.def("default_path", [] { return std::string(path_name(default_path())); },
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
+  m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
+        nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
   m.def("get_num_threads", &get_num_threads);
   m.def("read_bandwidth", [](size_t bytes, int reps, int threads) {
     nb::gil_scoped_release r;

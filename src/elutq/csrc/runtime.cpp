@@ -327,4 +327,125 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
   matmul({&lm_head}, h, R, {logits});
 }
 
+// ---------------------------------------------------------------------------------- sampling
+
+// p[i] = e^(x[i]·it − mx) in place (0 for −inf, and below e^−87); returns Σp in double.
+ELUTQ_CLONES static double exp_weights(float* p, const float* x, int n, float it, float mx) {
+  double total = 0.0;
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int t = 0; t < 16; ++t) {
+      const float d = x[i + t] * it - mx;
+      const float e = d > -87.0f ? exp_approx(d) : 0.0f;
+      p[i + t] = e;
+      acc[t] += e;
+    }
+    if ((i & 1023) == 1008) {  // flush into the double sum every 1024 values: float partials stay exact enough
+      for (int t = 0; t < 16; ++t) {
+        total += acc[t];
+        acc[t] = 0.0f;
+      }
+    }
+  }
+  for (int t = 0; t < 16; ++t) total += acc[t];
+  for (; i < n; ++i) {
+    const float d = x[i] * it - mx;
+    p[i] = d > -87.0f ? exp_approx(d) : 0.0f;
+    total += p[i];
+  }
+  return total;
+}
+
+static int argmax_row(const float* x, int n) {
+  int best = 0;
+  for (int i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;
+  return best;
+}
+
+// Index of the first cumulative weight above target, over p (inverse CDF in vocabulary order);
+// rounding past the end gives the last non-zero weight.
+static int draw_full(const float* p, int n, double target) {
+  constexpr int kBlock = 512;  // block sums first, then inside the block
+  double cum = 0.0;
+  int b0 = 0;
+  for (; b0 < n; b0 += kBlock) {
+    double s = 0.0;
+    const int e = std::min(n, b0 + kBlock);
+    for (int i = b0; i < e; ++i) s += p[i];
+    if (cum + s > target) break;
+    cum += s;
+  }
+  if (b0 < n) {
+    const int e = std::min(n, b0 + kBlock);
+    for (int i = b0; i < e; ++i) {
+      cum += p[i];
+      if (cum > target && p[i] > 0.0f) return i;
+    }
+  }
+  for (int i = n - 1; i > 0; --i)
+    if (p[i] > 0.0f) return i;
+  return 0;
+}
+
+static int sample_row(const float* x, int V, float it, int top_k, float top_p, double u, std::vector<float>& p,
+                      std::vector<int>& idx) {
+  if (it == 0.0f) return argmax_row(x, V);
+  p.resize(V);
+  // the largest scaled logit, and the top-k threshold
+  float mx = -INFINITY;
+  for (int i = 0; i < V; ++i) mx = std::max(mx, x[i] * it);
+  float kth = -INFINITY;
+  if (top_k > 0 && top_k < V) {
+    for (int i = 0; i < V; ++i) p[i] = x[i] * it;
+    std::nth_element(p.begin(), p.begin() + (top_k - 1), p.end(), std::greater<float>());
+    kth = p[top_k - 1];
+  }
+  double total = exp_weights(p.data(), x, V, it, mx);
+  if (kth > -INFINITY) {  // drop what is below the k-th largest
+    total = 0.0;
+    for (int i = 0; i < V; ++i) {
+      if (x[i] * it < kth) p[i] = 0.0f;
+      total += p[i];
+    }
+  }
+  if (!(total > 0.0)) return argmax_row(x, V);
+  if (top_p >= 1.0f) return draw_full(p.data(), V, u * total);
+  // top-p: the largest weights (ties: lower index first) until their mass reaches top_p·total;
+  // usually a short head, so partial sorts of growing prefixes.
+  idx.resize(V);
+  for (int i = 0; i < V; ++i) idx[i] = i;
+  const double need = (double)top_p * total;
+  auto heavier = [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); };
+  int kept = 0;
+  for (int k = std::min(V, 1024);; k = std::min(V, 8 * k)) {
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), heavier);
+    double mass = 0.0;
+    kept = 0;
+    while (kept < k && mass < need) mass += p[idx[kept++]];
+    if (mass >= need || k == V) break;
+  }
+  std::sort(idx.begin(), idx.begin() + kept);  // draw in vocabulary order
+  double kept_total = 0.0;
+  for (int j = 0; j < kept; ++j) kept_total += p[idx[j]];
+  const double target = u * kept_total;
+  double cum = 0.0;
+  for (int j = 0; j < kept; ++j) {
+    cum += p[idx[j]];
+    if (cum > target) return idx[j];
+  }
+  return idx[kept - 1];
+}
+
+void sample_rows(const float* logits, int R, int V, const float* inv_t, const int32_t* top_k, const float* top_p,
+                 const double* u, int32_t* out) {
+  parallel_for(pool().size(), R, 1, [&](int r0, int r1) {
+    thread_local std::vector<float> p;
+    thread_local std::vector<int> idx;
+    for (int r = r0; r < r1; ++r)
+      out[r] = sample_row(logits + (size_t)r * V, V, inv_t[r], top_k[r], top_p[r], u[r], p, idx);
+  });
+}
+
 }  // namespace elutq

@@ -84,4 +84,12 @@ class Runtime {
   AlignedBuf x_, h_, q_, k_, v_, att_, g_, u_, tmp_, rope_;
 };
 
+// Sampling of R rows of logits [R][V] at once, rows split over the threads (the server's batch would
+// otherwise cost one Python pass per row).  Row r: greedy (first largest) if inv_t[r] == 0; else
+// weights p = e^(x·inv_t − max) over the top_k[r] largest scaled logits (0: all), then only the
+// smallest set of largest weights whose mass reaches top_p[r] of the total (1: all), and out[r] is
+// the first index, in vocabulary order, whose cumulative weight exceeds u[r]·Σp (u in [0, 1)).
+void sample_rows(const float* logits, int R, int V, const float* inv_t, const int32_t* top_k, const float* top_p,
+                 const double* u, int32_t* out);
+
 }  // namespace elutq
