@@ -218,7 +218,8 @@ class Engine:
                 ready.append(r)
         # every ready row sampled in one native call (threads over rows), not one Python pass per row
         try:
-            toks = sample_batch(logits[ready], [jobs[r].gen.sampler for r in ready],
+            rows = logits if len(ready) == len(jobs) else logits[ready]  # (no copy in the usual case)
+            toks = sample_batch(rows, [jobs[r].gen.sampler for r in ready],
                                 [jobs[r].gen.history() for r in ready])
         except Exception as e:  # as for the forward: fail this step's requests, keep serving
             with self._cv:

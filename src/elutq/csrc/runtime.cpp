@@ -87,7 +87,7 @@ ELUTQ_CLONES static void add(float* y, const float* x, size_t n) {
 // std::exp on [-87, 88]; inputs beyond are clamped (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38), which is exact
 // enough for SiLU, its only user.
 static inline float exp_approx(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // (std::fmin/fmax would keep GCC from vectorizing)
   const float shift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low mantissa bits
   const float t = x * 1.44269504f + shift;
   int32_t ti;
@@ -329,32 +329,42 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
 
 // ---------------------------------------------------------------------------------- sampling
 
-// p[i] = e^(x[i]·it − mx) in place (0 for −inf, and below e^−87); returns Σp in double.
-ELUTQ_CLONES static double exp_weights(float* p, const float* x, int n, float it, float mx) {
-  double total = 0.0;
-  float acc[16] = {0};
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int t = 0; t < 16; ++t) {
-      const float d = x[i + t] * it - mx;
-      const float e = d > -87.0f ? exp_approx(d) : 0.0f;
-      p[i + t] = e;
-      acc[t] += e;
-    }
-    if ((i & 1023) == 1008) {  // flush into the double sum every 1024 values: float partials stay exact enough
+constexpr int kDrawBlock = 512;  // the draw walks block sums, then one block
+
+// p = e^(x·it − mx) for x·it >= kth, else 0 (also 0 below e^−87); bsum[b] = Σ p over block b, in double.
+ELUTQ_CLONES static void exp_weights(float* p, const float* x, int n, float it, float mx, float kth, double* bsum) {
+  for (int b0 = 0, b = 0; b0 < n; b0 += kDrawBlock, ++b) {
+    const int e = std::min(n, b0 + kDrawBlock);
+    float acc[16] = {0};
+    int i = b0;
+    for (; i + 16 <= e; i += 16)
       for (int t = 0; t < 16; ++t) {
-        total += acc[t];
-        acc[t] = 0.0f;
+        const float xs = x[i + t] * it, d = xs - mx;
+        const float w = (d > -87.0f && xs >= kth) ? exp_approx(d) : 0.0f;
+        p[i + t] = w;
+        acc[t] += w;
       }
+    double sum = 0.0;
+    for (int t = 0; t < 16; ++t) sum += acc[t];
+    for (; i < e; ++i) {
+      const float xs = x[i] * it, d = xs - mx;
+      p[i] = (d > -87.0f && xs >= kth) ? exp_approx(d) : 0.0f;
+      sum += p[i];
     }
+    bsum[b] = sum;
   }
-  for (int t = 0; t < 16; ++t) total += acc[t];
-  for (; i < n; ++i) {
-    const float d = x[i] * it - mx;
-    p[i] = d > -87.0f ? exp_approx(d) : 0.0f;
-    total += p[i];
-  }
-  return total;
+}
+
+ELUTQ_CLONES static float max_scaled(const float* x, int n, float it) {
+  float m[16];
+  for (int t = 0; t < 16; ++t) m[t] = -INFINITY;
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int t = 0; t < 16; ++t) m[t] = m[t] > x[i + t] * it ? m[t] : x[i + t] * it;
+  float r = -INFINITY;
+  for (int t = 0; t < 16; ++t) r = std::max(r, m[t]);
+  for (; i < n; ++i) r = std::max(r, x[i] * it);
+  return r;
 }
 
 static int argmax_row(const float* x, int n) {
@@ -364,87 +374,90 @@ static int argmax_row(const float* x, int n) {
   return best;
 }
 
-// Index of the first cumulative weight above target, over p (inverse CDF in vocabulary order);
-// rounding past the end gives the last non-zero weight.
-static int draw_full(const float* p, int n, double target) {
-  constexpr int kBlock = 512;  // block sums first, then inside the block
-  double cum = 0.0;
-  int b0 = 0;
-  for (; b0 < n; b0 += kBlock) {
-    double s = 0.0;
-    const int e = std::min(n, b0 + kBlock);
-    for (int i = b0; i < e; ++i) s += p[i];
-    if (cum + s > target) break;
-    cum += s;
-  }
-  if (b0 < n) {
-    const int e = std::min(n, b0 + kBlock);
-    for (int i = b0; i < e; ++i) {
-      cum += p[i];
-      if (cum > target && p[i] > 0.0f) return i;
-    }
-  }
+// The last index with a non-zero weight (rounding may carry a draw past the end).
+static int last_nonzero(const float* p, int n) {
   for (int i = n - 1; i > 0; --i)
     if (p[i] > 0.0f) return i;
   return 0;
 }
 
-static int sample_row(const float* x, int V, float it, int top_k, float top_p, double u, std::vector<float>& p,
-                      std::vector<int>& idx) {
+struct SampleScratch {
+  std::vector<float> p, tmp;
+  std::vector<double> bsum;
+  std::vector<int> cand;
+};
+
+static int sample_row(const float* x, int V, float it, int top_k, float top_p, double u, SampleScratch& S) {
   if (it == 0.0f) return argmax_row(x, V);
-  p.resize(V);
-  // the largest scaled logit, and the top-k threshold
-  float mx = -INFINITY;
-  for (int i = 0; i < V; ++i) mx = std::max(mx, x[i] * it);
-  float kth = -INFINITY;
+  S.p.resize(V);
+  S.bsum.resize((V + kDrawBlock - 1) / kDrawBlock);
+  float* p = S.p.data();
+  const float mx = max_scaled(x, V, it);
+  float kth = -INFINITY;  // top-k: the k-th largest scaled logit
   if (top_k > 0 && top_k < V) {
-    for (int i = 0; i < V; ++i) p[i] = x[i] * it;
-    std::nth_element(p.begin(), p.begin() + (top_k - 1), p.end(), std::greater<float>());
-    kth = p[top_k - 1];
+    S.tmp.resize(V);
+    for (int i = 0; i < V; ++i) S.tmp[i] = x[i] * it;
+    std::nth_element(S.tmp.begin(), S.tmp.begin() + (top_k - 1), S.tmp.end(), std::greater<float>());
+    kth = S.tmp[top_k - 1];
   }
-  double total = exp_weights(p.data(), x, V, it, mx);
-  if (kth > -INFINITY) {  // drop what is below the k-th largest
-    total = 0.0;
-    for (int i = 0; i < V; ++i) {
-      if (x[i] * it < kth) p[i] = 0.0f;
-      total += p[i];
-    }
-  }
+  exp_weights(p, x, V, it, mx, kth, S.bsum.data());
+  double total = 0.0;
+  for (double b : S.bsum) total += b;
   if (!(total > 0.0)) return argmax_row(x, V);
-  if (top_p >= 1.0f) return draw_full(p.data(), V, u * total);
-  // top-p: the largest weights (ties: lower index first) until their mass reaches top_p·total;
-  // usually a short head, so partial sorts of growing prefixes.
-  idx.resize(V);
-  for (int i = 0; i < V; ++i) idx[i] = i;
-  const double need = (double)top_p * total;
-  auto heavier = [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); };
-  int kept = 0;
-  for (int k = std::min(V, 1024);; k = std::min(V, 8 * k)) {
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), heavier);
-    double mass = 0.0;
-    kept = 0;
-    while (kept < k && mass < need) mass += p[idx[kept++]];
-    if (mass >= need || k == V) break;
+  if (top_p >= 1.0f) {  // inverse CDF over block sums, then inside the block
+    const double target = u * total;
+    double cum = 0.0;
+    size_t b = 0;
+    for (; b + 1 < S.bsum.size() && cum + S.bsum[b] <= target; ++b) cum += S.bsum[b];
+    const int e = std::min(V, (int)(b + 1) * kDrawBlock);
+    for (int i = (int)b * kDrawBlock; i < e; ++i) {
+      cum += p[i];
+      if (cum > target && p[i] > 0.0f) return i;
+    }
+    return last_nonzero(p, V);
   }
-  std::sort(idx.begin(), idx.begin() + kept);  // draw in vocabulary order
+  // top-p: the largest weights (ties: lower index first) until their mass reaches top_p·total.  The
+  // weights lie in [0, 1] (the largest is e^0); a histogram of their float exponents finds the
+  // exponent above which the head must lie, so only that head (usually short) is sorted.
+  double mass[256] = {0};
+  for (int i = 0; i < V; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, 4);
+    mass[bits >> 23] += p[i];
+  }
+  const double need = (double)top_p * total;
+  int lo = 255;
+  for (double cum = 0.0; lo > 0; --lo) {
+    cum += mass[lo];
+    if (cum >= need) break;
+  }
+  lo = std::max(lo - 1, 0);  // one exponent of slack for rounding
+  S.cand.clear();
+  for (int i = 0; i < V; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, 4);
+    if ((int)(bits >> 23) >= lo && p[i] > 0.0f) S.cand.push_back(i);
+  }
+  std::sort(S.cand.begin(), S.cand.end(), [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  size_t kept = 0;
+  for (double m = 0.0; kept < S.cand.size() && m < need; ++kept) m += p[S.cand[kept]];
+  std::sort(S.cand.begin(), S.cand.begin() + kept);  // draw in vocabulary order
   double kept_total = 0.0;
-  for (int j = 0; j < kept; ++j) kept_total += p[idx[j]];
+  for (size_t j = 0; j < kept; ++j) kept_total += p[S.cand[j]];
   const double target = u * kept_total;
   double cum = 0.0;
-  for (int j = 0; j < kept; ++j) {
-    cum += p[idx[j]];
-    if (cum > target) return idx[j];
+  for (size_t j = 0; j < kept; ++j) {
+    cum += p[S.cand[j]];
+    if (cum > target) return S.cand[j];
   }
-  return idx[kept - 1];
+  return S.cand[kept - 1];
 }
 
 void sample_rows(const float* logits, int R, int V, const float* inv_t, const int32_t* top_k, const float* top_p,
                  const double* u, int32_t* out) {
   parallel_for(pool().size(), R, 1, [&](int r0, int r1) {
-    thread_local std::vector<float> p;
-    thread_local std::vector<int> idx;
-    for (int r = r0; r < r1; ++r)
-      out[r] = sample_row(logits + (size_t)r * V, V, inv_t[r], top_k[r], top_p[r], u[r], p, idx);
+    thread_local SampleScratch scratch;
+    for (int r = r0; r < r1; ++r) out[r] = sample_row(logits + (size_t)r * V, V, inv_t[r], top_k[r], top_p[r], u[r], scratch);
   });
 }
 
