@@ -278,3 +278,5 @@ def test_cli_generate_chat_bench(tmp_path):
     assert "decode tok/s" in b.stdout and "peak RSS" in b.stdout
     bad = run("generate", str(tmp_path / "nope"), "-p", "x")
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    bad = run("bench", "synthetic:7")
+    assert bad.returncode == 2 and "BITS in 1..4" in bad.stderr

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _native, kernels
 from .runtime import Model, Session, _Arch
-from .utils import peak_rss_mb
+from .utils import ElutqError, peak_rss_mb
 
 
 @dataclass
@@ -57,10 +57,18 @@ def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, rep
 def bench_runtime(
     spec: str, prompt_tokens: int = 128, gen_tokens: int = 64, threads: list[int] | None = None, repeats: int = 3
 ) -> list[Speed]:
+    """``spec``: a checkpoint or model (see ``elutq.load``), or ``synthetic:BITS`` for :func:`synthetic_model`
+    (the LLaMA-2-7B shape, random HLQ weights of BITS bits, groups of 128, 4-bit lm_head)."""
     from .runtime import load
 
     t0 = time.perf_counter()
-    model = load(spec, max_ctx=prompt_tokens + gen_tokens + 1)
+    if spec.startswith("synthetic:"):
+        bits = spec.removeprefix("synthetic:")
+        if bits not in ("1", "2", "3", "4"):
+            raise ElutqError(f"synthetic:BITS needs BITS in 1..4, got {spec!r}")
+        model = synthetic_model(bits=int(bits), max_ctx=prompt_tokens + gen_tokens + 1)
+    else:
+        model = load(spec, max_ctx=prompt_tokens + gen_tokens + 1)
     print(f"model: {spec}  (loaded in {time.perf_counter() - t0:.1f}s, {model.runtime.path} kernels)")
     return report(model, threads, prompt_tokens, gen_tokens, repeats)
 

@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="prefill/decode tokens/s at 1 and N threads, peak RSS")
-    b.add_argument("model")
+    b.add_argument("model", help="checkpoint (or any model `quantize` accepts), or synthetic:BITS for a LLaMA-2-7B "
+                   "shape with random HLQ wBITSg128 weights (speed only)")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--gen-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
