@@ -212,8 +212,9 @@ def test_paths_agree_with_scalar(path: str, bits: int) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_gemm_columns_equal_gemv(path: str) -> None:
-    lin = K.LUTLinear(random_qw(61, 320, 3, 64, seed=9), path=path)
+@pytest.mark.parametrize(("bits", "g"), [(1, 32), (2, 128), (3, 64), (4, 128)])
+def test_gemm_columns_equal_gemv(path: str, bits: int, g: int) -> None:
+    lin = K.LUTLinear(random_qw(61, 320, bits, g, seed=9), path=path)
     x = np.random.default_rng(10).normal(size=(7, 320)).astype(np.float32)
     y = lin(x)
     np.testing.assert_array_equal(lin(x[:1]), lin(x[0])[None])

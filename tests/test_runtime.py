@@ -178,10 +178,10 @@ def _draws(logits: np.ndarray, us: np.ndarray, t: float = 1.0, top_k: int = 0, t
 
 
 def test_draw_follows_the_weights_across_blocks():
-    # weights in several 512-wide blocks, empty blocks between them, one at the very end (logits of
-    # exactly the weights: log p, −inf for 0)
-    p = np.zeros(1300, np.float32)
-    idx = [3, 511, 512, 600, 1299]
+    # weights in blocks 0, 3 and 5 of 512 (empty blocks between them), one at the very end (logits
+    # of exactly the weights: log p, −inf for 0)
+    p = np.zeros(3000, np.float32)
+    idx = [3, 511, 1600, 1700, 2999]
     p[idx] = [1.0, 0.5, 4.0, 2.0, 3.0]
     with np.errstate(divide="ignore"):
         logits = np.log(p)
@@ -190,10 +190,32 @@ def test_draw_follows_the_weights_across_blocks():
     assert counts.sum() == counts[idx].sum()  # never a zero-weight index
     np.testing.assert_allclose(counts[idx] / 20000, p[idx] / p.sum(), atol=0.012)
     # inverse CDF in vocabulary order: u = 0 is the first weight, u → 1 the last
-    assert _draws(logits, np.array([0.0, np.nextafter(1.0, 0.0)])).tolist() == [3, 1299]
-    # u just below / above the first weight's share of the total
-    edge = 1.0 / p.sum()
-    assert _draws(logits, np.array([edge * 0.999, edge * 1.001])).tolist() == [3, 511]
+    assert _draws(logits, np.array([0.0, np.nextafter(1.0, 0.0)])).tolist() == [3, 2999]
+    # u just below / above the first weight's share, and the first two weights' share
+    for share, pair in ((1.0, [3, 511]), (1.5, [511, 1600])):
+        edge = share / p.sum()
+        assert _draws(logits, np.array([edge * 0.999, edge * 1.001])).tolist() == pair
+    # the same with top-p on (the kept set is drawn in vocabulary order too), u → 1
+    assert _draws(logits, np.array([np.nextafter(1.0, 0.0)]), top_p=0.99)[0] == 2999
+
+
+def test_sampling_edge_cases():
+    x = np.full(100, -np.inf, np.float32)
+    assert _draws(x, np.array([0.5]))[0] == 0  # nothing to draw from: the (first) largest logit
+    x = np.random.default_rng(4).standard_normal(100).astype(np.float32)
+    x[[10, 20]] = np.nan  # NaN logits are never drawn, with or without top-k
+    assert not set(_draws(x, np.random.default_rng(5).random(2000)).tolist()) & {10, 20}
+    assert not set(_draws(x, np.random.default_rng(5).random(2000), top_k=5).tolist()) & {10, 20}
+    y = np.random.default_rng(7).standard_normal(100).astype(np.float32)
+    # top_k >= vocab and huge values mean "all"; a huge temperature stays sampling, never greedy
+    wide = [Sampler(temperature=1.0, top_k=10**12, seed=1), Sampler(temperature=1e60, seed=1)]
+    got = {tuple(sample_batch(np.stack([y, y]), wide, [[], []])) for _ in range(30)}
+    assert len(got) > 1
+    # ties at the k-th largest: all tied values are kept
+    z = np.zeros(50, np.float32)
+    z[[5, 6, 7]] = 2.0
+    z[[8, 9]] = 1.0
+    assert set(_draws(z, np.random.default_rng(8).random(3000), top_k=3).tolist()) == {5, 6, 7}
 
 
 def test_top_p_and_top_k_keep_what_a_full_sort_keeps():
@@ -218,15 +240,26 @@ def test_top_p_and_top_k_keep_what_a_full_sort_keeps():
 
 def test_sample_batch_rows_are_independent():
     logits = np.random.default_rng(3).standard_normal((6, 500)).astype(np.float32)
-    samplers = [Sampler(temperature=0.8, top_p=0.9, top_k=k, seed=s) for s, k in enumerate([0, 5, 0, 40, 0, 3])]
-    samplers[2] = Sampler()  # greedy: consumes no random number
-    batch = sample_batch(logits, samplers, [[]] * 6)
-    again = [Sampler(temperature=0.8, top_p=0.9, top_k=k, seed=s) for s, k in enumerate([0, 5, 0, 40, 0, 3])]
-    again[2] = Sampler()
-    assert batch == [s(row, []) for s, row in zip(again, logits, strict=True)]
+
+    def samplers() -> list[Sampler]:
+        out = [Sampler(temperature=0.8, top_p=0.9, top_k=k, seed=s) for s, k in enumerate([0, 5, 0, 40, 0, 3])]
+        out[2] = Sampler(seed=2)  # greedy
+        out[4] = Sampler(temperature=0.8, repetition_penalty=1e6, seed=4)
+        return out
+
+    hist = [[], [], [], [], [int(np.argmax(logits[4]))], []]
+    batch_s = samplers()
+    state = batch_s[2].rng.bit_generator.state
+    batch = sample_batch(logits, batch_s, hist)
+    assert batch_s[2].rng.bit_generator.state == state  # a greedy row consumes no random number
+    assert batch_s[0].rng.bit_generator.state != Sampler(seed=0).rng.bit_generator.state  # a sampled row one
+    # the same rows one at a time, each with its own sampler and history
+    assert batch == [s(row, h) for s, row, h in zip(samplers(), logits, hist, strict=True)]
     assert batch[2] == int(np.argmax(logits[2]))
+    assert batch[4] != int(np.argmax(logits[4]))  # penalised away in its row only
+    assert sample_batch(logits[4:5], [Sampler(seed=4)], [hist[4]]) == [int(np.argmax(logits[4]))]
     with pytest.raises(ElutqError, match="one sampler"):
-        sample_batch(logits, samplers[:3], [[]] * 3)
+        sample_batch(logits, samplers()[:3], [[]] * 3)
     with pytest.raises(ValueError, match="top_p"):
         _native.sample_rows(logits, np.ones(6, np.float32), np.zeros(6, np.int32), np.zeros(6, np.float32),
                             np.zeros(6), np.empty(6, np.int32))

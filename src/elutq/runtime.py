@@ -323,13 +323,13 @@ def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Seq
     rows = np.ascontiguousarray(logits, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[0] != len(samplers) or len(histories) != len(samplers):
         raise ElutqError("sample_batch needs one sampler and one history per row of a 2-D logits array")
-    penalized = [s.penalized(rows[r], h) for r, (s, h) in enumerate(zip(samplers, histories, strict=True))]
-    if any(x is not rows[r] for r, x in enumerate(penalized)):
-        rows = np.stack(penalized)
-    n = len(samplers)
-    inv_t = np.array([0.0 if s.temperature == 0 else 1.0 / s.temperature for s in samplers], dtype=np.float32)
-    top_k = np.array([s.top_k for s in samplers], dtype=np.int32)
-    top_p = np.array([s.top_p for s in samplers], dtype=np.float32)
+    if any(s.repetition_penalty != 1.0 and len(h) for s, h in zip(samplers, histories, strict=True)):
+        rows = np.stack([s.penalized(rows[r], h) for r, (s, h) in enumerate(zip(samplers, histories, strict=True))])
+    n, vocab = rows.shape
+    tiny = float(np.finfo(np.float32).tiny)  # a huge temperature or a tiny top_p must not round to 0 in float32
+    inv_t = np.array([0.0 if s.temperature == 0 else max(1.0 / s.temperature, tiny) for s in samplers], np.float32)
+    top_k = np.array([s.top_k if s.top_k < vocab else 0 for s in samplers], dtype=np.int32)  # >= vocab: all
+    top_p = np.array([max(s.top_p, tiny) for s in samplers], dtype=np.float32)
     u = np.array([0.0 if s.temperature == 0 else s.rng.random() for s in samplers], dtype=np.float64)
     out = np.empty(n, dtype=np.int32)
     _native.sample_rows(rows, inv_t, top_k, top_p, u, out)

@@ -230,6 +230,8 @@ class Engine:
         with self._cv:
             for r, tok in zip(ready, toks, strict=True):
                 job = jobs[r]
+                if job.cancelled:  # cancelled (or told why it stops) while this step sampled
+                    continue
                 piece = job.gen.advance(None, tok)
                 self.sampled += 1
                 if piece:

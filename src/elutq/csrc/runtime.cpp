@@ -102,7 +102,7 @@ static inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (int32_t)((uint32_t)((ti - 0x4B400000) + 127) << 23);  // 2^n (n in -126..128)
+  const int32_t bits = (int32_t)((uint32_t)((ti - 0x4B400000) + 127) << 23);  // 2^n (n in -126..127)
   float scale;
   std::memcpy(&scale, &bits, 4);
   return p * scale;
@@ -360,10 +360,10 @@ ELUTQ_CLONES static float max_scaled(const float* x, int n, float it) {
   for (int t = 0; t < 16; ++t) m[t] = -INFINITY;
   int i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int t = 0; t < 16; ++t) m[t] = m[t] > x[i + t] * it ? m[t] : x[i + t] * it;
+    for (int t = 0; t < 16; ++t) m[t] = x[i + t] * it > m[t] ? x[i + t] * it : m[t];  // NaN never wins
   float r = -INFINITY;
-  for (int t = 0; t < 16; ++t) r = std::max(r, m[t]);
-  for (; i < n; ++i) r = std::max(r, x[i] * it);
+  for (int t = 0; t < 16; ++t) r = m[t] > r ? m[t] : r;
+  for (; i < n; ++i) r = x[i] * it > r ? x[i] * it : r;
   return r;
 }
 
@@ -374,7 +374,7 @@ static int argmax_row(const float* x, int n) {
   return best;
 }
 
-// The last index with a non-zero weight (rounding may carry a draw past the end).
+// The last index below n with a non-zero weight.
 static int last_nonzero(const float* p, int n) {
   for (int i = n - 1; i > 0; --i)
     if (p[i] > 0.0f) return i;
@@ -396,7 +396,7 @@ static int sample_row(const float* x, int V, float it, int top_k, float top_p, d
   float kth = -INFINITY;  // top-k: the k-th largest scaled logit
   if (top_k > 0 && top_k < V) {
     S.tmp.resize(V);
-    for (int i = 0; i < V; ++i) S.tmp[i] = x[i] * it;
+    for (int i = 0; i < V; ++i) S.tmp[i] = x[i] * it == x[i] * it ? x[i] * it : -INFINITY;  // NaN: never kept
     std::nth_element(S.tmp.begin(), S.tmp.begin() + (top_k - 1), S.tmp.end(), std::greater<float>());
     kth = S.tmp[top_k - 1];
   }
@@ -409,12 +409,14 @@ static int sample_row(const float* x, int V, float it, int top_k, float top_p, d
     double cum = 0.0;
     size_t b = 0;
     for (; b + 1 < S.bsum.size() && cum + S.bsum[b] <= target; ++b) cum += S.bsum[b];
-    const int e = std::min(V, (int)(b + 1) * kDrawBlock);
-    for (int i = (int)b * kDrawBlock; i < e; ++i) {
+    const int b0 = (int)b * kDrawBlock, e = std::min(V, b0 + kDrawBlock);
+    for (int i = b0; i < e; ++i) {
       cum += p[i];
       if (cum > target && p[i] > 0.0f) return i;
     }
-    return last_nonzero(p, V);
+    // Rounding (the block sum and this walk add in different orders) carried the target past the
+    // block's end: its last non-zero weight, else the last one before it.
+    return last_nonzero(p, e);
   }
   // top-p: the largest weights (ties: lower index first) until their mass reaches top_p·total.  The
   // weights lie in [0, 1] (the largest is e^0); a histogram of their float exponents finds the
