@@ -121,7 +121,9 @@ void ThreadPool::worker(int tid) {
       ELUTQ_PAUSE();
       if ((it & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
         break;
       }
     }
@@ -149,11 +151,14 @@ void ThreadPool::run(int nthreads, const std::function<void(int, int)>& f) {
   active_ = nthreads;
   finished_.store(0, std::memory_order_relaxed);
   state_.store(0, std::memory_order_release);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    gen_.fetch_add(1, std::memory_order_acq_rel);
+  // Spinning workers see gen_ change; only sleeping ones need the mutex and a notify (a futex
+  // syscall).  No wake-up is lost: a worker counts itself in sleepers_ under mu_ before it checks
+  // gen_, so either it sees the new gen_ or this load sees it counted (both seq_cst).
+  gen_.fetch_add(1, std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    { std::lock_guard<std::mutex> lk(mu_); }
+    cv_.notify_all();
   }
-  cv_.notify_all();
   f(0, nthreads);
   const int joined = state_.fetch_or(kClosed, std::memory_order_acq_rel) & ~kClosed;
   for (int it = 0; finished_.load(std::memory_order_acquire) < joined; ++it) {

@@ -39,6 +39,7 @@ class ThreadPool {
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
+  std::atomic<int> sleepers_{0};  // workers blocked on cv_ (run() only locks and notifies when > 0)
   static constexpr int kClosed = 1 << 30;
   std::atomic<int> state_{kClosed};  // participants of the current run, | kClosed once closed
   std::atomic<int> finished_{0};
