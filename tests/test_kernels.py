@@ -117,7 +117,7 @@ def int8_error_bound(lin: K.LUTLinear, x: np.ndarray) -> float:
 
     The integer lookup sums are exact, so the only error is rounding each (signed) table entry to
     the integer grid of its run: the kernel computes (b·x) = Δ_G·Σ_k mult_k·q_k + Σx/2 with Δ_G the
-    group's lut_scale (max|U|/2032, csrc/lut.h) and mult_k ∈ {1, 2, 4, 8} the run's multiplier, so
+    group's lut_scale (max|U|/(254·B), csrc/lut.h) and mult_k ∈ 1..B the run's multiplier, so
     each lookup is off by Δ_G·mult_k·δ, δ uniform in ±1/2, variance (Δ_G·mult_k)²/12.  Planes of the
     same run may hit the same (equally rounded) entry, so the per-run error is at most
     (Σ_i |s_i|)·Δ_G·mult_k·δ.  Hence, per output,
@@ -168,16 +168,15 @@ def test_int8_on_fitted_weights() -> None:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
 def test_exact_for_small_integer_activations(path: str, bits: int, g: int) -> None:
-    """Integer x whose every group peaks at exactly Σ|x_run| = 127 makes the signed tables' step 1:
-    the int8 tables are the exact tables, and with small-integer s and z every partial sum is a
-    multiple of 1/2 below 2^23 — exact in fp32."""
+    """Integer x whose every run has Σ|x_run| = 127 makes every run's grid step 1 (all multipliers
+    equal, lut.h: group_mults): the int8 tables are the exact tables, and with small-integer s and
+    z every partial sum is a multiple of 1/2 below 2^23 — exact in fp32."""
     out, inf = 45, 576
     lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=bits, integer=True), path=path)
-    gk = K.kernel_group_size(inf, lin.group_size)
     rng = np.random.default_rng(5)
-    x = rng.integers(-31, 32, size=(2, inf)).astype(np.float32)
-    for c0 in range(0, inf, gk):
-        x[:, c0 : c0 + 4] = [127, 0, 0, 0]
+    x = rng.integers(-31, 32, size=(2, inf // 4, 4)).astype(np.float32)
+    x[..., 3] = rng.choice([-1, 1], size=x.shape[:2]) * (127 - np.abs(x[..., :3]).sum(-1))
+    x = x.reshape(2, inf)
     ref = lin.reference(x)
     np.testing.assert_array_equal(lin(x), ref)
     np.testing.assert_array_equal(lin(x, float_tables=True), ref)

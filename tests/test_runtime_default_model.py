@@ -36,9 +36,10 @@ def test_greedy_64_tokens_match_torch_with_float_tables(checkpoint):
 def test_int8_tables_logits_and_top1(checkpoint):
     """int8 tables (the fast path) against torch, teacher-forced on 512 WikiText-2 test tokens.
 
-    Measured on this model: relative RMS logit error 1.3e-2 and top-1 agreement 98.0% (int8
-    activation tables with per-run power-of-two multipliers; see docs/KERNELS.md).  The bounds below
-    leave a margin over those figures; a kernel or runtime bug moves them by orders of magnitude."""
+    Measured on this model: relative RMS logit error 1.04e-2 and top-1 agreement 98.2% (int8
+    activation tables, each run on its own grid through per-run integer multipliers; 1.3e-2 and 98.0%
+    with power-of-two ones; see docs/KERNELS.md).  The bounds below leave a margin over those
+    figures; a kernel or runtime bug moves them by orders of magnitude."""
     ref_model, tokenizer, _ = load_quantized(checkpoint)
     text, _ = load_text(dataset="wikitext2", split="test")
     ids = tokenizer(text[:20000], add_special_tokens=False).input_ids[:512]
@@ -48,5 +49,5 @@ def test_int8_tables_logits_and_top1(checkpoint):
     rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"int8 tables: relative RMS logit error {rel:.3e}, top-1 agreement {agree:.2%}")
-    assert rel < 0.025
-    assert agree > 0.96
+    assert rel < 0.016
+    assert agree > 0.97

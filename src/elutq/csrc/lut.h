@@ -14,15 +14,14 @@
 // int8 tables ("int8-table" path) use the signed (±1) form of the same table,
 //     U[k][m] = Σ_t (2·bit_t(m) − 1)·x[4k+t] = 2·T[k][m] − Σx_run,   antisymmetric: U[15−m] = −U[m],
 // whose range (±Σ|x_run|) is centred, so int8 quantization loses about half as much as with T.
-// Each run k gets a power-of-two share of its group's int8 range: with M = max_k m_k over the
-// group, m_k = max_m |U[k][m]| = Σ_t |x_t| (summed in the table's order, so it is exactly that max),
-// e_k ∈ 0..3 is the largest with m_k·2^e_k <= M, and
-//     q[k][m] = rint(U[k][m] · 127·2^e_k / M),     mult[k] = 2^(3 − e_k) ∈ {1, 2, 4, 8},
-// so a run far below the group's peak is rounded on a grid up to 8× finer (activation outliers
-// cost only their own runs precision), and the lookups are still summed exactly in integers,
-// each multiplied by its run's mult (the u8 operand of vpdpbusd / vpmaddubsw, a widening multiply
-// on NEON):
-//     (b_i · x)_G = lut_scale · Σ_k mult[k]·q[k][nib] + Σx_G / 2,      lut_scale = M / (254·8)
+// Each run k gets its own int8 grid: with M = max_k m_k over the group, m_k = max_m |U[k][m]| = Σ_t |x_t|
+// (summed in the table's order, so it is exactly that max), a per-group budget B and per-run integer
+// multipliers mult_k ∈ 1..B (group_mults below: mult_k ≈ ceil(B·m_k/M), Σ_k mult_k <= 8 per run),
+//     q[k][m] = rint(U[k][m] · 127·B / (M·mult_k)),
+// so every run is rounded on a grid close to its own m_k/127 (activation outliers cost only their
+// own runs precision), and the lookups are still summed exactly in integers, each multiplied by its
+// run's mult (the u8 operand of vpdpbusd / vpmaddubsw, a widening multiply on NEON):
+//     (b_i · x)_G = lut_scale · Σ_k mult[k]·q[k][nib] + Σx_G / 2,      lut_scale = M / (254·B)
 // (0 for an all-zero group), and per group
 //     y_r += lut_scale · Σ_i s_i · acc_i  +  (z + Σ_i s_i / 2) · Σx_G   (Σx_G from the float input).
 // Float tables ("float-table" path, accuracy reference, scalar only) use T itself, unquantized.
@@ -30,7 +29,7 @@
 // ------------------------------------------------------------------------------------------
 // Activation tables (built per input vector, per call):
 //   tq        int8  [in_pad/4][16]  q[k][m], run-major, run k at byte 16k; in_pad = ng·g (x zero-padded)
-//   tm        uint8 [in_pad/4]      mult[k] (1, 2, 4 or 8), run k at byte k
+//   tm        uint8 [in_pad/4]      mult[k] (1..127), run k at byte k
 //   lut_scale f32   [ng]
 //   xsum      f32   [ng]            Σx over the group's real columns
 //
@@ -95,13 +94,32 @@ struct LutTables {
 
 extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
 
-// The table exponent e_k of a run whose largest |entry| is mk in a group whose largest is M: the
-// largest e in 0..3 with mk·2^e <= M (exact: only power-of-two scaling and comparisons), so every
-// path derives the same int8 tables.  Internal linkage: each ISA's translation unit has its own copy.
-static inline int run_exponent(float mk, float M) {
-  int e = 0;
-  while (e < 3 && mk * (float)(2 << e) <= M) ++e;
-  return e;
+// Run multipliers of one group (every path calls this, so all derive the same tables): with
+// r_k = m_k / M, the largest budget B in kMultBudgets whose mult_k = max(1, ceil(r_k·B)) sum to at
+// most 8 per run — the bound every kernel's integer accumulators are sized for (|Σ_k mult_k·q_k| <=
+// 127·8·g/4, int16 on AVX2 and NEON; B <= 127 for NEON's signed multiply) — then mult_k.  Each run's
+// entries are then rounded on a grid of M·mult_k/(127·B), close to its own m_k/127: a group with one
+// outlier run (B large) keeps the others fine.  B = 8 always fits (every mult_k <= 8).  Returns B.
+// Only IEEE multiplies, divisions and ceil, so every path gets the same result.  (Any B in 8..127
+// by bisection measured no better, and an odd B makes lut_scale inexact for integer inputs.)
+constexpr int kMultBudgets[5] = {127, 64, 32, 16, 8};
+static inline int group_mults(const float* peak, int nruns, float M, uint8_t* mult) {
+  if (!(M > 0.0f)) {  // an all-zero group: its tables are 0 whatever the multipliers
+    for (int k = 0; k < nruns; ++k) mult[k] = 1;
+    return 8;
+  }
+  for (int bi = 0; bi < 5; ++bi) {
+    const float B = (float)kMultBudgets[bi];
+    int sum = 0, k = 0;
+    for (; k < nruns; ++k) {
+      const int mk = (int)__builtin_ceilf(peak[k] / M * B);
+      mult[k] = (uint8_t)(mk < 1 ? 1 : mk);
+      sum += mult[k];
+      if (sum > 8 * nruns) break;
+    }
+    if (k == nruns) return kMultBudgets[bi];
+  }
+  return 8;  // not reached
 }
 
 // m_k of one run: ((|x0| + |x1|) + |x2|) + |x3|, the same float operations as the table entry whose

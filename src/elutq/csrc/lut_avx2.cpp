@@ -11,9 +11,10 @@
 // Then one vpshufb per ymm looks up 32 entries, with the tables as plain 32-byte loads
 // ([T[k0] | T[k0+1]], [T[k0+2] | T[k0+3]], and +64 bytes for the high nibbles).  vpunpck{l,h}bw
 // of the A and B results pairs j0 with j2 (lane 0) and j1 with j3 (lane 1) for the same row, and
-// vpmaddubsw with the pair's run multipliers (lut.h: 1..8; [m0, m2] in lane 0, [m1, m3] in lane 1)
-// adds each pair into int16, accumulated per group (|sum| ≤ 2·8·254·g/32 ≤ 16256 per lane for
-// g ≤ 128: no overflow); the two lanes are added once per plane and group.
+// vpmaddubsw with the pair's run multipliers (lut.h: 1..127; [m0, m2] in lane 0, [m1, m3] in lane 1)
+// adds each pair into int16, accumulated per group; the two lanes are added once per plane and
+// group, still in int16: |sum| ≤ 127·Σ_k mult_k ≤ 127·8·g/4 ≤ 32512 for g ≤ 128 (lut.h: group_mults
+// keeps Σ mult_k within 8 per run), so nothing overflows.
 //
 // Only intrinsics and plain functions live here (no std templates).
 #include <immintrin.h>
@@ -294,13 +295,12 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, uint8_
       peak[k] = run_peak(x4);
       m = m > peak[k] ? m : peak[k];
     }
-    const float invf = m > 0.0f ? 127.0f / m : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
     uint8_t* mult = tm + (size_t)G * gstride / 16;
+    const int B = group_mults(peak, g / 4, m, mult);
+    const float c = m > 0.0f ? 127.0f * (float)B / m : 0.0f;
     for (int k = 0; k < g / 4; ++k) {
-      const int e = run_exponent(peak[k], m);
-      const __m256 inv = _mm256_set1_ps(invf * (float)(1 << e));
-      mult[k] = (uint8_t)(8 >> e);
+      const __m256 inv = _mm256_set1_ps(c / (float)mult[k]);
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k], inv));
       const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(t[2 * k + 1], inv));
       const __m256i p16 = _mm256_packs_epi32(a, b);  // lanes: a0-3 b0-3 | a4-7 b4-7
@@ -308,7 +308,7 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, uint8_
       // p8 = a0-3 b0-3 a4-7 b4-7 → reorder to a0-7 b0-7
       _mm_storeu_si128((__m128i*)(q + 16 * k), _mm_shuffle_epi32(p8, _MM_SHUFFLE(3, 1, 2, 0)));
     }
-    lut_scale[G] = m / 2032.0f;
+    lut_scale[G] = m / (254.0f * (float)B);
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

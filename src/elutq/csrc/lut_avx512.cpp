@@ -303,19 +303,12 @@ inline __m512 run_peaks(const __m512 X[4]) {  // ((|x0| + |x1|) + |x2|) + |x3|, 
   return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(abs_ps(X[0]), abs_ps(X[1])), abs_ps(X[2])), abs_ps(X[3]));
 }
 
-// Tables and multipliers of `nruns` runs (16, or 8) at q / mult; inv = 127/M (0 for M = 0).
-inline void runs_tables(const __m512 X[4], __m512 peak, float M, float inv, int nruns, int8_t* q, uint8_t* mult) {
+// Tables of `nruns` runs (16, or 8) at q; mlane: the runs' multipliers in lane order (int32),
+// c = 127·B/M (0 for M = 0): run k's entries are scaled by c / mult_k (lut.h).
+inline void runs_tables(const __m512 X[4], __m512i mlane, float c, int nruns, int8_t* q) {
   const __m512 sgn = _mm512_set1_ps(-0.0f);
   auto neg = [&](__m512 v) { return xor_ps(v, sgn); };
-  // e = #{j in 1..3 : peak·2^j <= M}, the loop of run_exponent (monotone in j).
-  const __m512 Mv = _mm512_set1_ps(M);
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i e = _mm512_setzero_si512();
-  for (int j = 1; j <= 3; ++j) {
-    const __mmask16 le = _mm512_cmp_ps_mask(_mm512_mul_ps(peak, _mm512_set1_ps((float)(1 << j))), Mv, _CMP_LE_OQ);
-    e = _mm512_mask_add_epi32(e, le, e, one);
-  }
-  const __m512 inv_k = _mm512_scalef_ps(_mm512_set1_ps(inv), _mm512_cvtepi32_ps(e));  // inv·2^e, exact
+  const __m512 inv_k = _mm512_div_ps(_mm512_set1_ps(c), _mm512_cvtepi32_ps(mlane));  // IEEE, as the scalar
   // Entries 8 + j (bit 3 set): a = ±x0 ± x1 (bits 0, 1 of j), b = a ± x2 (bit 2), U = b + x3.
   const __m512 app = _mm512_add_ps(X[0], X[1]), anp = _mm512_sub_ps(X[1], X[0]);
   const __m512 a[4] = {neg(app), neg(anp), anp, app};  // j & 3 = 0: −x0 − x1, 1: x0 − x1, 2: −x0 + x1, 3
@@ -335,14 +328,6 @@ inline void runs_tables(const __m512 X[4], __m512 peak, float M, float inv, int 
     const __m512i lo = _mm512_permutex2var_epi8(Z[0], ix, Z[1]), hi = _mm512_permutex2var_epi8(Z[2], ix, Z[3]);
     _mm512_storeu_si512((void*)(q + 64 * b), _mm512_mask_blend_epi8(hm, lo, hi));
   }
-  // mult = 8 >> e, in run order
-  const __m512i m32 = _mm512_permutexvar_epi32(_mm512_load_si512((const void*)kTablePerm.mult_perm),
-                                               _mm512_srlv_epi32(_mm512_set1_epi32(8), e));
-  const __m128i m8 = _mm512_cvtepi32_epi8(m32);
-  if (nruns == 16)
-    _mm_storeu_si128((__m128i*)mult, m8);
-  else
-    _mm_storel_epi64((__m128i*)mult, m8);
 }
 
 }  // namespace
@@ -362,19 +347,33 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint
       xp = xg;
     }
     __m512 X[2][4], peak[2];
+    alignas(64) float pk[32];
     for (int b = 0; b < nb; ++b) {
       load_runs(xp + 64 * b, nruns, X[b]);
       peak[b] = run_peaks(X[b]);
+      // peaks in run order, for group_mults (lane kRunLane[r] holds run r; the permutation is its own inverse)
+      _mm512_store_ps(pk + 16 * b, _mm512_permutexvar_ps(_mm512_load_si512((const void*)kTablePerm.mult_perm), peak[b]));
     }
     const float M = _mm512_reduce_max_ps(nb == 2 ? _mm512_max_ps(peak[0], peak[1]) : peak[0]);
-    const float inv = M > 0.0f ? 127.0f / M : 0.0f;
+    uint8_t* mult = tm + (size_t)G * gstride / 16;
+    const int B = group_mults(pk, g / 4, M, mult);
+    const float c = M > 0.0f ? 127.0f * (float)B / M : 0.0f;
     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Σx in the canonical order (lut_scalar.cpp)
     for (int b = 0; b < nb; ++b) {
-      runs_tables(X[b], peak[b], M, inv, nruns, tq + (size_t)G * gstride + 256 * b, tm + (size_t)G * gstride / 16 + 16 * b);
+      __m128i mb;  // this batch's multipliers, run order, then lane order as int32
+      if (nruns == 16) {
+        mb = _mm_loadu_si128((const __m128i*)(mult + 16 * b));
+      } else {
+        mb = _mm_loadl_epi64((const __m128i*)(mult + 16 * b));
+        mb = _mm_or_si128(mb, _mm_slli_si128(_mm_set1_epi8(1), 8));  // padding lanes: 1 (their entries are 0)
+      }
+      const __m512i mlane = _mm512_permutexvar_epi32(_mm512_load_si512((const void*)kTablePerm.mult_perm),
+                                                     _mm512_cvtepu8_epi32(mb));
+      runs_tables(X[b], mlane, c, nruns, tq + (size_t)G * gstride + 256 * b);
       _mm512_store_ps(s16, _mm512_add_ps(_mm512_add_ps(X[b][0], X[b][1]), _mm512_add_ps(X[b][2], X[b][3])));
       for (int r = 0; r < nruns; ++r) part[r & 3] += s16[kRunLane[r]];
     }
-    lut_scale[G] = M / 2032.0f;
+    lut_scale[G] = M / (254.0f * (float)B);
     xsum[G] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }

@@ -4,9 +4,10 @@
 // 16-byte quarters (rows 4q..4q+3).  For each quarter:
 //   lo = (v & 0x0F) | 16·(p mod 4),  hi = (v >> 4) | 16·(p mod 4)
 //   vqtbl4q_u8(T[k0..k0+3] as 4 q-registers, lo)   → 16 int8 lookups (4 rows × 4 runs), same for hi
-//   vmull_s8 by the runs' multipliers (lut.h: 1..8, byte j ↔ run k0 + j) widens to int16 and
-//   vpaddq_s16 sums byte pairs (runs j = 0+1, 2+3); these accumulate over the group
-//   (|sum| ≤ 8·254·g/16 ≤ 16256: no overflow), then vpaddlq_s16 gives one int32 per row.
+//   vmull_s8 by the runs' multipliers (lut.h: 1..127, byte j ↔ run k0 + j) widens to int16 and
+//   vpaddq_s16 sums byte pairs (runs j = 0+1, 2+3); these accumulate over the group in int16
+//   (|sum| ≤ 127·Σ_k mult_k ≤ 127·8·g/4 ≤ 32512: lut.h's group_mults keeps Σ mult_k within 8 per
+//   run, so no overflow), then vpaddlq_s16 gives one int32 per row.
 // Tables are built with the scalar builder (they are small next to the weights).
 #if defined(__aarch64__)
 #include <arm_neon.h>

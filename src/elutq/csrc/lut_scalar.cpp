@@ -94,16 +94,15 @@ void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, uint
       peak[k] = run_peak(xg + 4 * k);
       amax = std::fmax(amax, peak[k]);
     }
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int8_t* q = tq + (size_t)G * gstride;
     uint8_t* mult = tm + (size_t)G * gstride / 16;
+    const int B = group_mults(peak, g / 4, amax, mult);
+    const float c = amax > 0.0f ? 127.0f * (float)B / amax : 0.0f;
     for (int k = 0; k < g / 4; ++k) {
-      const int e = run_exponent(peak[k], amax);
-      const float inv_k = inv * (float)(1 << e);
+      const float inv_k = c / (float)mult[k];
       for (int m = 0; m < 16; ++m) q[16 * k + m] = (int8_t)std::nearbyint(t[16 * k + m] * inv_k);
-      mult[k] = (uint8_t)(8 >> e);
     }
-    lut_scale[G] = amax / 2032.0f;  // (b·x) = lut_scale·Σ mult·q + Σx/2;  2032 = 254·8
+    lut_scale[G] = amax / (254.0f * (float)B);  // (b·x) = lut_scale·Σ mult·q + Σx/2
     xsum[G] = s;
   }
 }
