@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import threading
 import time
@@ -505,6 +506,10 @@ def serve(
     model = load(checkpoint, max_ctx=ctx, threads=threads)
     name = model_name or Path(str(checkpoint)).name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    # Everything loaded so far (torch, transformers, the model) lives as long as the server: keep it
+    # out of the cyclic collector's full passes, which would otherwise walk it between decode steps.
+    gc.collect()
+    gc.freeze()
     print(f"serving {name} ({model.runtime.path} kernels, context {engine.ctx}, batch {max_batch}) "
           f"on http://{host}:{port}/v1")
     uvicorn.run(create_app(model, name, engine), host=host, port=port, log_level="warning",
