@@ -190,7 +190,9 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(checkpoint):
                 "POST", srv.url + "/v1/completions", json={**body, "stream": True}
             ) as r:
                 assert r.status_code == 200
-            _wait_for(lambda: srv.engine.stats()["running"] == 1, "the stream to be admitted")
+                # go away only once the request runs (before, a loaded machine could let the
+                # disconnect win the race with admission, and the request never ran)
+                _wait_for(lambda: srv.engine.stats()["running"] == 1, "the stream to be admitted")
             time.sleep(0.5)  # the server notices the disconnect while the engine is parked
         _wait_for(lambda: srv.engine.stats()["running"] == 0, "the slot to be freed")
         assert srv.engine.stats()["steps"] - steps <= 2  # not the 50 a finished request needs
