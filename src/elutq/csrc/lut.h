@@ -95,26 +95,27 @@ struct LutTables {
 extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
 
 // Run multipliers of one group (every path calls this, so all derive the same tables): with
-// r_k = m_k / M, the largest budget B in kMultBudgets whose mult_k = max(1, ceil(r_k·B)) sum to at
-// most 8 per run — the bound every kernel's integer accumulators are sized for (|Σ_k mult_k·q_k| <=
-// 127·8·g/4, int16 on AVX2 and NEON; B <= 127 for NEON's signed multiply) — then mult_k.  Each run's
-// entries are then rounded on a grid of M·mult_k/(127·B), close to its own m_k/127: a group with one
-// outlier run (B large) keeps the others fine.  B = 8 always fits (every mult_k <= 8).  Returns B.
-// Only IEEE multiplies, divisions and ceil, so every path gets the same result.  (Any B in 8..127
-// by bisection measured no better, and an odd B makes lut_scale inexact for integer inputs.)
-constexpr int kMultBudgets[5] = {127, 64, 32, 16, 8};
+// r_k = m_k / M, the largest budget B in kMultBudgets whose mult_k = max(1, ceil(r_k·B)) sum, over
+// the runs that are not all zero, to at most 8 per run — the bound every kernel's integer
+// accumulators are sized for (|Σ_k mult_k·q_k| <= 127·8·g/4, int16 on AVX2 and NEON; all-zero runs
+// look up only zeros) — then mult_k.  Each run's entries are then rounded on a grid of
+// M·mult_k/(127·B), close to its own m_k/127: a group with one outlier run (B large) keeps the
+// others fine.  B = 8 always fits (every mult_k <= 8).  B is a power of two (<= 64: NEON multiplies
+// by a signed byte), so lut_scale = M/(254·B) is exact whenever M/254 is.  Returns B.  Only IEEE
+// multiplies, divisions and ceil, so every path gets the same result.
+constexpr int kMultBudgets[4] = {64, 32, 16, 8};
 static inline int group_mults(const float* peak, int nruns, float M, uint8_t* mult) {
   if (!(M > 0.0f)) {  // an all-zero group: its tables are 0 whatever the multipliers
     for (int k = 0; k < nruns; ++k) mult[k] = 1;
     return 8;
   }
-  for (int bi = 0; bi < 5; ++bi) {
+  for (int bi = 0; bi < 4; ++bi) {
     const float B = (float)kMultBudgets[bi];
     int sum = 0, k = 0;
     for (; k < nruns; ++k) {
       const int mk = (int)__builtin_ceilf(peak[k] / M * B);
       mult[k] = (uint8_t)(mk < 1 ? 1 : mk);
-      sum += mult[k];
+      sum += mk;  // 0 for an all-zero run
       if (sum > 8 * nruns) break;
     }
     if (k == nruns) return kMultBudgets[bi];

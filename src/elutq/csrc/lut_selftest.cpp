@@ -6,7 +6,7 @@
 //      definition (so the layout interpretation itself is checked), rel. error < 1e-5;
 //   2. each SIMD int8-table kernel against the scalar int8-table kernel (identical integer sums;
 //      only fp32 rounding in the epilogue may differ), rel. error < 1e-5;
-//   3. exactness for small-integer data (lut_scale = 1, integer scales/zeros);
+//   3. exactness for small-integer data (every run's grid step 1, integer scales/zeros);
 //   4. the threaded multi-column driver (lut_matmul) equals per-column GEMV, 1 vs 2 threads.
 // Exit status 0 on success, 1 on any mismatch.
 #include <cmath>
@@ -161,9 +161,16 @@ void run_case(int out, int in, int bits, int g, std::mt19937& rng) {
   // 3. exact small-integer case
   Matrix MI = random_matrix(out, in, bits, g, rng, true);
   std::uniform_int_distribution<int> xi(-31, 31);
-  for (int c = 0; c < in; ++c) x[c] = (float)xi(rng);
-  for (int G = 0; G < ng; ++G)
-    for (int t = 0; t < 4 && G * g + t < in; ++t) x[G * g + t] = t == 0 ? 127.0f : 0.0f;
+  // every run (4 columns) has Σ|x| = 127, so every run's grid step is 1 (lut.h: group_mults)
+  for (int c0 = 0; c0 < in; c0 += 4) {
+    const int n4 = in - c0 < 4 ? in - c0 : 4;
+    int left = 127;
+    for (int t = 0; t + 1 < n4; ++t) {
+      x[c0 + t] = (float)xi(rng);
+      left -= (int)std::fabs(x[c0 + t]);
+    }
+    x[c0 + n4 - 1] = (float)(xi(rng) < 0 ? -left : left);
+  }
   const std::vector<double> refi = layout_reference(MI.W, x.data());
   for (Path p : available_paths()) {
     std::vector<float> y(out);
