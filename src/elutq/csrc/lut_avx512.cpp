@@ -261,7 +261,7 @@ constexpr int kRunLane[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 
 struct TablePerm {
   alignas(64) uint8_t idx[4][64];
   uint64_t hi_mask;
-  alignas(64) int32_t mult_perm[16];  // lane of run r, for the multipliers
+  alignas(64) int32_t run_lane[16];  // lane of run r (its own inverse: also the run in lane f)
   TablePerm() : hi_mask(0) {
     for (int b = 0; b < 4; ++b)
       for (int rho = 0; rho < 4; ++rho)
@@ -271,7 +271,7 @@ struct TablePerm {
           idx[b][16 * rho + m] = (uint8_t)(pos + 64 * ((m / 4) & 1));
           if (b == 0 && m >= 8) hi_mask |= 1ull << (16 * rho + m);
         }
-    for (int r = 0; r < 16; ++r) mult_perm[r] = kRunLane[r];
+    for (int r = 0; r < 16; ++r) run_lane[r] = kRunLane[r];
   }
 };
 const TablePerm kTablePerm;
@@ -352,7 +352,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint
       load_runs(xp + 64 * b, nruns, X[b]);
       peak[b] = run_peaks(X[b]);
       // peaks in run order, for group_mults (lane kRunLane[r] holds run r; the permutation is its own inverse)
-      _mm512_store_ps(pk + 16 * b, _mm512_permutexvar_ps(_mm512_load_si512((const void*)kTablePerm.mult_perm), peak[b]));
+      _mm512_store_ps(pk + 16 * b, _mm512_permutexvar_ps(_mm512_load_si512((const void*)kTablePerm.run_lane), peak[b]));
     }
     const float M = _mm512_reduce_max_ps(nb == 2 ? _mm512_max_ps(peak[0], peak[1]) : peak[0]);
     uint8_t* mult = tm + (size_t)G * gstride / 16;
@@ -367,7 +367,7 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint
         mb = _mm_loadl_epi64((const __m128i*)(mult + 16 * b));
         mb = _mm_or_si128(mb, _mm_slli_si128(_mm_set1_epi8(1), 8));  // padding lanes: 1 (their entries are 0)
       }
-      const __m512i mlane = _mm512_permutexvar_epi32(_mm512_load_si512((const void*)kTablePerm.mult_perm),
+      const __m512i mlane = _mm512_permutexvar_epi32(_mm512_load_si512((const void*)kTablePerm.run_lane),
                                                      _mm512_cvtepu8_epi32(mb));
       runs_tables(X[b], mlane, c, nruns, tq + (size_t)G * gstride + 256 * b);
       _mm512_store_ps(s16, _mm512_add_ps(_mm512_add_ps(X[b][0], X[b][1]), _mm512_add_ps(X[b][2], X[b][3])));

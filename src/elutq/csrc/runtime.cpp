@@ -83,9 +83,9 @@ ELUTQ_CLONES static void add(float* y, const float* x, size_t n) {
 
 // e^x in plain float operations the compiler can vectorize (std::exp is a libm call per value):
 // x = n·ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact product), e^r by its degree-7
-// Taylor polynomial (truncation < 1e-8 relative), 2^n from the exponent bits.  Within ~2 ulp of
-// std::exp on [-87, 88]; inputs beyond are clamped (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38), which is exact
-// enough for SiLU, its only user.
+// Taylor polynomial (truncation < 1e-8 relative), 2^n from the exponent bits, so the error is a few
+// fp32 roundings; inputs beyond [-87, 88] are clamped (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38), which is
+// exact enough for SiLU and sampling, its users.
 static inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // (std::fmin/fmax would keep GCC from vectorizing)
   const float shift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low mantissa bits
