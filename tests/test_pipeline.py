@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from elutq import gptq as gptq_mod
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
 from elutq.gptq import Hessian, gptq_quantize_weight
@@ -42,6 +43,45 @@ def test_gptq_with_identity_hessian_is_rtn(minilm_weights, fmt):
     gptq = gptq_quantize_weight(w, torch.eye(w.shape[1]), cfg, act_order=False)
     assert torch.equal(gptq.codes, rtn.codes)
     assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_inverse_hessian_factor_matches_torch(dtype):
+    """The CPU path factors in place with LAPACK (bounded memory); torch's allocating functions
+    (the GPU path) are the reference.  The Hessian is rank-deficient, as with short calibration."""
+    x = correlated_inputs(300, n=200).double()
+    h = (x.T @ x / 200).to(dtype)
+    lam = 0.01 * h.diagonal().mean().item()
+    ref = gptq_mod._inverse_hessian_factor_torch(h.clone(), lam, 0.01)
+    got = gptq_mod._inverse_hessian_factor(h.clone(), 0.01)
+    assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, got.triu())
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
+    # UᵀU is the damped inverse: (UᵀU)⁻¹ = H + λI
+    u = got.double()
+    damped = h.double() + lam * torch.eye(300, dtype=torch.float64)
+    assert torch.allclose(torch.linalg.inv(u.T @ u), damped, rtol=0, atol=1e-3 * h.diagonal().mean().item())
+
+
+def test_in_place_inverse_hessian_factor_retries_with_more_damping():
+    """An indefinite matrix fails the first factorization; the retry must start from the original
+    values (kept in the triangle LAPACK did not touch) and add damping until it succeeds."""
+    h = torch.eye(50, dtype=torch.float64)
+    h[0, 1] = h[1, 0] = 1.025  # eigenvalue -0.025: needs λ > 0.025, the first try has 0.01
+    h[5:9, 5:9] += 0.3
+    u = gptq_mod._inverse_hessian_factor(h.clone(), 0.01).double()
+    d = torch.linalg.inv(u.T @ u) - h  # = λ·I for the λ that succeeded
+    lam = d.diagonal().mean().item()
+    assert 0.025 < lam < 0.06
+    assert torch.allclose(d, lam * torch.eye(50, dtype=torch.float64), atol=1e-5)
+
+
+def test_permute_symmetric_in_place():
+    h = correlated_inputs(96, n=300).T.double().cov()
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))
+    got = h.clone()
+    gptq_mod._permute_symmetric_(got, perm, block=10)
+    assert torch.equal(got, h[perm][:, perm])
 
 
 def correlated_inputs(n_features: int, n: int = 4096) -> torch.Tensor:

@@ -37,28 +37,88 @@ from .hlq import (
 CodesMode = Literal["per-column", "fixed"]
 
 
+FP64_MAX_FEATURES = 4096
+
+
+def hessian_dtype(n_features: int) -> torch.dtype:
+    """fp64 for Hessians up to 4096 wide (cheap, and robust to ill-conditioning); wider ones in fp32,
+    as the reference GPTQ does throughout: an 8192-wide fp64 Hessian alone is 0.5 GB, a quarter of
+    the 2 GB a 3B model's quantization is meant to fit in."""
+    return torch.float64 if n_features <= FP64_MAX_FEATURES else torch.float32
+
+
 class Hessian:
     """Running ``H = 2/n · Σ x xᵀ`` over the rows ``x`` of every batch of layer inputs."""
 
     def __init__(self, n_features: int, device: torch.device | str | None = None):
-        self.h = torch.zeros(n_features, n_features, dtype=torch.float64, device=device)
+        self.h = torch.zeros(n_features, n_features, dtype=hessian_dtype(n_features), device=device)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, block: int = 1024) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
         self.h.mul_(self.n / (self.n + x.shape[0]))
         self.n += x.shape[0]
         # One batch's XᵀX in fp32 (a few thousand rows: rounding stays ~1e-6 relative, and it is
-        # several times faster than fp64), the running sum over batches in fp64.
-        self.h.add_((x.T @ x).to(torch.float64), alpha=2.0 / self.n)
+        # several times faster than fp64), the running sum in H's dtype; a block of rows at a time, so
+        # the temporary stays small next to a wide Hessian.
+        for b in range(0, self.h.shape[0], block):
+            self.h[b : b + block].add_(x[:, b : b + block].T @ x, alpha=2.0 / self.n)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H).  ``h`` is modified.
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU``, λ = damp · mean(diag H), in fp32.
 
-    At most two n×n fp64 matrices are alive at once (an 8192-wide Hessian is 0.5 GB each).
+    ``h`` (symmetric, fp64 or fp32: :func:`hessian_dtype`) is consumed.  On the CPU all three LAPACK
+    steps run in place in ``h``'s memory, so a large Hessian needs no second copy; elsewhere torch's
+    functions, which allocate their results.
     """
-    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
+    lam = damp * h.diagonal().mean().clamp_min(1e-12).item()
+    if h.device.type != "cpu":
+        return _inverse_hessian_factor_torch(h, lam, damp)
+    from scipy.linalg import lapack
+
+    h = h.contiguous()
+    diag = h.diagonal().clone()
+    # h is symmetric, so its row-major buffer read column-major (a = hᵀ as numpy sees it) is the same
+    # matrix, in the Fortran order LAPACK overwrites in place.  dpotrf(lower=1) writes only a's lower
+    # triangle = h's upper one: h's strict lower triangle keeps the original values for a retry.
+    a = h.numpy().T
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (a,))
+    for _ in range(5):
+        h.diagonal().copy_(diag + lam)
+        c, info = potrf(a, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            break
+        _restore_upper_from_lower(h)
+        lam += diag.mean().item() * damp  # more damping
+    else:
+        raise RuntimeError("Hessian is not positive definite even after extra damping")
+    c, info = potri(c, lower=1, overwrite_c=1)  # (H + λI)⁻¹, lower triangle
+    if info != 0:
+        raise RuntimeError(f"inverting the Hessian failed (LAPACK potri info={info})")
+    # Its lower Cholesky factor L (inverse = L·Lᵀ), other triangle zeroed: read row-major, that is
+    # Lᵀ = U, the upper factor with inverse = UᵀU — in the layout the column loop wants.
+    c, info = potrf(c, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise RuntimeError(f"the inverse Hessian is not positive definite (LAPACK potrf info={info})")
+    if c.ctypes.data != a.ctypes.data:
+        raise RuntimeError("LAPACK did not factor the Hessian in place")
+    del a, c
+    return h.float()  # no copy when h is fp32
+
+
+def _restore_upper_from_lower(h: torch.Tensor, block: int = 512) -> None:
+    """Copy ``h``'s strict lower triangle onto its upper one, a block of rows at a time."""
+    n = h.shape[0]
+    for b in range(0, n, block):
+        e = min(n, b + block)
+        h[b:e, e:] = h[e:, b:e].t()
+        blk = h[b:e, b:e]
+        blk.copy_(blk.tril(-1) + blk.tril(-1).t() + torch.diag(blk.diagonal()))
+
+
+def _inverse_hessian_factor_torch(h: torch.Tensor, lam: float, damp: float) -> torch.Tensor:
+    h.diagonal().add_(lam)
     for _ in range(5):
         chol, info = torch.linalg.cholesky_ex(h)
         if info == 0:
@@ -72,6 +132,27 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     u = torch.linalg.cholesky(inv, upper=True)
     del inv
     return u.float()
+
+
+def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, block: int = 512) -> None:
+    """``h ← h[perm][:, perm]`` in place: rows along the permutation's cycles (one row of scratch),
+    then columns a block of rows at a time."""
+    order = perm.tolist()
+    seen = [False] * len(order)
+    for i in range(len(order)):
+        if seen[i] or order[i] == i:
+            continue
+        first, j = h[i].clone(), i
+        while True:
+            seen[j] = True
+            k = order[j]
+            if k == i:
+                h[j] = first
+                break
+            h[j] = h[k]
+            j = k
+    for b in range(0, h.shape[0], block):
+        h[b : b + block] = h[b : b + block].index_select(1, perm)
 
 
 @contextlib.contextmanager
@@ -116,7 +197,7 @@ def gptq_plan(
     """Visiting order and inverse-Hessian factor for ``h [in, in]`` with groups of ``group_size``.
 
     ``consume=True`` lets it overwrite and free ``h`` (saves a copy of a large Hessian)."""
-    h = h.to(device=device or h.device, dtype=torch.float64)
+    h = h.to(device=device or h.device, dtype=hessian_dtype(h.shape[0]))
     if not consume:
         h = h.clone()
     n = h.shape[0]
@@ -133,9 +214,9 @@ def gptq_plan(
         groups = sorted(groups, key=lambda cols: -diag[cols].sum().item())
         groups = [cols[torch.argsort(diag[cols], descending=True, stable=True)] for cols in groups]
     perm = torch.cat(groups)
-    h = h.index_select(0, perm)  # rebinding frees the unpermuted copy (when it is ours)
-    h = h.index_select(1, perm)
+    _permute_symmetric_(h, perm)
     u = _inverse_hessian_factor(h, damp)
+    del h
     return GPTQPlan(groups, perm, u, diag[perm].float(), dead)
 
 

@@ -156,14 +156,21 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> to
     return levels(scales, zeros).gather(1, codes.long())
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, rows: int = 1024
+) -> torch.Tensor:
     """Float32 ``[out, in]`` from codes ``[out, in]``, scales ``[out, ng, q]``, zeros ``[out, ng]``."""
     out, n = codes.shape
     ng = scales.shape[1]
     g = group_size
-    c = torch.nn.functional.pad(codes, (0, ng * g - n)).view(out * ng, g)
-    w = decode(c, scales.float().reshape(out * ng, -1), zeros.float().reshape(-1))
-    return w.view(out, ng * g)[:, :n]
+    w = torch.empty(out, n, dtype=torch.float32, device=codes.device)
+    # A block of rows at a time: gather's int64 index is 8 bytes per weight (0.2 GB for one
+    # 8192 × 3072 matrix), and the quantizer's peak RSS is made of such temporaries.
+    for r in range(0, out, rows):
+        c = torch.nn.functional.pad(codes[r : r + rows], (0, ng * g - n)).view(-1, g)
+        blk = decode(c, scales[r : r + rows].float().reshape(c.shape[0], -1), zeros[r : r + rows].float().reshape(-1))
+        w[r : r + rows] = blk.view(-1, ng * g)[:, :n]
+    return w
 
 
 # ----------------------------------------------------------------------------- fitting

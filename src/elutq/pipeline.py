@@ -41,7 +41,7 @@ from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear,
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
-from .utils import ElutqError, move_into_place, peak_rss_mb
+from .utils import ElutqError, move_into_place, peak_rss_mb, release_free_memory
 
 PROGRESS_FILE = "progress.json"
 HIDDEN_FILE = "hidden.safetensors"
@@ -350,6 +350,7 @@ def quantize_layer_gptq(
             # One factorization per input, shared by the group; it consumes (frees) the Hessian.
             plan = gptq_plan(h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)
             del h
+            release_free_memory()
             for name in group:
                 linear = layer.get_submodule(name)
                 qw = gptq_quantize_weight(linear.weight, None, cfg.quant, codes=cfg.codes, plan=plan)
@@ -358,6 +359,8 @@ def quantize_layer_gptq(
                 set_module(layer, name, module)
                 # The caller only needs the shape: a meta-device shell frees the fp32 weight now.
                 replaced[name] = (linear.to("meta"), module)
+            del plan
+            release_free_memory()
     return replaced, fp_first
 
 
@@ -542,6 +545,7 @@ def quantize_streaming(
         acts = new_acts
         layers[i] = nn.Identity()  # free the layer
         del layer, replaced
+        release_free_memory()
         bar.update(1)
         bar.set_postfix(err=f"{err:.2e}", rss=f"{peak_rss_mb():.0f}M")
         _maybe_stop_for_test(i)
@@ -600,11 +604,12 @@ def _write_head(
             h = Hessian(config.hidden_size, device=device)
             for x in acts:
                 h.add(rms(x.to(device)))
+            g = cfg.lm_head.group_for(config.hidden_size)
+            plan = gptq_plan(h.h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)  # once for all slices
+            del h
 
             def quantize_rows(w: torch.Tensor) -> QuantizedWeight:
-                return gptq_quantize_weight(
-                    w.to(device), h.h, cfg.lm_head, damp=cfg.damp, act_order=cfg.act_order, codes=cfg.codes
-                )
+                return gptq_quantize_weight(w.to(device), None, cfg.lm_head, codes=cfg.codes, plan=plan)
         else:
 
             def quantize_rows(w: torch.Tensor) -> QuantizedWeight:

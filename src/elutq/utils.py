@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import shutil
@@ -18,6 +19,24 @@ class ElutqError(Exception):
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, as the OS accounts it (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_memory() -> None:
+    """Hand memory that malloc keeps after frees back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op).  The quantizer frees hundreds of MB of temporaries per layer, and without this a heap
+    fragmented by them keeps its peak resident."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - not glibc: no malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: ctypes.CDLL | bool | None = None
 
 
 def dir_size_mb(path: Path) -> float:
