@@ -36,7 +36,9 @@ def run_measured(args: list[str], log: Path | None = None, env: dict[str, str] |
     """Run ``args`` as a child and measure it alone.
 
     ``os.wait4`` returns the rusage of exactly that child, so ``ru_maxrss`` is its own peak RSS
-    (``RUSAGE_CHILDREN`` would be the maximum over every child this process ever waited for).
+    (``RUSAGE_CHILDREN`` would be the maximum over every child this process ever waited for) — but
+    at least the caller's own peak RSS when it was spawned, which exec carries over: callers keep
+    their own memory small (bench_memory.py writes its models in a separate process).
     """
     out_path = log or Path(os.devnull)
     t0 = time.perf_counter()

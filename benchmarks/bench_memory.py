@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import shlex
 import shutil
@@ -113,7 +114,10 @@ def write_synthetic_llama(path: Path, a: argparse.Namespace, n_layers: int) -> i
 def run_one(a: argparse.Namespace, n_layers: int, root: Path) -> dict:
     model, out = root / f"synthetic-{n_layers}L", root / f"synthetic-{n_layers}L-q"
     t0 = time.perf_counter()
-    n_params = write_synthetic_llama(model, a, n_layers)
+    # Written by a separate process: a child's ru_maxrss starts from its parent's high-water mark
+    # (exec keeps it), so this process must never hold the model itself.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        n_params = pool.apply(write_synthetic_llama, (model, a, n_layers))
     src_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
     print(
         f"{n_layers} layers, hidden {a.hidden}, intermediate {a.intermediate}, vocab {a.vocab} "

@@ -7,7 +7,11 @@ are compared with the reference: relative RMS error and top-1 agreement.  The la
 quantized linear on the kernels (torch attention/norms), then the native runtime end to end
 (``elutq.load(...).logits``, what ``tests/test_runtime_default_model.py`` checks).
 
-    .venv/bin/python benchmarks/bench_table_error.py [--checkpoint DIR] [--tokens 512]
+    .venv/bin/python benchmarks/bench_table_error.py [--checkpoint DIR] [--tokens 512] [--residual-tables]
+
+``--residual-tables``: the same with a second int8 lookup pass on the tables' rounding error.
+``--speed``: then what that costs: the native runtime's prefill and decode tokens/s with int8 tables
+and with residual tables, alternating in one process (best of ``--rounds`` each), at all cores.
 
 Default checkpoint: the default model, RTN HLQ w4g128 (made once under out/, as bench_server.py's).
 Also prints how many positions the reference itself decides by a small logit margin, which bounds
@@ -47,6 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--residual-tables", action="store_true", help="int8 tables + residual tables (2 passes)")
+    ap.add_argument("--speed", action="store_true", help="also time int8 vs residual tables in the runtime")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     ckpt = args.checkpoint or default_checkpoint()
     model, tokenizer, _ = load_quantized(ckpt)
@@ -69,10 +76,12 @@ def main() -> None:
         name = names[id(self)]
         if not name.endswith(on_kernels):
             return torch_forward(self, h)
-        y = luts[name](h.reshape(-1, h.shape[-1]).float()).reshape(*h.shape[:-1], -1)
+        y = luts[name](h.reshape(-1, h.shape[-1]).float(), residual_tables=args.residual_tables)
+        y = y.reshape(*h.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
-    print(f"checkpoint: {ckpt}; {len(ids)} WikiText-2 test tokens; {active_path()} kernels, int8 tables\n")
+    kind = "int8 + residual int8 tables" if args.residual_tables else "int8 tables"
+    print(f"checkpoint: {ckpt}; {len(ids)} WikiText-2 test tokens; {active_path()} kernels, {kind}\n")
     print("| on the LUT kernels | relative RMS logit error | top-1 agreement |\n|---|---|---|")
     HLQLinear.forward = forward
     try:
@@ -84,7 +93,7 @@ def main() -> None:
             print(f"| {label} | {rel:.2e} | {agree:.2%} |", flush=True)
     finally:
         HLQLinear.forward = torch_forward
-    rel, agree = compare(elutq.load(ckpt).logits(ids), ref)
+    rel, agree = compare(elutq.load(ckpt, residual_tables=args.residual_tables).logits(ids), ref)
     print(f"| native runtime (everything) | {rel:.2e} | {agree:.2%} |")
     top2 = ref.topk(2, -1).values
     margin = top2[:, 0] - top2[:, 1]
@@ -94,6 +103,30 @@ def main() -> None:
         f"(logit RMS {ref.pow(2).mean().sqrt().item():.2f}); 99% agreement allows {len(ids) // 100} misses"
     )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.speed:
+        speed(ckpt, args.rounds)
+
+
+def speed(ckpt: Path, rounds: int) -> None:
+    import os
+
+    from elutq.bench import measure
+
+    model = elutq.load(ckpt, max_ctx=256)
+    threads = os.cpu_count() or 1
+    best: dict[bool, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    for _ in range(rounds):
+        for residual in (False, True):
+            model.runtime.residual_tables = residual
+            sp = measure(model, threads, 128, 64, 1)
+            b = best[residual]
+            b[0], b[1] = max(b[0], sp.prefill_tokens_per_s), max(b[1], sp.decode_tokens_per_s)
+    print(f"\n{threads} threads, prompt 128 tokens, 64 decode steps, best of {rounds} alternating rounds:")
+    print("| tables | prefill tok/s | decode tok/s |\n|---|---|---|")
+    for residual, label in ((False, "int8"), (True, "int8 + residual int8")):
+        print(f"| {label} | {best[residual][0]:.1f} | {best[residual][1]:.1f} |")
+    r = [best[True][i] / best[False][i] for i in (0, 1)]
+    print(f"residual / int8: prefill {r[0]:.2f}x, decode {r[1]:.2f}x")
 
 
 if __name__ == "__main__":

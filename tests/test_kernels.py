@@ -153,6 +153,22 @@ def test_int8_tables_within_rounding_bound(path: str, bits: int, shape: tuple[in
     assert mse <= 1.5 * int8_error_bound(lin, x)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(37, 576, 128), (50, 200, 64), (70, 576, -1)])
+def test_residual_tables_within_their_rounding_bound(path: str, bits: int, shape: tuple[int, int, int]) -> None:
+    """The residual pass rounds the int8 tables' error on a grid 254× finer, so what is left is the
+    int8 bound / 254² (plus float rounding); GEMM columns equal the GEMV."""
+    out, inf, g = shape
+    lin = K.LUTLinear(random_qw(out, inf, bits, g, seed=20 + bits), path=path)
+    x = np.random.default_rng(5).normal(size=(16, inf)).astype(np.float32)
+    x[:, 3] *= 20  # an outlier channel: its runs get their own multipliers
+    y = lin(x, residual_tables=True)
+    mse = float(((y.astype(np.float64) - lin.reference(x)) ** 2).mean())
+    assert mse <= 1.5 * int8_error_bound(lin, x) / 254**2 + 1e-10
+    np.testing.assert_array_equal(lin(x[2], residual_tables=True), y[2])
+
+
 def test_int8_on_fitted_weights() -> None:
     """A realistic fitted matrix (ALS HLQ, 2 bits, g128, in=576 with a short last group)."""
     w = torch.randn(96, 576)

@@ -69,6 +69,16 @@ def test_int8_tables_within_tolerance(tmp_path, arch):
         assert _rel_err(got, ref) < 0.05, path
 
 
+def test_residual_tables_close_to_float(tmp_path):
+    """int8 + residual int8 tables (two lookup passes) leave ~1/254 of the int8 tables' error."""
+    _, out = _quantized(tmp_path, "llama", head_bits=4)
+    ref = _torch_logits(out)
+    for path in elutq.kernels.available_paths():
+        int8 = _rel_err(elutq.load(out, kernel=path).logits(IDS), ref)
+        resid = _rel_err(elutq.load(out, kernel=path, residual_tables=True).logits(IDS), ref)
+        assert resid < 1e-3 and resid < int8 / 30, (path, int8, resid)
+
+
 def test_unquantized_model_runs_dense(tmp_path):
     """A 16-bit HF directory runs through the dense fp16 kernels; torch on the same fp16 weights agrees."""
     from transformers import AutoModelForCausalLM

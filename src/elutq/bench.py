@@ -55,7 +55,12 @@ def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, rep
 
 
 def bench_runtime(
-    spec: str, prompt_tokens: int = 128, gen_tokens: int = 64, threads: list[int] | None = None, repeats: int = 3
+    spec: str,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    threads: list[int] | None = None,
+    repeats: int = 3,
+    residual_tables: bool = False,
 ) -> list[Speed]:
     """``spec``: a checkpoint or model (see ``elutq.load``), or ``synthetic:BITS`` for :func:`synthetic_model`
     (the LLaMA-2-7B shape, random HLQ weights of BITS bits, groups of 128, 4-bit lm_head)."""
@@ -69,7 +74,9 @@ def bench_runtime(
         model = synthetic_model(bits=int(bits), max_ctx=prompt_tokens + gen_tokens + 1)
     else:
         model = load(spec, max_ctx=prompt_tokens + gen_tokens + 1)
-    print(f"model: {spec}  (loaded in {time.perf_counter() - t0:.1f}s, {model.runtime.path} kernels)")
+    model.runtime.residual_tables = residual_tables
+    tables = "int8 + residual int8 tables" if residual_tables else "int8 tables"
+    print(f"model: {spec}  (loaded in {time.perf_counter() - t0:.1f}s, {model.runtime.path} kernels, {tables})")
     return report(model, threads, prompt_tokens, gen_tokens, repeats)
 
 

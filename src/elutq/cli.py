@@ -239,7 +239,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _load_runtime(args: argparse.Namespace):
     from .runtime import load
 
-    return load(args.model, max_ctx=args.ctx, threads=args.threads)
+    return load(args.model, max_ctx=args.ctx, threads=args.threads, residual_tables=args.residual_tables)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -300,14 +300,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import bench_runtime
 
     bench_runtime(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, threads=args.threads,
-                  repeats=args.repeats)
+                  repeats=args.repeats, residual_tables=args.residual_tables)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
-          max_queue=args.max_queue, threads=args.threads, model_name=args.model_name)
+          max_queue=args.max_queue, threads=args.threads, model_name=args.model_name,
+          residual_tables=args.residual_tables)
 
 
 def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
@@ -320,8 +321,13 @@ def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    g.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
 
 
+RESIDUAL_HELP = (
+    "int8 tables plus a second int8 pass on their rounding error: logits ~250x closer to float, "
+    "twice the table lookups (slower decode)"
+)
 FINETUNE_STAGES = ["block", "e2e", "block,e2e"]
 FINETUNE_STAGE_HELP = (
     "block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
@@ -455,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
     b.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    b.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -465,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     sv.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    sv.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
     sv.set_defaults(func=cmd_serve)
     return p

@@ -637,12 +637,14 @@ def load(
     threads: int | None = None,
     kernel: str | None = None,
     float_tables: bool = False,
+    residual_tables: bool = False,
 ) -> Model:
     """Load a quantized checkpoint (or, 16-bit, any model `elutq quantize` accepts) into the runtime.
 
     ``max_ctx`` caps the context (default: the model's); ``threads`` sizes the kernel thread pool;
     ``kernel`` forces a path (scalar/avx2/avx512/neon); ``float_tables`` uses the exact float-table
-    kernels (slow; for accuracy checks)."""
+    kernels (slow; for accuracy checks); ``residual_tables`` adds a second int8 lookup pass on the
+    tables' rounding error (logits closer to float, at twice the lookups: docs/KERNELS.md)."""
     from transformers import AutoConfig, AutoTokenizer
 
     spec = str(path)
@@ -670,6 +672,7 @@ def load(
             raise ElutqError(f"kernel path {kernel!r} is not available here (available: {kernels.available_paths()})")
         rt.set_path(kernel)
     rt.float_tables = float_tables
+    rt.residual_tables = residual_tables
     t = _Tensors(ckpt)
     modules = (qc or {}).get("modules", {})
     cache = _KernelCache(ckpt, t.fingerprint())

@@ -498,12 +498,13 @@ def serve(
     max_queue: int = 64,
     threads: int | None = None,
     model_name: str | None = None,
+    residual_tables: bool = False,
 ) -> None:
     import uvicorn
 
     from .runtime import load
 
-    model = load(checkpoint, max_ctx=ctx, threads=threads)
+    model = load(checkpoint, max_ctx=ctx, threads=threads, residual_tables=residual_tables)
     name = model_name or Path(str(checkpoint)).name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     # Everything loaded so far (torch, transformers, the model) lives as long as the server: keep it

@@ -310,8 +310,9 @@ static void gemv_rows(Path p, const LutWeight& W, const LutTables& T, int rb0, i
 // int8 tables are stored group-major: column c's group G at tq + (G·n + c)·g·4 (its multipliers at
 // tm + (G·n + c)·g/4), so the tables a GEMM tile needs (one group, many columns) are contiguous.
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
-                bool float_tables, int max_threads) {
+                bool float_tables, int max_threads, bool residual) {
   if (Ws.empty() || n <= 0) return;
+  residual = residual && !float_tables;
   const int in = Ws[0].in, g = Ws[0].g, ng = Ws[0].ng;
   for (const auto& W : Ws) {
     if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
@@ -334,12 +335,14 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
 
   // 1) tables, one set per column (columns split over threads)
-  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf;
+  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf, tq2_buf, ls2_buf, xs0_buf, y2_buf;
   ls_buf.resize(sizeof(float) * n * ng);
   xs_buf.resize(sizeof(float) * n * ng);
   float* ls = (float*)ls_buf.p;
   float* xs = (float*)xs_buf.p;
   int8_t* tq = nullptr;
+  int8_t* tq2 = nullptr;
+  float *ls2 = nullptr, *xs0 = nullptr;
   uint8_t* tm = nullptr;
   float* tf = nullptr;
   if (float_tables) {
@@ -351,6 +354,15 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     tm_buf.resize(tlen * n / 16);
     tm = (uint8_t*)tm_buf.p;
   }
+  if (residual) {
+    tq2_buf.resize(tlen * n);
+    tq2 = (int8_t*)tq2_buf.p;
+    ls2_buf.resize(sizeof(float) * n * ng);
+    ls2 = (float*)ls2_buf.p;
+    xs0_buf.resize(sizeof(float) * n * ng);
+    xs0 = (float*)xs0_buf.p;
+    for (int i = 0; i < n * ng; ++i) xs0[i] = 0.0f;  // the residual pass adds no Σx term
+  }
   const size_t gstride = g4 * n;
   auto tables_job = [&](int c0, int c1) {
     for (int c = c0; c < c1; ++c) {
@@ -359,29 +371,43 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       else
         build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride, ls + (size_t)c * ng,
                      xs + (size_t)c * ng);
+      if (residual) {
+        build_residual_tables_scalar(X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride,
+                                     ls + (size_t)c * ng, tq2 + c * g4);
+        for (int G = 0; G < ng; ++G) ls2[(size_t)c * ng + G] = ls[(size_t)c * ng + G] / 254.0f;
+      }
     }
   };
   parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
 
-  auto col_tables = [&](int c) {
-    LutTables T;
-    T.tq = tq + c * g4;
-    T.tm = tm + c * g4 / 16;
-    T.gstride = gstride;
-    T.lut_scale = ls + (size_t)c * ng;
-    T.xsum = xs + (size_t)c * ng;
-    return T;
-  };
-
-  // 2) rows
-  auto rows_job = [&](int b0, int b1) {
+  // 2) rows; with residual tables a second pass over the same rows adds the correction.
+  std::vector<float*> ys2;
+  if (residual) {
+    size_t total_out = 0;
+    for (const auto& W : Ws) total_out += (size_t)W.out;
+    y2_buf.resize(sizeof(float) * total_out * n);
+    for (size_t w = 0, off = 0; w < Ws.size(); off += (size_t)Ws[w].out * n, ++w) ys2.push_back((float*)y2_buf.p + off);
+  }
+  auto rows_pass = [&](int b0, int b1, bool second) {
+    const int8_t* tqp = second ? tq2 : tq;
+    const float* lsp = second ? ls2 : ls;
+    const float* xsp = second ? xs0 : xs;
+    auto col_tables = [&](int c) {
+      LutTables T;
+      T.tq = tqp + c * g4;
+      T.tm = tm + c * g4 / 16;
+      T.gstride = gstride;
+      T.lut_scale = lsp + (size_t)c * ng;
+      T.xsum = xsp + (size_t)c * ng;
+      return T;
+    };
     int base = 0;
     for (size_t w = 0; w < Ws.size(); ++w) {
       const LutWeight& W = Ws[w];
       const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
       base += W.nrb();
       if (lo >= hi) continue;
-      float* y = ys[w];
+      float* y = second ? ys2[w] : ys[w];
       if (float_tables) {
         for (int rb = lo; rb < hi; ++rb)
           for (int c = 0; c < n; ++c) {
@@ -405,13 +431,27 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
         for (int r0 = lo; r0 < hi; r0 += rbb)
           for (int c0 = 0; c0 < n; c0 += cc)
-            gemm(W, tq + c0 * g4, tm + c0 * g4 / 16, gstride, ls + (size_t)c0 * ng, xs + (size_t)c0 * ng,
+            gemm(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng, xsp + (size_t)c0 * ng,
                  std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
         continue;
       }
 #endif
       for (int rb = lo; rb < hi; ++rb)
         for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * W.out);
+    }
+  };
+  auto rows_job = [&](int b0, int b1) {
+    rows_pass(b0, b1, false);
+    if (!residual) return;
+    rows_pass(b0, b1, true);  // the same row blocks, so this thread owns the rows it adds into
+    int base = 0;
+    for (size_t w = 0; w < Ws.size(); ++w) {
+      const LutWeight& W = Ws[w];
+      const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
+      base += W.nrb();
+      const int r0 = lo * kRowBlock, r1 = std::min(hi * kRowBlock, W.out);
+      for (int c = 0; c < n && r0 < r1; ++c)
+        for (int r = r0; r < r1; ++r) ys[w][(size_t)c * W.out + r] += ys2[w][(size_t)c * W.out + r];
     }
   };
   // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).

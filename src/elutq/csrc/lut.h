@@ -146,6 +146,13 @@ float fp16_to_float(uint16_t h);
 void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                          float* lut_scale, float* xsum);
 void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf, float* xsum);
+// Residual tables ("int8x2"): the int8 rounding error of tables tq/tm/lut_scale (built by any path:
+// they are identical), r = U − 2·lut_scale·mult·q, itself rounded to int8 on a grid 254× finer,
+//     q2[k][m] = rint(r · 127 / (lut_scale·mult_k)),   |q2| <= 127 since |r| <= lut_scale·mult_k,
+// to be looked up with the same multipliers and lut_scale2 = lut_scale / 254 (and Σx = 0): a second
+// GEMV pass that adds Σ r/2, leaving ~1/254 of the int8 tables' error.  tq2 has tq's layout.
+void build_residual_tables_scalar(const float* x, int in, int g, int ng, const int8_t* tq, const uint8_t* tm,
+                                  size_t gstride, const float* lut_scale, int8_t* tq2);
 void gemv_rows_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 

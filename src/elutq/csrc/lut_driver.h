@@ -85,8 +85,9 @@ void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uin
 // Y_w[c, :] = W_w · X[c, :] for every matrix w (all with the same in_features and group size) and
 // column c < n; the activation tables are built once per column and shared by all matrices.
 // X is [n][in] (row-major), ys[w] is [n][out_w].  max_threads <= 0: the pool's size.
+// residual: int8 tables plus their residual tables (build_residual_tables_scalar), two lookup passes.
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
-                bool float_tables, int max_threads = 0);
+                bool float_tables, int max_threads = 0, bool residual = false);
 
 double read_bandwidth(size_t bytes, int reps, int nthreads);
 

@@ -117,6 +117,30 @@ void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf,
   }
 }
 
+void build_residual_tables_scalar(const float* x, int in, int g, int ng, const int8_t* tq, const uint8_t* tm,
+                                  size_t gstride, const float* lut_scale, int8_t* tq2) {
+  float xg[128], t[16];
+  for (int G = 0; G < ng; ++G) {
+    const int8_t* q = tq + (size_t)G * gstride;
+    const uint8_t* mult = tm + (size_t)G * gstride / 16;
+    int8_t* q2 = tq2 + (size_t)G * gstride;
+    if (!(lut_scale[G] > 0.0f)) {  // an all-zero group: nothing to correct
+      for (int e = 0; e < g * 4; ++e) q2[e] = 0;
+      continue;
+    }
+    group_x(x, in, g, G, xg);
+    for (int k = 0; k < g / 4; ++k) {
+      run_table_signed(xg + 4 * k, t);
+      const float step = 2.0f * lut_scale[G] * (float)mult[k];  // one int8 unit of run k
+      const float inv = 254.0f / step;
+      for (int m = 0; m < 16; ++m) {
+        const float v = std::nearbyint((t[m] - step * (float)q[16 * k + m]) * inv);
+        q2[16 * k + m] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+      }
+    }
+  }
+}
+
 // Store the 16 results of a row block, skipping padded rows.
 static inline void store_rows(const float* y16, int rb, int out, float* y) {
   const int r0 = rb * kRowBlock;

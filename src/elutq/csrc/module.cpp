@@ -47,7 +47,7 @@ static Path resolve(const std::string& path) { return path.empty() ? default_pat
 
 static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const float, nb::ndim<2>> x,
                    std::vector<CArray<float, nb::ndim<2>>> ys, const std::string& path, bool float_tables,
-                   int max_threads) {
+                   int max_threads, bool residual_tables) {
   if (ws.empty()) throw std::invalid_argument("no matrices given");
   if (ys.size() != ws.size()) throw std::invalid_argument("need one output array per matrix");
   const int n = (int)x.shape(0);
@@ -66,7 +66,7 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   }
   const Path p = resolve(path);
   nb::gil_scoped_release release;
-  lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads);
+  lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads, residual_tables);
 }
 
 static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq, CArray<uint8_t> tm, CArray<float> ls,
@@ -175,7 +175,7 @@ NB_MODULE(_native, m) {
       .def_prop_ro("nbytes", [](const PackedWeight& p) { return p.nbytes(); }, "bytes of packed weights + scales streamed per call");
 
   m.def("matmul", &matmul, nb::arg("weights"), nb::arg("x"), nb::arg("outs"), nb::arg("path") = "",
-        nb::arg("float_tables") = false, nb::arg("max_threads") = 0,
+        nb::arg("float_tables") = false, nb::arg("max_threads") = 0, nb::arg("residual_tables") = false,
         "outs[w][c, :] = weights[w] · x[c, :] for every matrix w, sharing x's tables across matrices.");
   m.def("build_tables", &tables, nb::arg("x"), nb::arg("group_size"), nb::arg("tq"), nb::arg("tm"), nb::arg("lut_scale"),
         nb::arg("xsum"), nb::arg("path") = "", "int8 activation tables of one vector (for tests).");
@@ -256,6 +256,7 @@ NB_MODULE(_native, m) {
       .def("set_path", [](Runtime& rt, const std::string& p) { rt.path = resolve(p); }, nb::arg("path"))
       .def_prop_ro("path", [](const Runtime& rt) { return std::string(path_name(rt.path)); })
       .def_rw("float_tables", &Runtime::float_tables)
+      .def_rw("residual_tables", &Runtime::residual_tables)
       .def_prop_ro("weight_bytes", &Runtime::weight_bytes, "bytes of weights one decode step streams")
       .def("forward", &rt_forward, nb::arg("caches"), nb::arg("positions"), nb::arg("lengths"), nb::arg("all_logits"),
            nb::arg("tokens"), nb::arg("logits"),

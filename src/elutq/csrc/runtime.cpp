@@ -186,9 +186,10 @@ void Runtime::matmul(std::initializer_list<const RtLinear*> ws, const float* x, 
     bool same = true;
     for (const auto& v : views) same = same && v.in == views[0].in && v.g == views[0].g;
     if (same) {
-      lut_matmul(views, x, n, outs, path, float_tables);
+      lut_matmul(views, x, n, outs, path, float_tables, 0, residual_tables);
     } else {
-      for (size_t i = 0; i < views.size(); ++i) lut_matmul({views[i]}, x, n, {outs[i]}, path, float_tables);
+      for (size_t i = 0; i < views.size(); ++i)
+        lut_matmul({views[i]}, x, n, {outs[i]}, path, float_tables, 0, residual_tables);
     }
   }
   y = ys.begin();

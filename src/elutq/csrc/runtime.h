@@ -73,6 +73,7 @@ class Runtime {
   RtLinear lm_head;
   Path path = Path::Scalar;
   bool float_tables = false;
+  bool residual_tables = false;  // int8 tables + residual tables (lut_driver.h), 2 lookup passes
 
   // tokens: Σ n_s ids, sequence after sequence; logits: see the header comment.  Throws on bad input.
   void forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, float* logits);
