@@ -66,14 +66,16 @@ def test_in_place_inverse_hessian_factor_matches_torch(dtype):
 def test_in_place_inverse_hessian_factor_retries_with_more_damping():
     """An indefinite matrix fails the first factorization; the retry must start from the original
     values (kept in the triangle LAPACK did not touch) and add damping until it succeeds."""
-    h = torch.eye(50, dtype=torch.float64)
+    n = 600  # wider than the restore's block of 512 rows, so both of its branches run
+    h = torch.eye(n, dtype=torch.float64)
     h[0, 1] = h[1, 0] = 1.025  # eigenvalue -0.025: needs λ > 0.025, the first try has 0.01
     h[5:9, 5:9] += 0.3
+    h[3, 550] = h[550, 3] = 0.2  # an entry across the blocks
     u = gptq_mod._inverse_hessian_factor(h.clone(), 0.01).double()
     d = torch.linalg.inv(u.T @ u) - h  # = λ·I for the λ that succeeded
     lam = d.diagonal().mean().item()
     assert 0.025 < lam < 0.06
-    assert torch.allclose(d, lam * torch.eye(50, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(d, lam * torch.eye(n, dtype=torch.float64), atol=1e-5)
 
 
 def test_permute_symmetric_in_place():

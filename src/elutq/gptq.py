@@ -138,6 +138,8 @@ def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, block: int = 512) -
     """``h ← h[perm][:, perm]`` in place: rows along the permutation's cycles (one row of scratch),
     then columns a block of rows at a time."""
     order = perm.tolist()
+    if order == list(range(len(order))):
+        return  # no act-order: nothing moves
     seen = [False] * len(order)
     for i in range(len(order)):
         if seen[i] or order[i] == i:
@@ -197,9 +199,10 @@ def gptq_plan(
     """Visiting order and inverse-Hessian factor for ``h [in, in]`` with groups of ``group_size``.
 
     ``consume=True`` lets it overwrite and free ``h`` (saves a copy of a large Hessian)."""
+    given = h
     h = h.to(device=device or h.device, dtype=hessian_dtype(h.shape[0]))
-    if not consume:
-        h = h.clone()
+    if not consume and h.data_ptr() == given.data_ptr():
+        h = h.clone()  # (a conversion above already made a private copy)
     n = h.shape[0]
     dead = h.diagonal() == 0  # inputs that are always zero: their weights cannot matter
     h.diagonal()[dead] = 1.0

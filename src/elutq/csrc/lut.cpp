@@ -335,7 +335,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
 
   // 1) tables, one set per column (columns split over threads)
-  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf, tq2_buf, ls2_buf, xs0_buf, y2_buf;
+  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf, tq2_buf, ls2_buf, xs0_buf;
   ls_buf.resize(sizeof(float) * n * ng);
   xs_buf.resize(sizeof(float) * n * ng);
   float* ls = (float*)ls_buf.p;
@@ -380,15 +380,9 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   };
   parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
 
-  // 2) rows; with residual tables a second pass over the same rows adds the correction.
-  std::vector<float*> ys2;
-  if (residual) {
-    size_t total_out = 0;
-    for (const auto& W : Ws) total_out += (size_t)W.out;
-    y2_buf.resize(sizeof(float) * total_out * n);
-    for (size_t w = 0, off = 0; w < Ws.size(); off += (size_t)Ws[w].out * n, ++w) ys2.push_back((float*)y2_buf.p + off);
-  }
-  auto rows_pass = [&](int b0, int b1, bool second) {
+  // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
+  // row r written to y[c·ldy + r].
+  auto pass_rows = [&](const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
     const int8_t* tqp = second ? tq2 : tq;
     const float* lsp = second ? ls2 : ls;
     const float* xsp = second ? xs0 : xs;
@@ -401,57 +395,62 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       T.xsum = xsp + (size_t)c * ng;
       return T;
     };
+    if (float_tables) {
+      for (int rb = lo; rb < hi; ++rb)
+        for (int c = 0; c < n; ++c) {
+          LutTables T;
+          T.tf = tf + c * tlen;
+          T.xsum = xs + (size_t)c * ng;
+          gemv_rows_float_scalar(W, T, rb, rb + 1, y + (size_t)c * ldy);
+        }
+      return;
+    }
+    if (n == 1) {
+      gemv_rows(p, W, col_tables(0), lo, hi, y);
+      return;
+    }
+#if defined(__x86_64__) || defined(_M_X64)
+    if (p == Path::Avx512 || p == Path::Avx2) {
+      // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
+      // L2 pass over them.
+      const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
+      const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
+      const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
+      for (int r0 = lo; r0 < hi; r0 += rbb)
+        for (int c0 = 0; c0 < n; c0 += cc)
+          gemm(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng, xsp + (size_t)c0 * ng,
+               std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * ldy, ldy);
+      return;
+    }
+#endif
+    for (int rb = lo; rb < hi; ++rb)
+      for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * ldy);
+  };
+  auto rows_job = [&](int b0, int b1) {
+    thread_local std::vector<float> scratch;
     int base = 0;
     for (size_t w = 0; w < Ws.size(); ++w) {
       const LutWeight& W = Ws[w];
       const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
       base += W.nrb();
       if (lo >= hi) continue;
-      float* y = second ? ys2[w] : ys[w];
-      if (float_tables) {
-        for (int rb = lo; rb < hi; ++rb)
-          for (int c = 0; c < n; ++c) {
-            LutTables T;
-            T.tf = tf + c * tlen;
-            T.xsum = xs + (size_t)c * ng;
-            gemv_rows_float_scalar(W, T, rb, rb + 1, y + (size_t)c * W.out);
-          }
-        continue;
+      pass_rows(W, lo, hi, false, ys[w], W.out);
+      if (!residual) continue;
+      // The residual pass into a scratch holding only these rows (a few MB even for an lm_head over a
+      // long prompt), then added: the rows are this thread's, so no other thread touches them.
+      const int sub = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
+      for (int s0 = lo; s0 < hi; s0 += sub) {
+        const int s1 = std::min(hi, s0 + sub);
+        const int r0 = s0 * kRowBlock, r1 = std::min(s1 * kRowBlock, W.out), nr = r1 - r0;
+        scratch.resize((size_t)nr * n);
+        // Kernels write y[c·ldy + r] for the absolute row r: shift the base so row r0 lands at 0.
+        pass_rows(W, s0, s1, true, scratch.data() - r0, nr);
+        for (int c = 0; c < n; ++c) {
+          float* yc = ys[w] + (size_t)c * W.out + r0;
+          const float* sc = scratch.data() + (size_t)c * nr;
+          for (int r = 0; r < nr; ++r) yc[r] += sc[r];
+        }
       }
-      if (n == 1) {
-        gemv_rows(p, W, col_tables(0), lo, hi, y);
-        continue;
-      }
-#if defined(__x86_64__) || defined(_M_X64)
-      if (p == Path::Avx512 || p == Path::Avx2) {
-        // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
-        // L2 pass over them.
-        const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
-        const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
-        const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
-        for (int r0 = lo; r0 < hi; r0 += rbb)
-          for (int c0 = 0; c0 < n; c0 += cc)
-            gemm(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng, xsp + (size_t)c0 * ng,
-                 std::min(cc, n - c0), r0, std::min(r0 + rbb, hi), y + (size_t)c0 * W.out, W.out);
-        continue;
-      }
-#endif
-      for (int rb = lo; rb < hi; ++rb)
-        for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * W.out);
-    }
-  };
-  auto rows_job = [&](int b0, int b1) {
-    rows_pass(b0, b1, false);
-    if (!residual) return;
-    rows_pass(b0, b1, true);  // the same row blocks, so this thread owns the rows it adds into
-    int base = 0;
-    for (size_t w = 0; w < Ws.size(); ++w) {
-      const LutWeight& W = Ws[w];
-      const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
-      base += W.nrb();
-      const int r0 = lo * kRowBlock, r1 = std::min(hi * kRowBlock, W.out);
-      for (int c = 0; c < n && r0 < r1; ++c)
-        for (int r = r0; r < r1; ++r) ys[w][(size_t)c * W.out + r] += ys2[w][(size_t)c * W.out + r];
     }
   };
   // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).

@@ -132,9 +132,9 @@ void build_residual_tables_scalar(const float* x, int in, int g, int ng, const i
     for (int k = 0; k < g / 4; ++k) {
       run_table_signed(xg + 4 * k, t);
       const float step = 2.0f * lut_scale[G] * (float)mult[k];  // one int8 unit of run k
-      const float inv = 254.0f / step;
       for (int m = 0; m < 16; ++m) {
-        const float v = std::nearbyint((t[m] - step * (float)q[16 * k + m]) * inv);
+        // r / step first: |r| <= step/2 keeps it finite even when step is subnormal (254/step is not).
+        const float v = std::nearbyint((t[m] - step * (float)q[16 * k + m]) / step * 254.0f);
         q2[16 * k + m] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
       }
     }
