@@ -61,6 +61,13 @@
 #include <cstddef>
 #include <cstdint>
 
+// Plain C++ loops that GCC vectorizes, compiled for AVX-512, AVX2 and the baseline, picked at load time.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define ELUTQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ELUTQ_CLONES
+#endif
+
 namespace elutq {
 
 constexpr int kRowBlock = 16;    // rows per tile

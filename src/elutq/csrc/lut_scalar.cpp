@@ -117,9 +117,18 @@ void build_float_tables_scalar(const float* x, int in, int g, int ng, float* tf,
   }
 }
 
-void build_residual_tables_scalar(const float* x, int in, int g, int ng, const int8_t* tq, const uint8_t* tm,
-                                  size_t gstride, const float* lut_scale, int8_t* tq2) {
-  float xg[128], t[16];
+// Not the reference's summation order: U is recomputed as Σ_t sign(m, t)·x_t, 16 entries in one vector
+// (a 1-ulp difference from the table's own U moves the residual by 1 ulp, far below its grid).
+ELUTQ_CLONES void build_residual_tables_scalar(const float* x, int in, int g, int ng, const int8_t* tq,
+                                               const uint8_t* tm, size_t gstride, const float* lut_scale,
+                                               int8_t* tq2) {
+  static constexpr float kSign[4][16] = {
+      {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1},
+      {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+      {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
+      {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1},
+  };  // kSign[t][m] = 2·bit_t(m) − 1
+  float xg[128];
   for (int G = 0; G < ng; ++G) {
     const int8_t* q = tq + (size_t)G * gstride;
     const uint8_t* mult = tm + (size_t)G * gstride / 16;
@@ -130,12 +139,14 @@ void build_residual_tables_scalar(const float* x, int in, int g, int ng, const i
     }
     group_x(x, in, g, G, xg);
     for (int k = 0; k < g / 4; ++k) {
-      run_table_signed(xg + 4 * k, t);
+      const float x0 = xg[4 * k], x1 = xg[4 * k + 1], x2 = xg[4 * k + 2], x3 = xg[4 * k + 3];
       const float step = 2.0f * lut_scale[G] * (float)mult[k];  // one int8 unit of run k
       for (int m = 0; m < 16; ++m) {
+        const float u = ((kSign[0][m] * x0 + kSign[1][m] * x1) + kSign[2][m] * x2) + kSign[3][m] * x3;
         // r / step first: |r| <= step/2 keeps it finite even when step is subnormal (254/step is not).
-        const float v = std::nearbyint((t[m] - step * (float)q[16 * k + m]) / step * 254.0f);
-        q2[16 * k + m] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+        float v = __builtin_rintf((u - step * (float)q[16 * k + m]) / step * 254.0f);
+        v = v > 127.0f ? 127.0f : v;
+        q2[16 * k + m] = (int8_t)(v < -127.0f ? -127.0f : v);
       }
     }
   }

@@ -11,12 +11,6 @@
 #include <stdexcept>
 #include <string>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define ELUTQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ELUTQ_CLONES
-#endif
-
 namespace elutq {
 
 // ------------------------------------------------------------------------------ vector helpers
