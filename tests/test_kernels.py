@@ -169,6 +169,17 @@ def test_residual_tables_within_their_rounding_bound(path: str, bits: int, shape
     np.testing.assert_array_equal(lin(x[2], residual_tables=True), y[2])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_residual_tables_on_a_tall_matrix(path: str) -> None:
+    """Many row chunks over both threads, each adding its own rows' residual pass from a view of just
+    those row blocks, and a short last row block: every row must come out right."""
+    lin = K.LUTLinear(random_qw(1040 * 16 + 5, 128, 1, 128, seed=7), path=path)
+    x = np.random.default_rng(6).normal(size=(3, 128)).astype(np.float32)
+    y, ref = lin(x, residual_tables=True).astype(np.float64), lin.reference(x)
+    assert float(((y - ref) ** 2).mean()) <= 1.5 * int8_error_bound(lin, x) / 254**2 + 1e-10
+    assert float(np.abs(y - ref)[:, -300:].max()) < 1e-3 * float(np.abs(ref).max())
+
+
 def test_int8_on_fitted_weights() -> None:
     """A realistic fitted matrix (ALS HLQ, 2 bits, g128, in=576 with a short last group)."""
     w = torch.randn(96, 576)

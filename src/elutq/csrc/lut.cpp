@@ -443,8 +443,12 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
         const int s1 = std::min(hi, s0 + sub);
         const int r0 = s0 * kRowBlock, r1 = std::min(s1 * kRowBlock, W.out), nr = r1 - r0;
         scratch.resize((size_t)nr * n);
-        // Kernels write y[c·ldy + r] for the absolute row r: shift the base so row r0 lands at 0.
-        pass_rows(W, s0, s1, true, scratch.data() - r0, nr);
+        // A view of just these row blocks, so their rows land at 0..nr-1 of the scratch.
+        LutWeight V = W;
+        V.w += (size_t)s0 * W.w_bytes_per_rb();
+        V.sz += (size_t)s0 * W.sz_elems_per_rb();
+        V.out = nr;
+        pass_rows(V, 0, s1 - s0, true, scratch.data(), nr);
         for (int c = 0; c < n; ++c) {
           float* yc = ys[w] + (size_t)c * W.out + r0;
           const float* sc = scratch.data() + (size_t)c * nr;
