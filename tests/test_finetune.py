@@ -13,7 +13,7 @@ from conftest import save_tiny_llama
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
 from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, finetune_e2e, trainable_views
-from elutq.hlq import QuantConfig, quantize_weight
+from elutq.hlq import QuantConfig, levels, quantize_weight
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.utils import ElutqError
 from test_pipeline import assert_same_checkpoint, run_cli
@@ -99,6 +99,37 @@ def test_never_returns_a_worse_state(tiny_ckpt, tmp_path):
     assert all(r["best_val"] == r["start_val"] and r["best_step"] == 0 for r in report.layers), report.layers
     before, after = read_tensors(q), read_tensors(tmp_path / "ft")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reassign_codes_between_epochs(tiny_ckpt, tmp_path):
+    """With ``reassign_codes`` codes may change between epochs; what is written is still the best
+    held-out state, loads, and equals what the trainable view computed."""
+    src, q, calib = tiny_ckpt
+    report = finetune_block(q, str(src), tmp_path / "ft", ft_cfg(calib, reassign_codes=True), progress=False)
+    assert all(r["best_val"] <= r["start_val"] for r in report.layers), report.layers
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    changed = [k for k in before if k.endswith(".qweight") and not torch.equal(before[k], after[k])]
+    assert changed, "no code was re-assigned"
+    assert all(k.startswith("model.layers.") for k in changed)  # never the lm_head
+    model, tok, _ = load_quantized(tmp_path / "ft")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # The option is part of the stage's settings (a resume with the other value is refused).
+    assert "reassign_codes" in ft_cfg(calib, reassign_codes=True).settings()
+    assert "reassign_codes" not in ft_cfg(calib).settings()
+
+
+def test_reassign_picks_the_nearest_level(minilm_weights):
+    w = minilm_weights["encoder.layer.0.attention.self.query.weight"][:64]
+    m = HLQLinear.from_quantized(quantize_weight(w, QuantConfig(2, 64)))
+    v = TrainableHLQ(m)
+    with torch.no_grad():
+        v.s.mul_(1.3)  # levels move: some weights now sit nearer another level
+    assert v.reassign_(w) > 0
+    err = (v.weight() - w).abs()
+    lv = levels(v.s.reshape(-1, 2), v.z.reshape(-1)).reshape(64, -1, 4)  # [out, ng, 4]
+    grp = torch.arange(w.shape[1]) // 64
+    best = (lv[:, grp, :] - w.unsqueeze(-1)).abs().amin(-1)
+    torch.testing.assert_close(err, best, atol=1e-6, rtol=0)
 
 
 def ft_args(src: Path, q: Path, out: Path, calib_text: Path, *extra: str) -> list[str]:

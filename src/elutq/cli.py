@@ -111,6 +111,7 @@ def _finetune_config(args: argparse.Namespace, stage: str):
         patience=args.patience,
         seed=args.seed,
         loss=args.loss,
+        reassign_codes=args.reassign_codes and stage == "block",
         device=args.ft_device or ("cuda" if _cuda_available() else "cpu"),
     )
 
@@ -350,6 +351,8 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
     opt("eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
     opt("patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")
     opt("seed", type=int, default=0)
+    opt("reassign-codes", action="store_true",
+        help="block: between epochs, re-assign each weight's code to the level nearest its fp value")
     g.add_argument(f"--{prefix}device", dest="ft_device", default=None,
                    help="cpu or cuda (default: cuda when available)")
 

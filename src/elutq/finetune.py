@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import INDEX_FILE, WEIGHTS_FILE, HLQLinear, read_quantization_config, set_module
-from .hlq import dequantize, unpack_bitplanes
+from .hlq import assign_nearest, dequantize, pack_bitplanes, unpack_bitplanes
 from .models import check_architecture, resolve_source_dir
 from .pipeline import (
     PROGRESS_FILE,
@@ -81,6 +81,7 @@ class FinetuneConfig:
     patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
     seed: int = 0
     loss: Literal["kl", "ce"] = "kl"  # e2e: KL to the fp model's next-token distribution, or causal-LM loss
+    reassign_codes: bool = False  # block: between epochs, re-assign codes to the fp weights' nearest level
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -101,6 +102,10 @@ class FinetuneConfig:
         d.pop("device")
         if self.stage == "block":
             d.pop("loss")  # block reconstruction always fits the fp block's output (MSE)
+        else:
+            d.pop("reassign_codes")  # e2e keeps the codes
+        if not self.reassign_codes:
+            d.pop("reassign_codes", None)  # checkpoints from before the option keep their fingerprint
         return d
 
 
@@ -136,10 +141,24 @@ class TrainableHLQ(nn.Module):
         self.z.copy_(self.z.half().float())
 
     @torch.no_grad()
+    def reassign_(self, w_fp: torch.Tensor) -> int:
+        """Give every weight the code of the level nearest its full-precision value ``w_fp`` [out, in]
+        under the current ``s``, ``z``; returns how many codes changed."""
+        out, n = w_fp.shape
+        ng, g = self.s.shape[1], self.group_size
+        wg = nn.functional.pad(w_fp.float(), (0, ng * g - n)).view(out * ng, g)
+        codes = assign_nearest(wg, self.s.detach().reshape(out * ng, -1), self.z.detach().reshape(-1))
+        codes = codes.view(out, ng * g)[:, :n]
+        changed = int((codes != self.codes).sum().item())
+        self.codes.copy_(codes)
+        return changed
+
+    @torch.no_grad()
     def write_back(self, m: HLQLinear) -> None:
-        """Store the parameters into ``m`` as fp16 (codes, bias and layout unchanged)."""
+        """Store the parameters into ``m`` as fp16 s, z and (possibly re-assigned) packed codes."""
         m.scales.copy_(self.s.half().cpu())
         m.zeros.copy_(self.z.half().cpu())
+        m.qweight.copy_(pack_bitplanes(self.codes.cpu(), self.bits))
 
 
 def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
@@ -233,8 +252,13 @@ def train_layer(
     cfg: FinetuneConfig,
     layer_idx: int,
     progress: bool = True,
+    fp_weights: dict[str, torch.Tensor] | None = None,
 ) -> LayerResult:
-    """Train the views' ``s``, ``z`` so ``layer(x_q) ≈ y_fp``; leaves the best held-out state, fp16-rounded."""
+    """Train the views' ``s``, ``z`` so ``layer(x_q) ≈ y_fp``; leaves the best held-out state, fp16-rounded.
+
+    ``fp_weights`` (the full-precision weight of each view, by name): after every epoch but the last,
+    re-assign each weight's code to its nearest level (``cfg.reassign_codes``); the codes are then part
+    of the state the held-out check keeps."""
     dev = torch.device(cfg.device)
     n_val = max(1, round(len(x_q) * cfg.val_fraction))
     if len(x_q) - n_val < 1:
@@ -245,11 +269,12 @@ def train_layer(
     train_idx, val_idx = list(range(len(x_q) - n_val)), list(range(len(x_q) - n_val, len(x_q)))
     xv, yv = [x_q[k] for k in val_idx], [y_fp[k] for k in val_idx]
     params = [p for v in views.values() for p in (v.s, v.z)]
+    state = params + ([v.codes for v in views.values()] if fp_weights else [])
     for v in views.values():
         v.round_()
 
     def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in state]
 
     start = best = _val_error(layer, xv, yv, pos, dev)
     best_state, best_step = snapshot(), 0
@@ -290,16 +315,19 @@ def train_layer(
             else:
                 bad_evals += 1
             with torch.no_grad():
-                for p, t in zip(params, fp32, strict=True):
+                for p, t in zip(state, fp32, strict=True):
                     p.copy_(t)
             bar.set_postfix(loss=f"{running:.3e}", val=f"{val:.3e}", best=f"{best:.3e}")
             if cfg.patience and bad_evals >= cfg.patience:
                 break
         else:
             bar.set_postfix(loss=f"{running:.3e}", best=f"{best:.3e}")
+        if fp_weights and step % len(train_idx) == 0 and step < total:  # an epoch ended, another follows
+            for name, v in views.items():
+                v.reassign_(fp_weights[name])
     bar.close()
     with torch.no_grad():
-        for p, t in zip(params, best_state, strict=True):
+        for p, t in zip(state, best_state, strict=True):
             p.copy_(t)
     return LayerResult(start, best, step, best_step)
 
@@ -432,12 +460,16 @@ def finetune_block(
         prefix = f"model.layers.{i}."
         fp_layer = _materialize(copy.deepcopy(layers[i]), source, prefix).to(dev)
         y_fp = [_run_layer(fp_layer, x.to(dev), pos).cpu() for x in x_fp]
+        # The fp weights stay only when codes are re-assigned against them.
+        fp_w = {n: m.weight.detach() for n, m in fp_layer.named_modules() if isinstance(m, nn.Linear)}
+        fp_w = fp_w if cfg.reassign_codes else None
         del fp_layer
         q_layer = _materialize_quantized(layers[i], ck, prefix, modules)
         hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
         views = trainable_views(q_layer)
         q_layer.to(dev)
-        res = train_layer(q_layer, views, x_q, y_fp, pos, cfg, i, progress)
+        res = train_layer(q_layer, views, x_q, y_fp, pos, cfg, i, progress, fp_w)
+        del fp_w
         with torch.no_grad():
             x_q = [_run_layer(q_layer, x.to(dev), pos).cpu() for x in x_q]  # the written (fp16) parameters
         tensors = {}
@@ -445,6 +477,7 @@ def finetune_block(
             v.write_back(hlq[name])
             tensors[f"{prefix}{name}.scales"] = hlq[name].scales.contiguous()
             tensors[f"{prefix}{name}.zeros"] = hlq[name].zeros.contiguous()
+            tensors[f"{prefix}{name}.qweight"] = hlq[name].qweight.contiguous()  # changed only by reassign_codes
         # Everything else of the layer is copied from the checkpoint unchanged.
         for k in ck.weight_map:
             if k.startswith(prefix) and k not in tensors:
