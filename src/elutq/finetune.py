@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import INDEX_FILE, WEIGHTS_FILE, HLQLinear, read_quantization_config, set_module
-from .hlq import assign_nearest, dequantize, pack_bitplanes, unpack_bitplanes
+from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
 from .models import check_architecture, resolve_source_dir
 from .pipeline import (
     PROGRESS_FILE,
@@ -144,11 +144,7 @@ class TrainableHLQ(nn.Module):
     def reassign_(self, w_fp: torch.Tensor) -> int:
         """Give every weight the code of the level nearest its full-precision value ``w_fp`` [out, in]
         under the current ``s``, ``z``; returns how many codes changed."""
-        out, n = w_fp.shape
-        ng, g = self.s.shape[1], self.group_size
-        wg = nn.functional.pad(w_fp.float(), (0, ng * g - n)).view(out * ng, g)
-        codes = assign_nearest(wg, self.s.detach().reshape(out * ng, -1), self.z.detach().reshape(-1))
-        codes = codes.view(out, ng * g)[:, :n]
+        codes = nearest_codes(w_fp, self.s.detach(), self.z.detach(), self.group_size)
         changed = int((codes != self.codes).sum().item())
         self.codes.copy_(codes)
         return changed

@@ -310,6 +310,15 @@ def _group_rows(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(out * ng, g)
 
 
+def nearest_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes ``[out, in]`` of the level nearest each weight of ``w [out, in]`` under the groups'
+    ``scales [out, ng, q]`` and ``zeros [out, ng]``."""
+    out, n = w.shape
+    ng = scales.shape[1]
+    c = assign_nearest(_group_rows(w.float(), group_size), scales.reshape(out * ng, -1), zeros.reshape(-1))
+    return c.view(out, ng * group_size)[:, :n]
+
+
 def _group_weights(importance: torch.Tensor | None, n: int, g: int) -> torch.Tensor:
     """Per-column element weights in grouped form ``[ng, g]`` (padding columns get 0)."""
     ng = num_groups(n, g)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import shutil
@@ -25,18 +26,17 @@ def release_free_memory() -> None:
     """Hand memory that malloc keeps after frees back to the OS (glibc's ``malloc_trim``; elsewhere a
     no-op).  The quantizer frees hundreds of MB of temporaries per layer, and without this a heap
     fragmented by them keeps its peak resident."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim  # noqa: B018 - not glibc: no malloc_trim
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_libc: ctypes.CDLL | bool | None = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def dir_size_mb(path: Path) -> float:
