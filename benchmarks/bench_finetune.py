@@ -1,7 +1,8 @@
 """HLQ-FT on the default model: the quantized baseline vs each finetuning stage, WikiText-2 test perplexity.
 
     .venv/bin/python benchmarks/bench_finetune.py [--settings w2g128,w2g64,w3g128] [--stages block,e2e]
-        [--method gptq|rtn] [--max-tokens 65536] [--work DIR] [--json FILE] [finetune options after --]
+        [--method gptq|rtn] [--max-tokens 65536] [--work DIR] [--json FILE] [--variant NAME]
+        [finetune options after --]
 
 Every stage runs as its own `elutq` process, measured alone (wall seconds, CPU seconds and peak RSS
 from the OS via ``os.wait4``): `elutq quantize` (the baseline, GPTQ on WikiText-2 `valid` by default),
@@ -10,6 +11,8 @@ chain `block,e2e` written `block+e2e`), all calibrated and trained on WikiText-2
 `elutq eval` on the first --max-tokens tokens of WikiText-2 `test` for each checkpoint.  Prints a
 markdown table (the README's).  With --json, every finished row is saved there and a rerun skips
 the rows it holds (checkpoints already in --work are reused, their times not measured again).
+``--variant NAME`` labels the finetuned rows and checkpoints (``... + block [NAME]``), so runs with
+other finetune options share the baseline and the json, e.g. ``--variant reassign -- --reassign-codes``.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=65536, help="score the first N WikiText-2 test tokens")
     ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"), help="where checkpoints and logs go")
     ap.add_argument("--json", type=Path, help="save rows here; a rerun skips rows already saved")
+    ap.add_argument("--variant", default="", help="label for the finetuned rows (runs with other finetune options)")
     ap.add_argument("finetune_args", nargs="*", help="extra `elutq finetune` options (after --)")
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]
+    tag, dir_tag = (f" [{args.variant}]", f"-{args.variant}") if args.variant else ("", "")
     for s in stages:
         if s not in ("block", "e2e", "block+e2e"):
             ap.error(f"unknown stage {s!r} (expected block, e2e or block+e2e)")
@@ -69,10 +74,10 @@ def main() -> None:
                                           "--bits", str(bits), "--group-size", str(group)], base)
             save(key, {**cost, "ppl": eval_ppl(str(base), args.max_tokens)["ppl"]})
         for stage in stages:
-            key = f"{setting} {args.method} + {stage}"
+            key = f"{setting} {args.method} + {stage}{tag}"
             if key in rows:
                 continue
-            ft = args.work / f"{args.method}-{setting}-{stage}"
+            ft = args.work / f"{args.method}-{setting}-{stage}{dir_tag}"
             cost = measured(stage, ["finetune", str(base), "--source", "default", "-o", str(ft),
                                     *stage_args(stage), *args.finetune_args], ft)
             save(key, {**cost, "ppl": eval_ppl(str(ft), args.max_tokens)["ppl"]})
@@ -88,11 +93,11 @@ def main() -> None:
         if not base:
             continue
         for stage in ["", *stages]:
-            r = rows.get(f"{setting} {args.method}" + (f" + {stage}" if stage else ""))
+            r = rows.get(f"{setting} {args.method}" + (f" + {stage}{tag}" if stage else ""))
             if not r:
                 continue
             change = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if stage else ""
-            print(f"| {setting} | {args.method.upper()}{' + ' + stage if stage else ''} | {fmt_int(r['ppl'])} | "
+            print(f"| {setting} | {args.method.upper()}{' + ' + stage + tag if stage else ''} | {fmt_int(r['ppl'])} | "
                   f"{change} | {t(r['wall_s'])} | {t(r['cpu_s'])} | {t(r['rss_mb'])} |")
 
 

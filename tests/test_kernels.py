@@ -352,3 +352,39 @@ def test_env_var_forces_path() -> None:
     env = {**os.environ, "ELUTQ_KERNEL": "bogus"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown kernel path" in out.stderr
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    s = (q.astype(np.float64) @ k.astype(np.float64).T) * scale
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ v.astype(np.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 40])
+def test_attention_matches_float64_reference(path: str, head_dim: int) -> None:
+    """Every path's attention kernel (each picks its own for the head size) against softmax(q·Kᵀ)·V in
+    float64: lengths around the 16-key blocks, 1 to 7 query heads per KV head, and K, V rows strided as
+    in the KV cache (the head at column offset ``off`` of 3 heads)."""
+    rng = np.random.default_rng(head_dim)
+    for length in (1, 5, 15, 16, 17, 33, 100, 300):
+        for grp in (1, 3, 4, 7):
+            q = rng.normal(size=(grp, head_dim)).astype(np.float32)
+            k = rng.normal(size=(length, 3 * head_dim)).astype(np.float32)
+            v = rng.normal(size=(length, 3 * head_dim)).astype(np.float32)
+            off = head_dim
+            for scale in (head_dim**-0.5, 3.0):  # typical, and peaked (scores up to ~±100: softmax must shift)
+                out = np.empty_like(q)
+                _native.attention(q, k, v, off, scale, out, path=path)
+                ref = attention_reference(q, k[:, off : off + head_dim], v[:, off : off + head_dim], scale)
+                assert np.abs(out - ref).max() < 2e-5 * max(1.0, np.abs(ref).max()), (length, grp, scale)
+
+
+def test_attention_rejects_bad_shapes() -> None:
+    q = np.zeros((2, 64), np.float32)
+    kv = np.zeros((10, 128), np.float32)
+    out = np.zeros_like(q)
+    with pytest.raises(ValueError, match="exceeds"):
+        _native.attention(q, kv, kv, 100, 1.0, out)
+    with pytest.raises(ValueError, match="one shape"):
+        _native.attention(q, kv, kv[:5], 0, 1.0, out)

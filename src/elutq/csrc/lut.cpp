@@ -466,6 +466,15 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
 }
 
 // STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
+AttendFn attention_kernel(Path p, int head_dim) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (p == Path::Avx512 && head_dim % 64 == 0) return attend_avx512;
+  if ((p == Path::Avx2 || p == Path::Avx512) && head_dim % 32 == 0) return attend_avx2;
+#endif
+  (void)p, (void)head_dim;
+  return attend_scalar;
+}
+
 double read_bandwidth(size_t bytes, int reps, int nthreads) {
   constexpr size_t kBlock = 1 << 20;  // words per parallel_for index: 8 MiB
   const size_t nblk = std::max<size_t>(1, bytes / 8 / kBlock);

@@ -178,15 +178,22 @@ void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, 
 void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,
                       const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
 #endif
+// Causal attention of one column for one KV head and the grp query heads that share it (contiguous
+// in q and out, as transformers' repeat_kv maps them): out[r] = softmax(scale·q[r]·Kᵀ)·V over the
+// len positions k0 + j·stride, v0 + j·stride (position 0 of this KV head, `stride` floats between
+// positions).  q, out: [grp][D]; sc: scratch [grp][len] (left holding the softmax weights).
+void attend_scalar(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                   float scale, float* sc, float* out);
 // Dense fp16 rows for the layers a checkpoint keeps in 16 bits (e.g. a tied lm_head):
 //   W fp16 [out][in] (row-major), X f32 [n][in];  Y[c·ldy + r] = Σ_k W[r][k]·X[c][k]  for r in [r0, r1).
 void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
 #if defined(__x86_64__) || defined(_M_X64)
 void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
 void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-// Attention of one column for one KV head and its grp query heads (runtime.cpp: attend_ref).
 void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
-                 float scale, float* sc, float* out);
+                 float scale, float* sc, float* out);  // D % 32 == 0
+void attend_avx512(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                   float scale, float* sc, float* out);  // D % 64 == 0
 #endif
 
 #if defined(__aarch64__)

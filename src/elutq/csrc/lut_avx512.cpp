@@ -413,4 +413,135 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
   if (r < r1) dense_rows_scalar(W, in, X, n, r, r1, Y, ldy);
 }
 
+// ------------------------------------------------------------------------------------ attention
+// attend_avx512: the same causal attention of one column for one KV head and its grp query heads as
+// attend_scalar (lut_scalar.cpp), for D % 64 == 0.  Scores go 16 keys at a time: 16 independent
+// accumulators (one per key, lanes = 16 dims), summed by a transpose tree into one vector whose lane t
+// is key t — no horizontal sum per dot product, whose latency bound the AVX2 version.  Each block of
+// 16 K rows is loaded once for all grp query rows.  Softmax uses a vector exp (exp_approx's
+// polynomial), and V rows are loaded once for up to 4 query rows × 64 dims of accumulators.
+
+namespace {
+
+// lane t of the result = Σ_lanes a[t], for 16 vectors a[0..15].
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a2i(0+2), a2i+1(0+2), a2i(1+3), a2i+1(1+3)]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: keys 4i..4i+3, each summed over that lane
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// e^x, lane-wise: exp_approx (runtime.cpp) in vector form (same clamp, reduction and polynomial).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 shift = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), shift);
+  const __m512 n = _mm512_sub_ps(t, shift);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000)), _mm512_set1_epi32(127)),
+      23);  // 2^n
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// out[r][d0..d0+63] = Σ_j p[r][j]·v_j[d0..d0+63] · inv[r] for NR rows: each V row loaded once.
+template <int NR>
+inline void pv_rows(const float* p, int len, const float* v0, size_t stride, int d0, const float* inv, float* out,
+                    int D) {
+  __m512 acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int j = 0; j < len; ++j) {
+    const float* vj = v0 + (size_t)j * stride + d0;
+    const __m512 x0 = _mm512_loadu_ps(vj), x1 = _mm512_loadu_ps(vj + 16), x2 = _mm512_loadu_ps(vj + 32),
+                 x3 = _mm512_loadu_ps(vj + 48);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 w = _mm512_set1_ps(p[(size_t)r * len + j]);
+      acc[r][0] = _mm512_fmadd_ps(w, x0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w, x1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(w, x2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(w, x3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m512 s = _mm512_set1_ps(inv[r]);
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + (size_t)r * D + d0 + 16 * i, _mm512_mul_ps(acc[r][i], s));
+  }
+}
+
+}  // namespace
+
+void attend_avx512(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                   float scale, float* sc, float* out) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int j = 0; j < len; j += 16) {
+    const int nk = len - j < 16 ? len - j : 16;
+    const float* kp[16];
+    for (int t = 0; t < 16; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
+    const __mmask16 m = nk == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
+    for (int r = 0; r < grp; ++r) {
+      const float* qr = q + (size_t)r * D;
+      __m512 a[16];
+      for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + d);
+        for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp[t] + d), a[t]);
+      }
+      _mm512_mask_storeu_ps(sc + (size_t)r * len + j, m, _mm512_mul_ps(reduce16(a), vscale));
+    }
+  }
+  float inv[4];
+  for (int r0 = 0; r0 < grp; r0 += 4) {
+    const int nr = grp - r0 < 4 ? grp - r0 : 4;
+    for (int r = 0; r < nr; ++r) {  // softmax numerators in place, 1/Σ kept for the output
+      float* p = sc + (size_t)(r0 + r) * len;
+      __m512 mx = _mm512_set1_ps(-__builtin_inff());
+      int j = 0;
+      for (; j + 16 <= len; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + j));
+      const __mmask16 tail = (__mmask16)((1u << (len - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p + j));
+      const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (j = 0; j + 16 <= len; j += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), vmx));
+        _mm512_storeu_ps(p + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      if (tail) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + j), vmx));
+        _mm512_mask_storeu_ps(p + j, tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+      }
+      inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    const float* p = sc + (size_t)r0 * len;
+    float* o = out + (size_t)r0 * D;
+    for (int d0 = 0; d0 < D; d0 += 64) {
+      switch (nr) {
+        case 1: pv_rows<1>(p, len, v0, stride, d0, inv, o, D); break;
+        case 2: pv_rows<2>(p, len, v0, stride, d0, inv, o, D); break;
+        case 3: pv_rows<3>(p, len, v0, stride, d0, inv, o, D); break;
+        default: pv_rows<4>(p, len, v0, stride, d0, inv, o, D); break;
+      }
+    }
+  }
+}
+
 }  // namespace elutq

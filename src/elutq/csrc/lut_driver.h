@@ -89,6 +89,11 @@ void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uin
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
                 bool float_tables, int max_threads = 0, bool residual = false);
 
+// The attend_* kernel (lut.h) a path runs for heads of head_dim dimensions.
+using AttendFn = void (*)(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+                          float scale, float* sc, float* out);
+AttendFn attention_kernel(Path p, int head_dim);
+
 double read_bandwidth(size_t bytes, int reps, int nthreads);
 
 }  // namespace elutq

@@ -5,6 +5,7 @@
 //
 // The integer part (tables and per-plane lookup sums) is bit-identical across all paths; only the
 // final float epilogue (order of fp32 multiply-adds) may differ by rounding.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -245,6 +246,47 @@ void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0,
     }
   }
   delete[] row;
+}
+
+// Causal attention of one column for one KV head and the `grp` query heads that share it (the
+// portable reference; lut_avx2.cpp and lut_avx512.cpp have the SIMD versions).
+ELUTQ_CLONES void attend_scalar(const float* q, const float* k0, const float* v0, size_t stride, int len, int D,
+                                int grp, float scale, float* sc /* [grp][len] */, float* out /* [grp][D] */) {
+  for (int j = 0; j < len; ++j) {
+    const float* kj = k0 + (size_t)j * stride;
+    for (int r = 0; r < grp; ++r) {
+      const float* qr = q + (size_t)r * D;
+      float acc[16] = {0};
+      int d = 0;
+      for (; d + 16 <= D; d += 16)
+        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * kj[d + t];
+      float s = 0.0f;
+      for (int t = 0; t < 16; ++t) s += acc[t];
+      for (; d < D; ++d) s += qr[d] * kj[d];
+      sc[(size_t)r * len + j] = s * scale;
+    }
+  }
+  for (int r = 0; r < grp; ++r) {
+    float* p = sc + (size_t)r * len;
+    float mx = -INFINITY;
+    for (int j = 0; j < len; ++j) mx = std::max(mx, p[j]);
+    float sum = 0.0f;
+    for (int j = 0; j < len; ++j) {
+      p[j] = std::exp(p[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < len; ++j) p[j] *= inv;
+    std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
+  }
+  for (int j = 0; j < len; ++j) {
+    const float* vj = v0 + (size_t)j * stride;
+    for (int r = 0; r < grp; ++r) {
+      const float w = sc[(size_t)r * len + j];
+      float* o = out + (size_t)r * D;
+      for (int d = 0; d < D; ++d) o[d] += w * vj[d];
+    }
+  }
 }
 
 }  // namespace elutq

@@ -69,6 +69,20 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads, residual_tables);
 }
 
+// out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (lut.h: attend_*).
+static void attention(CArray<const float, nb::ndim<2>> q, CArray<const float, nb::ndim<2>> k,
+                      CArray<const float, nb::ndim<2>> v, int off, float scale, CArray<float, nb::ndim<2>> out,
+                      const std::string& path) {
+  const int grp = (int)q.shape(0), D = (int)q.shape(1), len = (int)k.shape(0);
+  if (grp < 1 || D < 1 || len < 1) throw std::invalid_argument("q and k need at least one row and column");
+  if (v.shape(0) != k.shape(0) || v.shape(1) != k.shape(1)) throw std::invalid_argument("k and v must have one shape");
+  if (off < 0 || off + D > (int)k.shape(1)) throw std::invalid_argument("off + head_dim exceeds k's columns");
+  if (out.shape(0) != q.shape(0) || out.shape(1) != q.shape(1)) throw std::invalid_argument("out must have q's shape");
+  std::vector<float> sc((size_t)grp * len);
+  attention_kernel(resolve(path), D)(q.data(), k.data() + off, v.data() + off, k.shape(1), len, D, grp, scale,
+                                     sc.data(), out.data());
+}
+
 static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq, CArray<uint8_t> tm, CArray<float> ls,
                    CArray<float> xs, const std::string& path) {
   const int in = (int)x.shape(0), ng = (in + g - 1) / g;
@@ -179,6 +193,8 @@ NB_MODULE(_native, m) {
         "outs[w][c, :] = weights[w] · x[c, :] for every matrix w, sharing x's tables across matrices.");
   m.def("build_tables", &tables, nb::arg("x"), nb::arg("group_size"), nb::arg("tq"), nb::arg("tm"), nb::arg("lut_scale"),
         nb::arg("xsum"), nb::arg("path") = "", "int8 activation tables of one vector (for tests).");
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("off"), nb::arg("scale"),
+        nb::arg("out"), nb::arg("path") = "", "Causal attention of one column for one KV head (for tests).");
   m.def("available_paths", [] {
     std::vector<std::string> v;
     for (Path p : available_paths()) v.push_back(path_name(p));

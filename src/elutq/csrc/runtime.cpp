@@ -16,49 +16,6 @@ namespace elutq {
 // ------------------------------------------------------------------------------ vector helpers
 // 16 independent partial sums: vectorizable without reassociating a single chain.
 
-// Causal attention of one column for one KV head and the `grp` query heads that share it (the
-// portable reference; lut_avx2.cpp has the AVX2 version)
-// (contiguous in q and out, as transformers' repeat_kv maps them): each K and V row is loaded once
-// for all of them.  k0/v0: position 0 of this KV head, `stride` floats between positions.
-ELUTQ_CLONES static void attend_ref(const float* q, const float* k0, const float* v0, size_t stride, int len, int D,
-                                int grp, float scale, float* sc /* [grp][len] */, float* out /* [grp][D] */) {
-  for (int j = 0; j < len; ++j) {
-    const float* kj = k0 + (size_t)j * stride;
-    for (int r = 0; r < grp; ++r) {
-      const float* qr = q + (size_t)r * D;
-      float acc[16] = {0};
-      int d = 0;
-      for (; d + 16 <= D; d += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * kj[d + t];
-      float s = 0.0f;
-      for (int t = 0; t < 16; ++t) s += acc[t];
-      for (; d < D; ++d) s += qr[d] * kj[d];
-      sc[(size_t)r * len + j] = s * scale;
-    }
-  }
-  for (int r = 0; r < grp; ++r) {
-    float* p = sc + (size_t)r * len;
-    float mx = -INFINITY;
-    for (int j = 0; j < len; ++j) mx = std::max(mx, p[j]);
-    float sum = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      p[j] = std::exp(p[j] - mx);
-      sum += p[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < len; ++j) p[j] *= inv;
-    std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
-  }
-  for (int j = 0; j < len; ++j) {
-    const float* vj = v0 + (size_t)j * stride;
-    for (int r = 0; r < grp; ++r) {
-      const float w = sc[(size_t)r * len + j];
-      float* o = out + (size_t)r * D;
-      for (int d = 0; d < D; ++d) o[d] += w * vj[d];
-    }
-  }
-}
-
 ELUTQ_CLONES static void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
   float acc[16] = {0};
   int i = 0;
@@ -267,10 +224,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     }
   };
   const float scale = 1.0f / std::sqrt((float)D);
-  auto attention = attend_ref;
-#if defined(__x86_64__) || defined(_M_X64)
-  if ((path == Path::Avx2 || path == Path::Avx512) && D % 32 == 0) attention = attend_avx2;
-#endif
+  const AttendFn attention = attention_kernel(path, D);
 
   for (int l = 0; l < cfg.n_layers; ++l) {
     RtLayer& L = layers[l];
