@@ -348,48 +348,124 @@ void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, i
   if (r < r1) dense_rows_scalar(W, in, X, n, r, r1, Y, ldy);
 }
 
-// Causal attention of one column for one KV head and its `grp` query heads (runtime.cpp's
-// attend_ref is the reference; same arguments).  Needs D % 32 == 0.  Scores: two FMA chains per
-// head over D; softmax in fp32; V: 32 output floats at a time kept in registers across positions.
+// Causal attention (lut.h: attend_scalar is the reference; same arguments), for D % 32 == 0.  As
+// attend_avx512 with 8-lane vectors: scores 8 keys at a time into 8 independent accumulators summed
+// by one transpose tree (lane t = key t), each block of 8 K rows loaded once for all grp query rows;
+// a vector exp; each V row loaded once for up to 2 query rows × 32 dims of accumulators.
+static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
+  __m256 b[4];
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a2i(0+2), a2i+1(0+2), a2i(1+3), a2i+1(1+3)]
+    b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  __m256 c[2];
+  for (int i = 0; i < 2; ++i) {  // per 128-bit lane: keys 4i..4i+3, each summed over that lane
+    const __m256d x = _mm256_castps_pd(b[2 * i]), y = _mm256_castps_pd(b[2 * i + 1]);
+    c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
+}
+
+static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector form
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 shift = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shift);
+  const __m256 n = _mm256_sub_ps(t, shift);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x));
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000)), _mm256_set1_epi32(127)),
+      23);  // 2^n
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
                  float scale, float* sc, float* out) {
-  for (int j = 0; j < len; ++j) {
-    const float* kj = k0 + (size_t)j * stride;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  alignas(32) float tmp[8];
+  for (int j = 0; j < len; j += 8) {
+    const int nk = len - j < 8 ? len - j : 8;
+    const float* kp[8];
+    for (int t = 0; t < 8; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     for (int r = 0; r < grp; ++r) {
       const float* qr = q + (size_t)r * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kj + d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kj + d + 8), a1);
+      __m256 a[8];
+      for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[t] + d), a[t]);
       }
-      sc[(size_t)r * len + j] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+      const __m256 s = _mm256_mul_ps(reduce8(a), vscale);
+      float* dst = sc + (size_t)r * len + j;
+      if (nk == 8) {
+        _mm256_storeu_ps(dst, s);
+      } else {
+        _mm256_store_ps(tmp, s);
+        for (int t = 0; t < nk; ++t) dst[t] = tmp[t];
+      }
     }
   }
-  for (int r = 0; r < grp; ++r) {
+  for (int r = 0; r < grp; ++r) {  // softmax weights in place, normalized
     float* p = sc + (size_t)r * len;
     float mx = p[0];
     for (int j = 1; j < len; ++j) mx = p[j] > mx ? p[j] : mx;
-    float sum = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      p[j] = __builtin_expf(p[j] - mx);
-      sum += p[j];
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= len; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), vmx));
+      _mm256_storeu_ps(p + j, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum256(vsum);
+    if (j < len) {
+      for (int t = 0; t < 8; ++t) tmp[t] = j + t < len ? p[j + t] - mx : -87.0f;
+      _mm256_store_ps(tmp, exp256(_mm256_load_ps(tmp)));
+      for (int t = 0; j + t < len; ++t) {
+        p[j + t] = tmp[t];
+        sum += tmp[t];
+      }
     }
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (j = 0; j + 8 <= len; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
+    for (; j < len; ++j) p[j] *= 1.0f / sum;
+  }
+  for (int r = 0; r < grp; r += 2) {  // two query rows share each load of V
+    const bool two = r + 1 < grp;
+    const float* p0 = sc + (size_t)r * len;
+    const float* p1 = two ? p0 + len : p0;
     for (int d = 0; d < D; d += 32) {
-      __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+      __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, u0 = o0, u1 = o0, u2 = o0, u3 = o0;
       for (int j = 0; j < len; ++j) {
         const float* vj = v0 + (size_t)j * stride + d;
-        const __m256 w = _mm256_set1_ps(p[j]);
-        o0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj), o0);
-        o1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8), o1);
-        o2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 16), o2);
-        o3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 24), o3);
+        const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8), x2 = _mm256_loadu_ps(vj + 16),
+                     x3 = _mm256_loadu_ps(vj + 24);
+        const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
+        o0 = _mm256_fmadd_ps(w0, x0, o0);
+        o1 = _mm256_fmadd_ps(w0, x1, o1);
+        o2 = _mm256_fmadd_ps(w0, x2, o2);
+        o3 = _mm256_fmadd_ps(w0, x3, o3);
+        u0 = _mm256_fmadd_ps(w1, x0, u0);
+        u1 = _mm256_fmadd_ps(w1, x1, u1);
+        u2 = _mm256_fmadd_ps(w1, x2, u2);
+        u3 = _mm256_fmadd_ps(w1, x3, u3);
       }
       float* o = out + (size_t)r * D + d;
-      _mm256_storeu_ps(o, _mm256_mul_ps(o0, inv));
-      _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1, inv));
-      _mm256_storeu_ps(o + 16, _mm256_mul_ps(o2, inv));
-      _mm256_storeu_ps(o + 24, _mm256_mul_ps(o3, inv));
+      _mm256_storeu_ps(o, o0);
+      _mm256_storeu_ps(o + 8, o1);
+      _mm256_storeu_ps(o + 16, o2);
+      _mm256_storeu_ps(o + 24, o3);
+      if (two) {
+        _mm256_storeu_ps(o + D, u0);
+        _mm256_storeu_ps(o + D + 8, u1);
+        _mm256_storeu_ps(o + D + 16, u2);
+        _mm256_storeu_ps(o + D + 24, u3);
+      }
     }
   }
 }
