@@ -33,10 +33,11 @@ inline __m512i mult4(const uint8_t* m) {
   return _mm512_set1_epi32(v);
 }
 
-// Sum of one plane over one group for 16 rows: NL chunks of 64 bytes; m: the chunks' multipliers
-// (low-nibble runs, high-nibble runs), shared by every plane of the group.
+// Sum of one plane over one group for 16 rows: NL chunks of 64 bytes; t: the group's tables (low-nibble
+// and high-nibble halves per chunk) and m: the chunks' multipliers, both loaded once per group and
+// shared by every plane.
 template <int NL>
-inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, const __m512i (*m)[2], int pf) {
+inline __m512i plane_group(const uint8_t* wp, const __m512i (*t)[2], const __m512i (*m)[2], int pf) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i pat = chunk_pattern();
   __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
@@ -46,10 +47,8 @@ inline __m512i plane_group(const uint8_t* wp, const int8_t* tg, const __m512i (*
     if (pf) _mm_prefetch((const char*)(wp + 64 * L + pf), _MM_HINT_T1);
     const __m512i lo = _mm512_ternarylogic_epi32(v, mask, pat, 0xEA);  // (v & mask) | pat
     const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
-    const __m512i t0 = _mm512_loadu_si512((const void*)(tg + 128 * L));
-    const __m512i t1 = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
-    acc0 = _mm512_dpbusd_epi32(acc0, m[L][0], _mm512_permutexvar_epi8(lo, t0));
-    acc1 = _mm512_dpbusd_epi32(acc1, m[L][1], _mm512_permutexvar_epi8(hi, t1));
+    acc0 = _mm512_dpbusd_epi32(acc0, m[L][0], _mm512_permutexvar_epi8(lo, t[L][0]));
+    acc1 = _mm512_dpbusd_epi32(acc1, m[L][1], _mm512_permutexvar_epi8(hi, t[L][1]));
   }
   return _mm512_add_epi32(acc0, acc1);
 }
@@ -77,15 +76,17 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
   for (int G = 0; G < ng; ++G) {
     const int8_t* tg = tq + (size_t)G * gstride;
     const uint8_t* mg = tm + (size_t)G * gstride / 16;
-    __m512i m[NL][2];
+    __m512i m[NL][2], t[NL][2];
     for (int L = 0; L < NL; ++L) {
       m[L][0] = mult4(mg + 8 * L);
       m[L][1] = mult4(mg + 8 * L + 4);
+      t[L][0] = _mm512_loadu_si512((const void*)(tg + 128 * L));
+      t[L][1] = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
     }
     __m512 fsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
-      const __m512i acc = plane_group<NL>(wp + i * NL * 64, tg, m, g_prefetch_bytes);
+      const __m512i acc = plane_group<NL>(wp + i * NL * 64, t, m, g_prefetch_bytes);
       const __m512 s = load_h16(sp + 16 * i);
       fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, fsum);
       ssum = _mm512_add_ps(ssum, s);
