@@ -465,7 +465,6 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   parallel_for(nt, total_rb, chunk, rows_job);
 }
 
-// STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
 AttendFn attention_kernel(Path p, int head_dim) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (p == Path::Avx512 && head_dim % 64 == 0) return attend_avx512;
@@ -475,6 +474,7 @@ AttendFn attention_kernel(Path p, int head_dim) {
   return attend_scalar;
 }
 
+// STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
 double read_bandwidth(size_t bytes, int reps, int nthreads) {
   constexpr size_t kBlock = 1 << 20;  // words per parallel_for index: 8 MiB
   const size_t nblk = std::max<size_t>(1, bytes / 8 / kBlock);

@@ -181,7 +181,7 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, s
 // Causal attention of one column for one KV head and the grp query heads that share it (contiguous
 // in q and out, as transformers' repeat_kv maps them): out[r] = softmax(scale·q[r]·Kᵀ)·V over the
 // len positions k0 + j·stride, v0 + j·stride (position 0 of this KV head, `stride` floats between
-// positions).  q, out: [grp][D]; sc: scratch [grp][len] (left holding the softmax weights).
+// positions), len >= 1.  q, out: [grp][D]; sc: scratch [grp][len] (contents unspecified afterwards).
 void attend_scalar(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
                    float scale, float* sc, float* out);
 // Dense fp16 rows for the layers a checkpoint keeps in 16 bits (e.g. a tied lm_head):

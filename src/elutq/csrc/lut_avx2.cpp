@@ -350,7 +350,7 @@ void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, i
 
 // Causal attention (lut.h: attend_scalar is the reference; same arguments), for D % 32 == 0.  As
 // attend_avx512 with 8-lane vectors: scores 8 keys at a time into 8 independent accumulators summed
-// by one transpose tree (lane t = key t), each block of 8 K rows loaded once for all grp query rows;
+// by one transpose tree (lane t = key t), each block of 8 K rows read from memory once (from L1 for the other query rows);
 // a vector exp; each V row loaded once for up to 2 query rows × 32 dims of accumulators.
 static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
   __m256 b[4];
@@ -365,7 +365,7 @@ static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
 }
 
 static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector form
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // NaN stays NaN
   const __m256 shift = _mm256_set1_ps(12582912.0f);
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shift);
   const __m256 n = _mm256_sub_ps(t, shift);

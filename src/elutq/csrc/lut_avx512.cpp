@@ -418,8 +418,8 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
 // attend_avx512: the same causal attention of one column for one KV head and its grp query heads as
 // attend_scalar (lut_scalar.cpp), for D % 64 == 0.  Scores go 16 keys at a time: 16 independent
 // accumulators (one per key, lanes = 16 dims), summed by a transpose tree into one vector whose lane t
-// is key t — no horizontal sum per dot product, whose latency bound the AVX2 version.  Each block of
-// 16 K rows is loaded once for all grp query rows.  Softmax uses a vector exp (exp_approx's
+// is key t — no horizontal sum per dot product.  Each block of 16 K rows is read from memory once
+// and from L1 for the other query rows.  Softmax uses a vector exp (exp_approx's
 // polynomial), and V rows are loaded once for up to 4 query rows × 64 dims of accumulators.
 
 namespace {
@@ -443,7 +443,8 @@ inline __m512 reduce16(const __m512* a) {
 
 // e^x, lane-wise: exp_approx (runtime.cpp) in vector form (same clamp, reduction and polynomial).
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  // min/max return their second operand for NaN: x second, so a NaN score stays NaN (as exp_approx).
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
   const __m512 shift = _mm512_set1_ps(12582912.0f);
   const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), shift);
   const __m512 n = _mm512_sub_ps(t, shift);

@@ -76,7 +76,7 @@ static void attention(CArray<const float, nb::ndim<2>> q, CArray<const float, nb
   const int grp = (int)q.shape(0), D = (int)q.shape(1), len = (int)k.shape(0);
   if (grp < 1 || D < 1 || len < 1) throw std::invalid_argument("q and k need at least one row and column");
   if (v.shape(0) != k.shape(0) || v.shape(1) != k.shape(1)) throw std::invalid_argument("k and v must have one shape");
-  if (off < 0 || off + D > (int)k.shape(1)) throw std::invalid_argument("off + head_dim exceeds k's columns");
+  if (off < 0 || (size_t)off + (size_t)D > k.shape(1)) throw std::invalid_argument("off + head_dim exceeds k's columns");
   if (out.shape(0) != q.shape(0) || out.shape(1) != q.shape(1)) throw std::invalid_argument("out must have q's shape");
   std::vector<float> sc((size_t)grp * len);
   attention_kernel(resolve(path), D)(q.data(), k.data() + off, v.data() + off, k.shape(1), len, D, grp, scale,
