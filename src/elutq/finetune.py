@@ -127,6 +127,7 @@ class TrainableHLQ(nn.Module):
         self.s = nn.Parameter(m.scales.detach().float().clone())
         self.z = nn.Parameter(m.zeros.detach().float().clone())
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
+        self.reassigned = False  # set by reassign_: write_back then repacks the codes
 
     def weight(self) -> torch.Tensor:
         return dequantize(self.codes, self.s, self.z, self.group_size)
@@ -147,6 +148,7 @@ class TrainableHLQ(nn.Module):
         codes = nearest_codes(w_fp, self.s.detach(), self.z.detach(), self.group_size)
         changed = int((codes != self.codes).sum().item())
         self.codes.copy_(codes)
+        self.reassigned = True
         return changed
 
     @torch.no_grad()
@@ -154,7 +156,8 @@ class TrainableHLQ(nn.Module):
         """Store the parameters into ``m`` as fp16 s, z and (possibly re-assigned) packed codes."""
         m.scales.copy_(self.s.half().cpu())
         m.zeros.copy_(self.z.half().cpu())
-        m.qweight.copy_(pack_bitplanes(self.codes.cpu(), self.bits))
+        if self.reassigned:  # otherwise m.qweight already holds these codes
+            m.qweight.copy_(pack_bitplanes(self.codes.cpu(), self.bits))
 
 
 def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
@@ -457,8 +460,8 @@ def finetune_block(
         fp_layer = _materialize(copy.deepcopy(layers[i]), source, prefix).to(dev)
         y_fp = [_run_layer(fp_layer, x.to(dev), pos).cpu() for x in x_fp]
         # The fp weights stay only when codes are re-assigned against them.
-        fp_w = {n: m.weight.detach() for n, m in fp_layer.named_modules() if isinstance(m, nn.Linear)}
-        fp_w = fp_w if cfg.reassign_codes else None
+        fp_w = ({n: m.weight.detach() for n, m in fp_layer.named_modules() if isinstance(m, nn.Linear)}
+                if cfg.reassign_codes else None)
         del fp_layer
         q_layer = _materialize_quantized(layers[i], ck, prefix, modules)
         hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
