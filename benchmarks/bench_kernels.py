@@ -1,6 +1,7 @@
 """Benchmarks for the LUT kernels (issue 4), each figure printed beside a baseline from the same run.
 
-(a) roofline: STREAM-like read bandwidth with 1 and 2 threads (buffer far larger than the caches);
+(a) roofline: read bandwidth with 1 and 2 threads, best of a plain and a prefetching read loop (buffer far
+    larger than the caches);
 (b) GEMV at LLaMA shapes, 2/3/4 bits g128: GB/s of packed weights+scales streamed, as a fraction of
     the read bandwidth measured just before (and of the best roofline of the run); the weights
     rotate over copies totalling --cold-mb so every call streams from memory;
@@ -65,7 +66,7 @@ def read_bw(threads: int, mb: int, reps: int = 3) -> float:
 
 
 def section_roofline(threads: list[int], mb: int) -> dict[int, float]:
-    print(f"\n(a) read bandwidth (STREAM-like sum over {mb} MiB, best of 3)")
+    print(f"\n(a) read bandwidth (sum over {mb} MiB, best of 3 plain and 3 prefetching passes)")
     bw = {}
     for t in threads:
         bw[t] = read_bw(t, mb)

@@ -30,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,21 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
 
+def paired_rounds(one_round: Callable[[int], tuple[float, float]], threads: int, repeats: int) -> dict:
+    """``repeats`` rounds at ``threads`` threads, each right after a read-bandwidth probe at the same thread
+    count: this host's bandwidth drifts by ±20 % within minutes, so a decode rate is only compared with the
+    probe taken next to it.  Best prefill and decode rates over the rounds, and every round's pair."""
+    from elutq import _native
+
+    rounds = []
+    for _ in range(repeats):
+        bw = _native.read_bandwidth(1 << 28, 2, threads)
+        prefill, decode = one_round(threads)
+        rounds.append(dict(bw=bw, prefill=prefill, decode=decode))
+    return dict(threads=threads, prefill=max(r["prefill"] for r in rounds), decode=max(r["decode"] for r in rounds),
+                rounds=rounds)
+
+
 def _random_prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()  # as elutq.bench.measure draws it
 
@@ -70,10 +86,12 @@ def w_elutq_speed(a: dict) -> dict:
 
         model = elutq.load(a["model"], max_ctx=a["prompt"] + a["gen"] + 1)
     load_s = time.perf_counter() - t0
-    rows = []
-    for t in a["threads"]:
-        sp = bench.measure(model, t, a["prompt"], a["gen"], a["repeats"])
-        rows.append(dict(threads=t, prefill=sp.prefill_tokens_per_s, decode=sp.decode_tokens_per_s))
+
+    def one_round(t: int) -> tuple[float, float]:
+        sp = bench.measure(model, t, a["prompt"], a["gen"], 1)
+        return sp.prefill_tokens_per_s, sp.decode_tokens_per_s
+
+    rows = [paired_rounds(one_round, t, a["repeats"]) for t in a["threads"]]
     return dict(rows=rows, weight_bytes=int(model.runtime.weight_bytes), rss_mb=peak_rss_mb(), rss_import_mb=rss0,
                 load_s=load_s, kernel=kernels.active_path())
 
@@ -98,23 +116,20 @@ def w_llama_speed(a: dict) -> dict:
     def last_logits() -> np.ndarray:  # what our loop argmaxes too
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
 
-    rows = []
-    for t in a["threads"]:
+    def one_round(t: int) -> tuple[float, float]:
         llama_cpp.llama_set_n_threads(llm.ctx, t, t)
-        best_pf = best_dec = 0.0
-        for _ in range(a["repeats"]):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(last_logits()))
+        for _ in range(a["gen"]):
+            llm.eval([tok])
             tok = int(np.argmax(last_logits()))
-            for _ in range(a["gen"]):
-                llm.eval([tok])
-                tok = int(np.argmax(last_logits()))
-            t2 = time.perf_counter()
-            best_pf = max(best_pf, a["prompt"] / (t1 - t0))
-            best_dec = max(best_dec, a["gen"] / (t2 - t1))
-        rows.append(dict(threads=t, prefill=best_pf, decode=best_dec))
+        t2 = time.perf_counter()
+        return a["prompt"] / (t1 - t0), a["gen"] / (t2 - t1)
+
+    rows = [paired_rounds(one_round, t, a["repeats"]) for t in a["threads"]]
     return dict(rows=rows, rss_mb=peak_rss_mb(), rss_import_mb=rss0, load_s=load_s,
                 system_info=llama_cpp.llama_print_system_info().decode())
 
@@ -356,14 +371,21 @@ def checkpoint_bpw(path: Path) -> float:
 # ----------------------------------------------------------------------------- report
 
 
-def fmt_rows(name: str, res: dict, bw: dict[int, float], bpw: float | None, extra: str = "") -> list[str]:
+def roofline(row: dict, weight_bytes: int) -> tuple[float, float]:
+    """Median probe (GB/s) and median over rounds of that round's weight GB/s / its own probe."""
+    bw = float(np.median([r["bw"] for r in row["rounds"]]))
+    frac = float(np.median([r["decode"] * weight_bytes / 1e9 / r["bw"] for r in row["rounds"]]))
+    return bw, frac
+
+
+def fmt_rows(name: str, res: dict, bpw: float | None, extra: str = "") -> list[str]:
     lines = []
     for r in res["rows"]:
         gbs = r["decode"] * res["weight_bytes"] / 1e9
+        bw, frac = roofline(r, res["weight_bytes"])
         lines.append(
             f"| {name} | {bpw:.3f} | {r['threads']} | {r['prefill']:.1f} | {r['decode']:.2f} | "
-            f"{res['weight_bytes'] / 1e6:.1f} | {gbs:.2f} | {bw[r['threads']]:.1f} | {gbs / bw[r['threads']]:.0%} | "
-            f"{res['rss_mb']:.0f} | {extra} |"
+            f"{res['weight_bytes'] / 1e6:.1f} | {gbs:.2f} | {bw:.1f} | {frac:.0%} | {res['rss_mb']:.0f} | {extra} |"
         )
     return lines
 
@@ -372,20 +394,20 @@ HEADER = ("| engine / weights | BPW (decoder linears) | threads | prefill tok/s 
           "read BW GB/s | of BW | peak RSS MiB | tensor types (2-D) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict], bw: dict[int, float],
+def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict],
                   bpw: dict[str, float], summaries: dict[str, dict], prompt: int, gen: int, repeats: int) -> dict:
     print(f"\n### {title}\n")
-    print(f"prefill of {prompt} random tokens, then {gen} greedy decode steps; best of {repeats}; "
-          f"read bandwidth measured in this run just before the section: "
-          + ", ".join(f"{t} thread(s) {v:.1f} GB/s" for t, v in bw.items()) + "\n")
+    print(f"prefill of {prompt} random tokens, then {gen} greedy decode steps; best of {repeats} rounds, each "
+          "right after a read-bandwidth probe (best of a plain and a prefetching read loop, same threads); "
+          "read BW: the probes' median; of BW: median over rounds of the round's decode GB/s / its own probe\n")
     print(HEADER)
     for name, res in ours.items():
-        for line in fmt_rows(f"elutq {name}", res, bw, bpw[name], f"HLQ ({res['kernel']} kernels)"):
+        for line in fmt_rows(f"elutq {name}", res, bpw[name], f"HLQ ({res['kernel']} kernels)"):
             print(line)
     for name, res in peers.items():
         s = summaries[name]
         types = ", ".join(f"{k}×{v}" for k, v in sorted(s["types"].items(), key=lambda kv: -kv[1]))
-        for line in fmt_rows(f"llama.cpp {name}", res, bw, s["bpw_linears"], f"{types}; {s['emb_out']}"):
+        for line in fmt_rows(f"llama.cpp {name}", res, s["bpw_linears"], f"{types}; {s['emb_out']}"):
             print(line)
     print("\nRSS after imports, before loading: elutq "
           + ", ".join(f"{n} {r['rss_import_mb']:.0f}" for n, r in ours.items())
@@ -398,11 +420,11 @@ def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict], bw:
         for ra, rb in zip(ours[a]["rows"], peers[b]["rows"], strict=True):
             print(f"| {a} / {b} | {ra['threads']} | {ra['decode'] / rb['decode']:.2f} | "
                   f"{ra['prefill'] / rb['prefill']:.2f} |")
-    return dict(ours=ours, peers=peers, bw=bw)
+    return dict(ours=ours, peers=peers)
 
 
 def goals(sec: dict) -> None:
-    ours, peers, bw = sec["ours"], sec["peers"], sec["bw"]
+    ours, peers = sec["ours"], sec["peers"]
     w2 = ours.get("hlq w2g128")
     if not w2 or "Q2_K" not in peers:
         return
@@ -410,19 +432,13 @@ def goals(sec: dict) -> None:
     for i, r in enumerate(w2["rows"]):
         t = r["threads"]
         q2 = peers["Q2_K"]["rows"][i]["decode"]
-        frac = r["decode"] * w2["weight_bytes"] / 1e9 / bw[t]
+        frac = roofline(r, w2["weight_bytes"])[1]
         best_pf_name = max(peers, key=lambda n: peers[n]["rows"][i]["prefill"])
         best_pf = peers[best_pf_name]["rows"][i]["prefill"]
         print(f"- {t} thread(s): decode w2g128 / Q2_K = {r['decode'] / q2:.2f} (goal >= 1.5: "
               f"{'met' if r['decode'] >= 1.5 * q2 else 'NOT met'}); roofline {frac:.0%} (goal >= 80%: "
               f"{'met' if frac >= 0.8 else 'NOT met'}); prefill {r['prefill']:.1f} vs llama.cpp's fastest "
               f"({best_pf_name}) {best_pf:.1f} tok/s (goal >= 1: {'met' if r['prefill'] >= best_pf else 'NOT met'})")
-
-
-def read_bw(threads: list[int]) -> dict[int, float]:
-    from elutq import _native
-
-    return {t: _native.read_bandwidth(1 << 28, 5, t) for t in threads}
 
 
 def main() -> None:
@@ -436,7 +452,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--repeats-7b", type=int, default=2)
+    ap.add_argument("--repeats-7b", type=int, default=3)
     ap.add_argument("--layers-7b", type=int, default=32, help="decoder layers of the 7B shape (32 = LLaMA-2-7B)")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-small", action="store_true", help="skip the default model's speed section")
@@ -476,7 +492,6 @@ def main() -> None:
         return
 
     if not args.skip_small:
-        bw = read_bw(args.threads)
         ours = {n: run_worker("elutq_speed", model=str(p), repeats=args.repeats, **common)
                 for n, p in ours_ckpt.items()}
         peers = {}
@@ -484,12 +499,11 @@ def main() -> None:
             peers[t] = run_worker("llama_speed", model=str(ggufs[t]), repeats=args.repeats, **common)
             peers[t]["weight_bytes"] = sums[t]["weight_bytes"]
         speed_section(f"Speed: default model (SmolLM2-135M-Instruct), elutq checkpoints {args.method.upper()}",
-                      ours, peers, bw, bpw, sums, args.prompt, args.gen, args.repeats)
+                      ours, peers, bpw, sums, args.prompt, args.gen, args.repeats)
         print(f"\nllama.cpp build: {peers['Q2_K']['system_info']}")
 
     if not args.skip_7b:
         sums7 = {t: gguf_summary(p) for t, p in ggufs_7b.items()}
-        bw = read_bw(args.threads)
         ours, peers = {}, {}
         for bits in (2, 4):
             ours[f"hlq w{bits}g128"] = run_worker("elutq_speed", model=f"synthetic:{bits}", n_layers=args.layers_7b,
@@ -500,7 +514,7 @@ def main() -> None:
         bpw7 = {f"hlq w{b}g128": b + 16 * (b + 1) / 128 for b in (2, 4)}
         shape = "LLaMA-2-7B" if args.layers_7b == 32 else f"LLaMA-2-7B matrices, {args.layers_7b} of its 32 layers"
         sec = speed_section(f"Speed: {shape} shape, random weights (elutq lm_head HLQ 4-bit g128)",
-                            ours, peers, bw, bpw7, sums7, args.prompt, args.gen, args.repeats_7b)
+                            ours, peers, bpw7, sums7, args.prompt, args.gen, args.repeats_7b)
         goals(sec)
 
     if args.quality:

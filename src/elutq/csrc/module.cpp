@@ -209,7 +209,7 @@ NB_MODULE(_native, m) {
   m.def("read_bandwidth", [](size_t bytes, int reps, int threads) {
     nb::gil_scoped_release r;
     return read_bandwidth(bytes, reps, threads);
-  }, nb::arg("nbytes"), nb::arg("reps"), nb::arg("threads"), "Best-of-reps STREAM-like read bandwidth in GB/s.");
+  }, nb::arg("nbytes"), nb::arg("reps"), nb::arg("threads"), "Read bandwidth in GB/s: best of reps rounds of a plain and of a prefetching (ELUTQ_PF) read loop.");
 
   nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: f32 [layers][max_ctx][kv_dim] for k and v.")
       .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
