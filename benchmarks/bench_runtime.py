@@ -54,16 +54,25 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
 
-def paired_rounds(one_round: Callable[[int], tuple[float, float]], threads: int, repeats: int) -> dict:
-    """``repeats`` rounds at ``threads`` threads, each right after a read-bandwidth probe at the same thread
-    count: this host's bandwidth drifts by ±20 % within minutes, so a decode rate is only compared with the
-    probe taken next to it.  Best prefill and decode rates over the rounds, and every round's pair."""
+def sustained_bw(threads: int) -> float:
+    """Read bandwidth a decode of seconds can see: the better of a plain and a prefetching read loop, each
+    reading 256 MiB over and over for 0.5 s (one pass is a burst this shared host sometimes serves at 1.5x
+    the sustained rate)."""
     from elutq import _native
 
+    return _native.read_bandwidth(1 << 28, 1, threads, 0.5)
+
+
+def paired_rounds(one_round: Callable[[int], tuple[float, float]], threads: int, repeats: int) -> dict:
+    """``repeats`` rounds at ``threads`` threads, each between two read-bandwidth probes at the same thread
+    count (their mean is the round's roofline): this host's bandwidth drifts by tens of percent within
+    minutes, so a decode rate is only compared with the probes taken around it.  Best prefill and decode
+    rates over the rounds, and every round's figures."""
     rounds = []
     for _ in range(repeats):
-        bw = _native.read_bandwidth(1 << 28, 2, threads)
+        before = sustained_bw(threads)
         prefill, decode = one_round(threads)
+        bw = (before + sustained_bw(threads)) / 2
         rounds.append(dict(bw=bw, prefill=prefill, decode=decode))
     return dict(threads=threads, prefill=max(r["prefill"] for r in rounds), decode=max(r["decode"] for r in rounds),
                 rounds=rounds)
@@ -398,8 +407,9 @@ def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict],
                   bpw: dict[str, float], summaries: dict[str, dict], prompt: int, gen: int, repeats: int) -> dict:
     print(f"\n### {title}\n")
     print(f"prefill of {prompt} random tokens, then {gen} greedy decode steps; best of {repeats} rounds, each "
-          "right after a read-bandwidth probe (best of a plain and a prefetching read loop, same threads); "
-          "read BW: the probes' median; of BW: median over rounds of the round's decode GB/s / its own probe\n")
+          "between two read-bandwidth probes (sustained: 0.5 s each of a plain and a prefetching read loop, "
+          "same threads); read BW: median over rounds of the probes' mean; of BW: median over rounds of the "
+          "round's decode GB/s / its probes' mean\n")
     print(HEADER)
     for name, res in ours.items():
         for line in fmt_rows(f"elutq {name}", res, bpw[name], f"HLQ ({res['kernel']} kernels)"):

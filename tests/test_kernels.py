@@ -438,3 +438,15 @@ def test_attention_rejects_bad_shapes() -> None:
         _native.attention(q, kv, kv, 100, 1.0, out)
     with pytest.raises(ValueError, match="one shape"):
         _native.attention(q, kv, kv[:5], 0, 1.0, out)
+
+
+def test_read_bandwidth_windows() -> None:
+    """The roofline probe: one pass per window by default; with min_seconds every window (a plain and a
+    prefetching one per rep) reads until that much time has passed, and the rate counts all its passes."""
+    import time
+
+    t0 = time.perf_counter()
+    bw = _native.read_bandwidth(1 << 23, 2, 1, 0.05)
+    assert time.perf_counter() - t0 >= 4 * 0.05
+    assert math.isfinite(bw) and 0.1 < bw < 10_000
+    assert 0.1 < _native.read_bandwidth(1 << 23, 1, 2) < 10_000

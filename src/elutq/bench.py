@@ -89,7 +89,8 @@ def report(model: Model, threads: list[int] | None, prompt_tokens: int, gen_toke
     out = [measure(model, n, prompt_tokens, gen_tokens, repeats) for n in threads]
     rss = peak_rss_mb()  # before the bandwidth test's buffer
     for sp in out:
-        sp.read_gb_per_s = _native.read_bandwidth(1 << 28, 5, sp.threads)
+        # sustained rate (0.5 s windows of a plain and a prefetching read loop), as a decode sees it
+        sp.read_gb_per_s = _native.read_bandwidth(1 << 28, 1, sp.threads, 0.5)
         print(
             f"{sp.threads:>7} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.1f} "
             f"{sp.decode_gb_per_s:>6.1f} {sp.read_gb_per_s:>8.1f} {sp.roofline_fraction:>8.0%}"

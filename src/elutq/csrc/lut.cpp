@@ -475,10 +475,12 @@ AttendFn attention_kernel(Path p, int head_dim) {
 }
 
 // STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
-double read_bandwidth(size_t bytes, int reps, int nthreads) {
-  // The best of two read loops, every repetition: a plain one, and one that prefetches into L2 as far
-  // ahead as the GEMV kernels do (ELUTQ_PF).  A roofline the kernels can beat is no roofline: on this
-  // kind of host the plain loop alone reads less than the prefetched kernels stream.
+double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds) {
+  // Two read loops, reps windows each, alternating: a plain one, and one that prefetches into L2 as far
+  // ahead as the GEMV kernels do (ELUTQ_PF); a roofline the kernels can beat is no roofline (on this
+  // kind of host the plain loop alone reads less than the prefetched kernels stream).  A window repeats
+  // passes over the buffer until min_seconds have passed and counts them all, so min_seconds > 0 gives
+  // the sustained rate a decode of several seconds can see, not a burst of one pass; the best window.
   constexpr size_t kBlock = 1 << 20;  // words per parallel_for index: 8 MiB
   const size_t nblk = std::max<size_t>(1, bytes / 8 / kBlock);
   AlignedBuf buf;
@@ -489,10 +491,7 @@ double read_bandwidth(size_t bytes, int reps, int nthreads) {
   });
   std::atomic<uint64_t> sink{0};
   const size_t pf = (size_t)std::max(g_prefetch_bytes, 0) / 8;  // in words
-  double best = 0.0;
-  for (int r = 0; r < 2 * reps; ++r) {
-    const bool prefetch = (r & 1) && pf;
-    const auto t0 = std::chrono::steady_clock::now();
+  auto pass = [&](bool prefetch) {
     parallel_for(nthreads, (int)nblk, 1, [&](int b0, int b1) {
       uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
       for (size_t i = (size_t)b0 * kBlock; i < (size_t)b1 * kBlock; i += 8) {
@@ -502,8 +501,19 @@ double read_bandwidth(size_t bytes, int reps, int nthreads) {
       }
       sink.fetch_add(s0 ^ s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7, std::memory_order_relaxed);
     });
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, (double)(nblk * kBlock * 8) / dt / 1e9);
+  };
+  double best = 0.0;
+  for (int r = 0; r < 2 * reps; ++r) {
+    const bool prefetch = (r & 1) && pf;
+    const auto t0 = std::chrono::steady_clock::now();
+    double dt = 0.0;
+    size_t passes = 0;
+    do {
+      pass(prefetch);
+      ++passes;
+      dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (dt < min_seconds);
+    best = std::max(best, (double)(passes * nblk * kBlock * 8) / dt / 1e9);
   }
   return best;
 }

@@ -94,6 +94,6 @@ using AttendFn = void (*)(const float* q, const float* k0, const float* v0, size
                           float scale, float* sc, float* out);
 AttendFn attention_kernel(Path p, int head_dim);
 
-double read_bandwidth(size_t bytes, int reps, int nthreads);
+double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds = 0.0);
 
 }  // namespace elutq

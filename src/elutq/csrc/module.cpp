@@ -206,10 +206,12 @@ NB_MODULE(_native, m) {
   m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
         nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
   m.def("get_num_threads", &get_num_threads);
-  m.def("read_bandwidth", [](size_t bytes, int reps, int threads) {
+  m.def("read_bandwidth", [](size_t bytes, int reps, int threads, double min_seconds) {
     nb::gil_scoped_release r;
-    return read_bandwidth(bytes, reps, threads);
-  }, nb::arg("nbytes"), nb::arg("reps"), nb::arg("threads"), "Read bandwidth in GB/s: best of reps rounds of a plain and of a prefetching (ELUTQ_PF) read loop.");
+    return read_bandwidth(bytes, reps, threads, min_seconds);
+  }, nb::arg("nbytes"), nb::arg("reps"), nb::arg("threads"), nb::arg("min_seconds") = 0.0,
+  "Read bandwidth in GB/s: the best of reps windows each of a plain and a prefetching (ELUTQ_PF) read loop; "
+        "a window reads the buffer until min_seconds have passed (0: one pass).");
 
   nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: f32 [layers][max_ctx][kv_dim] for k and v.")
       .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
