@@ -101,7 +101,10 @@ def w_elutq_speed(a: dict) -> dict:
         return sp.prefill_tokens_per_s, sp.decode_tokens_per_s
 
     rows = [paired_rounds(one_round, t, a["repeats"]) for t in a["threads"]]
-    return dict(rows=rows, weight_bytes=int(model.runtime.weight_bytes), rss_mb=peak_rss_mb(), rss_import_mb=rss0,
+    ar = model.arch
+    kv_bytes_per_pos = ar.n_layers * 2 * ar.n_kv_heads * ar.head_dim * 4  # f32 K and V rows read per position
+    return dict(rows=rows, weight_bytes=int(model.runtime.weight_bytes), kv_bytes_per_pos=kv_bytes_per_pos,
+                rss_mb=peak_rss_mb(), rss_import_mb=rss0,
                 load_s=load_s, kernel=kernels.active_path())
 
 
@@ -419,6 +422,10 @@ def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict],
         types = ", ".join(f"{k}×{v}" for k, v in sorted(s["types"].items(), key=lambda kv: -kv[1]))
         for line in fmt_rows(f"llama.cpp {name}", res, s["bpw_linears"], f"{types}; {s['emb_out']}"):
             print(line)
+    for name, res in ours.items():
+        kv = res["kv_bytes_per_pos"] * (prompt + gen / 2)
+        print(f"\nelutq {name}: its f32 KV cache adds {kv / 1e6:.0f} MB read per decode step at the mean position "
+              f"({prompt + gen / 2:.0f}), {kv / res['weight_bytes']:.1%} of the weights (not in MB/token, GB/s, of BW)")
     print("\nRSS after imports, before loading: elutq "
           + ", ".join(f"{n} {r['rss_import_mb']:.0f}" for n, r in ours.items())
           + " MiB; llama.cpp " + ", ".join(f"{n} {r['rss_import_mb']:.0f}" for n, r in peers.items()) + " MiB")
