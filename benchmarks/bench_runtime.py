@@ -43,24 +43,32 @@ LLAMA7B = dict(n_layers=32, hidden=4096, inter=11008, n_heads=32, n_kv_heads=32,
 
 def peak_rss_mb() -> float:
     """Peak RSS of this process (VmHWM: unlike getrusage's ru_maxrss, Linux does not carry it over from
-    the parent across fork + exec, so each worker reports its own)."""
+    the parent across fork + exec, so each worker reports its own), bandwidth probes excluded."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                return max(int(line.split()[1]) / 1024, _PEAK_BEFORE_PROBES[0])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
 
+_PEAK_BEFORE_PROBES = [0.0]
+
+
 def sustained_bw(threads: int) -> float:
-    """Read bandwidth a decode of seconds can see: the better of a plain and a prefetching read loop, each
-    reading 256 MiB over and over for 0.5 s (one pass is a burst this shared host sometimes serves at 1.5x
-    the sustained rate)."""
+    """Read bandwidth sustained over a time like a decode's: the better of a plain and a prefetching read
+    loop, each reading 256 MiB over and over for 0.5 s.  The probe's buffer is not the engine's memory:
+    the peak RSS so far is kept aside and the kernel's high-water mark reset after the probe
+    (``/proc/self/clear_refs``), so ``peak_rss_mb`` reports the engine alone."""
     from elutq import _native
 
-    return _native.read_bandwidth(1 << 28, 1, threads, 0.5)
+    _PEAK_BEFORE_PROBES[0] = max(_PEAK_BEFORE_PROBES[0], peak_rss_mb())
+    bw = _native.read_bandwidth(1 << 28, 1, threads, 0.5)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS (the probe's buffer is freed by now)
+    return bw
 
 
 def paired_rounds(one_round: Callable[[int], tuple[float, float]], threads: int, repeats: int) -> dict:
@@ -95,9 +103,12 @@ def w_elutq_speed(a: dict) -> dict:
 
         model = elutq.load(a["model"], max_ctx=a["prompt"] + a["gen"] + 1)
     load_s = time.perf_counter() - t0
+    from elutq.runtime import Session
+
+    session = Session(model, max_ctx=a["prompt"] + a["gen"] + 1)  # reused, as llama.cpp's context is
 
     def one_round(t: int) -> tuple[float, float]:
-        sp = bench.measure(model, t, a["prompt"], a["gen"], 1)
+        sp = bench.measure(model, t, a["prompt"], a["gen"], 1, session=session)
         return sp.prefill_tokens_per_s, sp.decode_tokens_per_s
 
     rows = [paired_rounds(one_round, t, a["repeats"]) for t in a["threads"]]
@@ -411,8 +422,8 @@ def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict],
     print(f"\n### {title}\n")
     print(f"prefill of {prompt} random tokens, then {gen} greedy decode steps; best of {repeats} rounds, each "
           "between two read-bandwidth probes (sustained: 0.5 s each of a plain and a prefetching read loop, "
-          "same threads); read BW: median over rounds of the probes' mean; of BW: median over rounds of the "
-          "round's decode GB/s / its probes' mean\n")
+          "same threads); GB/s: the best round's; read BW: median over rounds of the probes' mean; of BW: median "
+          "over rounds of the round's decode GB/s / its probes' mean; peak RSS without the probes' buffer\n")
     print(HEADER)
     for name, res in ours.items():
         for line in fmt_rows(f"elutq {name}", res, bpw[name], f"HLQ ({res['kernel']} kernels)"):

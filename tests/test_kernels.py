@@ -442,11 +442,29 @@ def test_attention_rejects_bad_shapes() -> None:
 
 def test_read_bandwidth_windows() -> None:
     """The roofline probe: one pass per window by default; with min_seconds every window (a plain and a
-    prefetching one per rep) reads until that much time has passed, and the rate counts all its passes."""
+    prefetching one per rep) reads until that much time has passed, and the rate counts all its passes
+    (one pass over 8 MiB counted in a 0.05 s window would read as 0.17 GB/s)."""
     import time
 
     t0 = time.perf_counter()
     bw = _native.read_bandwidth(1 << 23, 2, 1, 0.05)
     assert time.perf_counter() - t0 >= 4 * 0.05
-    assert math.isfinite(bw) and 0.1 < bw < 10_000
-    assert 0.1 < _native.read_bandwidth(1 << 23, 1, 2) < 10_000
+    assert math.isfinite(bw) and 2.0 < bw < 10_000
+    t0 = time.perf_counter()
+    assert 2.0 < _native.read_bandwidth(1 << 23, 1, 1) < 10_000
+    assert time.perf_counter() - t0 < 0.1  # two passes over 8 MiB, not windows
+
+
+def test_read_bandwidth_uses_the_threads_asked_for() -> None:
+    """A probe for more threads than the pool has (a 1-thread benchmark leaves a 1-thread pool) resizes the
+    pool for its readers and restores it afterwards; bad arguments are refused."""
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        assert _native.read_bandwidth(1 << 23, 1, 2) > 0
+        assert K.get_num_threads() == 1
+    finally:
+        K.set_num_threads(before)
+    for args in [(1 << 23, 0, 1), (1 << 23, 1, 0), (1 << 23, 1, 1, -1.0), (1 << 23, 1, 1, float("inf"))]:
+        with pytest.raises(ValueError, match="read_bandwidth"):
+            _native.read_bandwidth(*args)

@@ -33,12 +33,14 @@ class Speed:
         return self.decode_gb_per_s / self.read_gb_per_s if self.read_gb_per_s else 0.0
 
 
-def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int, seed: int = 0) -> Speed:
-    """Best of ``repeats``: prefill of ``prompt_tokens`` random tokens, then ``gen_tokens`` decode steps."""
+def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int, seed: int = 0,
+            session: Session | None = None) -> Speed:
+    """Best of ``repeats``: prefill of ``prompt_tokens`` random tokens, then ``gen_tokens`` decode steps.
+    ``session``: reuse this one (its KV cache already touched) instead of a new one."""
     kernels.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.arch.vocab, size=prompt_tokens).tolist()
-    s = Session(model, max_ctx=min(model.max_ctx, prompt_tokens + gen_tokens + 1))
+    s = session or Session(model, max_ctx=min(model.max_ctx, prompt_tokens + gen_tokens + 1))
     best_pf = best_dec = 0.0
     for _ in range(repeats):
         s.reset()

@@ -476,6 +476,15 @@ AttendFn attention_kernel(Path p, int head_dim) {
 
 // STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
 double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds) {
+  if (nthreads < 1 || reps < 1 || !(min_seconds >= 0.0 && min_seconds <= 60.0))
+    throw std::invalid_argument("read_bandwidth: needs nthreads >= 1, reps >= 1 and 0 <= min_seconds <= 60");
+  // Exactly nthreads readers: parallel_for caps at the pool's size, which a 1-thread benchmark leaves at 1.
+  const int prev_threads = get_num_threads();
+  if (prev_threads != nthreads) set_num_threads(nthreads);
+  struct Restore {
+    int n;
+    ~Restore() { set_num_threads(n); }
+  } restore{prev_threads};
   // Two read loops, reps windows each, alternating: a plain one, and one that prefetches into L2 as far
   // ahead as the GEMV kernels do (ELUTQ_PF); a roofline the kernels can beat is no roofline (on this
   // kind of host the plain loop alone reads less than the prefetched kernels stream).  A window repeats
@@ -486,6 +495,7 @@ double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds) 
   AlignedBuf buf;
   buf.resize(nblk * kBlock * 8);
   uint64_t* a = (uint64_t*)buf.p;
+  const size_t nwords = nblk * kBlock;
   parallel_for(nthreads, (int)nblk, 1, [&](int b0, int b1) {
     for (size_t i = (size_t)b0 * kBlock; i < (size_t)b1 * kBlock; ++i) a[i] = i;
   });
@@ -495,7 +505,7 @@ double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds) 
     parallel_for(nthreads, (int)nblk, 1, [&](int b0, int b1) {
       uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
       for (size_t i = (size_t)b0 * kBlock; i < (size_t)b1 * kBlock; i += 8) {
-        if (prefetch) __builtin_prefetch(a + i + pf, 0, 2);  // may run past the buffer: prefetches never fault
+        if (prefetch) __builtin_prefetch(a + std::min(i + pf, nwords - 8), 0, 2);
         s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
         s4 += a[i + 4]; s5 += a[i + 5]; s6 += a[i + 6]; s7 += a[i + 7];
       }
