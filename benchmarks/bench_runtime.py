@@ -112,8 +112,7 @@ def w_elutq_speed(a: dict) -> dict:
         return sp.prefill_tokens_per_s, sp.decode_tokens_per_s
 
     rows = [paired_rounds(one_round, t, a["repeats"]) for t in a["threads"]]
-    ar = model.arch
-    kv_bytes_per_pos = ar.n_layers * 2 * ar.n_kv_heads * ar.head_dim * 4  # f32 K and V rows read per position
+    kv_bytes_per_pos = session.cache.nbytes // session.cache.max_ctx  # K and V rows of every layer
     return dict(rows=rows, weight_bytes=int(model.runtime.weight_bytes), kv_bytes_per_pos=kv_bytes_per_pos,
                 rss_mb=peak_rss_mb(), rss_import_mb=rss0,
                 load_s=load_s, kernel=kernels.active_path())

@@ -474,22 +474,22 @@ AttendFn attention_kernel(Path p, int head_dim) {
   return attend_scalar;
 }
 
-// STREAM-like read: sum 64-bit words of a buffer, split over threads.  Returns GB/s.
+// Read bandwidth in GB/s (the roofline): sums 64-bit words of a buffer, split over exactly nthreads
+// threads.  Two read loops, reps windows each, alternating: a plain one, and one that prefetches into
+// L2 as far ahead as the GEMV kernels do (ELUTQ_PF) — a roofline the kernels can beat is no roofline
+// (on this kind of host the plain loop alone reads less than the prefetched kernels stream).  A window
+// repeats passes until min_seconds have passed and counts them all (min_seconds > 0: the rate a decode
+// of seconds sees, not one pass's); the best window wins.
 double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds) {
   if (nthreads < 1 || reps < 1 || !(min_seconds >= 0.0 && min_seconds <= 60.0))
     throw std::invalid_argument("read_bandwidth: needs nthreads >= 1, reps >= 1 and 0 <= min_seconds <= 60");
-  // Exactly nthreads readers: parallel_for caps at the pool's size, which a 1-thread benchmark leaves at 1.
+  // parallel_for caps at the pool's size, which a 1-thread benchmark leaves at 1: resize, then restore.
   const int prev_threads = get_num_threads();
   if (prev_threads != nthreads) set_num_threads(nthreads);
   struct Restore {
     int n;
     ~Restore() { set_num_threads(n); }
   } restore{prev_threads};
-  // Two read loops, reps windows each, alternating: a plain one, and one that prefetches into L2 as far
-  // ahead as the GEMV kernels do (ELUTQ_PF); a roofline the kernels can beat is no roofline (on this
-  // kind of host the plain loop alone reads less than the prefetched kernels stream).  A window repeats
-  // passes over the buffer until min_seconds have passed and counts them all, so min_seconds > 0 gives
-  // the sustained rate a decode of several seconds can see, not a burst of one pass; the best window.
   constexpr size_t kBlock = 1 << 20;  // words per parallel_for index: 8 MiB
   const size_t nblk = std::max<size_t>(1, bytes / 8 / kBlock);
   AlignedBuf buf;
