@@ -37,8 +37,9 @@ def main() -> None:
     for name, d, grp in SHAPES:
         for length in (int(x) for x in args.lengths.split(",")):
             q = rng.normal(size=(grp, d)).astype(np.float32)
-            k = rng.normal(size=(length, 4 * d)).astype(np.float32)  # 4 KV heads per cache row
-            v = rng.normal(size=(length, 4 * d)).astype(np.float32)
+            # 4 KV heads per cache row, fp16 bits as the KV cache holds them
+            k = rng.normal(size=(length, 4 * d)).astype(np.float16).view(np.uint16)
+            v = rng.normal(size=(length, 4 * d)).astype(np.float16).view(np.uint16)
             out = np.empty_like(q)
             best = {p: float("inf") for p in paths}
             for _ in range(7):

@@ -434,7 +434,7 @@ def speed_section(title: str, ours: dict[str, dict], peers: dict[str, dict],
             print(line)
     for name, res in ours.items():
         kv = res["kv_bytes_per_pos"] * (prompt + gen / 2)
-        print(f"\nelutq {name}: its f32 KV cache adds {kv / 1e6:.0f} MB read per decode step at the mean position "
+        print(f"\nelutq {name}: its fp16 KV cache adds {kv / 1e6:.0f} MB read per decode step at the mean position "
               f"({prompt + gen / 2:.0f}), {kv / res['weight_bytes']:.1%} of the weights (not in MB/token, GB/s, of BW)")
     print("\nRSS after imports, before loading: elutq "
           + ", ".join(f"{n} {r['rss_import_mb']:.0f}" for n, r in ours.items())

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     ckpt = args.checkpoint or default_checkpoint()
-    model, tokenizer, _ = load_quantized(ckpt)
+    model, tokenizer, _ = load_quantized(ckpt, fp16_kv=True)  # attention as the runtime computes it
     text, _ = load_text(dataset="wikitext2", split="test")
     ids = tokenizer(text[: 40 * args.tokens], add_special_tokens=False).input_ids[: args.tokens]
     x = torch.tensor([ids])

@@ -364,35 +364,36 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: floa
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 40])
 def test_attention_matches_float64_reference(path: str, head_dim: int) -> None:
     """Every path's attention kernel (each picks its own for the head size) against softmax(q·Kᵀ)·V in
-    float64: lengths around the 16-key blocks, 1 to 7 query heads per KV head, and K, V rows strided as
-    in the KV cache (the head at column offset ``off`` of 3 heads)."""
+    float64 (on the same fp16 K and V the cache holds): lengths around the 16-key blocks, 1 to 7 query
+    heads per KV head, and K, V rows strided as in the KV cache (the head at column offset ``off`` of 3
+    heads)."""
     rng = np.random.default_rng(head_dim)
     for length in (1, 5, 15, 16, 17, 33, 100, 300):
         for grp in (1, 2, 3, 4, 5, 7):
             q = rng.normal(size=(grp, head_dim)).astype(np.float32)
-            k = rng.normal(size=(length, 3 * head_dim)).astype(np.float32)
-            v = rng.normal(size=(length, 3 * head_dim)).astype(np.float32)
+            k = rng.normal(size=(length, 3 * head_dim)).astype(np.float16)
+            v = rng.normal(size=(length, 3 * head_dim)).astype(np.float16)
             off = head_dim
             for scale in (head_dim**-0.5, 3.0):  # typical, and peaked (scores up to ~±100: softmax must shift)
                 out = np.empty_like(q)
-                _native.attention(q, k, v, off, scale, out, path=path)
+                _native.attention(q, k.view(np.uint16), v.view(np.uint16), off, scale, out, path=path)
                 ref = attention_reference(q, k[:, off : off + head_dim], v[:, off : off + head_dim], scale)
                 assert np.abs(out - ref).max() < 2e-5 * max(1.0, np.abs(ref).max()), (length, grp, scale)
 
 
 def _before_guard_page(shape: tuple[int, int]) -> tuple[np.ndarray, object]:
-    """A float32 array whose last element ends right before a PROT_NONE page (a read past it faults)."""
+    """A float16 array whose last element ends right before a PROT_NONE page (a read past it faults)."""
     import ctypes
     import mmap
 
     page = mmap.PAGESIZE
-    nbytes = shape[0] * shape[1] * 4
+    nbytes = shape[0] * shape[1] * 2
     size = (nbytes + page - 1) // page * page + page
     buf = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.mprotect(ctypes.c_void_p(base + size - page), ctypes.c_size_t(page), 0) == 0
-    arr = np.frombuffer(buf, dtype=np.float32, count=nbytes // 4, offset=size - page - nbytes).reshape(shape)
+    arr = np.frombuffer(buf, dtype=np.float16, count=nbytes // 2, offset=size - page - nbytes).reshape(shape)
     return arr, buf
 
 
@@ -409,7 +410,7 @@ def test_attention_reads_nothing_past_the_last_position(path: str) -> None:
             v[:] = rng.normal(size=v.shape)
             q = rng.normal(size=(3, head_dim)).astype(np.float32)
             out = np.empty_like(q)
-            _native.attention(q, k, v, head_dim, head_dim**-0.5, out, path=path)
+            _native.attention(q, k.view(np.uint16), v.view(np.uint16), head_dim, head_dim**-0.5, out, path=path)
             ref = attention_reference(q, k[:, head_dim:], v[:, head_dim:], head_dim**-0.5)
             assert np.abs(out - ref).max() < 2e-5 * max(1.0, np.abs(ref).max())
             del k, v
@@ -422,17 +423,17 @@ def test_attention_propagates_nan(path: str) -> None:
     """A NaN key makes every output NaN on every path (the vector exp must not clamp NaN to a number)."""
     rng = np.random.default_rng(2)
     q = rng.normal(size=(3, 64)).astype(np.float32)
-    k = rng.normal(size=(40, 64)).astype(np.float32)
-    v = rng.normal(size=(40, 64)).astype(np.float32)
+    k = rng.normal(size=(40, 64)).astype(np.float16)
+    v = rng.normal(size=(40, 64)).astype(np.float16)
     k[7, 3] = np.nan
     out = np.empty_like(q)
-    _native.attention(q, k, v, 0, 0.125, out, path=path)
+    _native.attention(q, k.view(np.uint16), v.view(np.uint16), 0, 0.125, out, path=path)
     assert np.isnan(out).all()
 
 
 def test_attention_rejects_bad_shapes() -> None:
     q = np.zeros((2, 64), np.float32)
-    kv = np.zeros((10, 128), np.float32)
+    kv = np.zeros((10, 128), np.uint16)
     out = np.zeros_like(q)
     with pytest.raises(ValueError, match="exceeds"):
         _native.attention(q, kv, kv, 100, 1.0, out)

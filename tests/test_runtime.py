@@ -18,7 +18,7 @@ import torch
 import elutq
 from conftest import TINY_ARCHS, save_tiny_model
 from elutq import _native
-from elutq.checkpoint import load_quantized, save_quantized
+from elutq.checkpoint import attend_with_fp16_kv, load_quantized, save_quantized
 from elutq.hlq import QuantConfig
 from elutq.quantize import quantize
 from elutq.runtime import KERNEL_CACHE_DIR, IncrementalDecoder, Sampler, Session, sample_batch
@@ -39,7 +39,7 @@ def _quantized(tmp_path, arch: str, bits: int = 3, head_bits: int | None = None)
 
 
 def _torch_logits(path, ids=IDS) -> torch.Tensor:
-    model, _, _ = load_quantized(path)
+    model, _, _ = load_quantized(path, fp16_kv=True)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
 
@@ -54,7 +54,10 @@ def test_float_tables_match_torch_for_each_architecture(tmp_path, arch):
     ref = _torch_logits(out)
     got = elutq.load(out, float_tables=True).logits(IDS)
     assert got.shape == ref.shape
-    assert _rel_err(got, ref) < 1e-5, arch
+    # Float rounding, and the fp16 KV cache: the few K/V values whose f32 results in the two engines lie on
+    # either side of an fp16 rounding boundary round one ulp apart (~1.4e-5 on every architecture here;
+    # against an f32-KV reference the error is ~1.8e-4).
+    assert _rel_err(got, ref) < 5e-5, arch
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
@@ -85,12 +88,12 @@ def test_unquantized_model_runs_dense(tmp_path):
 
     src = tmp_path / "src"
     save_tiny_model(src, "llama-untied")
-    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref_model = attend_with_fp16_kv(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval())
     with torch.no_grad():
         ref = ref_model(torch.tensor([IDS])).logits[0]
     for path in elutq.kernels.available_paths():
         got = elutq.load(src, kernel=path).logits(IDS)
-        assert _rel_err(got, ref) < 1e-5, path
+        assert _rel_err(got, ref) < 5e-5, path  # as in test_float_tables_match_torch_for_each_architecture
 
 
 def test_decode_token_by_token_equals_prefill(tmp_path):

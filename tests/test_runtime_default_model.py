@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_greedy_64_tokens_match_torch_with_float_tables(checkpoint):
-    ref_model, tokenizer, _ = load_quantized(checkpoint)
+    ref_model, tokenizer, _ = load_quantized(checkpoint, fp16_kv=True)
     prompt = "The history of the city of Rome begins"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -45,7 +45,7 @@ def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]
 
 def _teacher_forced(checkpoint, **load_kw) -> tuple[float, float, float]:
     """:func:`_compare` against torch over 512 WikiText-2 test tokens."""
-    ref_model, tokenizer, _ = load_quantized(checkpoint)
+    ref_model, tokenizer, _ = load_quantized(checkpoint, fp16_kv=True)
     text, _ = load_text(dataset="wikitext2", split="test")
     ids = tokenizer(text[:20000], add_special_tokens=False).input_ids[:512]
     with torch.no_grad():
@@ -78,7 +78,7 @@ PROMPTS = ("The history of the city of Rome begins", "Photosynthesis is the proc
 def greedy_continuations(checkpoint) -> list[tuple[list[int], int, torch.Tensor]]:
     """torch's greedy continuations (64 tokens) of each prompt: (sequence, prompt length, reference logits
     at the positions that predict the 64 tokens)."""
-    ref_model, tokenizer, _ = load_quantized(checkpoint)
+    ref_model, tokenizer, _ = load_quantized(checkpoint, fp16_kv=True)
     out = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids

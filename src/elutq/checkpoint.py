@@ -215,8 +215,35 @@ def _expected_shapes(name: str, spec: dict, in_f: int, out_f: int) -> dict[str, 
     }
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a checkpoint as a torch model with ``HLQLinear`` modules. Returns ``(model, tokenizer, qconfig)``."""
+_FP16_KV = "elutq_fp16_kv"
+
+
+def _fp16_kv_attention(module, query, key, value, *args, **kwargs):
+    """transformers' SDPA attention over keys (after RoPE) and values rounded to fp16 and back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    key, value = key.half().to(key.dtype), value.half().to(value.dtype)
+    return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+def attend_with_fp16_kv(model: nn.Module) -> nn.Module:
+    """Make a transformers model attend over keys and values rounded to fp16, as the native runtime's KV
+    cache stores them: with this it is the runtime's float reference (rounding a cached value again
+    changes nothing, so cached generation agrees too).  Returns the model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(_FP16_KV, _fp16_kv_attention)
+    AttentionMaskInterface.register(_FP16_KV, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(_FP16_KV)
+    return model
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv: bool = False):
+    """Load a checkpoint as a torch model with ``HLQLinear`` modules. Returns ``(model, tokenizer, qconfig)``.
+
+    ``fp16_kv``: attend over fp16-rounded keys and values (:func:`attend_with_fp16_kv`), i.e. compute what
+    the native runtime computes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -265,5 +292,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     if tied:
         model.tie_weights()
     model.eval()
+    if fp16_kv:
+        attend_with_fp16_kv(model)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer, qc

@@ -351,7 +351,8 @@ void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, i
 // Causal attention (lut.h: attend_scalar is the reference; same arguments), for D % 32 == 0.  As
 // attend_avx512 with 8-lane vectors: scores 8 keys at a time into 8 independent accumulators summed
 // by one transpose tree (lane t = key t), each block of 8 K rows read from memory once (from L1 for the other query rows);
-// a vector exp; each V row loaded once for up to 2 query rows × 32 dims of accumulators.
+// a vector exp; each V row loaded once for up to 2 query rows × 32 dims of accumulators.  K and V are
+// fp16, widened by F16C as they are loaded.
 static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
   __m256 b[4];
   for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a2i(0+2), a2i+1(0+2), a2i(1+3), a2i+1(1+3)]
@@ -362,6 +363,10 @@ static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
     c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
   }
   return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
+}
+
+static inline __m256 load8h(const uint16_t* p) {  // 8 fp16 values → f32 (F16C)
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
 static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector form
@@ -384,13 +389,13 @@ static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector f
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                  float scale, float* sc, float* out) {
   const __m256 vscale = _mm256_set1_ps(scale);
   alignas(32) float tmp[8];
   for (int j = 0; j < len; j += 8) {
     const int nk = len - j < 8 ? len - j : 8;
-    const float* kp[8];
+    const uint16_t* kp[8];
     for (int t = 0; t < 8; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     for (int r = 0; r < grp; ++r) {
       const float* qr = q + (size_t)r * D;
@@ -398,7 +403,7 @@ void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride
       for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
       for (int d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qr + d);
-        for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[t] + d), a[t]);
+        for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, load8h(kp[t] + d), a[t]);
       }
       const __m256 s = _mm256_mul_ps(reduce8(a), vscale);
       float* dst = sc + (size_t)r * len + j;
@@ -442,9 +447,8 @@ void attend_avx2(const float* q, const float* k0, const float* v0, size_t stride
     for (int d = 0; d < D; d += 32) {
       __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, u0 = o0, u1 = o0, u2 = o0, u3 = o0;
       for (int j = 0; j < len; ++j) {
-        const float* vj = v0 + (size_t)j * stride + d;
-        const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8), x2 = _mm256_loadu_ps(vj + 16),
-                     x3 = _mm256_loadu_ps(vj + 24);
+        const uint16_t* vj = v0 + (size_t)j * stride + d;
+        const __m256 x0 = load8h(vj), x1 = load8h(vj + 8), x2 = load8h(vj + 16), x3 = load8h(vj + 24);
         const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
         o0 = _mm256_fmadd_ps(w0, x0, o0);
         o1 = _mm256_fmadd_ps(w0, x1, o1);

@@ -420,7 +420,8 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
 // accumulators (one per key, lanes = 16 dims), summed by a transpose tree into one vector whose lane t
 // is key t — no horizontal sum per dot product.  Each block of 16 K rows is read from memory once
 // and from L1 for the other query rows.  Softmax uses a vector exp (exp_approx's
-// polynomial), and V rows are loaded once for up to 4 query rows × 64 dims of accumulators.
+// polynomial), and V rows are loaded once for up to 4 query rows × 64 dims of accumulators.  K and V
+// are fp16, widened (vcvtph2ps) as they are loaded.
 
 namespace {
 
@@ -439,6 +440,10 @@ inline __m512 reduce16(const __m512* a) {
                                    _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 load16h(const uint16_t* p) {  // 16 fp16 values → f32
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
 }
 
 // e^x, lane-wise: exp_approx (runtime.cpp) in vector form (same clamp, reduction and polynomial).
@@ -465,15 +470,14 @@ inline __m512 exp512(__m512 x) {
 
 // out[r][d0..d0+63] = Σ_j p[r][j]·v_j[d0..d0+63] · inv[r] for NR rows: each V row loaded once.
 template <int NR>
-inline void pv_rows(const float* p, int len, const float* v0, size_t stride, int d0, const float* inv, float* out,
+inline void pv_rows(const float* p, int len, const uint16_t* v0, size_t stride, int d0, const float* inv, float* out,
                     int D) {
   __m512 acc[NR][4];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int j = 0; j < len; ++j) {
-    const float* vj = v0 + (size_t)j * stride + d0;
-    const __m512 x0 = _mm512_loadu_ps(vj), x1 = _mm512_loadu_ps(vj + 16), x2 = _mm512_loadu_ps(vj + 32),
-                 x3 = _mm512_loadu_ps(vj + 48);
+    const uint16_t* vj = v0 + (size_t)j * stride + d0;
+    const __m512 x0 = load16h(vj), x1 = load16h(vj + 16), x2 = load16h(vj + 32), x3 = load16h(vj + 48);
     for (int r = 0; r < NR; ++r) {
       const __m512 w = _mm512_set1_ps(p[(size_t)r * len + j]);
       acc[r][0] = _mm512_fmadd_ps(w, x0, acc[r][0]);
@@ -490,12 +494,12 @@ inline void pv_rows(const float* p, int len, const float* v0, size_t stride, int
 
 }  // namespace
 
-void attend_avx512(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                    float scale, float* sc, float* out) {
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int j = 0; j < len; j += 16) {
     const int nk = len - j < 16 ? len - j : 16;
-    const float* kp[16];
+    const uint16_t* kp[16];
     for (int t = 0; t < 16; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     const __mmask16 m = nk == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
     for (int r = 0; r < grp; ++r) {
@@ -504,7 +508,7 @@ void attend_avx512(const float* q, const float* k0, const float* v0, size_t stri
       for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
       for (int d = 0; d < D; d += 16) {
         const __m512 qv = _mm512_loadu_ps(qr + d);
-        for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp[t] + d), a[t]);
+        for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16h(kp[t] + d), a[t]);
       }
       _mm512_mask_storeu_ps(sc + (size_t)r * len + j, m, _mm512_mul_ps(reduce16(a), vscale));
     }

@@ -90,7 +90,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
                 bool float_tables, int max_threads = 0, bool residual = false);
 
 // The attend_* kernel (lut.h) a path runs for heads of head_dim dimensions.
-using AttendFn = void (*)(const float* q, const float* k0, const float* v0, size_t stride, int len, int D, int grp,
+using AttendFn = void (*)(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                           float scale, float* sc, float* out);
 AttendFn attention_kernel(Path p, int head_dim);
 

@@ -13,33 +13,6 @@
 
 namespace elutq {
 
-float fp16_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      exp = 127 - 15 + 1;
-      while (!(man & 0x400u)) {
-        man <<= 1;
-        --exp;
-      }
-      man &= 0x3FFu;
-      bits = sign | (exp << 23) | (man << 13);
-    }
-  } else if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Signed table of one run for the int8 path: U[m] = Σ_t (2·bit_t(m) − 1)·x_t, summed in the order
 // t = 0..3 as ((±x0 ± x1) ± x2) ± x3 (all paths do the same, so the int8 tables are identical
 // everywhere).  U = 2T − Σx_run is antisymmetric (U[15−m] = −U[m]) and its range Σ|x| is centred,
@@ -249,20 +222,20 @@ void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0,
 }
 
 // Causal attention of one column for one KV head and the `grp` query heads that share it (the
-// portable reference; lut_avx2.cpp and lut_avx512.cpp have the SIMD versions).
-ELUTQ_CLONES void attend_scalar(const float* q, const float* k0, const float* v0, size_t stride, int len, int D,
+// portable reference; lut_avx2.cpp and lut_avx512.cpp have the SIMD versions).  K and V are fp16.
+ELUTQ_CLONES void attend_scalar(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
                                 int grp, float scale, float* sc /* [grp][len] */, float* out /* [grp][D] */) {
   for (int j = 0; j < len; ++j) {
-    const float* kj = k0 + (size_t)j * stride;
+    const uint16_t* kj = k0 + (size_t)j * stride;
     for (int r = 0; r < grp; ++r) {
       const float* qr = q + (size_t)r * D;
       float acc[16] = {0};
       int d = 0;
       for (; d + 16 <= D; d += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * kj[d + t];
+        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * fp16_to_float(kj[d + t]);
       float s = 0.0f;
       for (int t = 0; t < 16; ++t) s += acc[t];
-      for (; d < D; ++d) s += qr[d] * kj[d];
+      for (; d < D; ++d) s += qr[d] * fp16_to_float(kj[d]);
       sc[(size_t)r * len + j] = s * scale;
     }
   }
@@ -280,11 +253,11 @@ ELUTQ_CLONES void attend_scalar(const float* q, const float* k0, const float* v0
     std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
   }
   for (int j = 0; j < len; ++j) {
-    const float* vj = v0 + (size_t)j * stride;
+    const uint16_t* vj = v0 + (size_t)j * stride;
     for (int r = 0; r < grp; ++r) {
       const float w = sc[(size_t)r * len + j];
       float* o = out + (size_t)r * D;
-      for (int d = 0; d < D; ++d) o[d] += w * vj[d];
+      for (int d = 0; d < D; ++d) o[d] += w * fp16_to_float(vj[d]);
     }
   }
 }

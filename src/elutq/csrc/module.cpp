@@ -69,9 +69,10 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads, residual_tables);
 }
 
-// out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (lut.h: attend_*).
-static void attention(CArray<const float, nb::ndim<2>> q, CArray<const float, nb::ndim<2>> k,
-                      CArray<const float, nb::ndim<2>> v, int off, float scale, CArray<float, nb::ndim<2>> out,
+// out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (lut.h: attend_*);
+// k and v hold fp16 bits (a float16 array viewed as uint16), as the KV cache does.
+static void attention(CArray<const float, nb::ndim<2>> q, CArray<const uint16_t, nb::ndim<2>> k,
+                      CArray<const uint16_t, nb::ndim<2>> v, int off, float scale, CArray<float, nb::ndim<2>> out,
                       const std::string& path) {
   const int grp = (int)q.shape(0), D = (int)q.shape(1), len = (int)k.shape(0);
   if (grp < 1 || D < 1 || len < 1) throw std::invalid_argument("q and k need at least one row and column");
@@ -213,10 +214,10 @@ NB_MODULE(_native, m) {
   "Read bandwidth in GB/s: the best of reps windows each of a plain and a prefetching (ELUTQ_PF) read loop; "
         "a window reads the buffer until min_seconds have passed (0: one pass).");
 
-  nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: f32 [layers][max_ctx][kv_dim] for k and v.")
+  nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: fp16 [layers][max_ctx][kv_dim] for k and v.")
       .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
       .def_ro("max_ctx", &KVCache::max_ctx)
-      .def_prop_ro("nbytes", [](const KVCache& c) { return 2 * (size_t)c.n_layers * c.max_ctx * c.kv_dim * 4; })
+      .def_prop_ro("nbytes", &KVCache::nbytes)
       .def("copy_prefix", [](KVCache& self, const KVCache& src, int n) {
         if (src.n_layers != self.n_layers || src.kv_dim != self.kv_dim)
           throw std::invalid_argument("KV caches of different models");
@@ -224,8 +225,8 @@ NB_MODULE(_native, m) {
           throw std::out_of_range("prefix of " + std::to_string(n) + " positions does not fit both caches");
         if (&src == &self) return;
         for (int l = 0; l < self.n_layers; ++l) {
-          std::memcpy(self.kp(l, 0), const_cast<KVCache&>(src).kp(l, 0), sizeof(float) * n * self.kv_dim);
-          std::memcpy(self.vp(l, 0), const_cast<KVCache&>(src).vp(l, 0), sizeof(float) * n * self.kv_dim);
+          std::memcpy(self.kp(l, 0), const_cast<KVCache&>(src).kp(l, 0), sizeof(uint16_t) * n * self.kv_dim);
+          std::memcpy(self.vp(l, 0), const_cast<KVCache&>(src).vp(l, 0), sizeof(uint16_t) * n * self.kv_dim);
         }
       }, nb::arg("src"), nb::arg("n"), "Copy positions 0..n-1 of every layer from src (a shared prompt prefix).");
 

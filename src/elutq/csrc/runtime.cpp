@@ -73,7 +73,7 @@ static float* fbuf(AlignedBuf& b, size_t n) {
 
 KVCache::KVCache(int n_layers_, int max_ctx_, int kv_dim_) : n_layers(n_layers_), max_ctx(max_ctx_), kv_dim(kv_dim_) {
   if (n_layers <= 0 || max_ctx <= 0 || kv_dim <= 0) throw std::invalid_argument("KV cache dimensions must be positive");
-  const size_t bytes = (size_t)n_layers * max_ctx * kv_dim * sizeof(float);
+  const size_t bytes = (size_t)n_layers * max_ctx * kv_dim * sizeof(uint16_t);
   k.resize(bytes);
   v.resize(bytes);
 }
@@ -241,8 +241,13 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       apply_rope(qc, nh, c);
       apply_rope(kc, nkv, c);
       KVCache* kv = seqs[col_seq[c]].cache;
-      std::memcpy(kv->kp(l, col_pos[c]), kc, sizeof(float) * kvd);
-      std::memcpy(kv->vp(l, col_pos[c]), v + (size_t)c * kvd, sizeof(float) * kvd);
+      uint16_t* kd = kv->kp(l, col_pos[c]);
+      uint16_t* vd = kv->vp(l, col_pos[c]);
+      const float* vc = v + (size_t)c * kvd;
+      for (int i = 0; i < kvd; ++i) {
+        kd[i] = float_to_fp16(kc[i]);
+        vd[i] = float_to_fp16(vc[i]);
+      }
     });
     // causal attention, one (column, KV head) pair per task
     parallel_for(nt, N * nkv, 1, [&](int t0, int t1) {

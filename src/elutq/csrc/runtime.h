@@ -9,7 +9,8 @@
 // Shapes (H = hidden, I = intermediate, D = head_dim, nh/nkv = query/key-value heads, N = Σ n_s):
 //   x, h        f32 [N][H]      residual stream and normed input of a sublayer
 //   q           f32 [N][nh·D]   k, v f32 [N][nkv·D]
-//   KV cache    f32 [layers][max_ctx][nkv·D] for k and for v, per sequence
+//   KV cache    fp16 [layers][max_ctx][nkv·D] for k and for v, per sequence (k after RoPE; half the
+//               bytes a decode step's attention reads, as llama.cpp's default f16 cache)
 //   logits      f32 [R][vocab]  R = Σ_s (all_logits_s ? n_s : 1), sequences in order
 // RoPE is HF's rotate-half form: pairs (i, i + D/2) rotate by angle pos·inv_freq[i] (inv_freq and
 // the attention scaling come from Python, so every rope_scaling type transformers knows works).
@@ -52,8 +53,9 @@ struct KVCache {
   int n_layers, max_ctx, kv_dim;
   AlignedBuf k, v;
   KVCache(int n_layers, int max_ctx, int kv_dim);
-  float* kp(int l, int t) { return (float*)k.p + ((size_t)l * max_ctx + t) * kv_dim; }
-  float* vp(int l, int t) { return (float*)v.p + ((size_t)l * max_ctx + t) * kv_dim; }
+  uint16_t* kp(int l, int t) { return (uint16_t*)k.p + ((size_t)l * max_ctx + t) * kv_dim; }
+  uint16_t* vp(int l, int t) { return (uint16_t*)v.p + ((size_t)l * max_ctx + t) * kv_dim; }
+  size_t nbytes() const { return 2 * (size_t)n_layers * max_ctx * kv_dim * sizeof(uint16_t); }
 };
 
 struct SeqSpan {
