@@ -112,7 +112,7 @@ def test_ragged_batch_equals_separate_sequences(tmp_path):
     rt = model.runtime
     a, b = IDS[:20], IDS[20:27]
     sep = [model.logits(a).numpy()[-1], model.logits(b).numpy()[-1]]
-    caches = [_native.KVCache(2, 64, model.arch.n_kv_heads * model.arch.head_dim) for _ in range(2)]
+    caches = [_native.KVCache(2, 64, model.arch.n_kv_heads, model.arch.head_dim) for _ in range(2)]
     logits = np.empty((2, model.arch.vocab), dtype=np.float32)
     rt.forward(caches, [0, 0], [len(a), len(b)], [False, False], np.array(a + b, dtype=np.int32), logits)
     np.testing.assert_allclose(logits, np.stack(sep), atol=1e-4 * np.abs(logits).max())

@@ -345,7 +345,7 @@ class Session:
     def __init__(self, model: Model, max_ctx: int | None = None):
         self.model = model
         self.max_ctx = min(max_ctx or model.max_ctx, model.max_ctx)
-        self.cache = _native.KVCache(model.arch.n_layers, self.max_ctx, model.arch.n_kv_heads * model.arch.head_dim)
+        self.cache = _native.KVCache(model.arch.n_layers, self.max_ctx, model.arch.n_kv_heads, model.arch.head_dim)
         self.tokens: list[int] = []
 
     def reset(self) -> None:

@@ -214,20 +214,22 @@ NB_MODULE(_native, m) {
   "Read bandwidth in GB/s: the best of reps windows each of a plain and a prefetching (ELUTQ_PF) read loop; "
         "a window reads the buffer until min_seconds have passed (0: one pass).");
 
-  nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: fp16 [layers][max_ctx][kv_dim] for k and v.")
-      .def(nb::init<int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("kv_dim"))
+  nb::class_<KVCache>(m, "KVCache", "Per-sequence key/value cache: fp16 [layers][kv_heads][max_ctx][head_dim] for k and v.")
+      .def(nb::init<int, int, int, int>(), nb::arg("n_layers"), nb::arg("max_ctx"), nb::arg("n_kv_heads"),
+           nb::arg("head_dim"))
       .def_ro("max_ctx", &KVCache::max_ctx)
       .def_prop_ro("nbytes", &KVCache::nbytes)
       .def("copy_prefix", [](KVCache& self, const KVCache& src, int n) {
-        if (src.n_layers != self.n_layers || src.kv_dim != self.kv_dim)
+        if (src.n_layers != self.n_layers || src.n_kv_heads != self.n_kv_heads || src.head_dim != self.head_dim)
           throw std::invalid_argument("KV caches of different models");
         if (n < 0 || n > src.max_ctx || n > self.max_ctx)
           throw std::out_of_range("prefix of " + std::to_string(n) + " positions does not fit both caches");
         if (&src == &self) return;
-        for (int l = 0; l < self.n_layers; ++l) {
-          std::memcpy(self.kp(l, 0), const_cast<KVCache&>(src).kp(l, 0), sizeof(uint16_t) * n * self.kv_dim);
-          std::memcpy(self.vp(l, 0), const_cast<KVCache&>(src).vp(l, 0), sizeof(uint16_t) * n * self.kv_dim);
-        }
+        for (int l = 0; l < self.n_layers; ++l)
+          for (int h = 0; h < self.n_kv_heads; ++h) {
+            std::memcpy(self.kp(l, h, 0), const_cast<KVCache&>(src).kp(l, h, 0), sizeof(uint16_t) * n * self.head_dim);
+            std::memcpy(self.vp(l, h, 0), const_cast<KVCache&>(src).vp(l, h, 0), sizeof(uint16_t) * n * self.head_dim);
+          }
       }, nb::arg("src"), nb::arg("n"), "Copy positions 0..n-1 of every layer from src (a shared prompt prefix).");
 
   nb::class_<Runtime>(m, "Runtime", "The native decode loop of a llama-family model (see runtime.h).")

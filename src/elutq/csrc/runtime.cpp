@@ -71,11 +71,12 @@ static float* fbuf(AlignedBuf& b, size_t n) {
 
 // ------------------------------------------------------------------------------------ state
 
-KVCache::KVCache(int n_layers_, int max_ctx_, int kv_dim_) : n_layers(n_layers_), max_ctx(max_ctx_), kv_dim(kv_dim_) {
-  if (n_layers <= 0 || max_ctx <= 0 || kv_dim <= 0) throw std::invalid_argument("KV cache dimensions must be positive");
-  const size_t bytes = (size_t)n_layers * max_ctx * kv_dim * sizeof(uint16_t);
-  k.resize(bytes);
-  v.resize(bytes);
+KVCache::KVCache(int n_layers_, int max_ctx_, int n_kv_heads_, int head_dim_)
+    : n_layers(n_layers_), max_ctx(max_ctx_), n_kv_heads(n_kv_heads_), head_dim(head_dim_) {
+  if (n_layers <= 0 || max_ctx <= 0 || n_kv_heads <= 0 || head_dim <= 0)
+    throw std::invalid_argument("KV cache dimensions must be positive");
+  k.resize(nbytes() / 2);
+  v.resize(nbytes() / 2);
 }
 
 Runtime::Runtime(RtConfig c) : cfg(std::move(c)), layers(cfg.n_layers) {
@@ -159,7 +160,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
   int N = 0, R = 0;
   for (const auto& s : seqs) {
     if (!s.cache) throw std::invalid_argument("sequence without a KV cache");
-    if (s.cache->n_layers != cfg.n_layers || s.cache->kv_dim != kvd)
+    if (s.cache->n_layers != cfg.n_layers || s.cache->n_kv_heads != nkv || s.cache->head_dim != D)
       throw std::invalid_argument("KV cache was made for another model");
     if (s.n <= 0) throw std::invalid_argument("every sequence needs at least one new token");
     if (s.pos < 0 || s.pos + s.n > s.cache->max_ctx)
@@ -241,12 +242,14 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       apply_rope(qc, nh, c);
       apply_rope(kc, nkv, c);
       KVCache* kv = seqs[col_seq[c]].cache;
-      uint16_t* kd = kv->kp(l, col_pos[c]);
-      uint16_t* vd = kv->vp(l, col_pos[c]);
       const float* vc = v + (size_t)c * kvd;
-      for (int i = 0; i < kvd; ++i) {
-        kd[i] = float_to_fp16(kc[i]);
-        vd[i] = float_to_fp16(vc[i]);
+      for (int hd = 0; hd < nkv; ++hd) {
+        uint16_t* kd = kv->kp(l, hd, col_pos[c]);
+        uint16_t* vd = kv->vp(l, hd, col_pos[c]);
+        for (int i = 0; i < D; ++i) {
+          kd[i] = float_to_fp16(kc[hd * D + i]);
+          vd[i] = float_to_fp16(vc[hd * D + i]);
+        }
       }
     });
     // causal attention, one (column, KV head) pair per task
@@ -258,7 +261,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
         const int len = col_pos[c] + 1;
         if (sc.size() < (size_t)len * grp) sc.resize((size_t)len * grp);
         const size_t off = (size_t)c * qd + (size_t)kh * grp * D;
-        attention(q + off, kv->kp(l, 0) + kh * D, kv->vp(l, 0) + kh * D, kvd, len, D, grp, scale, sc.data(), att + off);
+        attention(q + off, kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, scale, sc.data(), att + off);
       }
     });
     matmul({&L.lin[kO]}, att, N, {tmp});

@@ -9,8 +9,11 @@
 // Shapes (H = hidden, I = intermediate, D = head_dim, nh/nkv = query/key-value heads, N = Σ n_s):
 //   x, h        f32 [N][H]      residual stream and normed input of a sublayer
 //   q           f32 [N][nh·D]   k, v f32 [N][nkv·D]
-//   KV cache    fp16 [layers][max_ctx][nkv·D] for k and for v, per sequence (k after RoPE; half the
-//               bytes a decode step's attention reads, as llama.cpp's default f16 cache)
+//   KV cache    fp16 [layers][nkv][max_ctx][D] for k and for v, per sequence (k after RoPE).  fp16
+//               halves the bytes a decode step's attention reads (llama.cpp's default cache type is
+//               f16 too); head-major, so one head's keys are one contiguous stream the hardware
+//               prefetchers follow (position-major rows would be D halves every nkv·D: a new page
+//               per key for 7B's 32 heads)
 //   logits      f32 [R][vocab]  R = Σ_s (all_logits_s ? n_s : 1), sequences in order
 // RoPE is HF's rotate-half form: pairs (i, i + D/2) rotate by angle pos·inv_freq[i] (inv_freq and
 // the attention scaling come from Python, so every rope_scaling type transformers knows works).
@@ -50,12 +53,14 @@ struct RtLayer {
 };
 
 struct KVCache {
-  int n_layers, max_ctx, kv_dim;
+  int n_layers, max_ctx, n_kv_heads, head_dim;
   AlignedBuf k, v;
-  KVCache(int n_layers, int max_ctx, int kv_dim);
-  uint16_t* kp(int l, int t) { return (uint16_t*)k.p + ((size_t)l * max_ctx + t) * kv_dim; }
-  uint16_t* vp(int l, int t) { return (uint16_t*)v.p + ((size_t)l * max_ctx + t) * kv_dim; }
-  size_t nbytes() const { return 2 * (size_t)n_layers * max_ctx * kv_dim * sizeof(uint16_t); }
+  KVCache(int n_layers, int max_ctx, int n_kv_heads, int head_dim);
+  // position t of KV head h in layer l (positions of one head are head_dim halves apart)
+  size_t at(int l, int h, int t) const { return (((size_t)l * n_kv_heads + h) * max_ctx + t) * head_dim; }
+  uint16_t* kp(int l, int h, int t) { return (uint16_t*)k.p + at(l, h, t); }
+  uint16_t* vp(int l, int h, int t) { return (uint16_t*)v.p + at(l, h, t); }
+  size_t nbytes() const { return 2 * (size_t)n_layers * n_kv_heads * max_ctx * head_dim * sizeof(uint16_t); }
 };
 
 struct SeqSpan {
