@@ -118,6 +118,24 @@ def test_ragged_batch_equals_separate_sequences(tmp_path):
     np.testing.assert_allclose(logits, np.stack(sep), atol=1e-4 * np.abs(logits).max())
 
 
+def test_kv_cache_of_another_shape_is_rejected(tmp_path):
+    """A cache whose layers, KV heads or head_dim differ from the model's is refused before anything runs,
+    and caches of different shapes cannot share a prefix."""
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out)
+    a = model.arch
+    logits = np.empty((1, a.vocab), dtype=np.float32)
+    for dims in [(a.n_layers + 1, a.n_kv_heads, a.head_dim), (a.n_layers, a.n_kv_heads + 1, a.head_dim),
+                 (a.n_layers, a.n_kv_heads, a.head_dim + 2)]:
+        bad = _native.KVCache(dims[0], 16, dims[1], dims[2])
+        with pytest.raises(ValueError, match="another model"):
+            model.runtime.forward([bad], [0], [1], [False], np.array([1], dtype=np.int32), logits)
+        with pytest.raises(ValueError, match="different models"):
+            _native.KVCache(a.n_layers, 16, a.n_kv_heads, a.head_dim).copy_prefix(bad, 1)
+    with pytest.raises(ValueError, match="positive"):
+        _native.KVCache(a.n_layers, 16, 0, a.head_dim)
+
+
 def test_kernel_cache_is_reused_and_survives_damage(tmp_path):
     _, out = _quantized(tmp_path, "llama")
     first = elutq.load(out).logits(IDS)
