@@ -98,6 +98,9 @@ struct LutTables {
   const float* tf = nullptr;   // [in_pad/4][16] (float-table path only)
   const float* lut_scale = nullptr;  // [ng]
   const float* xsum = nullptr;       // [ng]
+  // Residual tables (build_residual_tables_scalar), tq's layout and multipliers on a grid 254x finer:
+  // the AVX-512 GEMV looks both up with the same indices in one pass (nullptr: none).
+  const int8_t* tr = nullptr;
 };
 
 extern int g_prefetch_bytes;  // software prefetch distance of the GEMV weight stream (0: off; env ELUTQ_PF)
@@ -210,9 +213,11 @@ void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 // GEMM on AVX-512 for n columns: column c's group-G tables at tq + G·gstride + c·g·4 (group-major, so
 // a group's tables for all columns are contiguous), its multipliers at tm + (G·gstride + c·g·4)/16;
-// lut_scale/xsum [n][ng]; column c's y at y + c·ldy.
+// lut_scale/xsum [n][ng]; column c's y at y + c·ldy.  tr: residual tables in tq's layout, looked up
+// in the same pass (as LutTables::tr), or nullptr.
 void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,
-                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);
+                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
+                      const int8_t* tr = nullptr);
 #endif
 // Causal attention of one column for one KV head and the grp query heads that share it (contiguous
 // in q and out, as transformers' repeat_kv maps them): out[r] = softmax(scale·q[r]·Kᵀ)·V over the

@@ -35,12 +35,15 @@ inline __m512i mult4(const uint8_t* m) {
 
 // Sum of one plane over one group for 16 rows: NL chunks of 64 bytes; t: the group's tables (low-nibble
 // and high-nibble halves per chunk) and m: the chunks' multipliers, both loaded once per group and
-// shared by every plane.
-template <int NL>
-inline __m512i plane_group(const uint8_t* wp, const __m512i (*t)[2], const __m512i (*m)[2], int pf) {
+// shared by every plane.  RES: also the residual tables' lookups at the same indices (tr: the group's
+// residual tables, read from L1 as memory operands), summed into racc.
+template <int NL, bool RES>
+inline __m512i plane_group(const uint8_t* wp, const __m512i (*t)[2], const __m512i (*m)[2], const int8_t* tr, int pf,
+                           __m512i* racc) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i pat = chunk_pattern();
   __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+  __m512i res0 = _mm512_setzero_si512(), res1 = _mm512_setzero_si512();
 #pragma GCC unroll 4
   for (int L = 0; L < NL; ++L) {
     const __m512i v = _mm512_loadu_si512((const void*)(wp + 64 * L));
@@ -49,7 +52,12 @@ inline __m512i plane_group(const uint8_t* wp, const __m512i (*t)[2], const __m51
     const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, pat, 0xEA);
     acc0 = _mm512_dpbusd_epi32(acc0, m[L][0], _mm512_permutexvar_epi8(lo, t[L][0]));
     acc1 = _mm512_dpbusd_epi32(acc1, m[L][1], _mm512_permutexvar_epi8(hi, t[L][1]));
+    if constexpr (RES) {
+      res0 = _mm512_dpbusd_epi32(res0, m[L][0], _mm512_permutexvar_epi8(lo, _mm512_loadu_si512(tr + 128 * L)));
+      res1 = _mm512_dpbusd_epi32(res1, m[L][1], _mm512_permutexvar_epi8(hi, _mm512_loadu_si512(tr + 128 * L + 64)));
+    }
   }
+  if constexpr (RES) *racc = _mm512_add_epi32(res0, res1);
   return _mm512_add_epi32(acc0, acc1);
 }
 
@@ -69,9 +77,9 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
 }
 
 // 16 outputs of one row block for one activation vector.
-template <int BITS, int NL>
+template <int BITS, int NL, bool RES>
 inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int8_t* tq, const uint8_t* tm,
-                        size_t gstride, const float* lut_scale, const float* xsum) {
+                        size_t gstride, const float* lut_scale, const float* xsum, const int8_t* tr) {
   __m512 yacc = _mm512_setzero_ps();
   for (int G = 0; G < ng; ++G) {
     const int8_t* tg = tq + (size_t)G * gstride;
@@ -83,14 +91,18 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
       t[L][0] = _mm512_loadu_si512((const void*)(tg + 128 * L));
       t[L][1] = _mm512_loadu_si512((const void*)(tg + 128 * L + 64));
     }
-    __m512 fsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
+    __m512 fsum = _mm512_setzero_ps(), rsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
+    const int8_t* trg = RES ? tr + (size_t)G * gstride : nullptr;
 #pragma GCC unroll 4
     for (int i = 0; i < BITS; ++i) {
-      const __m512i acc = plane_group<NL>(wp + i * NL * 64, t, m, g_prefetch_bytes);
+      __m512i racc;
+      const __m512i acc = plane_group<NL, RES>(wp + i * NL * 64, t, m, trg, g_prefetch_bytes, &racc);
       const __m512 s = load_h16(sp + 16 * i);
       fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, fsum);
+      if constexpr (RES) rsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(racc), s, rsum);
       ssum = _mm512_add_ps(ssum, s);
     }
+    if constexpr (RES) fsum = _mm512_fmadd_ps(rsum, _mm512_set1_ps(1.0f / 254.0f), fsum);  // residual grid
     if (g_prefetch_bytes) {  // the scale stream moves (BITS+1)·32 bytes per group
       for (int o = 0; o < (BITS + 1) * 32; o += 64)
         _mm_prefetch((const char*)sp + g_prefetch_bytes / 4 + o, _MM_HINT_T1);
@@ -105,12 +117,12 @@ inline __m512 row_block(const uint8_t* wp, const uint16_t* sp, int ng, const int
   return yacc;
 }
 
-template <int BITS, int NL>
+template <int BITS, int NL, bool RES>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   for (int rb = rb0; rb < rb1; ++rb) {
     const uint8_t* wp = W.w + (size_t)rb * W.w_bytes_per_rb();
     const uint16_t* sp = W.sz + (size_t)rb * W.sz_elems_per_rb();
-    store_rows(row_block<BITS, NL>(wp, sp, W.ng, T.tq, T.tm, T.gstride, T.lut_scale, T.xsum), rb, W.out, y);
+    store_rows(row_block<BITS, NL, RES>(wp, sp, W.ng, T.tq, T.tm, T.gstride, T.lut_scale, T.xsum, T.tr), rb, W.out, y);
   }
 }
 
@@ -121,18 +133,22 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 // were the bottleneck.  Each column's group tables (g·4 bytes, contiguous across columns in the
 // group-major layout) are read once per group.  The epilogue is the GEMV's, operation for
 // operation, so a GEMM column equals the GEMV bit for bit.
-template <int BITS, int NL, int NC>
-inline void gemm_cols(const __m512i (*idx)[NL][2], const __m512* s, __m512 z, const int8_t* tg, const uint8_t* mg,
-                      const float* ls, const float* xs, int ng, float* yb) {
+template <int BITS, int NL, int NC, bool RES>
+inline void gemm_cols(const __m512i (*idx)[NL][2], const __m512* s, __m512 z, const int8_t* tg, const int8_t* rg,
+                      const uint8_t* mg, const float* ls, const float* xs, int ng, float* yb) {
   constexpr int G4 = NL * 128;
-  __m512i acc[NC][BITS];
+  __m512i acc[NC][BITS], racc[NC][BITS];
   for (int c = 0; c < NC; ++c)
-    for (int i = 0; i < BITS; ++i) acc[c][i] = _mm512_setzero_si512();
+    for (int i = 0; i < BITS; ++i) acc[c][i] = racc[c][i] = _mm512_setzero_si512();
   for (int L = 0; L < NL; ++L) {
-    __m512i t0[NC], t1[NC], m0[NC], m1[NC];
+    __m512i t0[NC], t1[NC], r0[NC], r1[NC], m0[NC], m1[NC];
     for (int c = 0; c < NC; ++c) {
       t0[c] = _mm512_loadu_si512((const void*)(tg + c * G4 + 128 * L));
       t1[c] = _mm512_loadu_si512((const void*)(tg + c * G4 + 128 * L + 64));
+      if constexpr (RES) {
+        r0[c] = _mm512_loadu_si512((const void*)(rg + c * G4 + 128 * L));
+        r1[c] = _mm512_loadu_si512((const void*)(rg + c * G4 + 128 * L + 64));
+      }
       m0[c] = mult4(mg + c * (G4 / 16) + 8 * L);
       m1[c] = mult4(mg + c * (G4 / 16) + 8 * L + 4);
     }
@@ -142,12 +158,20 @@ inline void gemm_cols(const __m512i (*idx)[NL][2], const __m512* s, __m512 z, co
       for (int c = 0; c < NC; ++c) {
         acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], m0[c], _mm512_permutexvar_epi8(lo, t0[c]));
         acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], m1[c], _mm512_permutexvar_epi8(hi, t1[c]));
+        if constexpr (RES) {
+          racc[c][i] = _mm512_dpbusd_epi32(racc[c][i], m0[c], _mm512_permutexvar_epi8(lo, r0[c]));
+          racc[c][i] = _mm512_dpbusd_epi32(racc[c][i], m1[c], _mm512_permutexvar_epi8(hi, r1[c]));
+        }
       }
     }
   }
   for (int c = 0; c < NC; ++c) {
-    __m512 fsum = _mm512_setzero_ps();
-    for (int i = 0; i < BITS; ++i) fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c][i]), s[i], fsum);
+    __m512 fsum = _mm512_setzero_ps(), rsum = _mm512_setzero_ps();
+    for (int i = 0; i < BITS; ++i) {
+      fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c][i]), s[i], fsum);
+      if constexpr (RES) rsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(racc[c][i]), s[i], rsum);
+    }
+    if constexpr (RES) fsum = _mm512_fmadd_ps(rsum, _mm512_set1_ps(1.0f / 254.0f), fsum);
     __m512 yc = _mm512_load_ps(yb + 16 * c);
     yc = _mm512_fmadd_ps(fsum, _mm512_set1_ps(ls[(size_t)c * ng]), yc);
     yc = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[(size_t)c * ng]), yc);
@@ -155,11 +179,13 @@ inline void gemm_cols(const __m512i (*idx)[NL][2], const __m512* s, __m512 z, co
   }
 }
 
-template <int BITS, int NL>
-void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
-            const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+template <int BITS, int NL, bool RES>
+void gemm_t(const LutWeight& W, const int8_t* tq, const int8_t* tr, const uint8_t* tm, size_t gstride,
+            const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
+            float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
-  constexpr int NC = BITS <= 2 ? 4 : 2;
+  // Columns per pass: the residual tables need as many registers again.
+  constexpr int NC = RES ? (BITS <= 2 ? 2 : 1) : (BITS <= 2 ? 4 : 2);
   alignas(64) __m512i idx[BITS][NL][2];
   const __m512i mask = _mm512_set1_epi8(0x0F), pat = chunk_pattern();
   const int ng = W.ng;
@@ -182,15 +208,16 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
       }
       const __m512 z = _mm512_fmadd_ps(ssum, _mm512_set1_ps(0.5f), load_h16(sp + 16 * BITS));  // z + Σs/2
       const int8_t* tg = tq + (size_t)G * gstride;
+      const int8_t* rg = RES ? tr + (size_t)G * gstride : nullptr;
       const uint8_t* mg = tm + (size_t)G * gstride / 16;
       const float* ls = lut_scale + G;
       const float* xs = xsum + G;
       int c = 0;
       for (; c + NC <= n; c += NC)
-        gemm_cols<BITS, NL, NC>(idx, s, z, tg + (size_t)c * G4, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
+        gemm_cols<BITS, NL, NC, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
                                 xs + (size_t)c * ng, ng, ybuf + 16 * c);
       for (; c < n; ++c)
-        gemm_cols<BITS, NL, 1>(idx, s, z, tg + (size_t)c * G4, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
+        gemm_cols<BITS, NL, 1, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
                                xs + (size_t)c * ng, ng, ybuf + 16 * c);
       wp += BITS * NL * 64;
       sp += (BITS + 1) * 16;
@@ -200,47 +227,51 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
 }
 
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
-using GemmFn = void (*)(const LutWeight&, const int8_t*, const uint8_t*, size_t, const float*, const float*, int, int,
-                        int, float*, size_t, float*);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, const int8_t*, const uint8_t*, size_t, const float*,
+                        const float*, int, int, int, float*, size_t, float*);
 
-template <int BITS>
+template <int BITS, bool RES>
 GemvFn pick_gemv(int nl) {
-  return nl == 1 ? gemv_t<BITS, 1> : nl == 2 ? gemv_t<BITS, 2> : gemv_t<BITS, 4>;
+  return nl == 1 ? gemv_t<BITS, 1, RES> : nl == 2 ? gemv_t<BITS, 2, RES> : gemv_t<BITS, 4, RES>;
 }
-template <int BITS>
+template <int BITS, bool RES>
 GemmFn pick_gemm(int nl) {
-  return nl == 1 ? gemm_t<BITS, 1> : nl == 2 ? gemm_t<BITS, 2> : gemm_t<BITS, 4>;
+  return nl == 1 ? gemm_t<BITS, 1, RES> : nl == 2 ? gemm_t<BITS, 2, RES> : gemm_t<BITS, 4, RES>;
 }
 
+template <bool RES>
 GemvFn gemv_fn(int bits, int g) {
   const int nl = g / 32;
   switch (bits) {
-    case 1: return pick_gemv<1>(nl);
-    case 2: return pick_gemv<2>(nl);
-    case 3: return pick_gemv<3>(nl);
-    default: return pick_gemv<4>(nl);
+    case 1: return pick_gemv<1, RES>(nl);
+    case 2: return pick_gemv<2, RES>(nl);
+    case 3: return pick_gemv<3, RES>(nl);
+    default: return pick_gemv<4, RES>(nl);
   }
 }
+template <bool RES>
 GemmFn gemm_fn(int bits, int g) {
   const int nl = g / 32;
   switch (bits) {
-    case 1: return pick_gemm<1>(nl);
-    case 2: return pick_gemm<2>(nl);
-    case 3: return pick_gemm<3>(nl);
-    default: return pick_gemm<4>(nl);
+    case 1: return pick_gemm<1, RES>(nl);
+    case 2: return pick_gemm<2, RES>(nl);
+    case 3: return pick_gemm<3, RES>(nl);
+    default: return pick_gemm<4, RES>(nl);
   }
 }
 
 }  // namespace
 
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
-  gemv_fn(W.bits, W.g)(W, T, rb0, rb1, y);
+  (T.tr ? gemv_fn<true>(W.bits, W.g) : gemv_fn<false>(W.bits, W.g))(W, T, rb0, rb1, y);
 }
 
 void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,
-                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
+                      const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
+                      const int8_t* tr) {
   float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 64);
-  gemm_fn(W.bits, W.g)(W, tq, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  (tr ? gemm_fn<true>(W.bits, W.g) : gemm_fn<false>(W.bits, W.g))(W, tq, tr, tm, gstride, lut_scale, xsum, n, rb0,
+                                                                    rb1, y, ldy, ybuf);
   _mm_free(ybuf);
 }
 
