@@ -381,9 +381,9 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
 
   // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
-  // row r written to y[c·ldy + r].  The AVX-512 GEMV looks the residual tables up in the same pass
-  // (fused: one stream of the weights, one table-index computation); the other paths run a second pass.
-  const bool fused = residual && p == Path::Avx512;
+  // row r written to y[c·ldy + r].  The AVX-512 and AVX2 kernels look the residual tables up in the
+  // same pass (fused: one stream of the weights, one index computation); scalar and NEON run a second.
+  const bool fused = residual && (p == Path::Avx512 || p == Path::Avx2);
   auto pass_rows = [&](const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
     const int8_t* tqp = second ? tq2 : tq;
     const float* lsp = second ? ls2 : ls;
@@ -416,18 +416,14 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     if (p == Path::Avx512 || p == Path::Avx2) {
       // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
       // L2 pass over them.
+      const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
       const int cc = std::max(1, std::min(n, (int)((256 * 1024) / (tlen * (fused ? 2 : 1)))));
       const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
       for (int r0 = lo; r0 < hi; r0 += rbb)
         for (int c0 = 0; c0 < n; c0 += cc) {
           const int nc = std::min(cc, n - c0), r1 = std::min(r0 + rbb, hi);
-          if (p == Path::Avx512)
-            gemm_rows_avx512(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng,
-                             xsp + (size_t)c0 * ng, nc, r0, r1, y + (size_t)c0 * ldy, ldy,
-                             fused ? tq2 + c0 * g4 : nullptr);
-          else
-            gemm_rows_avx2(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng,
-                           xsp + (size_t)c0 * ng, nc, r0, r1, y + (size_t)c0 * ldy, ldy);
+          gemm(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng, xsp + (size_t)c0 * ng, nc, r0, r1,
+               y + (size_t)c0 * ldy, ldy, fused ? tq2 + c0 * g4 : nullptr);
         }
       return;
     }

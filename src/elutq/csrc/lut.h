@@ -99,7 +99,7 @@ struct LutTables {
   const float* lut_scale = nullptr;  // [ng]
   const float* xsum = nullptr;       // [ng]
   // Residual tables (build_residual_tables_scalar), tq's layout and multipliers on a grid 254x finer:
-  // the AVX-512 GEMV looks both up with the same indices in one pass (nullptr: none).
+  // the AVX-512 and AVX2 GEMVs look both up with the same indices in one pass (nullptr: none).
   const int8_t* tr = nullptr;
 };
 
@@ -207,7 +207,8 @@ void build_tables_avx2(const float* x, int in, int g, int ng, int8_t* tq, uint8_
                        float* lut_scale, float* xsum);
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
 void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
-                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy);  // as gemm_rows_avx512
+                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
+                    const int8_t* tr = nullptr);  // as gemm_rows_avx512
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                          float* lut_scale, float* xsum);
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);

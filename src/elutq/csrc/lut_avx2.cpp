@@ -102,7 +102,8 @@ inline __m256i lanes_to_i32(__m256i a) {
 
 inline __m256 load_h8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
-template <int BITS, int NL, bool ORDER>
+// RES: also the residual tables T.tr at the same indices (lut.h), summed apart and added at 1/254.
+template <int BITS, int NL, bool ORDER, bool RES>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   const Consts c = make_consts();
   for (int rb = rb0; rb < rb1; ++rb) {
@@ -111,11 +112,13 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int G = 0; G < W.ng; ++G) {
       const int8_t* tg = T.tq + (size_t)G * T.gstride;
+      const int8_t* rg = RES ? T.tr + (size_t)G * T.gstride : nullptr;
       __m256i mlo[NL], mhi[NL];
       for (int L = 0; L < NL; ++L) chunk_mults(T.tm + (size_t)G * T.gstride / 16 + 8 * L, c, mlo[L], mhi[L]);
       __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = q0;
+      __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
       for (int i = 0; i < BITS; ++i) {
-        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256(), b0 = a0, b1 = a0;
         for (int L = 0; L < NL; ++L, wp += kChunkBytes) {
           __m256i r07, r815, idx[4];
           if (g_prefetch_bytes) _mm_prefetch((const char*)wp + g_prefetch_bytes, _MM_HINT_T1);
@@ -123,12 +126,25 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
           chunk_lookup(idx, tg + 128 * L, mlo[L], mhi[L], r07, r815);
           a0 = _mm256_add_epi16(a0, r07);
           a1 = _mm256_add_epi16(a1, r815);
+          if constexpr (RES) {
+            chunk_lookup(idx, rg + 128 * L, mlo[L], mhi[L], r07, r815);
+            b0 = _mm256_add_epi16(b0, r07);
+            b1 = _mm256_add_epi16(b1, r815);
+          }
         }
         const __m256 s0 = load_h8(sp + 16 * i), s1 = load_h8(sp + 16 * i + 8);
         q0 = _mm256_add_ps(q0, s0);
         q1 = _mm256_add_ps(q1, s1);
         f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a0)), s0, f0);
         f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a1)), s1, f1);
+        if constexpr (RES) {
+          e0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(b0)), s0, e0);
+          e1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(b1)), s1, e1);
+        }
+      }
+      if constexpr (RES) {  // the residual grid
+        f0 = _mm256_fmadd_ps(e0, _mm256_set1_ps(1.0f / 254.0f), f0);
+        f1 = _mm256_fmadd_ps(e1, _mm256_set1_ps(1.0f / 254.0f), f1);
       }
       const __m256 ls = _mm256_set1_ps(T.lut_scale[G]), xs = _mm256_set1_ps(T.xsum[G]);
       y0 = _mm256_fmadd_ps(f0, ls, y0);
@@ -153,9 +169,10 @@ void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) 
 
 // GEMM: per (row block, group) the transposed indices of all planes are computed once and reused
 // for every column (same arithmetic, in the same order, as gemv_t for each column).
-template <int BITS, int NL, bool ORDER>
-void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
-            const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, float* ybuf /* [n][16] */) {
+template <int BITS, int NL, bool ORDER, bool RES>
+void gemm_t(const LutWeight& W, const int8_t* tq, const int8_t* tr, const uint8_t* tm, size_t gstride,
+            const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
+            float* ybuf /* [n][16] */) {
   constexpr int G4 = NL * 128;
   const Consts c = make_consts();
   alignas(32) __m256i idx[BITS][NL][4];
@@ -178,21 +195,35 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
       const __m256 z0 = _mm256_fmadd_ps(q0, half, load_h8(sp + 16 * BITS));  // z + Σs/2
       const __m256 z1 = _mm256_fmadd_ps(q1, half, load_h8(sp + 16 * BITS + 8));
       const int8_t* tg = tq + (size_t)G * gstride;
+      const int8_t* rg = RES ? tr + (size_t)G * gstride : nullptr;
       const uint8_t* mg = tm + (size_t)G * gstride / 16;
-      for (int col = 0; col < n; ++col, tg += G4, mg += G4 / 16) {
+      for (int col = 0; col < n; ++col, tg += G4, rg += RES ? G4 : 0, mg += G4 / 16) {
         __m256i mlo[NL], mhi[NL];
         for (int L = 0; L < NL; ++L) chunk_mults(mg + 8 * L, c, mlo[L], mhi[L]);
-        __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+        __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), e0 = f0, e1 = f0;
         for (int i = 0; i < BITS; ++i) {
-          __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+          __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256(), b0 = a0, b1 = a0;
           for (int L = 0; L < NL; ++L) {
             __m256i r07, r815;
             chunk_lookup(idx[i][L], tg + 128 * L, mlo[L], mhi[L], r07, r815);
             a0 = _mm256_add_epi16(a0, r07);
             a1 = _mm256_add_epi16(a1, r815);
+            if constexpr (RES) {
+              chunk_lookup(idx[i][L], rg + 128 * L, mlo[L], mhi[L], r07, r815);
+              b0 = _mm256_add_epi16(b0, r07);
+              b1 = _mm256_add_epi16(b1, r815);
+            }
           }
           f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a0)), s0[i], f0);
           f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(a1)), s1[i], f1);
+          if constexpr (RES) {
+            e0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(b0)), s0[i], e0);
+            e1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes_to_i32(b1)), s1[i], e1);
+          }
+        }
+        if constexpr (RES) {
+          f0 = _mm256_fmadd_ps(e0, _mm256_set1_ps(1.0f / 254.0f), f0);
+          f1 = _mm256_fmadd_ps(e1, _mm256_set1_ps(1.0f / 254.0f), f1);
         }
         const __m256 ls = _mm256_set1_ps(lut_scale[(size_t)col * ng + G]);
         const __m256 xs = _mm256_set1_ps(xsum[(size_t)col * ng + G]);
@@ -216,45 +247,51 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstr
 }
 
 using GemvFn = void (*)(const LutWeight&, const LutTables&, int, int, float*);
-using GemmFn = void (*)(const LutWeight&, const int8_t*, const uint8_t*, size_t, const float*, const float*, int, int,
-                        int, float*, size_t, float*);
+using GemmFn = void (*)(const LutWeight&, const int8_t*, const int8_t*, const uint8_t*, size_t, const float*,
+                        const float*, int, int, int, float*, size_t, float*);
 
-template <int BITS, bool ORDER>
-GemvFn pick_order(int nl) {
-  return nl == 1 ? gemv_t<BITS, 1, ORDER> : nl == 2 ? gemv_t<BITS, 2, ORDER> : gemv_t<BITS, 4, ORDER>;
+template <int BITS, bool ORDER, bool RES>
+GemvFn pick_nl(int nl) {
+  return nl == 1 ? gemv_t<BITS, 1, ORDER, RES> : nl == 2 ? gemv_t<BITS, 2, ORDER, RES> : gemv_t<BITS, 4, ORDER, RES>;
 }
-template <int BITS>
+template <int BITS, bool ORDER, bool RES>
+GemmFn pick_gemm_nl(int nl) {
+  return nl == 1 ? gemm_t<BITS, 1, ORDER, RES> : nl == 2 ? gemm_t<BITS, 2, ORDER, RES> : gemm_t<BITS, 4, ORDER, RES>;
+}
+template <int BITS, bool RES>
 GemvFn pick(int nl, bool order) {
-  return order ? pick_order<BITS, true>(nl) : pick_order<BITS, false>(nl);
+  return order ? pick_nl<BITS, true, RES>(nl) : pick_nl<BITS, false, RES>(nl);
 }
-template <int BITS, bool ORDER>
-GemmFn pick_gemm_order(int nl) {
-  return nl == 1 ? gemm_t<BITS, 1, ORDER> : nl == 2 ? gemm_t<BITS, 2, ORDER> : gemm_t<BITS, 4, ORDER>;
-}
-template <int BITS>
+template <int BITS, bool RES>
 GemmFn pick_gemm(int nl, bool order) {
-  return order ? pick_gemm_order<BITS, true>(nl) : pick_gemm_order<BITS, false>(nl);
+  return order ? pick_gemm_nl<BITS, true, RES>(nl) : pick_gemm_nl<BITS, false, RES>(nl);
+}
+template <bool RES>
+GemvFn gemv_fn(int bits, int nl, bool o) {
+  return bits == 1 ? pick<1, RES>(nl, o) : bits == 2 ? pick<2, RES>(nl, o) : bits == 3 ? pick<3, RES>(nl, o)
+                                                                                       : pick<4, RES>(nl, o);
+}
+template <bool RES>
+GemmFn gemm_fn(int bits, int nl, bool o) {
+  return bits == 1   ? pick_gemm<1, RES>(nl, o)
+         : bits == 2 ? pick_gemm<2, RES>(nl, o)
+         : bits == 3 ? pick_gemm<3, RES>(nl, o)
+                     : pick_gemm<4, RES>(nl, o);
 }
 
 }  // namespace
 
 void gemv_rows_avx2(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   const int nl = W.g / 32;
-  const bool o = W.avx2_order;
-  GemvFn f = W.bits == 1 ? pick<1>(nl, o) : W.bits == 2 ? pick<2>(nl, o) : W.bits == 3 ? pick<3>(nl, o) : pick<4>(nl, o);
-  f(W, T, rb0, rb1, y);
+  (T.tr ? gemv_fn<true>(W.bits, nl, W.avx2_order) : gemv_fn<false>(W.bits, nl, W.avx2_order))(W, T, rb0, rb1, y);
 }
 
 void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride, const float* lut_scale,
-                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy) {
+                    const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy, const int8_t* tr) {
   const int nl = W.g / 32;
-  const bool o = W.avx2_order;
-  GemmFn f = W.bits == 1   ? pick_gemm<1>(nl, o)
-             : W.bits == 2 ? pick_gemm<2>(nl, o)
-             : W.bits == 3 ? pick_gemm<3>(nl, o)
-                           : pick_gemm<4>(nl, o);
+  GemmFn f = tr ? gemm_fn<true>(W.bits, nl, W.avx2_order) : gemm_fn<false>(W.bits, nl, W.avx2_order);
   float* ybuf = (float*)_mm_malloc(sizeof(float) * 16 * (size_t)n, 32);
-  f(W, tq, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
+  f(W, tq, tr, tm, gstride, lut_scale, xsum, n, rb0, rb1, y, ldy, ybuf);
   _mm_free(ybuf);
 }
 
