@@ -11,7 +11,9 @@ quantized linear on the kernels (torch attention/norms), then the native runtime
 
 ``--residual-tables``: the same with a second int8 lookup pass on the tables' rounding error.
 ``--speed``: then what that costs: the native runtime's prefill and decode tokens/s with int8 tables
-and with residual tables, alternating in one process (best of ``--rounds`` each), at all cores.
+and with residual tables, alternating in one process (best of ``--rounds`` each), at 1 thread and at
+all cores.  ``--speed-only`` skips the accuracy part; ``--speed-model synthetic:2`` times the LLaMA-2-7B
+shape with random w2g128 weights (``elutq bench``'s) instead of the checkpoint.
 
 Default checkpoint: the default model, RTN HLQ w4g128 (made once under out/, as bench_server.py's).
 Also prints how many positions the reference itself decides by a small logit margin, which bounds
@@ -53,8 +55,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--residual-tables", action="store_true", help="int8 tables + residual tables (2 passes)")
     ap.add_argument("--speed", action="store_true", help="also time int8 vs residual tables in the runtime")
+    ap.add_argument("--speed-only", action="store_true", help="only the timing (implies --speed)")
+    ap.add_argument("--speed-model", default=None, help="time this instead: a checkpoint, or synthetic:BITS")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.speed_only:
+        speed(args.speed_model or str(args.checkpoint or default_checkpoint()), args.rounds)
+        return
     ckpt = args.checkpoint or default_checkpoint()
     model, tokenizer, _ = load_quantized(ckpt, fp16_kv=True)  # attention as the runtime computes it
     text, _ = load_text(dataset="wikitext2", split="test")
@@ -104,29 +111,34 @@ def main() -> None:
     )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.speed:
-        speed(ckpt, args.rounds)
+        speed(args.speed_model or str(ckpt), args.rounds)
 
 
-def speed(ckpt: Path, rounds: int) -> None:
+def speed(spec: str, rounds: int) -> None:
     import os
 
-    from elutq.bench import measure
+    from elutq.bench import measure, synthetic_model
 
-    model = elutq.load(ckpt, max_ctx=256)
-    threads = os.cpu_count() or 1
-    best: dict[bool, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
-    for _ in range(rounds):
-        for residual in (False, True):
-            model.runtime.residual_tables = residual
-            sp = measure(model, threads, 128, 64, 1)
-            b = best[residual]
-            b[0], b[1] = max(b[0], sp.prefill_tokens_per_s), max(b[1], sp.decode_tokens_per_s)
-    print(f"\n{threads} threads, prompt 128 tokens, 64 decode steps, best of {rounds} alternating rounds:")
-    print("| tables | prefill tok/s | decode tok/s |\n|---|---|---|")
-    for residual, label in ((False, "int8"), (True, "int8 + residual int8")):
-        print(f"| {label} | {best[residual][0]:.1f} | {best[residual][1]:.1f} |")
-    r = [best[True][i] / best[False][i] for i in (0, 1)]
-    print(f"residual / int8: prefill {r[0]:.2f}x, decode {r[1]:.2f}x")
+    if spec.startswith("synthetic:"):
+        model = synthetic_model(bits=int(spec.removeprefix("synthetic:")), max_ctx=256)
+    else:
+        model = elutq.load(spec, max_ctx=256)
+    for threads in sorted({1, os.cpu_count() or 1}):
+        best: dict[bool, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
+        for _ in range(rounds):
+            for residual in (False, True):
+                model.runtime.residual_tables = residual
+                sp = measure(model, threads, 128, 64, 1)
+                b = best[residual]
+                b[0], b[1] = max(b[0], sp.prefill_tokens_per_s), max(b[1], sp.decode_tokens_per_s)
+        print(f"\n{spec}, {active_path()} kernels, {threads} thread(s), prompt 128 tokens, 64 decode steps, "
+              f"best of {rounds} alternating rounds:")
+        print("| tables | prefill tok/s | decode tok/s |\n|---|---|---|")
+        for residual, label in ((False, "int8"), (True, "int8 + residual int8")):
+            print(f"| {label} | {best[residual][0]:.1f} | {best[residual][1]:.1f} |")
+        r = [best[True][i] / best[False][i] for i in (0, 1)]
+        print(f"residual / int8: prefill {r[0]:.2f}x, decode {r[1]:.2f}x", flush=True)
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

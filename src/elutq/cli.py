@@ -326,8 +326,8 @@ def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
 
 
 RESIDUAL_HELP = (
-    "int8 tables plus a second int8 pass on their rounding error: logits ~250x closer to float, "
-    "twice the table lookups (slower decode)"
+    "int8 tables plus int8 tables of their rounding error, looked up at the same indices: logits ~250x "
+    "closer to float, twice the lookups (about free where decode is memory-bound, half-speed prefill)"
 )
 FINETUNE_STAGES = ["block", "e2e", "block,e2e"]
 FINETUNE_STAGE_HELP = (

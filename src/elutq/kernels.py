@@ -174,8 +174,8 @@ class LUTLinear:
         """``x`` [in] or [N, in] (numpy or torch, real floating) → float32 [out] or [N, out], same kind.
 
         ``float_tables=True`` uses unquantized float tables (scalar; for accuracy checks);
-        ``residual_tables=True`` adds a second int8 lookup pass on the tables' rounding error
-        (~250× less table error, twice the lookups)."""
+        ``residual_tables=True`` also looks up int8 tables of the tables' rounding error at the same
+        indices (~250× less table error, twice the lookups; one pass over the weights on AVX2/AVX-512)."""
         return multi_linear([self], x, float_tables=float_tables, residual_tables=residual_tables)[0]
 
     def dequantize(self) -> np.ndarray:

@@ -643,9 +643,9 @@ def load(
 
     ``max_ctx`` caps the context (default: the model's); ``threads`` sizes the kernel thread pool;
     ``kernel`` forces a path (scalar/avx2/avx512/neon); ``float_tables`` uses the exact float-table
-    kernels (slow; for accuracy checks); ``residual_tables`` adds a second int8 lookup pass on the
-    tables' rounding error (logits closer to float, at twice the lookups: docs/KERNELS.md; no effect
-    with ``float_tables``)."""
+    kernels (slow; for accuracy checks); ``residual_tables`` also looks up int8 tables of the tables'
+    rounding error (logits ~250x closer to float, twice the lookups: free where decode is memory-bound,
+    half-speed prefill; docs/KERNELS.md; no effect with ``float_tables``)."""
     from transformers import AutoConfig, AutoTokenizer
 
     spec = str(path)

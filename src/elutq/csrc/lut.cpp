@@ -415,9 +415,10 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
 #if defined(__x86_64__) || defined(_M_X64)
     if (p == Path::Avx512 || p == Path::Avx2) {
       // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
-      // L2 pass over them.
+      // L2 pass over them.  Fused residual tables double a chunk's tables rather than halve its
+      // columns: fewer columns per weight tile cost more than the extra L2 (measured, 7B prefill).
       const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
-      const int cc = std::max(1, std::min(n, (int)((256 * 1024) / (tlen * (fused ? 2 : 1)))));
+      const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
       const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
       for (int r0 = lo; r0 < hi; r0 += rbb)
         for (int c0 = 0; c0 < n; c0 += cc) {
