@@ -344,3 +344,16 @@ def test_cli_generate_chat_bench(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     bad = run("bench", "synthetic:7")
     assert bad.returncode == 2 and "BITS in 1..4" in bad.stderr
+
+
+def test_bench_counts_the_kv_cache_a_decode_step_reads():
+    """Step p reads positions 0..p of K and V (fp16, every layer and KV head): over prompt P and G steps,
+    on average P + (G + 1) / 2 positions, reported beside the weights-only roofline."""
+    from elutq.bench import measure, synthetic_model
+
+    m = synthetic_model(n_layers=2, hidden=128, inter=256, n_heads=4, n_kv_heads=2, vocab=64, max_ctx=32)
+    sp = measure(m, 1, 8, 4, 1)
+    assert sp.kv_bytes == 2 * 2 * 2 * 32 * 2 * (8 + 2.5)  # layers · (K, V) · kv heads · head_dim · fp16 · positions
+    assert sp.weight_bytes == m.runtime.weight_bytes and sp.decode_tokens_per_s > 0
+    sp.read_gb_per_s = 1.0
+    assert sp.read_fraction == pytest.approx(sp.roofline_fraction * (1 + sp.kv_bytes / sp.weight_bytes))

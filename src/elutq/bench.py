@@ -23,6 +23,7 @@ class Speed:
     decode_tokens_per_s: float
     read_gb_per_s: float  # this machine's measured read bandwidth at this thread count
     weight_bytes: int  # streamed per decode step
+    kv_bytes: int = 0  # KV cache a decode step reads, on average over the measured steps
 
     @property
     def decode_gb_per_s(self) -> float:
@@ -30,7 +31,14 @@ class Speed:
 
     @property
     def roofline_fraction(self) -> float:
+        """Weights streamed per second over the read bandwidth (the issue's definition)."""
         return self.decode_gb_per_s / self.read_gb_per_s if self.read_gb_per_s else 0.0
+
+    @property
+    def read_fraction(self) -> float:
+        """All a decode step must read, weights and KV cache, per second over the read bandwidth."""
+        gbs = self.decode_tokens_per_s * (self.weight_bytes + self.kv_bytes) / 1e9
+        return gbs / self.read_gb_per_s if self.read_gb_per_s else 0.0
 
 
 def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int, seed: int = 0,
@@ -53,7 +61,9 @@ def measure(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, rep
         t2 = time.perf_counter()
         best_pf = max(best_pf, prompt_tokens / (t1 - t0))
         best_dec = max(best_dec, gen_tokens / (t2 - t1))
-    return Speed(threads, best_pf, best_dec, 0.0, int(model.runtime.weight_bytes))
+    # decode step at position p reads p + 1 positions of K and V: on average prompt + (gen + 1) / 2
+    kv = s.cache.nbytes / s.cache.max_ctx * (prompt_tokens + (gen_tokens + 1) / 2) if gen_tokens else 0
+    return Speed(threads, best_pf, best_dec, 0.0, int(model.runtime.weight_bytes), int(kv))
 
 
 def bench_runtime(
@@ -87,15 +97,19 @@ def report(model: Model, threads: list[int] | None, prompt_tokens: int, gen_toke
 
     threads = threads or sorted({1, os.cpu_count() or 1})
     print(f"weights streamed per decode step: {model.runtime.weight_bytes / 1e6:.1f} MB")
-    print(f"{'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>6} {'read BW':>8} {'roofline':>9}")
     out = [measure(model, n, prompt_tokens, gen_tokens, repeats) for n in threads]
+    print(f"KV cache read per decode step: {out[0].kv_bytes / 1e6:.1f} MB on average (fp16; GB/s and roofline "
+          "count the weights only, +KV both)")
+    print(f"{'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>6} {'read BW':>8} {'roofline':>9} "
+          f"{'+KV':>5}")
     rss = peak_rss_mb()  # before the bandwidth test's buffer
     for sp in out:
         # sustained rate (0.5 s windows of a plain and a prefetching read loop), as a decode sees it
         sp.read_gb_per_s = _native.read_bandwidth(1 << 28, 1, sp.threads, 0.5)
         print(
             f"{sp.threads:>7} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.1f} "
-            f"{sp.decode_gb_per_s:>6.1f} {sp.read_gb_per_s:>8.1f} {sp.roofline_fraction:>8.0%}"
+            f"{sp.decode_gb_per_s:>6.1f} {sp.read_gb_per_s:>8.1f} {sp.roofline_fraction:>8.0%} "
+            f"{sp.read_fraction:>5.0%}"
         )
     print(f"peak RSS: {rss:.0f} MiB  (prompt {prompt_tokens} tokens, {gen_tokens} decode steps, "
           f"best of {repeats})")

@@ -14,7 +14,8 @@
 // vpmaddubsw with the pair's run multipliers (lut.h: 1..127; [m0, m2] in lane 0, [m1, m3] in lane 1)
 // adds each pair into int16, accumulated per group; the two lanes are added once per plane and
 // group, still in int16: |sum| ≤ 127·Σ_k mult_k ≤ 127·8·g/4 ≤ 32512 for g ≤ 128 (lut.h: group_mults
-// keeps Σ mult_k within 8 per run), so nothing overflows.
+// keeps Σ mult_k within 8 per run), so nothing overflows.  Residual tables (LutTables::tr, same
+// bound) are looked up with the same indices into their own accumulators, added at 1/254 per group.
 //
 // Only intrinsics and plain functions live here (no std templates).
 #include <immintrin.h>

@@ -8,7 +8,8 @@
 //   vpdpbusd(acc, mult, lookups) sums each row's 4 bytes, times their runs' multipliers (lut.h; the
 //   u8 operand is the broadcast of mult[k0..k0+3], resp. mult[k0+4..k0+7]), into its int32 lane.
 // Per (row block, group): y += lut_scale·Σ_i s_i·float(acc_i) + (z + Σ_i s_i/2)·Σx, fp16 scales via
-// vcvtph2ps (signed tables, see lut.h).
+// vcvtph2ps (signed tables, see lut.h).  With residual tables (LutTables::tr) the same lo/hi indices
+// also go through vpermb + vpdpbusd on them, into their own accumulators: acc_i + racc_i/254 above.
 //
 // Only intrinsics and plain functions live here (no std templates), so no AVX-512 code can leak
 // into inline functions shared with baseline translation units.
