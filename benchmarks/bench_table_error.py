@@ -120,7 +120,10 @@ def speed(spec: str, rounds: int) -> None:
     from elutq.bench import measure, synthetic_model
 
     if spec.startswith("synthetic:"):
-        model = synthetic_model(bits=int(spec.removeprefix("synthetic:")), max_ctx=256)
+        bits = spec.removeprefix("synthetic:")
+        if bits not in ("1", "2", "3", "4"):
+            raise SystemExit(f"--speed-model synthetic:BITS needs BITS in 1..4, got {spec!r}")
+        model = synthetic_model(bits=int(bits), max_ctx=256)
     else:
         model = elutq.load(spec, max_ctx=256)
     for threads in sorted({1, os.cpu_count() or 1}):

@@ -22,15 +22,24 @@ if [ ! -f "$SDIST_DIR/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
     tar -xzf "$PEER_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$PEER_DIR"
 fi
 
+# GGML_NATIVE builds for the CPU this runs on (AVX2 or AVX-512, whatever it has) except AMX: on a
+# VM whose CPU reports AMX, ggml's AMX matmul segfaults (seen 2 Dec 2026 in ggml_backend_amx_mul_mat),
+# so it is compiled out (explicit -mno-* flags win over -march=native in GCC and Clang).
+NO_AMX=""
+if echo 'int main(void){return 0;}' | cc -mno-amx-int8 -x c -o /dev/null - 2>/dev/null; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 have=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)
-if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ]; then
-    # GGML_NATIVE builds for the CPU this runs on (AVX2 here; AVX-512 only where the CPU has it).
+amx=$(.venv/bin/python -c 'import llama_cpp; print(int(b"AMX" in llama_cpp.llama_print_system_info()))' \
+      2>/dev/null || echo 0)
+if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ] || { [ -n "$NO_AMX" ] && [ "$amx" = 1 ]; }; then
     # Install from the unpacked sdist so the build matches the converter above.
     echo "building llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION); this takes a while..."
     start=$(date +%s)
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-        nice -n 10 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps \
+        nice -n 10 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall --no-cache-dir \
         "$SDIST_DIR"
     echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
 fi
