@@ -354,9 +354,15 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     tm_buf.resize(tlen * n / 16);
     tm = (uint8_t*)tm_buf.p;
   }
+  // The AVX-512 and AVX2 kernels look the residual tables up in the same pass as the first ones
+  // (fused: one stream of the weights, one index computation); scalar and NEON run a second pass,
+  // which alone needs the residual lut_scale and a zero Σx.
+  const bool fused = residual && (p == Path::Avx512 || p == Path::Avx2);
   if (residual) {
     tq2_buf.resize(tlen * n);
     tq2 = (int8_t*)tq2_buf.p;
+  }
+  if (residual && !fused) {
     ls2_buf.resize(sizeof(float) * n * ng);
     ls2 = (float*)ls2_buf.p;
     xs0_buf.resize(sizeof(float) * n * ng);
@@ -374,16 +380,15 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       if (residual) {
         build_residual_tables_scalar(X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride,
                                      ls + (size_t)c * ng, tq2 + c * g4);
-        for (int G = 0; G < ng; ++G) ls2[(size_t)c * ng + G] = ls[(size_t)c * ng + G] / 254.0f;
+        if (!fused)
+          for (int G = 0; G < ng; ++G) ls2[(size_t)c * ng + G] = ls[(size_t)c * ng + G] / 254.0f;
       }
     }
   };
   parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
 
   // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
-  // row r written to y[c·ldy + r].  The AVX-512 and AVX2 kernels look the residual tables up in the
-  // same pass (fused: one stream of the weights, one index computation); scalar and NEON run a second.
-  const bool fused = residual && (p == Path::Avx512 || p == Path::Avx2);
+  // row r written to y[c·ldy + r].
   auto pass_rows = [&](const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
     const int8_t* tqp = second ? tq2 : tq;
     const float* lsp = second ? ls2 : ls;

@@ -215,11 +215,13 @@ void gemm_t(const LutWeight& W, const int8_t* tq, const int8_t* tr, const uint8_
       const float* xs = xsum + G;
       int c = 0;
       for (; c + NC <= n; c += NC)
-        gemm_cols<BITS, NL, NC, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
-                                xs + (size_t)c * ng, ng, ybuf + 16 * c);
+        gemm_cols<BITS, NL, NC, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr,
+                                     mg + (size_t)c * G4 / 16, ls + (size_t)c * ng, xs + (size_t)c * ng, ng,
+                                     ybuf + 16 * c);
       for (; c < n; ++c)
-        gemm_cols<BITS, NL, 1, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr, mg + (size_t)c * G4 / 16, ls + (size_t)c * ng,
-                               xs + (size_t)c * ng, ng, ybuf + 16 * c);
+        gemm_cols<BITS, NL, 1, RES>(idx, s, z, tg + (size_t)c * G4, RES ? rg + (size_t)c * G4 : nullptr,
+                                    mg + (size_t)c * G4 / 16, ls + (size_t)c * ng, xs + (size_t)c * ng, ng,
+                                    ybuf + 16 * c);
       wp += BITS * NL * 64;
       sp += (BITS + 1) * 16;
     }
