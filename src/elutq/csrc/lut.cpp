@@ -370,22 +370,35 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     for (int i = 0; i < n * ng; ++i) xs0[i] = 0.0f;  // the residual pass adds no Σx term
   }
   const size_t gstride = g4 * n;
-  auto tables_job = [&](int c0, int c1) {
-    for (int c = c0; c < c1; ++c) {
-      if (float_tables)
-        build_float_tables_scalar(X + (size_t)c * in, in, g, ng, tf + c * tlen, xs + (size_t)c * ng);
-      else
-        build_tables(p, X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride, ls + (size_t)c * ng,
-                     xs + (size_t)c * ng);
-      if (residual) {
-        build_residual_tables_scalar(X + (size_t)c * in, in, g, ng, tq + c * g4, tm + c * g4 / 16, gstride,
-                                     ls + (size_t)c * ng, tq2 + c * g4);
-        if (!fused)
-          for (int G = 0; G < ng; ++G) ls2[(size_t)c * ng + G] = ls[(size_t)c * ng + G] / 254.0f;
-      }
+  // Units of work: (column c, groups [G0, G1)), a table build of groups split over the threads even
+  // for one column — a decode step's one-thread build would otherwise leave the others idle.
+  auto tables_part = [&](int c, int G0, int G1) {
+    const float* x = X + (size_t)c * in + (size_t)G0 * g;
+    const int rest = in - G0 * g, cng = G1 - G0;
+    const size_t cl = (size_t)c * ng + G0;
+    if (float_tables) {  // float tables: [tlen] per column, one group after another
+      build_float_tables_scalar(x, rest, g, cng, tf + c * tlen + (size_t)G0 * g4, xs + cl);
+      return;
+    }
+    int8_t* q = tq + c * g4 + G0 * gstride;
+    uint8_t* m = tm + c * g4 / 16 + G0 * gstride / 16;
+    build_tables(p, x, rest, g, cng, q, m, gstride, ls + cl, xs + cl);
+    if (residual) {
+      build_residual_tables_scalar(x, rest, g, cng, q, m, gstride, ls + cl, tq2 + c * g4 + G0 * gstride);
+      if (!fused)
+        for (int G = 0; G < cng; ++G) ls2[cl + G] = ls[cl + G] / 254.0f;
     }
   };
-  parallel_for(n >= 4 ? nt : 1, n, 2, tables_job);
+  auto tables_job = [&](int u0, int u1) {
+    for (int u = u0; u < u1;) {  // split [u0, u1) at column boundaries
+      const int c = u / ng, G0 = u % ng, G1 = std::min(ng, G0 + (u1 - u));
+      tables_part(c, G0, G1);
+      u += G1 - G0;
+    }
+  };
+  // ~4 KiB of activations per chunk: below that a wake-up costs more than the build.
+  const int units = n * ng, unit_chunk = std::max(1, 1024 / g);
+  parallel_for(units >= 2 * unit_chunk ? nt : 1, units, unit_chunk, tables_job);
 
   // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
   // row r written to y[c·ldy + r].
