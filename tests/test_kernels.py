@@ -187,6 +187,29 @@ def test_fused_residual_lookups_equal_the_two_pass_scalar_result(path: str, bits
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_tables_built_in_group_chunks_over_threads_match_one_thread(path: str) -> None:
+    """A column's tables are built in chunks of groups spread over the threads (17 groups here, the last
+    one short): the outputs must equal a one-thread build's bit for bit, for the int8, residual and
+    float tables, one column and several."""
+    lin = K.LUTLinear(random_qw(40, 2100, 2, 128, seed=11), path=path)
+    x = np.random.default_rng(12).normal(size=(3, 2100)).astype(np.float32)
+    x[:, 2099] *= 30
+    modes = ({}, {"residual_tables": True}, {"float_tables": True})
+    threads = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        one = [lin(cols, **kw) for cols in (x[0], x) for kw in modes]
+        K.set_num_threads(2)
+        two = [lin(cols, **kw) for cols in (x[0], x) for kw in modes]
+    finally:
+        K.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+    y, ref = lin(x).astype(np.float64), lin.reference(x)
+    assert float(((y - ref) ** 2).mean()) <= 1.5 * int8_error_bound(lin, x) + 1e-10
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_residual_tables_on_a_tall_matrix(path: str) -> None:
     """Many row chunks over both threads (scalar: each adding its own rows' residual pass from a view
     of just those row blocks), and a short last row block: every row must come out right."""

@@ -396,7 +396,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       u += G1 - G0;
     }
   };
-  // ~4 KiB of activations per chunk: below that a wake-up costs more than the build.
+  // ~4 KiB of activations per chunk (not tuned: small enough for a decode step to split in two).
   const int units = n * ng, unit_chunk = std::max(1, 1024 / g);
   parallel_for(units >= 2 * unit_chunk ? nt : 1, units, unit_chunk, tables_job);
 
