@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elutq import checkpoint
-from elutq.checkpoint import HLQLinear, load_quantized, save_quantized
+from elutq.checkpoint import HLQEmbedding, HLQLinear, load_quantized, save_quantized
 from elutq.cli import main
 from elutq.hlq import QuantConfig
 from elutq.models import load_config, load_model
@@ -52,6 +52,41 @@ def test_quantized_lm_head_round_trip(tiny_llama, tmp_path):
     loaded, _, qc = load_quantized(out)
     assert qc["modules"]["lm_head"] == {"bits": 4, "group_size": 32}
     assert torch.equal(loaded.lm_head.qweight, model.lm_head.qweight)
+
+
+def test_quantized_embedding_round_trip(tiny_llama, tmp_path):
+    """Quantized embeddings untie a tied lm_head (kept 16-bit here), look up exactly the dequantized rows,
+    and load back bit for bit; the checkpoint no longer holds a 16-bit embedding."""
+    model, _ = tiny_llama
+    emb_fp = model.model.embed_tokens.weight.detach().float().clone()
+    report = quantize(model, QuantConfig(2, 64), progress=False, embed=QuantConfig(4, 64))
+    emb = model.model.embed_tokens
+    assert isinstance(emb, HLQEmbedding) and not model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight.float(), emb_fp)  # the head keeps the float embedding
+    full = emb.quantized().dequantize()
+    assert 0 < report.mse["model.embed_tokens"] == pytest.approx((full - emb_fp).pow(2).mean().item())
+    ids = torch.tensor([[3, 0, 255, 3], [17, 17, 1, 200]])
+    assert torch.equal(emb(ids), full[ids])
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    stored = load_file(out / "model.safetensors")
+    assert "model.embed_tokens.weight" not in stored and "model.embed_tokens.qweight" in stored
+    loaded, _, qc = load_quantized(out)
+    assert qc["modules"]["model.embed_tokens"] == {"bits": 4, "group_size": 64}
+    for t in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(loaded.model.embed_tokens, t), getattr(emb, t))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_tied_head_with_quantized_embedding_is_refused(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    quantize(model, QuantConfig(2, 64), progress=False, embed=QuantConfig(4, 64))
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ElutqError, match="ties lm_head to quantized embeddings.*re-run"):
+        load_quantized(out)
 
 
 def test_existing_checkpoint_is_not_overwritten(quantized):
@@ -175,3 +210,23 @@ def test_cli_quantize_eval_info_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(tmp_path / "t.txt"), "--seqlen", "64", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
     assert result["format"] == "uniform" and result["seqlen"] == 64 and result["ppl"] > 1
+
+
+def test_cli_quantized_embeddings(tiny_llama, tmp_path, capsys):
+    """``--embed-bits``: smaller checkpoint, reported by quantize and info, and a clear error for bad bits."""
+    _, path = tiny_llama
+    base = ["--method", "rtn", "--bits", "2", "--group-size", "32", "--lm-head-group-size", "32"]
+    assert main(["quantize", str(path), "-o", str(tmp_path / "fp16"), *base]) == 0
+    embed = ["--embed-bits", "4", "--embed-group-size", "32"]
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q"), *base, *embed]) == 0
+    out = capsys.readouterr().out
+    assert "embeddings: w4g32" in out and "bits per weight (quantized linears and embeddings)" in out
+    assert main(["info", str(tmp_path / "q")]) == 0
+    text = capsys.readouterr().out
+    assert "quantized linears: 15" in text and "embeddings: w4g32" in text  # 14 + lm_head
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in ("fp16", "q")}
+    # the 16-bit table: 256 × 160 × 2 = 80 KiB; w4g32: 20 KiB of bit-planes + 12.5 KiB of scales and zeros
+    assert size["fp16"] - size["q"] > 0.55 * 256 * 160 * 2
+    assert main(["quantize", str(path), "-o", str(tmp_path / "bad"), *base, "--embed-bits", "5"]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "config.json").exists()

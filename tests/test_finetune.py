@@ -297,3 +297,23 @@ def test_quantize_finetune_equals_quantize_then_finetune(tiny_ckpt, tmp_path):
     # An existing output is refused before any quantization work.
     again = run_cli(["quantize", str(src), "-o", str(one), *quant, "--finetune", "e2e"])
     assert again.returncode == 2 and "--overwrite" in again.stderr and not (tmp_path / "one.quantized").exists()
+
+
+def test_block_and_e2e_on_quantized_embeddings(tiny_ckpt, tmp_path):
+    """A checkpoint with HLQ embeddings: block reconstruction feeds its layers the quantized rows, e2e tunes
+    every linear and leaves the embedding (a lookup) as it is; both write checkpoints that load."""
+    import elutq
+
+    src, _, calib = tiny_ckpt
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(4, 32), embed=QuantConfig(3, 32))
+    q = tmp_path / "qe"
+    quantize_streaming(str(src), q, cfg, progress=False)
+    block = finetune_block(q, str(src), tmp_path / "ft-block", ft_cfg(calib, epochs=1), progress=False)
+    assert all(r["best_val"] <= r["start_val"] for r in block.layers)
+    finetune_e2e(tmp_path / "ft-block", str(src), tmp_path / "ft", e2e_cfg(calib), progress=False)
+    before, after = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert before.keys() == after.keys() and "model.embed_tokens.weight" not in after
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith("model.embed_tokens.") for k in changed)
+    assert any(k.startswith("lm_head.") for k in changed)
+    assert elutq.load(str(tmp_path / "ft"), threads=1).generate("The lazy", max_new_tokens=4).token_ids

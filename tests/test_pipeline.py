@@ -149,6 +149,33 @@ def test_streaming_rtn_equals_in_memory_rtn(tiny_llama, tmp_path):
             assert torch.equal(m.scales, loaded.get_submodule(name).scales), name
 
 
+def test_streaming_quantized_embeddings_and_per_channel_groups(tiny_llama, tmp_path, monkeypatch):
+    """``embed``: the pipeline writes the embeddings as HLQ (RTN, in row slices, like the in-memory
+    quantizer's), unties the head and keeps it 16-bit; per-channel groups (-1) load in torch and in the
+    runtime."""
+    import elutq
+    import elutq.pipeline as pipeline
+
+    model, path = tiny_llama
+    monkeypatch.setattr(pipeline, "HEAD_ROWS", 37)
+    cfg = PipelineConfig(quant=QuantConfig(2, -1), method="rtn", lm_head=None, embed=QuantConfig(3, 64))
+    report = quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
+    in_memory = quantize(model, QuantConfig(2, -1), progress=False, embed=QuantConfig(3, 64))
+    loaded, _, qc = load_quantized(tmp_path / "q", fp16_kv=True)
+    assert qc["modules"]["model.embed_tokens"] == {"bits": 3, "group_size": 64}
+    assert not loaded.config.tie_word_embeddings and "model.embed_tokens.weight" not in read_tensors(tmp_path / "q")
+    for t in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(loaded.model.embed_tokens, t), getattr(model.model.embed_tokens, t)), t
+    assert torch.equal(loaded.lm_head.weight.half(), model.lm_head.weight.half())
+    assert (report.n_params, report.storage_bits) == (in_memory.n_params, in_memory.storage_bits)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        ref = loaded(torch.tensor([ids])).logits[0]
+    got = elutq.load(tmp_path / "q", float_tables=True).logits(ids)
+    # float rounding and the fp16 KV cache (test_runtime.py); a wrong embedding row costs ~10 %
+    assert ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item() < 2e-4
+
+
 def test_streaming_gptq_checkpoint_loads_and_beats_rtn(tiny_llama, tmp_path):
     _, path = tiny_llama
     text = tmp_path / "calib.txt"

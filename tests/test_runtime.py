@@ -27,13 +27,13 @@ from elutq.utils import ElutqError
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]
 
 
-def _quantized(tmp_path, arch: str, bits: int = 3, head_bits: int | None = None):
+def _quantized(tmp_path, arch: str, bits: int = 3, head_bits: int | None = None, embed: QuantConfig | None = None):
     src = tmp_path / f"{arch}-src"
     model = save_tiny_model(src, arch)
     from transformers import AutoTokenizer
 
     head = QuantConfig(4, 32) if head_bits else None
-    quantize(model, QuantConfig(bits, 32), lm_head=head, progress=False)
+    quantize(model, QuantConfig(bits, 32), lm_head=head, progress=False, embed=embed)
     out = save_quantized(model, AutoTokenizer.from_pretrained(src), tmp_path / f"{arch}-q", {"method": "rtn"})
     return src, out
 
@@ -59,6 +59,20 @@ def test_float_tables_match_torch_for_each_architecture(tmp_path, arch):
     # against an f32-KV reference the error is ~1.8e-4).
     assert _rel_err(got, ref) < 5e-5, arch
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("arch", "head_bits", "embed"), [("llama", None, QuantConfig(4, 32)), ("qwen2", 4, QuantConfig(2, -1))]
+)
+def test_quantized_embeddings_match_torch(tmp_path, arch, head_bits, embed):
+    """HLQ embeddings, decoded row by row in the runtime, against torch's ``HLQEmbedding`` (a tied model,
+    untied with a 16-bit head; per-channel groups)."""
+    _, out = _quantized(tmp_path, arch, head_bits=head_bits, embed=embed)
+    ref = _torch_logits(out)
+    model = elutq.load(out, float_tables=True)
+    assert _rel_err(model.logits(IDS), ref) < 5e-5
+    _, out16 = _quantized(tmp_path / "fp16", arch, head_bits=head_bits)
+    assert _rel_err(elutq.load(out16, float_tables=True).logits(IDS), ref) > 1e-3  # the embedding matters
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

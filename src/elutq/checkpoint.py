@@ -5,11 +5,14 @@ Layout (no pickle anywhere)::
     config.json          the model's config + "quantization_config" (quant_method "hlq")
     model.safetensors    per quantized linear NAME: NAME.qweight uint8 [bits, out, ceil(in/8)],
                          NAME.scales fp16 [out, ng, bits], NAME.zeros fp16 [out, ng] (+ NAME.bias);
-                         every other tensor in fp16 (bf16 if the source model was bf16)
+                         quantized embeddings (optional) the same, as model.embed_tokens with
+                         out = vocabulary, in = hidden; every other tensor in fp16 (bf16 if the
+                         source model was bf16)
     tokenizer files      as the tokenizer saves them
 
 ``HLQLinear`` is the torch module for evaluation: it holds the packed tensors and multiplies with
-the dequantized weight (cached).  The native kernels consume the same tensors.
+the dequantized weight (cached); ``HLQEmbedding`` looks rows of a quantized embedding up.  The
+native kernels and runtime consume the same tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ QUANT_METHOD = "hlq"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+EMBED = "model.embed_tokens"  # the embedding's name, as a module and as a tensor prefix
 
 
 class HLQLinear(nn.Module):
@@ -79,6 +83,62 @@ class HLQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class HLQEmbedding(HLQLinear):
+    """A quantized embedding ``[vocab, hidden]``, stored as an ``HLQLinear`` with ``out = vocab``,
+    ``in = hidden``; ``forward(ids)`` decodes only the rows it looks up (exactly the dequantized
+    weight's rows), so the whole table is never materialised in float."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if bias:
+            raise ValueError("an embedding has no bias")
+        super().__init__(in_features, out_features, bits, group_size)
+        self.dtype = dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 ``[len(ids), hidden]``: rows ``ids`` of the dequantized weight."""
+        codes = unpack_bitplanes(self.qweight[:, ids], self.in_features)
+        return dequantize(codes, self.scales[ids], self.zeros[ids], self.group_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.rows(flat).to(self.dtype).view(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.out_features}, hidden={self.in_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def module_group_size(spec: dict[str, Any], in_features: int) -> int:
+    """A ``quantization_config`` module entry's group size; -1 (per channel) is one group of ``in_features``."""
+    g = int(spec["group_size"])
+    return in_features if g == -1 else g
+
+
+def stored_embedding(get, qc: dict[str, Any], hidden: int) -> torch.Tensor:
+    """The embedding a checkpoint embeds with, float32 ``[vocab, hidden]``: its 16-bit tensor, or its
+    quantized one dequantized.  ``get(name)``: the checkpoint's tensor ``name``."""
+    spec = qc.get("modules", {}).get(EMBED)
+    if spec is None:
+        return get(f"{EMBED}.weight").to(torch.float32)
+    codes = unpack_bitplanes(get(f"{EMBED}.qweight"), hidden)
+    return dequantize(codes, get(f"{EMBED}.scales"), get(f"{EMBED}.zeros"), module_group_size(spec, hidden))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -206,7 +266,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _expected_shapes(name: str, spec: dict, in_f: int, out_f: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    bits, g = spec["bits"], spec["group_size"]
+    bits, g = spec["bits"], module_group_size(spec, in_f)
     ng = num_groups(in_f, g)
     return {
         f"{name}.qweight": ((bits, out_f, math.ceil(in_f / 8)), torch.uint8),
@@ -262,7 +322,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
                 f"{path}: quantized module {name} does not exist in a {config.model_type} model; "
                 "the checkpoint does not match its config.json"
             ) from None
-        for key, (shape, dt) in _expected_shapes(name, spec, linear.in_features, linear.out_features).items():
+        embedding = isinstance(linear, nn.Embedding)
+        if not embedding and not isinstance(linear, nn.Linear):
+            raise ElutqError(
+                f"{path}: quantized module {name} is a {type(linear).__name__}, not a linear layer or the embedding; "
+                "the checkpoint does not match its config.json"
+            )
+        in_f, out_f = (
+            (linear.embedding_dim, linear.num_embeddings) if embedding else (linear.in_features, linear.out_features)
+        )
+        for key, (shape, dt) in _expected_shapes(name, spec, in_f, out_f).items():
             if key not in state:
                 raise ElutqError(
                     f"{path} is missing tensor {key}; the checkpoint is incomplete: re-run `elutq quantize`"
@@ -273,13 +342,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
                     f"{path}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dt} {shape}; "
                     "the checkpoint is corrupt or from another tool: re-run `elutq quantize`"
                 )
-        set_module(
-            model,
-            name,
-            HLQLinear(
-                linear.in_features, linear.out_features, spec["bits"], spec["group_size"], bias=linear.bias is not None
-            ),
-        )
+        if embedding:
+            module = HLQEmbedding(in_f, out_f, spec["bits"], module_group_size(spec, in_f), dtype=dtype)
+        else:
+            g = module_group_size(spec, in_f)
+            module = HLQLinear(in_f, out_f, spec["bits"], g, bias=linear.bias is not None)
+        set_module(model, name, module)
     for key, t in state.items():
         if _is_plain_float(key, t):
             state[key] = t.to(dtype)
@@ -290,6 +358,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
         problem = f"missing tensors {missing[:5]}" if missing else f"unexpected tensors {result.unexpected_keys[:5]}"
         raise ElutqError(f"{path}: {problem}; the checkpoint does not match its config.json: re-run `elutq quantize`")
     if tied:
+        if EMBED in qc["modules"]:
+            raise ElutqError(
+                f"{path}: config.json ties lm_head to quantized embeddings, which elutq never writes (quantizing "
+                "the embeddings unties the head); re-run `elutq quantize`"
+            )
         model.tie_weights()
     model.eval()
     if fp16_kv:

@@ -34,6 +34,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         head = QuantConfig(
             bits=args.lm_head_bits, group_size=args.lm_head_group_size, format=args.format, iters=args.iters
         )
+    embed = None
+    if args.embed_bits:
+        embed = QuantConfig(
+            bits=args.embed_bits, group_size=args.embed_group_size, format=args.format, iters=args.iters
+        )
     calib = CalibConfig(
         n_samples=args.calib_samples,
         seqlen=args.calib_seqlen,
@@ -45,6 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         quant=quant,
         method=args.method,
         lm_head=head,
+        embed=embed,
         calib=calib,
         damp=args.damp,
         act_order=not args.no_act_order,
@@ -71,13 +77,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     kind = "relative output MSE" if args.method == "gptq" else "weight MSE"
     print(
         f"\nquantized {args.model} with {args.method}/{args.format} w{args.bits}g{args.group_size}"
-        f" (lm_head: {f'w{head.bits}g{head.group_size}' if head else '16-bit'})"
+        f" (lm_head: {f'w{head.bits}g{head.group_size}' if head else '16-bit'},"
+        f" embeddings: {f'w{embed.bits}g{embed.group_size}' if embed else '16-bit'})"
     )
     if report.calib_source:
         print(f"  calibration: {calib.n_samples} x {calib.seqlen} tokens from {report.calib_source}")
     if report.resumed_from:
         print(f"  resumed after layer {report.resumed_from - 1}")
-    print(f"  bits per weight (quantized linears): {report.bits_per_weight:.3f}")
+    what = "quantized linears and embeddings" if embed else "quantized linears"
+    print(f"  bits per weight ({what}): {report.bits_per_weight:.3f}")
     if errs:
         worst = max(range(len(errs)), key=errs.__getitem__)
         print(f"  per-layer {kind}: mean {sum(errs) / len(errs):.3e}, worst {errs[worst]:.3e} (layer {worst})")
@@ -191,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from safetensors import safe_open
 
-    from .checkpoint import read_quantization_config, weight_files
+    from .checkpoint import EMBED, read_quantization_config, weight_files
 
     path = Path(args.checkpoint)
     qc = read_quantization_config(path)
@@ -219,9 +227,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     for k in ("method", "format", "bits", "group_size", "iters", "source_model", "elutq_version"):
         if k in qc:
             print(f"  {k}: {qc[k]}")
-    print(f"  quantized linears: {len(qc['modules'])}")
-    print(f"  bits per weight (quantized linears, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
-    print(f"  16-bit parameters (embeddings, norms, ...): {other / 1e6:.1f}M")
+    emb = qc["modules"].get(EMBED)
+    print(f"  quantized linears: {len(qc['modules']) - (emb is not None)}")
+    emb_kind = f"w{emb['bits']}g{emb['group_size']}" if emb else "16-bit"
+    print(f"  embeddings: {emb_kind}")
+    print(f"  bits per weight (quantized tensors, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
+    print(f"  16-bit parameters ({'norms' if emb else 'embeddings, norms'}, ...): {other / 1e6:.1f}M")
     print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
 
 
@@ -373,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, default=20, help="HLQ alternating-least-squares iterations")
     q.add_argument("--lm-head-bits", type=int, default=4, help="lm_head bits (default 4; 0 keeps it 16-bit)")
     q.add_argument("--lm-head-group-size", type=int, default=128)
+    q.add_argument(
+        "--embed-bits",
+        type=int,
+        default=0,
+        help="embedding bits, always RTN (default 0: keep them 16-bit); a tied lm_head is untied, so quantize "
+        "it too (--lm-head-bits, the default) or it stays as a 16-bit copy",
+    )
+    q.add_argument("--embed-group-size", type=int, default=128)
     c = q.add_argument_group("calibration (GPTQ)")
     c.add_argument("--calib-samples", type=int, default=128)
     c.add_argument("--calib-seqlen", type=int, default=512)

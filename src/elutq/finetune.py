@@ -37,7 +37,17 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import INDEX_FILE, WEIGHTS_FILE, HLQLinear, read_quantization_config, set_module
+from .checkpoint import (
+    EMBED,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    HLQEmbedding,
+    HLQLinear,
+    module_group_size,
+    read_quantization_config,
+    set_module,
+    stored_embedding,
+)
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
 from .models import check_architecture, resolve_source_dir
 from .pipeline import (
@@ -161,9 +171,11 @@ class TrainableHLQ(nn.Module):
 
 
 def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
-    """Replace every ``HLQLinear`` inside ``module`` by a ``TrainableHLQ``; returns them by name."""
+    """Replace every ``HLQLinear`` inside ``module`` by a ``TrainableHLQ``; returns them by name.  A
+    quantized embedding stays frozen (a lookup, not a linear: its rows see no activations to fit)."""
     views = {}
-    for name, m in [(n, m) for n, m in module.named_modules() if isinstance(m, HLQLinear)]:
+    hlq = [(n, m) for n, m in module.named_modules() if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding)]
+    for name, m in hlq:
         views[name] = TrainableHLQ(m)
         set_module(module, name, views[name])
     return views
@@ -186,9 +198,17 @@ def _check_source_matches(ckpt: Path, ckpt_cfg, src: Path, src_cfg, ck: Safetens
         a, b = getattr(ckpt_cfg, k, None), getattr(src_cfg, k, None)
         if a != b:
             raise ElutqError(f"the source model {src} does not match the checkpoint {ckpt}: {k} is {b}, not {a}; {fix}")
-    # The checkpoint keeps the embeddings 16-bit: the source's, rounded, must be the same tensor.
+    # 16-bit embeddings in the checkpoint: the source's, rounded, must be the same tensor (quantized ones
+    # only the same vocabulary; the shape fields above already match).
     name = "model.embed_tokens.weight"
-    stored, orig = ck.get(name), source.get(name)
+    orig = source.get(name)
+    if name not in ck:
+        if ck.get(f"{EMBED}.qweight").shape[1] != orig.shape[0]:
+            raise ElutqError(
+                f"the source model {src} does not match the checkpoint {ckpt}: the vocabularies differ; {fix}"
+            )
+        return
+    stored = ck.get(name)
     if stored.shape != orig.shape or not torch.allclose(
         stored.float(), orig.to(stored.dtype).float(), atol=1e-3, rtol=1e-2
     ):
@@ -204,7 +224,11 @@ def _materialize_quantized(layer: nn.Module, ck: SafetensorsSource, prefix: str,
                 layer,
                 name,
                 HLQLinear(
-                    lin.in_features, lin.out_features, spec["bits"], spec["group_size"], bias=lin.bias is not None
+                    lin.in_features,
+                    lin.out_features,
+                    spec["bits"],
+                    module_group_size(spec, lin.in_features),
+                    bias=lin.bias is not None,
                 ),
             )
     layer = layer.to_empty(device="cpu")
@@ -446,8 +470,8 @@ def finetune_block(
     if state["layers_done"] == 0:
         emb = source.get("model.embed_tokens.weight").to(torch.float32)
         x_fp = [emb[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
-        # The quantized model embeds with its stored (16-bit) table.
-        emb_q = ck.get("model.embed_tokens.weight").to(torch.float32)
+        # The quantized model embeds with its stored table (16-bit or quantized).
+        emb_q = stored_embedding(ck.get, qc, config.hidden_size)
         x_q = [emb_q[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
         del emb, emb_q
     else:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import CHECKPOINT_VERSION, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
+from .checkpoint import CHECKPOINT_VERSION, EMBED, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
@@ -62,6 +62,7 @@ class PipelineConfig:
     quant: QuantConfig = QuantConfig()
     method: Literal["rtn", "gptq"] = "gptq"
     lm_head: QuantConfig | None = QuantConfig(bits=4, group_size=128)  # None: keep lm_head 16-bit
+    embed: QuantConfig | None = None  # the embeddings (always RTN: a lookup has no activations); None: 16-bit
     calib: CalibConfig = CalibConfig()
     damp: float = 0.01
     act_order: bool = True
@@ -84,6 +85,8 @@ class PipelineConfig:
         d.pop("offload")
         d.pop("offload_dir")
         d.pop("device")  # same result up to fp noise: a run may resume on another device
+        if self.embed is None:
+            d.pop("embed")  # runs from before the option keep their fingerprint
         if self.method == "rtn":
             for k in ("calib", "damp", "act_order", "true_sequential", "codes", "batch_size"):
                 d.pop(k)
@@ -583,18 +586,23 @@ def _write_head(
     prefer: torch.dtype,
     device: torch.device,
 ):
-    """Embeddings, final norm and lm_head → model-head.safetensors. Returns (storage bits, params) of lm_head."""
+    """Embeddings, final norm and lm_head → model-head.safetensors. Returns (storage bits, params) of
+    what it quantized (lm_head, embeddings)."""
     tensors: dict[str, torch.Tensor] = {}
-    emb = source.get("model.embed_tokens.weight")
-    tensors["model.embed_tokens.weight"] = emb.to(storage_dtype(emb, prefer))
+    emb = source.get(f"{EMBED}.weight")
+    bits = params = 0
+    if cfg.embed is None:
+        tensors[f"{EMBED}.weight"] = emb.to(storage_dtype(emb, prefer))
+    else:
+        bits += _quantize_rows(emb, lambda w: quantize_weight(w, cfg.embed), EMBED, tensors)
+        params += emb.numel()
     norm = source.get("model.norm.weight")
     tensors["model.norm.weight"] = norm.to(storage_dtype(norm, prefer))
     tied = getattr(config, "tie_word_embeddings", False)
     head_w = emb if tied or "lm_head.weight" not in source else source.get("lm_head.weight")
     if cfg.lm_head is None:
-        if not tied:
+        if not tied or cfg.embed is not None:  # quantized embeddings untie a 16-bit head (see _finish)
             tensors["lm_head.weight"] = head_w.to(storage_dtype(head_w, prefer))
-        bits = params = 0
     else:
         # Rows are independent in both RTN and GPTQ (one Hessian for all rows), so the vocabulary is
         # quantized in slices: the fp32 working copies then stay small for any vocabulary size.
@@ -615,20 +623,26 @@ def _write_head(
             def quantize_rows(w: torch.Tensor) -> QuantizedWeight:
                 return quantize_weight(w, cfg.lm_head)
 
-        packed, scales, zeros = [], [], []
-        bits = 0
-        for r in range(0, head_w.shape[0], HEAD_ROWS):
-            qw = quantize_rows(head_w[r : r + HEAD_ROWS])
-            packed.append(qw.pack().cpu())
-            scales.append(qw.scales.cpu())
-            zeros.append(qw.zeros.cpu())
-            bits += qw.storage_bits()
-            del qw
-        tensors["lm_head.qweight"] = torch.cat(packed, 1)
-        tensors["lm_head.scales"], tensors["lm_head.zeros"] = torch.cat(scales), torch.cat(zeros)
-        params = head_w.numel()
+        bits += _quantize_rows(head_w, quantize_rows, "lm_head", tensors)
+        params += head_w.numel()
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
     return bits, params
+
+
+def _quantize_rows(w: torch.Tensor, quantize_rows, name: str, tensors: dict[str, torch.Tensor]) -> int:
+    """``name``'s packed tensors into ``tensors``, quantized HEAD_ROWS rows at a time; returns storage bits."""
+    packed, scales, zeros = [], [], []
+    bits = 0
+    for r in range(0, w.shape[0], HEAD_ROWS):
+        qw = quantize_rows(w[r : r + HEAD_ROWS])
+        packed.append(qw.pack().cpu())
+        scales.append(qw.scales.cpu())
+        zeros.append(qw.zeros.cpu())
+        bits += qw.storage_bits()
+        del qw
+    tensors[f"{name}.qweight"] = torch.cat(packed, 1)
+    tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = torch.cat(scales), torch.cat(zeros)
+    return bits
 
 
 def _finish(
@@ -647,8 +661,10 @@ def _finish(
     }
     if cfg.lm_head is not None:
         modules["lm_head"] = {"bits": cfg.lm_head.bits, "group_size": cfg.lm_head.group_size}
+    if cfg.embed is not None:
+        modules[EMBED] = {"bits": cfg.embed.bits, "group_size": cfg.embed.group_size}
     cfg_dict = config.to_dict()
-    if cfg.lm_head is not None:
+    if cfg.lm_head is not None or cfg.embed is not None:
         cfg_dict["tie_word_embeddings"] = False
     cfg_dict["quantization_config"] = {
         "quant_method": QUANT_METHOD,

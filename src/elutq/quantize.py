@@ -2,7 +2,8 @@
 
 Round-to-nearest (RTN) here means: fit each group's HLQ (or uniform) parameters to the weights
 alone, with no calibration data.  Every ``nn.Linear`` inside the decoder layers is replaced by an
-``HLQLinear``; embeddings, norms and (by default) ``lm_head`` stay in 16 bits.
+``HLQLinear``; norms stay in 16 bits, and so do ``lm_head`` and the embeddings unless given a config
+(a quantized embedding becomes an ``HLQEmbedding``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import HLQLinear, set_module
+from .checkpoint import EMBED, HLQEmbedding, HLQLinear, set_module
 from .hlq import QuantConfig, quantize_weight
 from .models import quantizable_linears
 
@@ -48,17 +49,33 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> tuple[HLQLinear, 
 
 @torch.no_grad()
 def quantize(
-    model: nn.Module, config: QuantConfig, lm_head: QuantConfig | None = None, progress: bool = True
+    model: nn.Module,
+    config: QuantConfig,
+    lm_head: QuantConfig | None = None,
+    progress: bool = True,
+    embed: QuantConfig | None = None,
 ) -> QuantReport:
-    """RTN-quantize every linear of the decoder layers (and ``lm_head`` if a config is given)."""
+    """RTN-quantize every linear of the decoder layers (and ``lm_head``, the embeddings, if given a config)."""
     targets = {name: (m, config) for name, m in quantizable_linears(model).items()}
-    if lm_head is not None and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.config.tie_word_embeddings = False  # the quantized head no longer shares the embedding
-            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    head_quantized = lm_head is not None and isinstance(getattr(model, "lm_head", None), nn.Linear)
+    if (head_quantized or embed is not None) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # a quantized head or embedding no longer shares the other
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    if head_quantized:
         targets["lm_head"] = (model.lm_head, lm_head)
     report = QuantReport()
     start = time.perf_counter()
+    if embed is not None:
+        emb = model.get_submodule(EMBED)
+        qw = quantize_weight(emb.weight.detach().float(), embed)
+        mse = (qw.dequantize() - emb.weight.float()).pow(2).mean().item()
+        module = HLQEmbedding.from_quantized(qw)
+        module.dtype = emb.weight.dtype  # rows come out in the model's own type, as nn.Embedding's do
+        set_module(model, EMBED, module)
+        report.mse[EMBED] = mse
+        report.n_params += emb.weight.numel()
+        report.sq_error += mse * emb.weight.numel()
+        report.storage_bits += qw.storage_bits()
     for name, (linear, cfg) in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
         module, mse, bits = quantize_linear(linear, cfg)
         set_module(model, name, module)

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__, _native, kernels
-from .checkpoint import INDEX_FILE, is_quantized_checkpoint, read_quantization_config
+from .checkpoint import EMBED, INDEX_FILE, is_quantized_checkpoint, module_group_size, read_quantization_config
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError
 
@@ -690,7 +690,15 @@ def load(
         else:
             rt.set_dense(layer, slot, _fp16_bits(t.get(f"{name}.weight"), name), bias)
 
-    rt.set_embedding(_fp16_bits(t.get("model.embed_tokens.weight"), "model.embed_tokens.weight"))
+    if EMBED in modules:
+        rt.set_embedding_hlq(
+            np.ascontiguousarray(t.get(f"{EMBED}.qweight").numpy()),
+            _fp16_bits(t.get(f"{EMBED}.scales"), f"{EMBED}.scales"),
+            _fp16_bits(t.get(f"{EMBED}.zeros"), f"{EMBED}.zeros"),
+            module_group_size(modules[EMBED], arch.hidden),
+        )
+    else:
+        rt.set_embedding(_fp16_bits(t.get(f"{EMBED}.weight"), f"{EMBED}.weight"))
     for i in range(arch.n_layers):
         p = f"model.layers.{i}."
         for slot, lin in enumerate(LAYER_LINEARS):
@@ -703,6 +711,11 @@ def load(
     rt.set_norm(-1, "final", _f32(t.get("model.norm.weight")))
     if "lm_head" in modules or "lm_head.weight" in t:
         put_linear(-1, 0, "lm_head")
+    elif arch.tied and EMBED in modules:
+        raise ElutqError(
+            f"{ckpt}: config.json ties lm_head to quantized embeddings, which elutq never writes; "
+            "re-run `elutq quantize`"
+        )
     elif arch.tied:
         rt.tie_lm_head()
     else:

@@ -262,6 +262,31 @@ NB_MODULE(_native, m) {
              rt.embed.resize(e.size() * 2);
              std::memcpy(rt.embed.p, e.data(), e.size() * 2);
            }, nb::arg("w"))
+      .def("set_embedding_hlq",
+           [](Runtime& rt, CArray<const uint8_t, nb::ndim<3>> qw, CArray<const uint16_t, nb::ndim<3>> sc,
+              CArray<const uint16_t, nb::ndim<2>> zr, int group_size) {
+             const int V = rt.cfg.vocab, H = rt.cfg.hidden, bits = (int)qw.shape(0);
+             if (bits < 1 || bits > 4) throw std::invalid_argument("embedding bits must be 1..4");
+             if (group_size < 1) throw std::invalid_argument("embedding group size must be positive");
+             const int ng = (H + group_size - 1) / group_size, rb = (H + 7) / 8;
+             if ((int)qw.shape(1) != V || (int)qw.shape(2) != rb)
+               throw std::invalid_argument("embedding qweight must be uint8 [bits, vocab, ceil(hidden/8)]");
+             if ((int)sc.shape(0) != V || (int)sc.shape(1) != ng || (int)sc.shape(2) != bits)
+               throw std::invalid_argument("embedding scales must be fp16 bits [vocab, groups, bits]");
+             if ((int)zr.shape(0) != V || (int)zr.shape(1) != ng)
+               throw std::invalid_argument("embedding zeros must be fp16 bits [vocab, groups]");
+             HlqEmbedding& e = rt.embed_q;
+             e.qw.resize(qw.size());
+             std::memcpy(e.qw.p, qw.data(), qw.size());
+             e.sc.resize(sc.size() * 2);
+             std::memcpy(e.sc.p, sc.data(), sc.size() * 2);
+             e.zr.resize(zr.size() * 2);
+             std::memcpy(e.zr.p, zr.data(), zr.size() * 2);
+             e.bits = bits, e.g = group_size, e.ng = ng, e.row_bytes = rb, e.vocab = V;
+           },
+           nb::arg("qweight"), nb::arg("scales"), nb::arg("zeros"), nb::arg("group_size"),
+           "HLQ embeddings from the checkpoint's tensors (copied): qweight uint8 [bits, vocab, ceil(hidden/8)], "
+           "scales / zeros fp16 bits [vocab, groups, bits] / [vocab, groups].")
       .def("set_norm", [](Runtime& rt, int layer, const std::string& which, CArray<const float, nb::ndim<1>> w) {
              const int want = (which == "q" || which == "k") ? rt.cfg.head_dim : rt.cfg.hidden;
              if ((int)w.size() != want) throw std::invalid_argument("norm weight '" + which + "' has the wrong length");

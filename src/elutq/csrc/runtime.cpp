@@ -97,9 +97,29 @@ void Runtime::check_complete() const {
     for (int i = 0; i < kNumLinears; ++i) need(L.lin[i].set(), "linear " + std::to_string(i) + " of layer " + std::to_string(l));
     need(!L.attn_norm.empty() && !L.mlp_norm.empty(), "norms of layer " + std::to_string(l));
   }
-  need(embed.p != nullptr, "the embedding");
+  need(embed.p != nullptr || embed_q.set(), "the embedding");
   need(!final_norm.empty(), "the final norm");
   need(lm_head.set(), "lm_head");
+}
+
+void HlqEmbedding::row(int token, float* x, int H) const {
+  const uint8_t* planes = (const uint8_t*)qw.p + (size_t)token * row_bytes;
+  const uint16_t* s = (const uint16_t*)sc.p + (size_t)token * ng * bits;
+  const uint16_t* z = (const uint16_t*)zr.p + (size_t)token * ng;
+  for (int G = 0; G < ng; ++G) {
+    float level[16];  // z + Σ_b s_b·bit_b(code), summed as hlq.levels sums it: the scales, then z
+    for (int code = 0; code < (1 << bits); ++code) {
+      float acc = 0.0f;
+      for (int b = 0; b < bits; ++b)
+        if (code >> b & 1) acc += fp16_to_float(s[G * bits + b]);
+      level[code] = fp16_to_float(z[G]) + acc;
+    }
+    for (int i = G * g; i < std::min(H, (G + 1) * g); ++i) {
+      int code = 0;
+      for (int b = 0; b < bits; ++b) code |= (planes[(size_t)b * vocab * row_bytes + i / 8] >> (i % 8) & 1) << b;
+      x[i] = level[code];
+    }
+  }
 }
 
 size_t Runtime::weight_bytes() const {
@@ -204,8 +224,12 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
   };
   const uint16_t* E = (const uint16_t*)embed.p;
   columns([&](int c) {
-    const uint16_t* e = E + (size_t)tokens[c] * H;
-    for (int i = 0; i < H; ++i) x[(size_t)c * H + i] = fp16_to_float(e[i]);
+    if (embed_q.set()) {
+      embed_q.row(tokens[c], x + (size_t)c * H, H);
+    } else {
+      const uint16_t* e = E + (size_t)tokens[c] * H;
+      for (int i = 0; i < H; ++i) x[(size_t)c * H + i] = fp16_to_float(e[i]);
+    }
     float* cs = rope + (size_t)c * D;
     for (int i = 0; i < half; ++i) {
       const float ang = (float)col_pos[c] * cfg.inv_freq[i];  // fp32 product, as transformers computes it

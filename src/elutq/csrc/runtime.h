@@ -45,6 +45,17 @@ struct RtLinear {
   size_t nbytes() const { return lut ? lut->nbytes() : (size_t)out * in * 2; }
 };
 
+// HLQ embeddings, the checkpoint's tensors as they are (checkpoint.py): a token's row is decoded
+// when it is looked up, x[i] = z + Σ_b s_b·bit_b(i) of its group.
+//   qw  uint8 [bits][vocab][ceil(H/8)]  bit-planes, element i at bit i%8 of byte i/8
+//   sc  fp16  [vocab][ng][bits]          zr fp16 [vocab][ng]
+struct HlqEmbedding {
+  AlignedBuf qw, sc, zr;
+  int bits = 0, g = 0, ng = 0, row_bytes = 0, vocab = 0;
+  bool set() const { return bits > 0; }
+  void row(int token, float* x, int H) const;
+};
+
 enum LinearId : int { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kNumLinears };
 
 struct RtLayer {
@@ -75,7 +86,8 @@ class Runtime {
   explicit Runtime(RtConfig cfg);
   RtConfig cfg;
   std::vector<RtLayer> layers;
-  AlignedBuf embed;  // fp16 [vocab][H]
+  AlignedBuf embed;  // fp16 [vocab][H], or (embed_q set) none
+  HlqEmbedding embed_q;
   std::vector<float> final_norm;
   RtLinear lm_head;
   Path path = Path::Scalar;
