@@ -484,7 +484,8 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).
   // GEMM: up to 256 KiB of weights, so the AVX-512 kernel's L2 blocking over rows still works.
   const size_t rb_bytes = std::max<size_t>(1, total_bytes / std::max(total_rb, 1));
-  const int chunk = n == 1 ? std::max(1, (int)((64 * 1024) / rb_bytes))
+  // (GEMV chunks are whole pairs of row blocks where they can be: the AVX-512 GEMV streams two at once.)
+  const int chunk = n == 1 ? std::max(2, (int)((64 * 1024) / rb_bytes) & ~1)
                            : std::max(1, std::min((int)((256 * 1024) / rb_bytes), total_rb / (4 * nt)));
   parallel_for(nt, total_rb, chunk, rows_job);
 }
