@@ -79,8 +79,8 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
 
 // 16 outputs of each of K consecutive row blocks for one activation vector, group by group: one
 // load of the group's tables and multipliers serves all K blocks, and K weight streams (a row block
-// apart) keep more lines in flight than one (K = 2: +5 % GEMV bandwidth at 1 thread, +2 % at 2 on
-// a Xeon VM; K = 4 spills registers and is slower).  Each block's arithmetic is the same for any K.
+// apart) keep more lines in flight than one (K = 2, 2-bit: +5 % GEMV bandwidth at 1 thread, +2 % at
+// 2 on a Xeon VM; K = 4 spills registers and is slower).  Each block's arithmetic is the same for any K.
 template <int BITS, int NL, bool RES, int K>
 inline void row_blocks(const uint8_t* w0, const uint16_t* s0, size_t wstep, size_t sstep, int ng, const int8_t* tq,
                        const uint8_t* tm, size_t gstride, const float* lut_scale, const float* xsum, const int8_t* tr,
@@ -138,7 +138,8 @@ inline int gemv_k(const LutWeight& W, const LutTables& T, int rb0, int rb1, floa
 
 template <int BITS, int NL, bool RES>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
-  const int rb = gemv_k<BITS, NL, RES, 2>(W, T, rb0, rb1, y);
+  // Pairs where they were measured faster (1-2 bits); 3-4 bits: the same or slower (register pressure).
+  const int rb = BITS <= 2 ? gemv_k<BITS, NL, RES, 2>(W, T, rb0, rb1, y) : rb0;
   gemv_k<BITS, NL, RES, 1>(W, T, rb, rb1, y);  // an odd last block
 }
 
