@@ -172,7 +172,7 @@ class TrainableHLQ(nn.Module):
 
 def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
     """Replace every ``HLQLinear`` inside ``module`` by a ``TrainableHLQ``; returns them by name.  A
-    quantized embedding stays frozen (a lookup, not a linear: its rows see no activations to fit)."""
+    quantized embedding stays frozen: it is a lookup, which ``TrainableHLQ`` (a linear) does not model."""
     views = {}
     hlq = [(n, m) for n, m in module.named_modules() if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding)]
     for name, m in hlq:
