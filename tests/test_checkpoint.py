@@ -85,8 +85,15 @@ def test_tied_head_with_quantized_embedding_is_refused(tiny_llama, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
     (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(out / "model.safetensors")
+    del tensors["lm_head.weight"]  # as a tied checkpoint would be saved
+    save_file(tensors, out / "model.safetensors")
     with pytest.raises(ElutqError, match="ties lm_head to quantized embeddings.*re-run"):
         load_quantized(out)
+    import elutq
+
+    with pytest.raises(ElutqError, match="ties lm_head to quantized embeddings.*re-run"):
+        elutq.load(out)
 
 
 def test_existing_checkpoint_is_not_overwritten(quantized):

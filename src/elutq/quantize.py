@@ -39,11 +39,16 @@ class QuantReport:
 
 
 @torch.no_grad()
-def quantize_linear(linear: nn.Linear, config: QuantConfig) -> tuple[HLQLinear, float, int]:
-    """One layer: returns the HLQ module, its mean squared weight error and its storage bits."""
+def quantize_linear(linear: nn.Linear | nn.Embedding, config: QuantConfig) -> tuple[HLQLinear, float, int]:
+    """One layer (a linear, or the embedding: an ``HLQEmbedding``): returns the HLQ module, its mean
+    squared weight error and its storage bits."""
     w = linear.weight.detach().float()
     qw = quantize_weight(w, config)
     mse = (qw.dequantize() - w).pow(2).mean().item()
+    if isinstance(linear, nn.Embedding):
+        module = HLQEmbedding.from_quantized(qw)
+        module.dtype = linear.weight.dtype  # rows come out in the model's own type, as nn.Embedding's do
+        return module, mse, qw.storage_bits()
     return HLQLinear.from_quantized(qw, linear.bias), mse, qw.storage_bits()
 
 
@@ -63,19 +68,10 @@ def quantize(
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     if head_quantized:
         targets["lm_head"] = (model.lm_head, lm_head)
+    if embed is not None:
+        targets[EMBED] = (model.get_submodule(EMBED), embed)
     report = QuantReport()
     start = time.perf_counter()
-    if embed is not None:
-        emb = model.get_submodule(EMBED)
-        qw = quantize_weight(emb.weight.detach().float(), embed)
-        mse = (qw.dequantize() - emb.weight.float()).pow(2).mean().item()
-        module = HLQEmbedding.from_quantized(qw)
-        module.dtype = emb.weight.dtype  # rows come out in the model's own type, as nn.Embedding's do
-        set_module(model, EMBED, module)
-        report.mse[EMBED] = mse
-        report.n_params += emb.weight.numel()
-        report.sq_error += mse * emb.weight.numel()
-        report.storage_bits += qw.storage_bits()
     for name, (linear, cfg) in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
         module, mse, bits = quantize_linear(linear, cfg)
         set_module(model, name, module)

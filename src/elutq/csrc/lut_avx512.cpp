@@ -79,8 +79,8 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
 
 // 16 outputs of each of K consecutive row blocks for one activation vector, group by group: one
 // load of the group's tables and multipliers serves all K blocks, and K weight streams (a row block
-// apart) keep more lines in flight than one (K = 2, 2-bit: +5 % GEMV bandwidth at 1 thread, +2 % at
-// 2 on a Xeon VM; K = 4 spills registers and is slower).  Each block's arithmetic is the same for any K.
+// apart) keep more lines in flight than one (measurements: docs/KERNELS.md; K = 4 spills registers
+// and is slower).  Each block's arithmetic is the same for any K.
 template <int BITS, int NL, bool RES, int K>
 inline void row_blocks(const uint8_t* w0, const uint16_t* s0, size_t wstep, size_t sstep, int ng, const int8_t* tq,
                        const uint8_t* tm, size_t gstride, const float* lut_scale, const float* xsum, const int8_t* tr,
