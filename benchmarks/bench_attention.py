@@ -7,11 +7,18 @@ One call = one column's causal attention for one KV head and the query heads sha
 heads per KV head), LLaMA-2-7B (128, 1), Qwen2.5-7B (128, 7).  Each path is timed in alternating
 rounds (best of 7 rounds of ``--repeats`` calls; the ~1 µs of Python call overhead is included), and
 the table gives µs per call and the speed-up over the scalar path (and over AVX2 for AVX-512).
+
+A second table (``--cold-mb``, 0 to skip) is what a decode step sees: K and V stream from memory (the
+weights between two layers evict them).  Each call gets the next of many head-major [length][head_dim]
+K/V copies totalling ``--cold-mb`` MiB (huge pages advised, as the runtime's KV cache), and the table
+gives µs per call, GB/s of K+V read, and that as a fraction of the one-thread read bandwidth measured
+just before.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import resource
 import time
 
@@ -27,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="100,1000,4000")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--cold-mb", type=int, default=1024, help="MiB of rotating K/V copies (0: skip)")
     args = ap.parse_args()
     paths = [p for p in ("scalar", "avx2", "avx512", "neon") if p in available_paths()]
     rng = np.random.default_rng(0)
@@ -54,7 +62,47 @@ def main() -> None:
             if {"avx2", "avx512"} <= set(paths):
                 row += f" {best['avx2'] / best['avx512']:.2f}× |"
             print(row, flush=True)
+    if args.cold_mb:
+        cold(paths, [int(x) for x in args.lengths.split(",")], args.cold_mb, rng)
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def _huge_fp16(n: int) -> np.ndarray:
+    """n fp16 bit patterns in an anonymous mapping advised for transparent huge pages."""
+    buf = mmap.mmap(-1, 2 * n)
+    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype=np.uint16, count=n)
+
+
+def cold(paths: list[str], lengths: list[int], cold_mb: int, rng: np.random.Generator) -> None:
+    print(f"\nK/V from memory: µs per call over K/V copies totalling {cold_mb} MiB (best of 3 passes), GB/s of "
+          "K+V read, fraction of the 1-thread read bandwidth measured just before\n")
+    print("| shape | positions | read BW | " + " | ".join(f"{p} µs (GB/s, frac)" for p in paths) + " |")
+    print("|---" * (3 + len(paths)) + "|")
+    for name, d, grp in SHAPES:
+        for length in lengths:
+            per = length * d  # fp16 values per K (or V) copy
+            copies = max(1, (cold_mb << 20) // (4 * per))
+            k = _huge_fp16(copies * per).reshape(copies, length, d)
+            v = _huge_fp16(copies * per).reshape(copies, length, d)
+            k[:] = rng.normal(size=(length, d)).astype(np.float16).view(np.uint16)  # every copy the same rows
+            v[:] = k[:, ::-1]
+            q = rng.normal(size=(grp, d)).astype(np.float32)
+            out = np.empty_like(q)
+            bw = _native.read_bandwidth(1 << 28, 1, 1, 0.5)
+            cells = []
+            for p in paths:
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for i in range(copies):
+                        _native.attention(q, k[i], v[i], 0, d**-0.5, out, path=p)
+                    best = min(best, (time.perf_counter() - t0) / copies)
+                gbs = 4 * per / best / 1e9
+                cells.append(f"{best * 1e6:.1f} ({gbs:.1f}, {gbs / bw:.0%})")
+            print(f"| {name} ({d} × {grp}) | {length} | {bw:.1f} GB/s | " + " | ".join(cells) + " |", flush=True)
+            del k, v
 
 
 if __name__ == "__main__":

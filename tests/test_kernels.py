@@ -401,7 +401,7 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: floa
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("head_dim", [32, 64, 128, 40])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 40, 256])
 def test_attention_matches_float64_reference(path: str, head_dim: int) -> None:
     """Every path's attention kernel (each picks its own for the head size) against softmax(q·Kᵀ)·V in
     float64 (on the same fp16 K and V the cache holds): lengths around the 16-key blocks, 1 to 7 query

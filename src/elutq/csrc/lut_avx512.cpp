@@ -468,10 +468,11 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
 // attend_avx512: the same causal attention of one column for one KV head and its grp query heads as
 // attend_scalar (lut_scalar.cpp), for D % 64 == 0.  Scores go 16 keys at a time: 16 independent
 // accumulators (one per key, lanes = 16 dims), summed by a transpose tree into one vector whose lane t
-// is key t — no horizontal sum per dot product.  Each block of 16 K rows is read from memory once
-// and from L1 for the other query rows.  Softmax uses a vector exp (exp_approx's
-// polynomial), and V rows are loaded once for up to 4 query rows × 64 dims of accumulators.  K and V
-// are fp16, widened (vcvtph2ps) as they are loaded.
+// is key t — no horizontal sum per dot product.  Each block of 16 K rows is read from memory once;
+// with several query rows (GQA) it is widened to f32 once into an L1 buffer that every row reads.
+// Softmax uses a vector exp (exp_approx's polynomial), and each V row slice is loaded once for 2 query
+// rows × 128 dims (4 × 64 where D % 128 != 0) of accumulators.  K and V are fp16, widened
+// (vcvtph2ps) as they are loaded.  Measurements: docs/KERNELS.md.
 
 namespace {
 
@@ -518,27 +519,41 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// out[r][d0..d0+63] = Σ_j p[r][j]·v_j[d0..d0+63] · inv[r] for NR rows: each V row loaded once.
-template <int NR>
+// out[r][d0..d0+DC) = Σ_j p[r][j]·v_j[d0..d0+DC) · inv[r] for NR rows: each V row slice loaded once,
+// NR·DC/16 accumulators.
+template <int NR, int DC>
 inline void pv_rows(const float* p, int len, const uint16_t* v0, size_t stride, int d0, const float* inv, float* out,
                     int D) {
-  __m512 acc[NR][4];
+  constexpr int NV = DC / 16;
+  __m512 acc[NR][NV];
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int j = 0; j < len; ++j) {
     const uint16_t* vj = v0 + (size_t)j * stride + d0;
-    const __m512 x0 = load16h(vj), x1 = load16h(vj + 16), x2 = load16h(vj + 32), x3 = load16h(vj + 48);
+    __m512 x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = load16h(vj + 16 * i);
     for (int r = 0; r < NR; ++r) {
       const __m512 w = _mm512_set1_ps(p[(size_t)r * len + j]);
-      acc[r][0] = _mm512_fmadd_ps(w, x0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w, x1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(w, x2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(w, x3, acc[r][3]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
     }
   }
   for (int r = 0; r < NR; ++r) {
     const __m512 s = _mm512_set1_ps(inv[r]);
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + (size_t)r * D + d0 + 16 * i, _mm512_mul_ps(acc[r][i], s));
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + (size_t)r * D + d0 + 16 * i, _mm512_mul_ps(acc[r][i], s));
+  }
+}
+
+// All D dims of nr query rows (nr ≤ 4 for DC = 64, ≤ 2 for DC = 128), DC dims per pass over V.
+template <int DC>
+inline void pv_block(int nr, const float* p, int len, const uint16_t* v0, size_t stride, const float* inv, float* o,
+                     int D) {
+  for (int d0 = 0; d0 < D; d0 += DC) {
+    if (nr == 1) pv_rows<1, DC>(p, len, v0, stride, d0, inv, o, D);
+    else if (nr == 2) pv_rows<2, DC>(p, len, v0, stride, d0, inv, o, D);
+    if constexpr (DC == 64) {
+      if (nr == 3) pv_rows<3, DC>(p, len, v0, stride, d0, inv, o, D);
+      else if (nr == 4) pv_rows<4, DC>(p, len, v0, stride, d0, inv, o, D);
+    }
   }
 }
 
@@ -547,25 +562,38 @@ inline void pv_rows(const float* p, int len, const uint16_t* v0, size_t stride, 
 void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                    float scale, float* sc, float* out) {
   const __m512 vscale = _mm512_set1_ps(scale);
+  alignas(64) float kf[16 * 256];  // one block of keys in f32 (D <= 256)
+  const bool widen = grp > 1 && D <= 256;
   for (int j = 0; j < len; j += 16) {
     const int nk = len - j < 16 ? len - j : 16;
     const uint16_t* kp[16];
     for (int t = 0; t < 16; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     const __mmask16 m = nk == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
+    if (widen) {  // several query rows: widen the block once, each row then reads f32 from L1
+      for (int t = 0; t < 16; ++t)
+        for (int d = 0; d < D; d += 16) _mm512_store_ps(kf + t * D + d, load16h(kp[t] + d));
+    }
     for (int r = 0; r < grp; ++r) {
       const float* qr = q + (size_t)r * D;
       __m512 a[16];
       for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
       for (int d = 0; d < D; d += 16) {
         const __m512 qv = _mm512_loadu_ps(qr + d);
-        for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16h(kp[t] + d), a[t]);
+        if (widen) {
+          for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_load_ps(kf + t * D + d), a[t]);
+        } else {
+          for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16h(kp[t] + d), a[t]);
+        }
       }
       _mm512_mask_storeu_ps(sc + (size_t)r * len + j, m, _mm512_mul_ps(reduce16(a), vscale));
     }
   }
+  // V in passes of 2 query rows × 128 dims where D allows (each pass reads whole 256-byte rows in
+  // order, which streams faster from memory than 4 rows × 64 dims), else 4 rows × 64 dims.
+  const int rows = D % 128 == 0 ? 2 : 4;
   float inv[4];
-  for (int r0 = 0; r0 < grp; r0 += 4) {
-    const int nr = grp - r0 < 4 ? grp - r0 : 4;
+  for (int r0 = 0; r0 < grp; r0 += rows) {
+    const int nr = grp - r0 < rows ? grp - r0 : rows;
     for (int r = 0; r < nr; ++r) {  // softmax numerators in place, 1/Σ kept for the output
       float* p = sc + (size_t)(r0 + r) * len;
       __m512 mx = _mm512_set1_ps(-__builtin_inff());
@@ -589,14 +617,8 @@ void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_
     }
     const float* p = sc + (size_t)r0 * len;
     float* o = out + (size_t)r0 * D;
-    for (int d0 = 0; d0 < D; d0 += 64) {
-      switch (nr) {
-        case 1: pv_rows<1>(p, len, v0, stride, d0, inv, o, D); break;
-        case 2: pv_rows<2>(p, len, v0, stride, d0, inv, o, D); break;
-        case 3: pv_rows<3>(p, len, v0, stride, d0, inv, o, D); break;
-        default: pv_rows<4>(p, len, v0, stride, d0, inv, o, D); break;
-      }
-    }
+    if (rows == 2) pv_block<128>(nr, p, len, v0, stride, inv, o, D);
+    else pv_block<64>(nr, p, len, v0, stride, inv, o, D);
   }
 }
 
