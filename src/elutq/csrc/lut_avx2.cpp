@@ -388,9 +388,10 @@ void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, i
 
 // Causal attention (lut.h: attend_scalar is the reference; same arguments), for D % 32 == 0.  As
 // attend_avx512 with 8-lane vectors: scores 8 keys at a time into 8 independent accumulators summed
-// by one transpose tree (lane t = key t), each block of 8 K rows read from memory once (from L1 for the other query rows);
-// a vector exp; each V row loaded once for up to 2 query rows × 32 dims of accumulators.  K and V are
-// fp16, widened by F16C as they are loaded.
+// by one transpose tree (lane t = key t), each block of 8 K rows read from memory once (from L1 for
+// the other query rows); a vector exp; each V row slice loaded once for 2 query rows × 32 dims of
+// accumulators (a single row: 64 dims, half the passes over V).  K and V are fp16, widened by F16C
+// as they are loaded.
 static inline __m256 reduce8(const __m256* a) {  // lane t = Σ_lanes a[t]
   __m256 b[4];
   for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a2i(0+2), a2i+1(0+2), a2i(1+3), a2i+1(1+3)]
@@ -425,6 +426,27 @@ static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector f
       _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000)), _mm256_set1_epi32(127)),
       23);  // 2^n
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[r][d0..d0+8·NV) = Σ_j p[r][j]·v_j[d0..d0+8·NV) for NR rows (p normalized): each V row slice loaded
+// once, NR·NV accumulators (a single row gets 64 dims: fewer, longer passes over the rows).
+template <int NR, int NV>
+static inline void pv_rows_avx2(const float* p, int len, const uint16_t* v0, size_t stride, int d0, float* out,
+                                int D) {
+  __m256 acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int j = 0; j < len; ++j) {
+    const uint16_t* vj = v0 + (size_t)j * stride + d0;
+    __m256 x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = load8h(vj + 8 * i);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 w = _mm256_set1_ps(p[(size_t)r * len + j]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(w, x[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + (size_t)r * D + d0 + 8 * i, acc[r][i]);
 }
 
 void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
@@ -478,36 +500,15 @@ void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t 
     for (j = 0; j + 8 <= len; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
     for (; j < len; ++j) p[j] *= 1.0f / sum;
   }
-  for (int r = 0; r < grp; r += 2) {  // two query rows share each load of V
-    const bool two = r + 1 < grp;
-    const float* p0 = sc + (size_t)r * len;
-    const float* p1 = two ? p0 + len : p0;
-    for (int d = 0; d < D; d += 32) {
-      __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, u0 = o0, u1 = o0, u2 = o0, u3 = o0;
-      for (int j = 0; j < len; ++j) {
-        const uint16_t* vj = v0 + (size_t)j * stride + d;
-        const __m256 x0 = load8h(vj), x1 = load8h(vj + 8), x2 = load8h(vj + 16), x3 = load8h(vj + 24);
-        const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
-        o0 = _mm256_fmadd_ps(w0, x0, o0);
-        o1 = _mm256_fmadd_ps(w0, x1, o1);
-        o2 = _mm256_fmadd_ps(w0, x2, o2);
-        o3 = _mm256_fmadd_ps(w0, x3, o3);
-        u0 = _mm256_fmadd_ps(w1, x0, u0);
-        u1 = _mm256_fmadd_ps(w1, x1, u1);
-        u2 = _mm256_fmadd_ps(w1, x2, u2);
-        u3 = _mm256_fmadd_ps(w1, x3, u3);
-      }
-      float* o = out + (size_t)r * D + d;
-      _mm256_storeu_ps(o, o0);
-      _mm256_storeu_ps(o + 8, o1);
-      _mm256_storeu_ps(o + 16, o2);
-      _mm256_storeu_ps(o + 24, o3);
-      if (two) {
-        _mm256_storeu_ps(o + D, u0);
-        _mm256_storeu_ps(o + D + 8, u1);
-        _mm256_storeu_ps(o + D + 16, u2);
-        _mm256_storeu_ps(o + D + 24, u3);
-      }
+  for (int r = 0; r < grp; r += 2) {  // two query rows share each load of V; a last odd one alone
+    const float* p = sc + (size_t)r * len;
+    float* o = out + (size_t)r * D;
+    if (r + 1 < grp) {
+      for (int d = 0; d < D; d += 32) pv_rows_avx2<2, 4>(p, len, v0, stride, d, o, D);
+    } else {
+      int d = 0;
+      for (; d + 64 <= D; d += 64) pv_rows_avx2<1, 8>(p, len, v0, stride, d, o, D);
+      if (d < D) pv_rows_avx2<1, 4>(p, len, v0, stride, d, o, D);
     }
   }
 }
