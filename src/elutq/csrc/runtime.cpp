@@ -276,11 +276,12 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
         }
       }
     });
-    // causal attention, one (column, KV head) pair per task
+    // causal attention, one (column, KV head) pair per task, head-major: the columns of a prompt
+    // that follow each other reread one head's K and V from L2
     parallel_for(nt, N * nkv, 1, [&](int t0, int t1) {
       thread_local std::vector<float> sc;
       for (int t = t0; t < t1; ++t) {
-        const int c = t / nkv, kh = t % nkv;
+        const int c = t % N, kh = t / N;
         KVCache* kv = seqs[col_seq[c]].cache;
         const int len = col_pos[c] + 1;
         if (sc.size() < (size_t)len * grp) sc.resize((size_t)len * grp);
