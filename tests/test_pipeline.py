@@ -176,6 +176,36 @@ def test_streaming_quantized_embeddings_and_per_channel_groups(tiny_llama, tmp_p
     assert ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item() < 2e-4
 
 
+def test_gptq_calibrates_on_the_quantized_embeddings(tiny_llama, tmp_path, monkeypatch):
+    """With quantized embeddings, GPTQ's first layer sees the rows the checkpoint stores (dequantized),
+    not the float ones."""
+    import elutq.pipeline as pipeline
+    from elutq.calibration import calibration_ids
+
+    _, path = tiny_llama
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    calib = CalibConfig(n_samples=4, seqlen=16, dataset=None, text=str(text))
+    seen = []
+    real = pipeline.quantize_layer_gptq
+
+    def spy(layer, acts, pos, cfg):
+        if not seen:
+            seen.append(torch.cat(list(acts)))
+        return real(layer, acts, pos, cfg)
+
+    monkeypatch.setattr(pipeline, "quantize_layer_gptq", spy)
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="gptq", calib=calib, lm_head=None, embed=QuantConfig(2, 32))
+    quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
+    loaded, tokenizer, _ = load_quantized(tmp_path / "q")
+    ids, _ = calibration_ids(tokenizer, calib)
+    with torch.no_grad():
+        stored = loaded.model.embed_tokens(ids).float()
+    assert torch.equal(seen[0], stored)
+    float_rows = load_model(str(path))[0].model.embed_tokens(ids).float()
+    assert not torch.equal(seen[0], float_rows)  # the quantized rows differ from the float ones
+
+
 def test_streaming_gptq_checkpoint_loads_and_beats_rtn(tiny_llama, tmp_path):
     _, path = tiny_llama
     text = tmp_path / "calib.txt"

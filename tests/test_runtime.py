@@ -150,6 +150,26 @@ def test_kv_cache_of_another_shape_is_rejected(tmp_path):
         _native.KVCache(a.n_layers, 16, 0, a.head_dim)
 
 
+def test_native_quantized_embedding_shapes_are_checked():
+    """``set_embedding_hlq`` refuses tensors whose shapes do not fit the model, naming the layout it wants."""
+    vocab, hidden, g = 10, 40, 16  # 3 groups, 5 bytes per bit-plane row
+    rt = _native.Runtime(1, hidden, 64, 4, 2, 10, vocab, 1e-5, np.ones(5, dtype=np.float32), 1.0)
+
+    def call(bits=2, v=vocab, rb=5, ng=3, sbits=None, zng=None, group=g):
+        qw = np.zeros((bits, v, rb), dtype=np.uint8)
+        sc = np.zeros((vocab, ng, bits if sbits is None else sbits), dtype=np.uint16)
+        zr = np.zeros((vocab, 3 if zng is None else zng), dtype=np.uint16)
+        rt.set_embedding_hlq(qw, sc, zr, group)
+
+    call()  # the right shapes
+    for kw, msg in [({"bits": 5}, "bits must be 1..4"), ({"group": 0}, "group size must be positive"),
+                    ({"v": vocab + 1}, r"qweight must be uint8 \[bits, vocab"), ({"rb": 4}, "qweight must be"),
+                    ({"ng": 2}, r"scales must be fp16 bits \[vocab, groups, bits\]"), ({"sbits": 3}, "scales must be"),
+                    ({"zng": 4}, r"zeros must be fp16 bits \[vocab, groups\]")]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)
+
+
 def test_kernel_cache_is_reused_and_survives_damage(tmp_path):
     _, out = _quantized(tmp_path, "llama")
     first = elutq.load(out).logits(IDS)

@@ -503,10 +503,10 @@ def quantize_streaming(
         pos_ids = torch.arange(cfg.calib.seqlen).unsqueeze(0)
         pos = tuple(t.to(device) for t in rotary(torch.zeros(1, dtype=torch.float32), pos_ids))
         if state["layers_done"] == 0:
-            emb = source.get("model.embed_tokens.weight")
-            batches = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
-            acts = Activations(list(batches)).map(lambda b: emb[b].to(torch.float32), _chunk_dir(offload_root, 0))
-            del emb
+            rows, ids_rows = _calibration_embeddings(source.get(f"{EMBED}.weight"), ids, cfg.embed)
+            batches = [ids_rows[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
+            acts = Activations(list(batches)).map(lambda b: rows[b], _chunk_dir(offload_root, 0))
+            del rows
         elif state["hidden"] == "snapshot":
             acts = Activations.from_snapshot(work / HIDDEN_FILE)
         else:
@@ -627,6 +627,19 @@ def _write_head(
         params += head_w.numel()
     _atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
     return bits, params
+
+
+def _calibration_embeddings(
+    emb: torch.Tensor, ids: torch.Tensor, embed: QuantConfig | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding rows the calibration ids look up, in fp32 — as the quantized model will see them
+    where the embeddings are quantized (RTN row by row, so quantizing only these rows gives the rows
+    the checkpoint stores) — and the ids as indices into them."""
+    used, inverse = torch.unique(ids, return_inverse=True)
+    rows = emb[used].to(torch.float32)
+    if embed is not None:
+        rows = quantize_weight(rows, embed).dequantize()
+    return rows, inverse
 
 
 def _quantize_rows(w: torch.Tensor, quantize_rows, name: str, tensors: dict[str, torch.Tensor]) -> int:
