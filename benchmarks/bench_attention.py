@@ -8,7 +8,10 @@ heads per KV head), LLaMA-2-7B (128, 1), Qwen2.5-7B (128, 7).  Each path is time
 rounds (best of 7 rounds of ``--repeats`` calls; the ~1 µs of Python call overhead is included), and
 the table gives µs per call and the speed-up over the scalar path (and over AVX2 for AVX-512).
 
-A second table (``--cold-mb``, 0 to skip) is what a decode step sees: K and V stream from memory (the
+A second table: a prompt's columns ``ncol`` at a time (``attention(..., ncol=)``, the runtime's prefill
+blocks; each column attends to its own prefix), µs per column on the fastest path, cache-resident.
+
+A third table (``--cold-mb``, 0 to skip) is what a decode step sees: K and V stream from memory (the
 weights between two layers evict them).  Each call gets the next of many head-major [length][head_dim]
 K/V copies totalling ``--cold-mb`` MiB (huge pages advised, as the runtime's KV cache), and the table
 gives µs per call, GB/s of K+V read, and that as a fraction of the one-thread read bandwidth measured
@@ -62,9 +65,34 @@ def main() -> None:
             if {"avx2", "avx512"} <= set(paths):
                 row += f" {best['avx2'] / best['avx512']:.2f}× |"
             print(row, flush=True)
+    columns(paths[-1], [int(x) for x in args.lengths.split(",")], args.repeats, rng)
     if args.cold_mb:
         cold(paths, [int(x) for x in args.lengths.split(",")], args.cold_mb, rng)
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def columns(path: str, lengths: list[int], repeats: int, rng: np.random.Generator) -> None:
+    ncols = (1, 2, 4, 8, 16)
+    print(f"\nprompt columns ncol at a time ({path}): µs per column (best of 7 rounds × {repeats} calls)\n")
+    print("| shape | positions | " + " | ".join(f"ncol {n}" for n in ncols) + " | 8 vs 1 |")
+    print("|---" * (3 + len(ncols)) + "|")
+    for name, d, grp in SHAPES:
+        for length in lengths:
+            k = rng.normal(size=(length, d)).astype(np.float16).view(np.uint16)
+            v = rng.normal(size=(length, d)).astype(np.float16).view(np.uint16)
+            per = {}
+            for n in ncols:
+                q = rng.normal(size=(n * grp, d)).astype(np.float32)
+                out = np.empty_like(q)
+                best = float("inf")
+                for _ in range(7):
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        _native.attention(q, k, v, 0, d**-0.5, out, path=path, ncol=n)
+                    best = min(best, (time.perf_counter() - t0) / repeats)
+                per[n] = best / n * 1e6
+            print(f"| {name} ({d} × {grp}) | {length} | " + " | ".join(f"{per[n]:.1f}" for n in ncols)
+                  + f" | {per[1] / per[8]:.2f}× |", flush=True)
 
 
 def _huge_fp16(n: int) -> np.ndarray:

@@ -421,6 +421,34 @@ def test_attention_matches_float64_reference(path: str, head_dim: int) -> None:
                 assert np.abs(out - ref).max() < 2e-5 * max(1.0, np.abs(ref).max()), (length, grp, scale)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+def test_attention_of_consecutive_columns_is_causal(path: str, head_dim: int) -> None:
+    """``ncol`` columns of a prompt at once (the runtime's prefill blocks): column i of the block sees the
+    first len − ncol + 1 + i positions only, each against the float64 reference over its own prefix."""
+    rng = np.random.default_rng(head_dim + 1)
+    for length in (2, 4, 16, 17, 40, 130):
+        for ncol in (2, 3, 4):
+            if ncol > length:
+                continue
+            for grp in (1, 2, 7):
+                q = rng.normal(size=(ncol * grp, head_dim)).astype(np.float32)
+                k = rng.normal(size=(length, 2 * head_dim)).astype(np.float16)
+                v = rng.normal(size=(length, 2 * head_dim)).astype(np.float16)
+                out = np.empty_like(q)
+                _native.attention(q, k.view(np.uint16), v.view(np.uint16), head_dim, 3.0, out, path=path, ncol=ncol)
+                for i in range(ncol):
+                    n = length - ncol + 1 + i
+                    rows = slice(i * grp, (i + 1) * grp)
+                    ref = attention_reference(q[rows], k[:n, head_dim:], v[:n, head_dim:], 3.0)
+                    assert np.abs(out[rows] - ref).max() < 2e-5 * max(1.0, np.abs(ref).max()), (length, ncol, grp, i)
+    q = np.zeros((4, head_dim), dtype=np.float32)
+    kv = np.zeros((3, head_dim), dtype=np.uint16)
+    for ncol in (0, 3, 4):  # 3 does not divide 4 rows; 4 columns need at least 4 positions
+        with pytest.raises(ValueError, match="ncol"):
+            _native.attention(q, kv, kv, 0, 1.0, np.empty_like(q), path=path, ncol=ncol)
+
+
 def _before_guard_page(shape: tuple[int, int]) -> tuple[np.ndarray, object]:
     """A float16 array whose last element ends right before a PROT_NONE page (a read past it faults)."""
     import ctypes

@@ -235,7 +235,10 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
 void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                  float scale, float* sc, float* out);  // D % 32 == 0
 void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                   float scale, float* sc, float* out);  // D % 64 == 0
+                   float scale, float* sc, float* out);  // D % 64 == 0, D <= 256
+// ncol consecutive columns of one sequence at once (attend_columns, lut_driver.h; the same D).
+void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
+                        int grp, int ncol, float scale, float* sc, float* out);
 #endif
 
 #if defined(__aarch64__)

@@ -559,21 +559,25 @@ inline void pv_block(int nr, const float* p, int len, const uint16_t* v0, size_t
 
 }  // namespace
 
-void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                   float scale, float* sc, float* out) {
+void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
+                        int grp, int ncol, float scale, float* sc, float* out) {
   const __m512 vscale = _mm512_set1_ps(scale);
   alignas(64) float kf[16 * 256];  // one block of keys in f32 (D <= 256)
-  const bool widen = grp > 1 && D <= 256;
+  const int R = grp * ncol;        // query rows; row r belongs to column r / grp
+  const int len0 = len - ncol + 1;  // the first column's positions (each later column sees one more)
+  const bool widen = R > 1;
   for (int j = 0; j < len; j += 16) {
     const int nk = len - j < 16 ? len - j : 16;
     const uint16_t* kp[16];
     for (int t = 0; t < 16; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
-    const __mmask16 m = nk == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
     if (widen) {  // several query rows: widen the block once, each row then reads f32 from L1
       for (int t = 0; t < 16; ++t)
         for (int d = 0; d < D; d += 16) _mm512_store_ps(kf + t * D + d, load16h(kp[t] + d));
     }
-    for (int r = 0; r < grp; ++r) {
+    for (int r = 0; r < R; ++r) {
+      const int lr = len0 + r / grp;
+      if (j >= lr) continue;  // past this column's last position
+      const __mmask16 m = lr - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lr - j)) - 1);
       const float* qr = q + (size_t)r * D;
       __m512 a[16];
       for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
@@ -589,21 +593,23 @@ void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_
     }
   }
   // V in passes of 2 query rows × 128 dims where D allows (each pass reads whole 256-byte rows in
-  // order, which streams faster from memory than 4 rows × 64 dims), else 4 rows × 64 dims.
+  // order, which streams faster from memory than 4 rows × 64 dims), else 4 rows × 64 dims.  A row's
+  // numerators past its column's last position are 0, so every pass runs over all len positions.
   const int rows = D % 128 == 0 ? 2 : 4;
   float inv[4];
-  for (int r0 = 0; r0 < grp; r0 += rows) {
-    const int nr = grp - r0 < rows ? grp - r0 : rows;
+  for (int r0 = 0; r0 < R; r0 += rows) {
+    const int nr = R - r0 < rows ? R - r0 : rows;
     for (int r = 0; r < nr; ++r) {  // softmax numerators in place, 1/Σ kept for the output
       float* p = sc + (size_t)(r0 + r) * len;
+      const int lr = len0 + (r0 + r) / grp;
       __m512 mx = _mm512_set1_ps(-__builtin_inff());
       int j = 0;
-      for (; j + 16 <= len; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + j));
-      const __mmask16 tail = (__mmask16)((1u << (len - j)) - 1);
+      for (; j + 16 <= lr; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + j));
+      const __mmask16 tail = (__mmask16)((1u << (lr - j)) - 1);
       mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p + j));
       const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
       __m512 sum = _mm512_setzero_ps();
-      for (j = 0; j + 16 <= len; j += 16) {
+      for (j = 0; j + 16 <= lr; j += 16) {
         const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), vmx));
         _mm512_storeu_ps(p + j, e);
         sum = _mm512_add_ps(sum, e);
@@ -613,6 +619,7 @@ void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_
         _mm512_mask_storeu_ps(p + j, tail, e);
         sum = _mm512_mask_add_ps(sum, tail, sum, e);
       }
+      for (j = lr; j < len; ++j) p[j] = 0.0f;
       inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     const float* p = sc + (size_t)r0 * len;
@@ -620,6 +627,11 @@ void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_
     if (rows == 2) pv_block<128>(nr, p, len, v0, stride, inv, o, D);
     else pv_block<64>(nr, p, len, v0, stride, inv, o, D);
   }
+}
+
+void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
+                   float scale, float* sc, float* out) {
+  attend_cols_avx512(q, k0, v0, stride, len, D, grp, 1, scale, sc, out);
 }
 
 }  // namespace elutq

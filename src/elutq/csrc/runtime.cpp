@@ -213,6 +213,11 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
       col_seq[c] = s;
       col_pos[c] = seqs[s].pos + i;
     }
+  // Attention's column blocks: up to kAttendCols consecutive columns of one sequence.
+  constexpr int kAttendCols = 8;
+  std::vector<std::pair<int, int>> blocks;  // (first column, columns)
+  for (int s = 0, c = 0; s < (int)seqs.size(); c += seqs[s].n, ++s)
+    for (int i = 0; i < seqs[s].n; i += kAttendCols) blocks.emplace_back(c + i, std::min(kAttendCols, seqs[s].n - i));
 
   const int nt = pool().size();
   // Per-column work (norms, RoPE, SwiGLU) is split over the threads by column: serial, it would
@@ -249,7 +254,6 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     }
   };
   const float scale = 1.0f / std::sqrt((float)D);
-  const AttendFn attention = attention_kernel(path, D);
 
   for (int l = 0; l < cfg.n_layers; ++l) {
     RtLayer& L = layers[l];
@@ -276,17 +280,27 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
         }
       }
     });
-    // causal attention, one (column, KV head) pair per task, head-major: the columns of a prompt
-    // that follow each other reread one head's K and V from L2
-    parallel_for(nt, N * nkv, 1, [&](int t0, int t1) {
-      thread_local std::vector<float> sc;
+    // causal attention, one (KV head, block of a sequence's columns) pair per task, head-major: the
+    // blocks that follow each other reread one head's K and V from L2, and a block's columns share
+    // each load of it (attend_columns)
+    parallel_for(nt, nkv * (int)blocks.size(), 1, [&](int t0, int t1) {
+      thread_local std::vector<float> sc, qs, os;
       for (int t = t0; t < t1; ++t) {
-        const int c = t % N, kh = t / N;
-        KVCache* kv = seqs[col_seq[c]].cache;
-        const int len = col_pos[c] + 1;
-        if (sc.size() < (size_t)len * grp) sc.resize((size_t)len * grp);
-        const size_t off = (size_t)c * qd + (size_t)kh * grp * D;
-        attention(q + off, kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, scale, sc.data(), att + off);
+        const int kh = t / (int)blocks.size(), c0 = blocks[t % blocks.size()].first, nc = blocks[t % blocks.size()].second;
+        KVCache* kv = seqs[col_seq[c0]].cache;
+        const int len = col_pos[c0 + nc - 1] + 1;
+        const size_t rows = (size_t)nc * grp, off = (size_t)kh * grp * D;
+        if (sc.size() < rows * len) sc.resize(rows * len);
+        if (nc == 1) {
+          attend_columns(path, q + c0 * qd + off, kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, 1, scale,
+                         sc.data(), att + c0 * qd + off);
+          continue;
+        }
+        qs.resize(rows * D), os.resize(rows * D);  // the block's query rows, gathered
+        for (int i = 0; i < nc; ++i) std::memcpy(&qs[(size_t)i * grp * D], q + (c0 + i) * qd + off, grp * D * 4);
+        attend_columns(path, qs.data(), kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, nc, scale, sc.data(),
+                       os.data());
+        for (int i = 0; i < nc; ++i) std::memcpy(att + (c0 + i) * qd + off, &os[(size_t)i * grp * D], grp * D * 4);
       }
     });
     matmul({&L.lin[kO]}, att, N, {tmp});
