@@ -9,7 +9,7 @@ rounds (best of 7 rounds of ``--repeats`` calls; the ~1 µs of Python call overh
 the table gives µs per call and the speed-up over the scalar path (and over AVX2 for AVX-512).
 
 A second table: a prompt's columns ``ncol`` at a time (``attention(..., ncol=)``, the runtime's prefill
-blocks; each column attends to its own prefix), µs per column on the fastest path, cache-resident.
+blocks; each column attends to its own prefix), µs per column on each SIMD path, cache-resident.
 
 A third table (``--cold-mb``, 0 to skip) is what a decode step sees: K and V stream from memory (the
 weights between two layers evict them).  Each call gets the next of many head-major [length][head_dim]
@@ -65,7 +65,8 @@ def main() -> None:
             if {"avx2", "avx512"} <= set(paths):
                 row += f" {best['avx2'] / best['avx512']:.2f}× |"
             print(row, flush=True)
-    columns(paths[-1], [int(x) for x in args.lengths.split(",")], args.repeats, rng)
+    for p in paths[1:] or paths:  # the SIMD paths (scalar loops over the columns)
+        columns(p, [int(x) for x in args.lengths.split(",")], args.repeats, rng)
     if args.cold_mb:
         cold(paths, [int(x) for x in args.lengths.split(",")], args.cold_mb, rng)
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -505,6 +505,7 @@ void attend_columns(Path p, const float* q, const uint16_t* k0, const uint16_t* 
   const AttendFn one = attention_kernel(p, D);
 #if defined(__x86_64__) || defined(_M_X64)
   if (one == attend_avx512) return attend_cols_avx512(q, k0, v0, stride, len, D, grp, ncol, scale, sc, out);
+  if (one == attend_avx2) return attend_cols_avx2(q, k0, v0, stride, len, D, grp, ncol, scale, sc, out);
 #endif
   for (int i = 0; i < ncol; ++i)
     one(q + (size_t)i * grp * D, k0, v0, stride, len - ncol + 1 + i, D, grp, scale, sc, out + (size_t)i * grp * D);

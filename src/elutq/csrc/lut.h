@@ -237,6 +237,8 @@ void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t 
 void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
                    float scale, float* sc, float* out);  // D % 64 == 0, D <= 256
 // ncol consecutive columns of one sequence at once (attend_columns, lut_driver.h; the same D).
+void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
+                      int ncol, float scale, float* sc, float* out);
 void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
                         int grp, int ncol, float scale, float* sc, float* out);
 #endif

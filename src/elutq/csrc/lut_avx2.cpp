@@ -449,15 +449,19 @@ static inline void pv_rows_avx2(const float* p, int len, const uint16_t* v0, siz
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + (size_t)r * D + d0 + 8 * i, acc[r][i]);
 }
 
-void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                 float scale, float* sc, float* out) {
+void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
+                      int ncol, float scale, float* sc, float* out) {
   const __m256 vscale = _mm256_set1_ps(scale);
   alignas(32) float tmp[8];
+  const int R = grp * ncol;         // query rows; row r belongs to column r / grp
+  const int len0 = len - ncol + 1;  // the first column's positions (each later column sees one more)
   for (int j = 0; j < len; j += 8) {
     const int nk = len - j < 8 ? len - j : 8;
     const uint16_t* kp[8];
     for (int t = 0; t < 8; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
-    for (int r = 0; r < grp; ++r) {
+    for (int r = 0; r < R; ++r) {
+      const int lr = len0 + r / grp;
+      if (j >= lr) continue;  // past this column's last position
       const float* qr = q + (size_t)r * D;
       __m256 a[8];
       for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
@@ -467,43 +471,45 @@ void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t 
       }
       const __m256 s = _mm256_mul_ps(reduce8(a), vscale);
       float* dst = sc + (size_t)r * len + j;
-      if (nk == 8) {
+      if (lr - j >= 8) {
         _mm256_storeu_ps(dst, s);
       } else {
         _mm256_store_ps(tmp, s);
-        for (int t = 0; t < nk; ++t) dst[t] = tmp[t];
+        for (int t = 0; t < lr - j; ++t) dst[t] = tmp[t];
       }
     }
   }
-  for (int r = 0; r < grp; ++r) {  // softmax weights in place, normalized
+  for (int r = 0; r < R; ++r) {  // softmax weights in place, normalized; 0 past the column's positions
     float* p = sc + (size_t)r * len;
+    const int lr = len0 + r / grp;
     float mx = p[0];
-    for (int j = 1; j < len; ++j) mx = p[j] > mx ? p[j] : mx;
+    for (int j = 1; j < lr; ++j) mx = p[j] > mx ? p[j] : mx;
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
     int j = 0;
-    for (; j + 8 <= len; j += 8) {
+    for (; j + 8 <= lr; j += 8) {
       const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), vmx));
       _mm256_storeu_ps(p + j, e);
       vsum = _mm256_add_ps(vsum, e);
     }
     float sum = hsum256(vsum);
-    if (j < len) {
-      for (int t = 0; t < 8; ++t) tmp[t] = j + t < len ? p[j + t] - mx : -87.0f;
+    if (j < lr) {
+      for (int t = 0; t < 8; ++t) tmp[t] = j + t < lr ? p[j + t] - mx : -87.0f;
       _mm256_store_ps(tmp, exp256(_mm256_load_ps(tmp)));
-      for (int t = 0; j + t < len; ++t) {
+      for (int t = 0; j + t < lr; ++t) {
         p[j + t] = tmp[t];
         sum += tmp[t];
       }
     }
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (j = 0; j + 8 <= len; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
-    for (; j < len; ++j) p[j] *= 1.0f / sum;
+    for (j = 0; j + 8 <= lr; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
+    for (; j < lr; ++j) p[j] *= 1.0f / sum;
+    for (; j < len; ++j) p[j] = 0.0f;
   }
-  for (int r = 0; r < grp; r += 2) {  // two query rows share each load of V; a last odd one alone
+  for (int r = 0; r < R; r += 2) {  // two query rows share each load of V; a last odd one alone
     const float* p = sc + (size_t)r * len;
     float* o = out + (size_t)r * D;
-    if (r + 1 < grp) {
+    if (r + 1 < R) {
       for (int d = 0; d < D; d += 32) pv_rows_avx2<2, 4>(p, len, v0, stride, d, o, D);
     } else {
       int d = 0;
@@ -511,6 +517,11 @@ void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t 
       if (d < D) pv_rows_avx2<1, 4>(p, len, v0, stride, d, o, D);
     }
   }
+}
+
+void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
+                 float scale, float* sc, float* out) {
+  attend_cols_avx2(q, k0, v0, stride, len, D, grp, 1, scale, sc, out);
 }
 
 }  // namespace elutq
