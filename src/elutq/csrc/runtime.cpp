@@ -283,24 +283,27 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     // causal attention, one (KV head, block of a sequence's columns) pair per task, head-major: the
     // blocks that follow each other reread one head's K and V from L2, and a block's columns share
     // each load of it (attend_columns)
-    parallel_for(nt, nkv * (int)blocks.size(), 1, [&](int t0, int t1) {
+    const int nb = (int)blocks.size();
+    parallel_for(nt, nkv * nb, 1, [&](int t0, int t1) {
       thread_local std::vector<float> sc, qs, os;
       for (int t = t0; t < t1; ++t) {
-        const int kh = t / (int)blocks.size(), c0 = blocks[t % blocks.size()].first, nc = blocks[t % blocks.size()].second;
+        const int kh = t / nb;
+        const auto [c0, nc] = blocks[t % nb];
         KVCache* kv = seqs[col_seq[c0]].cache;
         const int len = col_pos[c0 + nc - 1] + 1;
-        const size_t rows = (size_t)nc * grp, off = (size_t)kh * grp * D;
+        const size_t rows = (size_t)nc * grp, off = (size_t)kh * grp * D, row_bytes = sizeof(float) * grp * D;
         if (sc.size() < rows * len) sc.resize(rows * len);
+        auto qc = [&](int c) { return q + (size_t)c * qd + off; };
+        auto ac = [&](int c) { return att + (size_t)c * qd + off; };
         if (nc == 1) {
-          attend_columns(path, q + c0 * qd + off, kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, 1, scale,
-                         sc.data(), att + c0 * qd + off);
+          attend_columns(path, qc(c0), kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, 1, scale, sc.data(), ac(c0));
           continue;
         }
         qs.resize(rows * D), os.resize(rows * D);  // the block's query rows, gathered
-        for (int i = 0; i < nc; ++i) std::memcpy(&qs[(size_t)i * grp * D], q + (c0 + i) * qd + off, grp * D * 4);
+        for (int i = 0; i < nc; ++i) std::memcpy(&qs[(size_t)i * grp * D], qc(c0 + i), row_bytes);
         attend_columns(path, qs.data(), kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, nc, scale, sc.data(),
                        os.data());
-        for (int i = 0; i < nc; ++i) std::memcpy(att + (c0 + i) * qd + off, &os[(size_t)i * grp * D], grp * D * 4);
+        for (int i = 0; i < nc; ++i) std::memcpy(ac(c0 + i), &os[(size_t)i * grp * D], row_bytes);
       }
     });
     matmul({&L.lin[kO]}, att, N, {tmp});
