@@ -442,6 +442,19 @@ def test_attention_of_consecutive_columns_is_causal(path: str, head_dim: int) ->
                     rows = slice(i * grp, (i + 1) * grp)
                     ref = attention_reference(q[rows], k[:n, head_dim:], v[:n, head_dim:], 3.0)
                     assert np.abs(out[rows] - ref).max() < 2e-5 * max(1.0, np.abs(ref).max()), (length, ncol, grp, i)
+                    # and bit for bit what the column alone gives: no row reads a later position
+                    one = np.empty_like(q[rows])
+                    _native.attention(q[rows], k[:n].view(np.uint16), v[:n].view(np.uint16), head_dim, 3.0, one,
+                                      path=path)
+                    assert np.array_equal(out[rows], one), (length, ncol, grp, i)
+    # a NaN at the last position reaches only the last column
+    q = rng.normal(size=(3, head_dim)).astype(np.float32)
+    k = rng.normal(size=(20, head_dim)).astype(np.float16)
+    v = rng.normal(size=(20, head_dim)).astype(np.float16)
+    k[-1, 0] = v[-1, 0] = np.nan
+    out = np.empty_like(q)
+    _native.attention(q, k.view(np.uint16), v.view(np.uint16), 0, 1.0, out, path=path, ncol=3)
+    assert np.isfinite(out[:2]).all() and np.isnan(out[2]).all()
     q = np.zeros((4, head_dim), dtype=np.float32)
     kv = np.zeros((3, head_dim), dtype=np.uint16)
     for ncol in (0, 3, 4):  # 3 does not divide 4 rows; 4 columns need at least 4 positions

@@ -428,21 +428,26 @@ static inline __m256 exp256(__m256 x) {  // exp_approx (runtime.cpp) in vector f
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// out[r][d0..d0+8·NV) = Σ_j p[r][j]·v_j[d0..d0+8·NV) for NR rows (p normalized): each V row slice loaded
-// once, NR·NV accumulators (a single row gets 64 dims: fewer, longer passes over the rows).
+// out[r][d0..d0+8·NV) = Σ_{j < lens[r]} p[r][j]·v_j[d0..d0+8·NV) for NR rows (p normalized, rows len
+// apart, lens non-decreasing): each V row slice loaded once for the rows that reach it, NR·NV
+// accumulators (a single row gets 64 dims: fewer, longer passes over the rows).
 template <int NR, int NV>
-static inline void pv_rows_avx2(const float* p, int len, const uint16_t* v0, size_t stride, int d0, float* out,
-                                int D) {
+static inline void pv_rows_avx2(const float* p, int len, const int* lens, const uint16_t* v0, size_t stride, int d0,
+                                float* out, int D) {
   __m256 acc[NR][NV];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int j = 0; j < len; ++j) {
-    const uint16_t* vj = v0 + (size_t)j * stride + d0;
-    __m256 x[NV];
-    for (int i = 0; i < NV; ++i) x[i] = load8h(vj + 8 * i);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 w = _mm256_set1_ps(p[(size_t)r * len + j]);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(w, x[i], acc[r][i]);
+  int j = 0;
+  for (int k = 0; k < NR; ++k) {  // rows k.. are the ones still going over positions lens[k − 1] .. lens[k]
+    for (; j < lens[k]; ++j) {
+      const uint16_t* vj = v0 + (size_t)j * stride + d0;
+      __m256 x[NV];
+      for (int i = 0; i < NV; ++i) x[i] = load8h(vj + 8 * i);
+      for (int r = 0; r < NR; ++r) {
+        if (r < k) continue;
+        const __m256 w = _mm256_set1_ps(p[(size_t)r * len + j]);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(w, x[i], acc[r][i]);
+      }
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -479,7 +484,7 @@ void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, si
       }
     }
   }
-  for (int r = 0; r < R; ++r) {  // softmax weights in place, normalized; 0 past the column's positions
+  for (int r = 0; r < R; ++r) {  // softmax weights in place (the column's positions), normalized
     float* p = sc + (size_t)r * len;
     const int lr = len0 + r / grp;
     float mx = p[0];
@@ -504,17 +509,17 @@ void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, si
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
     for (j = 0; j + 8 <= lr; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
     for (; j < lr; ++j) p[j] *= 1.0f / sum;
-    for (; j < len; ++j) p[j] = 0.0f;
   }
   for (int r = 0; r < R; r += 2) {  // two query rows share each load of V; a last odd one alone
     const float* p = sc + (size_t)r * len;
     float* o = out + (size_t)r * D;
+    const int lens[2] = {len0 + r / grp, len0 + (r + 1) / grp};  // each row only reads its own positions
     if (r + 1 < R) {
-      for (int d = 0; d < D; d += 32) pv_rows_avx2<2, 4>(p, len, v0, stride, d, o, D);
+      for (int d = 0; d < D; d += 32) pv_rows_avx2<2, 4>(p, len, lens, v0, stride, d, o, D);
     } else {
       int d = 0;
-      for (; d + 64 <= D; d += 64) pv_rows_avx2<1, 8>(p, len, v0, stride, d, o, D);
-      if (d < D) pv_rows_avx2<1, 4>(p, len, v0, stride, d, o, D);
+      for (; d + 64 <= D; d += 64) pv_rows_avx2<1, 8>(p, len, lens, v0, stride, d, o, D);
+      if (d < D) pv_rows_avx2<1, 4>(p, len, lens, v0, stride, d, o, D);
     }
   }
 }

@@ -519,22 +519,27 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// out[r][d0..d0+DC) = Σ_j p[r][j]·v_j[d0..d0+DC) · inv[r] for NR rows: each V row slice loaded once,
-// NR·DC/16 accumulators.
+// out[r][d0..d0+DC) = Σ_{j < lens[r]} p[r][j]·v_j[d0..d0+DC) · inv[r] for NR rows (p's rows len apart,
+// lens non-decreasing: a prompt block's later columns see more positions): each V row slice loaded
+// once for the rows that reach it, NR·DC/16 accumulators.  No row touches a position past its own.
 template <int NR, int DC>
-inline void pv_rows(const float* p, int len, const uint16_t* v0, size_t stride, int d0, const float* inv, float* out,
-                    int D) {
+inline void pv_rows(const float* p, int len, const int* lens, const uint16_t* v0, size_t stride, int d0,
+                    const float* inv, float* out, int D) {
   constexpr int NV = DC / 16;
   __m512 acc[NR][NV];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int j = 0; j < len; ++j) {
-    const uint16_t* vj = v0 + (size_t)j * stride + d0;
-    __m512 x[NV];
-    for (int i = 0; i < NV; ++i) x[i] = load16h(vj + 16 * i);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 w = _mm512_set1_ps(p[(size_t)r * len + j]);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
+  int j = 0;
+  for (int k = 0; k < NR; ++k) {  // rows k.. are the ones still going over positions lens[k − 1] .. lens[k]
+    for (; j < lens[k]; ++j) {
+      const uint16_t* vj = v0 + (size_t)j * stride + d0;
+      __m512 x[NV];
+      for (int i = 0; i < NV; ++i) x[i] = load16h(vj + 16 * i);
+      for (int r = 0; r < NR; ++r) {
+        if (r < k) continue;
+        const __m512 w = _mm512_set1_ps(p[(size_t)r * len + j]);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
+      }
     }
   }
   for (int r = 0; r < NR; ++r) {
@@ -545,14 +550,14 @@ inline void pv_rows(const float* p, int len, const uint16_t* v0, size_t stride, 
 
 // All D dims of nr query rows (nr ≤ 4 for DC = 64, ≤ 2 for DC = 128), DC dims per pass over V.
 template <int DC>
-inline void pv_block(int nr, const float* p, int len, const uint16_t* v0, size_t stride, const float* inv, float* o,
-                     int D) {
+inline void pv_block(int nr, const float* p, int len, const int* lens, const uint16_t* v0, size_t stride,
+                     const float* inv, float* o, int D) {
   for (int d0 = 0; d0 < D; d0 += DC) {
-    if (nr == 1) pv_rows<1, DC>(p, len, v0, stride, d0, inv, o, D);
-    else if (nr == 2) pv_rows<2, DC>(p, len, v0, stride, d0, inv, o, D);
+    if (nr == 1) pv_rows<1, DC>(p, len, lens, v0, stride, d0, inv, o, D);
+    else if (nr == 2) pv_rows<2, DC>(p, len, lens, v0, stride, d0, inv, o, D);
     if constexpr (DC == 64) {
-      if (nr == 3) pv_rows<3, DC>(p, len, v0, stride, d0, inv, o, D);
-      else if (nr == 4) pv_rows<4, DC>(p, len, v0, stride, d0, inv, o, D);
+      if (nr == 3) pv_rows<3, DC>(p, len, lens, v0, stride, d0, inv, o, D);
+      else if (nr == 4) pv_rows<4, DC>(p, len, lens, v0, stride, d0, inv, o, D);
     }
   }
 }
@@ -593,15 +598,16 @@ void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, 
     }
   }
   // V in passes of 2 query rows × 128 dims where D allows (each pass reads whole 256-byte rows in
-  // order, which streams faster from memory than 4 rows × 64 dims), else 4 rows × 64 dims.  A row's
-  // numerators past its column's last position are 0, so every pass runs over all len positions.
+  // order, which streams faster from memory than 4 rows × 64 dims), else 4 rows × 64 dims.  Every row
+  // only reads its own column's positions, so a block's columns equal one-column calls bit for bit.
   const int rows = D % 128 == 0 ? 2 : 4;
   float inv[4];
+  int lens[4];
   for (int r0 = 0; r0 < R; r0 += rows) {
     const int nr = R - r0 < rows ? R - r0 : rows;
     for (int r = 0; r < nr; ++r) {  // softmax numerators in place, 1/Σ kept for the output
       float* p = sc + (size_t)(r0 + r) * len;
-      const int lr = len0 + (r0 + r) / grp;
+      const int lr = lens[r] = len0 + (r0 + r) / grp;
       __m512 mx = _mm512_set1_ps(-__builtin_inff());
       int j = 0;
       for (; j + 16 <= lr; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + j));
@@ -619,13 +625,12 @@ void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, 
         _mm512_mask_storeu_ps(p + j, tail, e);
         sum = _mm512_mask_add_ps(sum, tail, sum, e);
       }
-      for (j = lr; j < len; ++j) p[j] = 0.0f;
       inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     const float* p = sc + (size_t)r0 * len;
     float* o = out + (size_t)r0 * D;
-    if (rows == 2) pv_block<128>(nr, p, len, v0, stride, inv, o, D);
-    else pv_block<64>(nr, p, len, v0, stride, inv, o, D);
+    if (rows == 2) pv_block<128>(nr, p, len, lens, v0, stride, inv, o, D);
+    else pv_block<64>(nr, p, len, lens, v0, stride, inv, o, D);
   }
 }
 
