@@ -472,7 +472,9 @@ void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0,
 // with several query rows (GQA) it is widened to f32 once into an L1 buffer that every row reads.
 // Softmax uses a vector exp (exp_approx's polynomial), and each V row slice is loaded once for 2 query
 // rows × 128 dims (4 × 64 where D % 128 != 0) of accumulators.  K and V are fp16, widened
-// (vcvtph2ps) as they are loaded.  Measurements: docs/KERNELS.md.
+// (vcvtph2ps) as they are loaded.  attend_cols_avx512 does the same for ncol consecutive columns of a
+// prompt at once (their ncol·grp rows share the key blocks and V rows; lut_driver.h: attend_columns).
+// Measurements: docs/KERNELS.md.
 
 namespace {
 

@@ -293,17 +293,11 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
         const int len = col_pos[c0 + nc - 1] + 1;
         const size_t rows = (size_t)nc * grp, off = (size_t)kh * grp * D, row_bytes = sizeof(float) * grp * D;
         if (sc.size() < rows * len) sc.resize(rows * len);
-        auto qc = [&](int c) { return q + (size_t)c * qd + off; };
-        auto ac = [&](int c) { return att + (size_t)c * qd + off; };
-        if (nc == 1) {
-          attend_columns(path, qc(c0), kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, 1, scale, sc.data(), ac(c0));
-          continue;
-        }
-        qs.resize(rows * D), os.resize(rows * D);  // the block's query rows, gathered
-        for (int i = 0; i < nc; ++i) std::memcpy(&qs[(size_t)i * grp * D], qc(c0 + i), row_bytes);
+        qs.resize(rows * D), os.resize(rows * D);  // the block's query rows, gathered (grp·D floats a column)
+        for (int i = 0; i < nc; ++i) std::memcpy(&qs[(size_t)i * grp * D], q + (size_t)(c0 + i) * qd + off, row_bytes);
         attend_columns(path, qs.data(), kv->kp(l, kh, 0), kv->vp(l, kh, 0), D, len, D, grp, nc, scale, sc.data(),
                        os.data());
-        for (int i = 0; i < nc; ++i) std::memcpy(ac(c0 + i), &os[(size_t)i * grp * D], row_bytes);
+        for (int i = 0; i < nc; ++i) std::memcpy(att + (size_t)(c0 + i) * qd + off, &os[(size_t)i * grp * D], row_bytes);
       }
     });
     matmul({&L.lin[kO]}, att, N, {tmp});
