@@ -306,6 +306,34 @@ def test_one_and_two_threads_identical(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_gemv_rows_do_not_depend_on_what_streams_beside_them(path: str) -> None:
+    """The AVX-512 GEMV walks the two halves of each thread's share of the row blocks side by side, across
+    matrix boundaries and bit widths (lut.cpp: parallel_halves).  Every matrix of a multi_linear call, at
+    1 and 2 threads, must equal its 16-row slices computed one at a time, bit for bit."""
+    specs = ((16 * 37 + 5, 2), (16 * 20, 2), (16 * 11, 3), (16 * 25, 4), (16 * 6 + 1, 2))
+    qws = [random_qw(out, 1024, bits, 128, seed=out) for out, bits in specs]
+    x = np.random.default_rng(13).normal(size=1024).astype(np.float32)
+
+    def rows(q: QuantizedWeight, r0: int, r1: int) -> QuantizedWeight:
+        return QuantizedWeight(q.codes[r0:r1], q.scales[r0:r1], q.zeros[r0:r1], q.group_size)
+
+    alone = [
+        np.concatenate([K.LUTLinear(rows(q, r, r + 16), path=path)(x) for r in range(0, q.shape[0], 16)]) for q in qws
+    ]
+    lins = [K.LUTLinear(q, path=path) for q in qws]
+    before = K.get_num_threads()
+    try:
+        for threads in (1, 2):
+            K.set_num_threads(threads)
+            K.multi_linear(lins, 2 * x)  # (so output buffers reused from a freed call hold other values)
+            for y, ref in zip(K.multi_linear(lins, x), alone, strict=True):
+                np.testing.assert_array_equal(y, ref)
+            np.testing.assert_array_equal(lins[0](x), alone[0])
+    finally:
+        K.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_multi_linear_shares_tables(path: str) -> None:
     lins = [K.LUTLinear(random_qw(out, 256, 2, 128, seed=out), path=path) for out in (64, 17, 40)]
     x = torch.randn(3, 256)

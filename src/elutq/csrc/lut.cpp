@@ -169,23 +169,16 @@ void ThreadPool::run(int nthreads, const std::function<void(int, int)>& f) {
   }
 }
 
-void parallel_for(int nthreads, int total, int chunk, const std::function<void(int, int)>& body) {
-  if (total <= 0) return;
-  chunk = std::max(1, chunk);
-  ThreadPool& tp = pool();
-  nthreads = std::max(1, std::min({nthreads, tp.size(), (total + chunk - 1) / chunk}));
-  if (nthreads == 1) {
-    body(0, total);
-    return;
-  }
+// Thread t first takes chunks of [bounds[t], bounds[t + 1]), then the remaining chunks of the others.
+static void run_shares(ThreadPool& tp, int nthreads, const std::vector<int>& bounds, int chunk, const std::function<void(int, int)>& body) {
   struct alignas(64) Share {
     std::atomic<int> next;
     int end;
   };
   std::unique_ptr<Share[]> sh(new Share[nthreads]);
   for (int t = 0; t < nthreads; ++t) {
-    sh[t].next.store((int)((long long)total * t / nthreads), std::memory_order_relaxed);
-    sh[t].end = (int)((long long)total * (t + 1) / nthreads);
+    sh[t].next.store(bounds[t], std::memory_order_relaxed);
+    sh[t].end = bounds[t + 1];
   }
   tp.run(nthreads, [&](int tid, int n) {
     for (int k = 0; k < n; ++k) {  // own share first, then help the others
@@ -196,6 +189,45 @@ void parallel_for(int nthreads, int total, int chunk, const std::function<void(i
         body(b, std::min(b + chunk, s.end));
       }
     }
+  });
+}
+
+void parallel_for(int nthreads, int total, int chunk, const std::function<void(int, int)>& body) {
+  if (total <= 0) return;
+  chunk = std::max(1, chunk);
+  ThreadPool& tp = pool();
+  nthreads = std::max(1, std::min({nthreads, tp.size(), (total + chunk - 1) / chunk}));
+  if (nthreads == 1) {
+    body(0, total);
+    return;
+  }
+  std::vector<int> bounds(nthreads + 1);
+  for (int t = 0; t <= nthreads; ++t) bounds[t] = (int)((long long)total * t / nthreads);
+  run_shares(tp, nthreads, bounds, chunk, body);
+}
+
+void parallel_halves(int nthreads, int total, int step, const std::function<void(int, int, int, int)>& body) {
+  if (total <= 0) return;
+  step = std::max(1, step);
+  ThreadPool& tp = pool();
+  nthreads = std::max(1, std::min({nthreads, tp.size(), (total + 2 * step - 1) / (2 * step)}));
+  std::vector<int> lo(nthreads), mid(nthreads), hi(nthreads), bounds(nthreads + 1, 0);
+  for (int t = 0; t < nthreads; ++t) {
+    lo[t] = (int)((long long)total * t / nthreads);
+    hi[t] = (int)((long long)total * (t + 1) / nthreads);
+    mid[t] = lo[t] + (hi[t] - lo[t] + 1) / 2;
+    bounds[t + 1] = bounds[t] + (mid[t] - lo[t] + step - 1) / step;  // steps of share t
+  }
+  if (nthreads == 1) {
+    body(0, mid[0], mid[0], total);
+    return;
+  }
+  run_shares(tp, nthreads, bounds, 1, [&](int j, int) {
+    int t = 0;
+    while (j >= bounds[t + 1]) ++t;
+    const int off = (j - bounds[t]) * step;
+    body(lo[t] + off, std::min(mid[t], lo[t] + off + step), std::min(hi[t], mid[t] + off),
+         std::min(hi[t], mid[t] + off + step));
   });
 }
 
@@ -484,6 +516,48 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).
   // GEMM: up to 256 KiB of weights, so the AVX-512 kernel's L2 blocking over rows still works.
   const size_t rb_bytes = std::max<size_t>(1, total_bytes / std::max(total_rb, 1));
+#if defined(__x86_64__) || defined(_M_X64)
+  if (n == 1 && p == Path::Avx512 && !float_tables) {
+    // AVX-512 GEMV: each thread walks the two halves of its share side by side (parallel_halves), two
+    // continuous weight streams per core — where two neighbouring row blocks at a time (16 KiB runs
+    // that jump every pair) streamed ~5 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
+    // sequence; a half crossing into another matrix pairs with whatever the other half is on.
+    LutTables T;
+    T.tq = tq;
+    T.tm = tm;
+    T.gstride = gstride;
+    T.lut_scale = ls;
+    T.xsum = xs;
+    if (fused) T.tr = tq2;
+    std::vector<int> base(Ws.size() + 1, 0);
+    for (size_t w = 0; w < Ws.size(); ++w) base[w + 1] = base[w] + Ws[w].nrb();
+    auto matrix_of = [&](int v) {
+      int w = 0;
+      while (v >= base[w + 1]) ++w;
+      return w;
+    };
+    auto halves_job = [&](int a, int a1, int b, int b1) {
+      while (a < a1 || b < b1) {
+        const int wa = a < a1 ? matrix_of(a) : -1, wb = b < b1 ? matrix_of(b) : -1;
+        const int na = wa < 0 ? 0 : std::min(a1, base[wa + 1]) - a, nb = wb < 0 ? 0 : std::min(b1, base[wb + 1]) - b;
+        if (na && nb && Ws[wa].bits == Ws[wb].bits) {
+          const int c = std::min(na, nb);
+          gemv_pair_avx512(Ws[wa], a - base[wa], ys[wa], Ws[wb], b - base[wb], ys[wb], c, T);
+          a += c;
+          b += c;
+        } else if (na) {
+          gemv_rows_avx512(Ws[wa], T, a - base[wa], a - base[wa] + na, ys[wa]);
+          a += na;
+        } else {
+          gemv_rows_avx512(Ws[wb], T, b - base[wb], b - base[wb] + nb, ys[wb]);
+          b += nb;
+        }
+      }
+    };
+    parallel_halves(nt, total_rb, std::max(1, (int)((32 * 1024) / rb_bytes)), halves_job);
+    return;
+  }
+#endif
   // (GEMV chunks are whole pairs of row blocks where they can be: the AVX-512 GEMV streams two at once.)
   const int chunk = n == 1 ? std::max(2, (int)((64 * 1024) / rb_bytes) & ~1)
                            : std::max(1, std::min((int)((256 * 1024) / rb_bytes), total_rb / (4 * nt)));

@@ -212,6 +212,11 @@ void gemm_rows_avx2(const LutWeight& W, const int8_t* tq, const uint8_t* tm, siz
 void build_tables_avx512(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                          float* lut_scale, float* xsum);
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+// Row blocks [a0, a0 + count) of Wa (into ya) and [b0, b0 + count) of Wb (into yb), walked side by
+// side (a0 + i beside b0 + i): two continuous weight streams per core.  Wa and Wb share in/g (the
+// same tables) and bits; each row equals gemv_rows_avx512's bit for bit.
+void gemv_pair_avx512(const LutWeight& Wa, int a0, float* ya, const LutWeight& Wb, int b0, float* yb, int count,
+                      const LutTables& T);
 // GEMM on AVX-512 for n columns: column c's group-G tables at tq + G·gstride + c·g·4 (group-major, so
 // a group's tables for all columns are contiguous), its multipliers at tm + (G·gstride + c·g·4)/16;
 // lut_scale/xsum [n][ng]; column c's y at y + c·ldy.  tr: residual tables in tq's layout, looked up

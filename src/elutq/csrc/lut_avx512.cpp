@@ -77,14 +77,13 @@ inline void store_rows(__m512 v, int rb, int out, float* y) {
   _mm512_mask_storeu_ps(y + r0, m, v);
 }
 
-// 16 outputs of each of K consecutive row blocks for one activation vector, group by group: one
-// load of the group's tables and multipliers serves all K blocks, and K weight streams (a row block
-// apart) keep more lines in flight than one (measurements: docs/KERNELS.md; K = 4 spills registers
-// and is slower).  Each block's arithmetic is the same for any K.
+// 16 outputs of each of K row blocks (weights w[k], scales s[k]) for one activation vector, group by
+// group: one load of the group's tables and multipliers serves all K blocks, and K weight streams keep
+// more lines in flight than one (measurements: docs/KERNELS.md; K = 4 spills registers and is slower).
+// Each block's arithmetic is the same for any K and any pairing.
 template <int BITS, int NL, bool RES, int K>
-inline void row_blocks(const uint8_t* w0, const uint16_t* s0, size_t wstep, size_t sstep, int ng, const int8_t* tq,
-                       const uint8_t* tm, size_t gstride, const float* lut_scale, const float* xsum, const int8_t* tr,
-                       __m512* y) {
+inline void row_blocks(const uint8_t* const* w, const uint16_t* const* s, int ng, const int8_t* tq, const uint8_t* tm,
+                       size_t gstride, const float* lut_scale, const float* xsum, const int8_t* tr, __m512* y) {
   for (int k = 0; k < K; ++k) y[k] = _mm512_setzero_ps();
   for (int G = 0; G < ng; ++G) {
     const int8_t* tg = tq + (size_t)G * gstride;
@@ -99,17 +98,17 @@ inline void row_blocks(const uint8_t* w0, const uint16_t* s0, size_t wstep, size
     const int8_t* trg = RES ? tr + (size_t)G * gstride : nullptr;
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      const uint8_t* wp = w0 + k * wstep + (size_t)G * BITS * NL * 64;
-      const uint16_t* sp = s0 + k * sstep + (size_t)G * (BITS + 1) * 16;
+      const uint8_t* wp = w[k] + (size_t)G * BITS * NL * 64;
+      const uint16_t* sp = s[k] + (size_t)G * (BITS + 1) * 16;
       __m512 fsum = _mm512_setzero_ps(), rsum = _mm512_setzero_ps(), ssum = _mm512_setzero_ps();
 #pragma GCC unroll 4
       for (int i = 0; i < BITS; ++i) {
         __m512i racc;
         const __m512i acc = plane_group<NL, RES>(wp + i * NL * 64, t, m, trg, g_prefetch_bytes, &racc);
-        const __m512 s = load_h16(sp + 16 * i);
-        fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, fsum);
-        if constexpr (RES) rsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(racc), s, rsum);
-        ssum = _mm512_add_ps(ssum, s);
+        const __m512 sc = load_h16(sp + 16 * i);
+        fsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, fsum);
+        if constexpr (RES) rsum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(racc), sc, rsum);
+        ssum = _mm512_add_ps(ssum, sc);
       }
       if constexpr (RES) fsum = _mm512_fmadd_ps(rsum, _mm512_set1_ps(1.0f / 254.0f), fsum);
       if (g_prefetch_bytes) {
@@ -123,24 +122,42 @@ inline void row_blocks(const uint8_t* w0, const uint16_t* s0, size_t wstep, size
   }
 }
 
+// Row blocks ra[k] + i of Ws[k] (k < K, i < count) into ys[k].
 template <int BITS, int NL, bool RES, int K>
-inline int gemv_k(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
-  int rb = rb0;
-  for (; rb + K <= rb1; rb += K) {
+inline void gemv_k(const LutWeight* const* Ws, const int* ra, float* const* ys, int count, const LutTables& T) {
+  for (int i = 0; i < count; ++i) {
+    const uint8_t* w[K];
+    const uint16_t* s[K];
+    for (int k = 0; k < K; ++k) {
+      w[k] = Ws[k]->w + (size_t)(ra[k] + i) * Ws[k]->w_bytes_per_rb();
+      s[k] = Ws[k]->sz + (size_t)(ra[k] + i) * Ws[k]->sz_elems_per_rb();
+    }
     __m512 yk[K];
-    row_blocks<BITS, NL, RES, K>(W.w + (size_t)rb * W.w_bytes_per_rb(), W.sz + (size_t)rb * W.sz_elems_per_rb(),
-                                 W.w_bytes_per_rb(), W.sz_elems_per_rb(), W.ng, T.tq, T.tm, T.gstride, T.lut_scale,
-                                 T.xsum, T.tr, yk);
-    for (int k = 0; k < K; ++k) store_rows(yk[k], rb + k, W.out, y);
+    row_blocks<BITS, NL, RES, K>(w, s, Ws[0]->ng, T.tq, T.tm, T.gstride, T.lut_scale, T.xsum, T.tr, yk);
+    for (int k = 0; k < K; ++k) store_rows(yk[k], ra[k] + i, Ws[k]->out, ys[k]);
   }
-  return rb;
 }
 
+// Two runs of row blocks side by side, row block a0 + i of Wa beside b0 + i of Wb: two continuous
+// weight streams at once, at every bit width (two neighbouring blocks at a time, 16 KiB runs jumping
+// every pair, streamed slower, and at 3-4 bits no faster than one: docs/KERNELS.md).
+template <int BITS, int NL, bool RES>
+void gemv_pair_t(const LutWeight& Wa, int a0, float* ya, const LutWeight& Wb, int b0, float* yb, int count,
+                 const LutTables& T) {
+  const LutWeight* Ws[2] = {&Wa, &Wb};
+  const int ra[2] = {a0, b0};
+  float* ys[2] = {ya, yb};
+  gemv_k<BITS, NL, RES, 2>(Ws, ra, ys, count, T);
+}
+
+// Row blocks [rb0, rb1): the two halves side by side, then an odd last block alone.
 template <int BITS, int NL, bool RES>
 void gemv_t(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
-  // Pairs where they were measured faster (1-2 bits); 3-4 bits: the same or slower (register pressure).
-  const int rb = BITS <= 2 ? gemv_k<BITS, NL, RES, 2>(W, T, rb0, rb1, y) : rb0;
-  gemv_k<BITS, NL, RES, 1>(W, T, rb, rb1, y);  // an odd last block
+  const int h = (rb1 - rb0) / 2;
+  gemv_pair_t<BITS, NL, RES>(W, rb0, y, W, rb0 + h, y, h, T);
+  const LutWeight* Ws[1] = {&W};
+  const int ra[1] = {rb0 + 2 * h};
+  gemv_k<BITS, NL, RES, 1>(Ws, ra, &y, rb1 - ra[0], T);
 }
 
 // GEMM: per (row block, group) the chunk indices of all planes are computed once into an L1
@@ -258,6 +275,22 @@ GemmFn pick_gemm(int nl) {
   return nl == 1 ? gemm_t<BITS, 1, RES> : nl == 2 ? gemm_t<BITS, 2, RES> : gemm_t<BITS, 4, RES>;
 }
 
+using GemvPairFn = void (*)(const LutWeight&, int, float*, const LutWeight&, int, float*, int, const LutTables&);
+template <int BITS, bool RES>
+GemvPairFn pick_gemv_pair(int nl) {
+  return nl == 1 ? gemv_pair_t<BITS, 1, RES> : nl == 2 ? gemv_pair_t<BITS, 2, RES> : gemv_pair_t<BITS, 4, RES>;
+}
+template <bool RES>
+GemvPairFn gemv_pair_fn(int bits, int g) {
+  const int nl = g / 32;
+  switch (bits) {
+    case 1: return pick_gemv_pair<1, RES>(nl);
+    case 2: return pick_gemv_pair<2, RES>(nl);
+    case 3: return pick_gemv_pair<3, RES>(nl);
+    default: return pick_gemv_pair<4, RES>(nl);
+  }
+}
+
 template <bool RES>
 GemvFn gemv_fn(int bits, int g) {
   const int nl = g / 32;
@@ -283,6 +316,12 @@ GemmFn gemm_fn(int bits, int g) {
 
 void gemv_rows_avx512(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y) {
   (T.tr ? gemv_fn<true>(W.bits, W.g) : gemv_fn<false>(W.bits, W.g))(W, T, rb0, rb1, y);
+}
+
+void gemv_pair_avx512(const LutWeight& Wa, int a0, float* ya, const LutWeight& Wb, int b0, float* yb, int count,
+                      const LutTables& T) {
+  if (count <= 0) return;
+  (T.tr ? gemv_pair_fn<true>(Wa.bits, Wa.g) : gemv_pair_fn<false>(Wa.bits, Wa.g))(Wa, a0, ya, Wb, b0, yb, count, T);
 }
 
 void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, size_t gstride,

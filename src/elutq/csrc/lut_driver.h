@@ -54,6 +54,12 @@ ThreadPool& pool();
 // [total·t/n, total·(t+1)/n) and, when done, takes the remaining chunks of the other shares, so a
 // descheduled thread cannot stall the call.  Every index is processed exactly once.
 void parallel_for(int nthreads, int total, int chunk, const std::function<void(int, int)>& body);
+// body(a0, a1, b0, b1) over [0, total): thread t's share [s, e) (as parallel_for's) is cut into halves
+// [s, m) and [m, e), m = s + ⌈(e − s)/2⌉, handed out side by side in steps of `step` indices per half
+// (a: [s + j·step, …) ∩ [s, m), b: [m + j·step, …) ∩ [m, e), possibly empty), so a thread that keeps
+// its share walks two continuous runs; idle threads take the others' remaining steps.  One thread: one
+// call with both whole halves.  Every index is processed exactly once.
+void parallel_halves(int nthreads, int total, int step, const std::function<void(int, int, int, int)>& body);
 void set_num_threads(int n);
 int get_num_threads();
 
