@@ -569,6 +569,9 @@ AttendFn attention_kernel(Path p, int head_dim) {
   if (p == Path::Avx512 && head_dim % 64 == 0) return attend_avx512;
   if ((p == Path::Avx2 || p == Path::Avx512) && head_dim % 32 == 0) return attend_avx2;
 #endif
+#if defined(__aarch64__)
+  if (p == Path::Neon && head_dim % 32 == 0 && head_dim <= 256) return attend_neon;
+#endif
   (void)p, (void)head_dim;
   return attend_scalar;
 }

@@ -250,6 +250,8 @@ void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, 
 
 #if defined(__aarch64__)
 void gemv_rows_neon(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
+void attend_neon(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
+                 float scale, float* sc, float* out);  // D % 32 == 0, D <= 256
 #endif
 
 }  // namespace elutq

@@ -102,7 +102,7 @@ AttendFn attention_kernel(Path p, int head_dim);
 // ncol consecutive columns of one sequence (a prompt's positions len − ncol .. len − 1) for one KV head:
 // q, out [ncol][grp][D]; sc scratch [ncol·grp][len]; column i attends to its first len − ncol + 1 + i
 // positions.  AVX-512 and AVX2 score each block of keys once for all ncol·grp query rows (a prompt's
-// columns share K and V as GQA's query heads do); the scalar path runs column by column.
+// columns share K and V as GQA's query heads do); scalar and NEON run column by column.
 void attend_columns(Path p, const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
                     int grp, int ncol, float scale, float* sc, float* out);
 

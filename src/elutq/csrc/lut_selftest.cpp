@@ -7,7 +7,9 @@
 //   2. each SIMD int8-table kernel against the scalar int8-table kernel (identical integer sums;
 //      only fp32 rounding in the epilogue may differ), rel. error < 1e-5;
 //   3. exactness for small-integer data (every run's grid step 1, integer scales/zeros);
-//   4. the threaded multi-column driver (lut_matmul) equals per-column GEMV, 1 vs 2 threads.
+//   4. the threaded multi-column driver (lut_matmul) equals per-column GEMV, 1 vs 2 threads;
+//   5. each path's attention kernel (attention_kernel, attend_columns) against the scalar one over
+//      fp16 K/V with GQA, rel. error < 1e-5.
 // Exit status 0 on success, 1 on any mismatch.
 #include <cmath>
 #include <cstdio>
@@ -204,6 +206,41 @@ void run_driver_case(std::mt19937& rng) {
   }
 }
 
+// out = softmax(q·Kᵀ·scale)·V for grp query rows over len positions (K/V rows `stride` halves apart),
+// each SIMD path against attend_scalar; then 3 columns at once (attend_columns) against one at a time.
+void run_attention_cases(std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  for (int D : {32, 64, 128, 256})
+    for (int grp : {1, 4, 7})
+      for (int len : {1, 5, 33, 300}) {
+        const size_t stride = (size_t)D * 3;  // as a head-major cache with other heads between
+        std::vector<uint16_t> k(stride * len), v(stride * len);
+        for (auto& h : k) h = float_to_fp16(nd(rng));
+        for (auto& h : v) h = float_to_fp16(nd(rng));
+        std::vector<float> q((size_t)3 * grp * D), sc((size_t)3 * grp * len), ref((size_t)3 * grp * D);
+        for (auto& x : q) x = nd(rng);
+        const float scale = 1.0f / std::sqrt((float)D);
+        attend_scalar(q.data(), k.data(), v.data(), stride, len, D, grp, scale, sc.data(), ref.data());
+        for (Path p : available_paths()) {
+          std::vector<float> got(ref.size());
+          attention_kernel(p, D)(q.data(), k.data(), v.data(), stride, len, D, grp, scale, sc.data(), got.data());
+          double num = 0, den = 0;
+          for (int e = 0; e < grp * D; ++e) {
+            num += ((double)got[e] - ref[e]) * ((double)got[e] - ref[e]);
+            den += (double)ref[e] * ref[e];
+          }
+          check(std::sqrt(num / den) < 1e-5, "attention vs scalar", std::sqrt(num / den));
+          if (len < 3) continue;
+          std::vector<float> one(ref.size()), cols(ref.size());
+          for (int c = 0; c < 3; ++c)
+            attention_kernel(p, D)(q.data() + (size_t)c * grp * D, k.data(), v.data(), stride, len - 2 + c, D, grp,
+                                   scale, sc.data(), one.data() + (size_t)c * grp * D);
+          attend_columns(p, q.data(), k.data(), v.data(), stride, len, D, grp, 3, scale, sc.data(), cols.data());
+          check(one == cols, "attention columns == one at a time", len);
+        }
+      }
+}
+
 }  // namespace
 
 int main() {
@@ -220,6 +257,7 @@ int main() {
         ++cases;
       }
   run_driver_case(rng);
+  run_attention_cases(rng);
   std::printf("%d cases, %d failures\n", cases, g_failures);
   return g_failures ? 1 : 0;
 }
