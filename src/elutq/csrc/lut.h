@@ -58,6 +58,7 @@
 // ------------------------------------------------------------------------------------------
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -140,6 +141,19 @@ static inline float run_peak(const float* x4) {
   const float a0 = x4[0] < 0 ? -x4[0] : x4[0], a1 = x4[1] < 0 ? -x4[1] : x4[1];
   const float a2 = x4[2] < 0 ? -x4[2] : x4[2], a3 = x4[3] < 0 ? -x4[3] : x4[3];
   return ((a0 + a1) + a2) + a3;
+}
+
+// p[0..len) ← softmax(p) in place (the scalar and NEON attention; static, so each file compiles its own).
+static inline void softmax_inplace(float* p, int len) {
+  float mx = -INFINITY;
+  for (int j = 0; j < len; ++j) mx = p[j] > mx ? p[j] : mx;
+  float sum = 0.0f;
+  for (int j = 0; j < len; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int j = 0; j < len; ++j) p[j] *= inv;
 }
 
 // Byte of a chunk holding row m's nibbles of runs j and j + 4 (j = 0..3).

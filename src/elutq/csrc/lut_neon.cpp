@@ -17,8 +17,6 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include "lut.h"
@@ -122,16 +120,7 @@ void attend_neon(const float* q, const uint16_t* k0, const uint16_t* v0, size_t 
     }
   }
   for (int r = 0; r < grp; ++r) {
-    float* p = sc + (size_t)r * len;
-    float mx = -INFINITY;
-    for (int j = 0; j < len; ++j) mx = std::max(mx, p[j]);
-    float sum = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      p[j] = std::exp(p[j] - mx);
-      sum += p[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < len; ++j) p[j] *= inv;
+    softmax_inplace(sc + (size_t)r * len, len);
   }
   for (int r = 0; r < grp; ++r) {
     const float* p = sc + (size_t)r * len;

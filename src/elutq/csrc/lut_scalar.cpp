@@ -240,16 +240,7 @@ ELUTQ_CLONES void attend_scalar(const float* q, const uint16_t* k0, const uint16
     }
   }
   for (int r = 0; r < grp; ++r) {
-    float* p = sc + (size_t)r * len;
-    float mx = -INFINITY;
-    for (int j = 0; j < len; ++j) mx = std::max(mx, p[j]);
-    float sum = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      p[j] = std::exp(p[j] - mx);
-      sum += p[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < len; ++j) p[j] *= inv;
+    softmax_inplace(sc + (size_t)r * len, len);
     std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
   }
   for (int j = 0; j < len; ++j) {
