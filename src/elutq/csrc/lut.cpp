@@ -520,7 +520,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
   if (n == 1 && p == Path::Avx512 && !float_tables) {
     // AVX-512 GEMV: each thread walks the two halves of its share side by side (parallel_halves), two
     // continuous weight streams per core — where two neighbouring row blocks at a time (16 KiB runs
-    // that jump every pair) streamed ~5 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
+    // that jump every pair) streamed 3-13 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
     // sequence; a half crossing into another matrix pairs with whatever the other half is on.
     LutTables T;
     T.tq = tq;
