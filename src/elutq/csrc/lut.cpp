@@ -434,20 +434,21 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
 
   // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
   // row r written to y[c·ldy + r].
+  // Column c's int8 tables (second: the residual pass's, where it is not fused).
+  auto col_tables = [&](int c, bool second) {
+    LutTables T;
+    T.tq = (second ? tq2 : tq) + c * g4;
+    T.tm = tm + c * g4 / 16;
+    T.gstride = gstride;
+    T.lut_scale = (second ? ls2 : ls) + (size_t)c * ng;
+    T.xsum = (second ? xs0 : xs) + (size_t)c * ng;
+    if (fused) T.tr = tq2 + c * g4;
+    return T;
+  };
   auto pass_rows = [&](const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
     const int8_t* tqp = second ? tq2 : tq;
     const float* lsp = second ? ls2 : ls;
     const float* xsp = second ? xs0 : xs;
-    auto col_tables = [&](int c) {
-      LutTables T;
-      T.tq = tqp + c * g4;
-      T.tm = tm + c * g4 / 16;
-      T.gstride = gstride;
-      T.lut_scale = lsp + (size_t)c * ng;
-      T.xsum = xsp + (size_t)c * ng;
-      if (fused) T.tr = tq2 + c * g4;
-      return T;
-    };
     if (float_tables) {
       for (int rb = lo; rb < hi; ++rb)
         for (int c = 0; c < n; ++c) {
@@ -459,7 +460,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       return;
     }
     if (n == 1) {
-      gemv_rows(p, W, col_tables(0), lo, hi, y);
+      gemv_rows(p, W, col_tables(0, second), lo, hi, y);
       return;
     }
 #if defined(__x86_64__) || defined(_M_X64)
@@ -480,7 +481,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     }
 #endif
     for (int rb = lo; rb < hi; ++rb)
-      for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c), rb, rb + 1, y + (size_t)c * ldy);
+      for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c, second), rb, rb + 1, y + (size_t)c * ldy);
   };
   auto rows_job = [&](int b0, int b1) {
     thread_local std::vector<float> scratch;
@@ -522,13 +523,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     // continuous weight streams per core — where two neighbouring row blocks at a time (16 KiB runs
     // that jump every pair) streamed 3-13 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
     // sequence; a half crossing into another matrix pairs with whatever the other half is on.
-    LutTables T;
-    T.tq = tq;
-    T.tm = tm;
-    T.gstride = gstride;
-    T.lut_scale = ls;
-    T.xsum = xs;
-    if (fused) T.tr = tq2;
+    const LutTables T = col_tables(0, false);
     std::vector<int> base(Ws.size() + 1, 0);
     for (size_t w = 0; w < Ws.size(); ++w) base[w + 1] = base[w] + Ws[w].nrb();
     auto matrix_of = [&](int v) {
@@ -558,8 +553,7 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
     return;
   }
 #endif
-  // (GEMV chunks are whole pairs of row blocks where they can be: the AVX-512 GEMV streams two at once.)
-  const int chunk = n == 1 ? std::max(2, (int)((64 * 1024) / rb_bytes) & ~1)
+  const int chunk = n == 1 ? std::max(1, (int)((64 * 1024) / rb_bytes))
                            : std::max(1, std::min((int)((256 * 1024) / rb_bytes), total_rb / (4 * nt)));
   parallel_for(nt, total_rb, chunk, rows_job);
 }
