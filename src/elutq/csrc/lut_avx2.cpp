@@ -441,6 +441,8 @@ static inline void pv_rows_avx2(const float* p, int len, const int* lens, const 
   for (int k = 0; k < NR; ++k) {  // rows k.. are the ones still going over positions lens[k − 1] .. lens[k]
     for (; j < lens[k]; ++j) {
       const uint16_t* vj = v0 + (size_t)j * stride + d0;
+      if (j + kAttendAhead < len)
+        for (int i = 0; i < 8 * NV; i += 32) __builtin_prefetch(vj + kAttendAhead * stride + i, 0, 3);
       __m256 x[NV];
       for (int i = 0; i < NV; ++i) x[i] = load8h(vj + 8 * i);
       for (int r = 0; r < NR; ++r) {
@@ -462,6 +464,7 @@ void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, si
   const int len0 = len - ncol + 1;  // the first column's positions (each later column sees one more)
   for (int j = 0; j < len; j += 8) {
     const int nk = len - j < 8 ? len - j : 8;
+    for (int t = j + kAttendAhead; t < j + kAttendAhead + 8 && t < 2 * len; ++t) prefetch_kv_row(k0, v0, stride, len, D, t);
     const uint16_t* kp[8];
     for (int t = 0; t < 8; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     for (int r = 0; r < R; ++r) {

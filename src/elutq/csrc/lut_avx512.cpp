@@ -574,6 +574,8 @@ inline void pv_rows(const float* p, int len, const int* lens, const uint16_t* v0
   for (int k = 0; k < NR; ++k) {  // rows k.. are the ones still going over positions lens[k − 1] .. lens[k]
     for (; j < lens[k]; ++j) {
       const uint16_t* vj = v0 + (size_t)j * stride + d0;
+      if (j + kAttendAhead < len)
+        for (int i = 0; i < DC; i += 32) __builtin_prefetch(vj + kAttendAhead * stride + i, 0, 3);
       __m512 x[NV];
       for (int i = 0; i < NV; ++i) x[i] = load16h(vj + 16 * i);
       for (int r = 0; r < NR; ++r) {
@@ -614,6 +616,7 @@ void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, 
   const bool widen = R > 1;
   for (int j = 0; j < len; j += 16) {
     const int nk = len - j < 16 ? len - j : 16;
+    for (int t = j + kAttendAhead; t < j + kAttendAhead + 16 && t < 2 * len; ++t) prefetch_kv_row(k0, v0, stride, len, D, t);
     const uint16_t* kp[16];
     for (int t = 0; t < 16; ++t) kp[t] = k0 + (size_t)(j + (t < nk ? t : nk - 1)) * stride;  // tail: repeat the last key
     if (widen) {  // several query rows: widen the block once, each row then reads f32 from L1
