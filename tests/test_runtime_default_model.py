@@ -60,9 +60,10 @@ def test_int8_tables_logits_and_top1(checkpoint):
     """int8 tables (the fast path) against torch, teacher-forced on 512 WikiText-2 test tokens.
 
     Measured on this model: relative RMS logit error 1.04e-2 to 1.06e-2, top-1 agreement 98.8 % to 99.0 %
-    (4 Dec 2026: 98.83 %), the misses at reference margins ≤ 0.13 logits (the logits' RMS is 8.3), i.e. near-ties only (int8 activation tables,
-    each run on its own grid through per-run integer multipliers; see docs/KERNELS.md).  The bounds below
-    leave a margin over those figures; a kernel or runtime bug moves them by orders of magnitude."""
+    (4 Dec 2026: 98.83 %), the misses at reference margins ≤ 0.13 logits (the logits' RMS is 8.3), i.e.
+    near-ties only (int8 activation tables, each run on its own grid through per-run integer multipliers;
+    see docs/KERNELS.md).  The bounds below leave a margin over those figures; a kernel or runtime bug
+    moves them by orders of magnitude."""
     rel, agree, worst = _teacher_forced(checkpoint)
     assert rel < 0.016
     assert agree > 0.97
