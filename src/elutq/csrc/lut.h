@@ -160,10 +160,13 @@ static inline void softmax_inplace(float* p, int len) {
 // layers).  The AVX2 and AVX-512 kernels prefetch the rows kAttendAhead positions ahead into L1, which
 // took 10-25 % off a call streaming from memory (docs/KERNELS.md).
 constexpr int kAttendAhead = 16;
+// n fp16 values from p into L1 (32 fp16 = one 64-byte line).
+static inline void prefetch_fp16(const uint16_t* p, int n) {
+  for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
+}
 // Row t of K (t < len), else row t − len of V: the key pass's last blocks start V's stream.
 static inline void prefetch_kv_row(const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int t) {
-  const uint16_t* r = t < len ? k0 + (size_t)t * stride : v0 + (size_t)(t - len) * stride;
-  for (int d = 0; d < D; d += 32) __builtin_prefetch(r + d, 0, 3);  // 32 fp16 = one 64-byte line
+  prefetch_fp16(t < len ? k0 + (size_t)t * stride : v0 + (size_t)(t - len) * stride, D);
 }
 
 // Byte of a chunk holding row m's nibbles of runs j and j + 4 (j = 0..3).

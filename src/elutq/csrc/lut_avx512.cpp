@@ -574,8 +574,7 @@ inline void pv_rows(const float* p, int len, const int* lens, const uint16_t* v0
   for (int k = 0; k < NR; ++k) {  // rows k.. are the ones still going over positions lens[k − 1] .. lens[k]
     for (; j < lens[k]; ++j) {
       const uint16_t* vj = v0 + (size_t)j * stride + d0;
-      if (j + kAttendAhead < len)
-        for (int i = 0; i < DC; i += 32) __builtin_prefetch(vj + kAttendAhead * stride + i, 0, 3);
+      if (j + kAttendAhead < len) prefetch_fp16(vj + kAttendAhead * stride, DC);
       __m512 x[NV];
       for (int i = 0; i < NV; ++i) x[i] = load16h(vj + 16 * i);
       for (int r = 0; r < NR; ++r) {
