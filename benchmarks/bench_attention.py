@@ -29,6 +29,7 @@ import numpy as np
 
 from elutq import _native
 from elutq.kernels import available_paths
+from elutq.roofline import probe_bytes
 
 SHAPES = (("SmolLM2-135M", 64, 3), ("LLaMA-2-7B", 128, 1), ("Qwen2.5-7B", 128, 7))
 
@@ -119,7 +120,7 @@ def cold(paths: list[str], lengths: list[int], cold_mb: int, rng: np.random.Gene
             v[:] = k[:, ::-1]
             q = rng.normal(size=(grp, d)).astype(np.float32)
             out = np.empty_like(q)
-            bw = _native.read_bandwidth(1 << 28, 1, 1, 0.5)
+            bw = _native.read_bandwidth(probe_bytes(), 1, 1, 0.5)
             cells = []
             for p in paths:
                 best = float("inf")

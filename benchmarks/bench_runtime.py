@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from elutq.roofline import paired_rounds, peak_rss_mb
 
 PEER_TYPES = ("Q2_K", "Q4_0", "TQ2_0")
 FTYPES = {"Q2_K": 10, "Q4_0": 2, "TQ2_0": 37}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
@@ -41,49 +41,7 @@ PAIRS = (("hlq w2g128", "Q2_K"), ("hlq w2g128", "TQ2_0"), ("hlq w4g128", "Q4_0")
 LLAMA7B = dict(n_layers=32, hidden=4096, inter=11008, n_heads=32, n_kv_heads=32, vocab=32000)
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this process (VmHWM: unlike getrusage's ru_maxrss, Linux does not carry it over from
-    the parent across fork + exec, so each worker reports its own), bandwidth probes excluded."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return max(int(line.split()[1]) / 1024, _PEAK_BEFORE_PROBES[0])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ----------------------------------------------------------------------------- workers (subprocesses)
-
-
-_PEAK_BEFORE_PROBES = [0.0]
-
-
-def sustained_bw(threads: int) -> float:
-    """Read bandwidth sustained over a time like a decode's: the better of a plain and a prefetching read
-    loop, each reading 256 MiB over and over for 0.5 s.  The probe's buffer is not the engine's memory:
-    the peak RSS so far is kept aside and the kernel's high-water mark reset after the probe
-    (``/proc/self/clear_refs``), so ``peak_rss_mb`` reports the engine alone."""
-    from elutq import _native
-
-    _PEAK_BEFORE_PROBES[0] = max(_PEAK_BEFORE_PROBES[0], peak_rss_mb())
-    bw = _native.read_bandwidth(1 << 28, 1, threads, 0.5)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS (the probe's buffer is freed by now)
-    return bw
-
-
-def paired_rounds(one_round: Callable[[int], tuple[float, float]], threads: int, repeats: int) -> dict:
-    """``repeats`` rounds at ``threads`` threads, each between two read-bandwidth probes at the same thread
-    count (their mean is the round's roofline): this host's bandwidth drifts by tens of percent within
-    minutes, so a decode rate is only compared with the probes taken around it.  Best prefill and decode
-    rates over the rounds, and every round's figures."""
-    rounds = []
-    for _ in range(repeats):
-        before = sustained_bw(threads)
-        prefill, decode = one_round(threads)
-        bw = (before + sustained_bw(threads)) / 2
-        rounds.append(dict(bw=bw, prefill=prefill, decode=decode))
-    return dict(threads=threads, prefill=max(r["prefill"] for r in rounds), decode=max(r["decode"] for r in rounds),
-                rounds=rounds)
 
 
 def _random_prompt(vocab: int, n: int, seed: int = 0) -> list[int]:

@@ -391,3 +391,43 @@ def test_bench_counts_the_kv_cache_a_decode_step_reads():
     assert sp.weight_bytes == m.runtime.weight_bytes and sp.decode_tokens_per_s > 0
     sp.read_gb_per_s = 1.0
     assert sp.read_fraction == pytest.approx(sp.roofline_fraction * (1 + sp.kv_bytes / sp.weight_bytes))
+
+
+def test_probe_reads_past_the_last_level_cache(monkeypatch):
+    """The probe's buffer is twice the largest cache (a decode's weights never fit in it), within
+    [256 MiB, 4 GiB]; the cache size comes from sysfs as Linux writes it ("491520K")."""
+    from elutq import roofline
+
+    for llc, want in ((0, 1 << 28), (32 << 20, 1 << 28), (480 << 20, 960 << 20), (8 << 30, 1 << 32)):
+        monkeypatch.setattr(roofline, "last_level_cache_bytes", lambda llc=llc: llc)
+        assert roofline.probe_bytes() == want
+    monkeypatch.undo()
+    assert roofline.last_level_cache_bytes() >= 0
+
+
+def test_paired_rounds_compare_each_round_with_the_probes_around_it(monkeypatch):
+    from elutq import roofline
+
+    probes = iter([10.0, 20.0, 30.0, 50.0])
+    monkeypatch.setattr(roofline, "sustained_read_bandwidth", lambda threads: next(probes))
+    calls = []
+
+    def one_round(t: int) -> tuple[float, float]:
+        calls.append(t)
+        return (100.0, 5.0) if len(calls) == 1 else (90.0, 7.0)
+
+    r = roofline.paired_rounds(one_round, 2, 2)
+    assert calls == [2, 2]
+    assert r["prefill"] == 100.0 and r["decode"] == 7.0
+    assert [x["bw"] for x in r["rounds"]] == [15.0, 40.0]
+
+
+def test_probe_buffer_left_out_of_peak_rss(monkeypatch):
+    """A probe allocates and frees a buffer far larger than the engine: peak RSS must not count it (without
+    the high-water mark's reset it would rise by the whole 512 MiB)."""
+    from elutq import roofline
+
+    monkeypatch.setattr(roofline, "probe_bytes", lambda: 512 << 20)
+    before = roofline.peak_rss_mb()
+    assert roofline.sustained_read_bandwidth(1) > 0
+    assert roofline.peak_rss_mb() < before + 100

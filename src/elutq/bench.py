@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native, kernels
+from .roofline import paired_rounds, peak_rss_mb
 from .runtime import Model, Session, _Arch
-from .utils import ElutqError, peak_rss_mb
+from .utils import ElutqError
 
 
 @dataclass
@@ -92,27 +93,45 @@ def bench_runtime(
     return report(model, threads, prompt_tokens, gen_tokens, repeats)
 
 
+def measure_paired(model: Model, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> Speed:
+    """:func:`measure`'s figures over :func:`paired_rounds`: best prefill, best decode, and as the read
+    bandwidth the mean of the two probes around the best decode round (so the roofline is that round's)."""
+    session = Session(model, max_ctx=min(model.max_ctx, prompt_tokens + gen_tokens + 1))
+    speeds: list[Speed] = []
+
+    def one_round(t: int) -> tuple[float, float]:
+        speeds.append(measure(model, t, prompt_tokens, gen_tokens, 1, session=session))
+        return speeds[-1].prefill_tokens_per_s, speeds[-1].decode_tokens_per_s
+
+    rounds = paired_rounds(one_round, threads, repeats)["rounds"]
+    best = max(range(len(rounds)), key=lambda i: rounds[i]["decode"])
+    sp = speeds[best]
+    sp.prefill_tokens_per_s = max(r["prefill"] for r in rounds)
+    sp.read_gb_per_s = rounds[best]["bw"]
+    return sp
+
+
 def report(model: Model, threads: list[int] | None, prompt_tokens: int, gen_tokens: int, repeats: int) -> list[Speed]:
     import os
 
     threads = threads or sorted({1, os.cpu_count() or 1})
     print(f"weights streamed per decode step: {model.runtime.weight_bytes / 1e6:.1f} MB")
-    out = [measure(model, n, prompt_tokens, gen_tokens, repeats) for n in threads]
-    print(f"KV cache read per decode step: {out[0].kv_bytes / 1e6:.1f} MB on average (fp16; GB/s and roofline "
-          "count the weights only, +KV both)")
-    print(f"{'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>6} {'read BW':>8} {'roofline':>9} "
-          f"{'+KV':>5}")
-    rss = peak_rss_mb()  # before the bandwidth test's buffer
-    for sp in out:
-        # sustained rate (0.5 s windows of a plain and a prefetching read loop), as a decode sees it
-        sp.read_gb_per_s = _native.read_bandwidth(1 << 28, 1, sp.threads, 0.5)
+    out = []
+    for n in threads:
+        out.append(measure_paired(model, n, prompt_tokens, gen_tokens, repeats))
+        if n == threads[0]:
+            print(f"KV cache read per decode step: {out[0].kv_bytes / 1e6:.1f} MB on average (fp16; GB/s and "
+                  "roofline count the weights only, +KV both)")
+            print(f"{'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'GB/s':>6} {'read BW':>8} "
+                  f"{'roofline':>9} {'+KV':>5}")
+        sp = out[-1]
         print(
             f"{sp.threads:>7} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.1f} "
             f"{sp.decode_gb_per_s:>6.1f} {sp.read_gb_per_s:>8.1f} {sp.roofline_fraction:>8.0%} "
             f"{sp.read_fraction:>5.0%}"
         )
-    print(f"peak RSS: {rss:.0f} MiB  (prompt {prompt_tokens} tokens, {gen_tokens} decode steps, "
-          f"best of {repeats})")
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB without the probes' buffer  (prompt {prompt_tokens} tokens, "
+          f"{gen_tokens} decode steps, best of {repeats}; read BW: the probes around the best decode round)")
     return out
 
 
