@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import resource
 import time
 
 import numpy as np
 
 from elutq import _native
 from elutq.kernels import available_paths
-from elutq.roofline import probe_bytes
+from elutq.roofline import peak_rss_mb, sustained_read_bandwidth
 
 SHAPES = (("SmolLM2-135M", 64, 3), ("LLaMA-2-7B", 128, 1), ("Qwen2.5-7B", 128, 7))
 
@@ -70,7 +69,7 @@ def main() -> None:
         columns(p, [int(x) for x in args.lengths.split(",")], args.repeats, rng)
     if args.cold_mb:
         cold(paths, [int(x) for x in args.lengths.split(",")], args.cold_mb, rng)
-    print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"\npeak RSS: {peak_rss_mb():.0f} MiB (without the bandwidth probes' buffer)")
 
 
 def columns(path: str, lengths: list[int], repeats: int, rng: np.random.Generator) -> None:
@@ -120,7 +119,7 @@ def cold(paths: list[str], lengths: list[int], cold_mb: int, rng: np.random.Gene
             v[:] = k[:, ::-1]
             q = rng.normal(size=(grp, d)).astype(np.float32)
             out = np.empty_like(q)
-            bw = _native.read_bandwidth(probe_bytes(), 1, 1, 0.5)
+            bw = sustained_read_bandwidth(1)
             cells = []
             for p in paths:
                 best = float("inf")

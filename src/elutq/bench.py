@@ -103,11 +103,11 @@ def measure_paired(model: Model, threads: int, prompt_tokens: int, gen_tokens: i
         speeds.append(measure(model, t, prompt_tokens, gen_tokens, 1, session=session))
         return speeds[-1].prefill_tokens_per_s, speeds[-1].decode_tokens_per_s
 
-    rounds = paired_rounds(one_round, threads, repeats)["rounds"]
-    best = max(range(len(rounds)), key=lambda i: rounds[i]["decode"])
+    r = paired_rounds(one_round, threads, repeats)
+    best = max(range(len(r["rounds"])), key=lambda i: r["rounds"][i]["decode"])
     sp = speeds[best]
-    sp.prefill_tokens_per_s = max(r["prefill"] for r in rounds)
-    sp.read_gb_per_s = rounds[best]["bw"]
+    sp.prefill_tokens_per_s = r["prefill"]
+    sp.read_gb_per_s = r["rounds"][best]["bw"]
     return sp
 
 
