@@ -56,17 +56,21 @@ def elutq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "elutq", *args]
 
 
-def eval_ppl(model: str, max_tokens: int | None, log: Path | None = None) -> dict:
-    """WikiText-2 test perplexity of a checkpoint or model via ``elutq eval --json`` (a fresh process)."""
+def eval_ppl(
+    model: str, max_tokens: int | None, log: Path | None = None, backend: str = "native", dataset: str = "wikitext2"
+) -> dict:
+    """Test-split perplexity of a checkpoint or model via ``elutq eval --json`` (a fresh process); the
+    result also carries the child's wall seconds and peak RSS."""
     extra = ["--max-tokens", str(max_tokens)] if max_tokens else []
     with tempfile.TemporaryDirectory(prefix="elutq-bench-") as tmp:
         m = run_measured(
-            elutq_cmd("eval", model, "--dataset", "wikitext2", "--json", *extra), log=log or Path(tmp) / "log"
+            elutq_cmd("eval", model, "--dataset", dataset, "--backend", backend, "--json", *extra),
+            log=log or Path(tmp) / "log",
         )
     if m.returncode != 0:
         raise RuntimeError(f"elutq eval {model} failed:\n{m.output[-3000:]}")
     line = next(ln for ln in reversed(m.output.splitlines()) if ln.startswith("{"))
-    return {**json.loads(line), "eval_seconds": m.seconds}
+    return {**json.loads(line), "eval_seconds": m.seconds, "eval_peak_rss_mb": m.peak_rss_mb}
 
 
 def fmt_int(x: float) -> str:

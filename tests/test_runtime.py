@@ -201,6 +201,37 @@ def test_generate_stream_stop_and_session_reuse(tmp_path):
         assert "".join(pieces) == cut.text
 
 
+def test_generation_config_sets_the_sampling_defaults(tmp_path):
+    """As transformers: greedy unless generation_config.json says do_sample; then its settings (its missing
+    ones transformers' defaults); explicit arguments win.  The file travels from the source into the checkpoint."""
+    from transformers import GenerationConfig
+
+    src = tmp_path / "src"
+    model = save_tiny_model(src, "llama")
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.8, repetition_penalty=1.1).save_pretrained(src)
+    from transformers import AutoTokenizer
+
+    quantize(model, QuantConfig(3, 32), progress=False)
+    model.generation_config = GenerationConfig.from_pretrained(src)
+    out = save_quantized(model, AutoTokenizer.from_pretrained(src), tmp_path / "q", {"method": "rtn"})
+    rt = elutq.load(out)
+    assert rt.generation_defaults == {"temperature": 0.6, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.1}
+    g = rt.start("Hello", temperature=0.0, seed=1)
+    assert (g.sampler.temperature, g.sampler.top_p, g.sampler.top_k) == (0.0, 0.8, 50)
+    greedy = rt.generate("Hello", max_new_tokens=8, temperature=0.0, repetition_penalty=1.0).token_ids
+    sampled = {tuple(rt.generate("Hello", max_new_tokens=8, seed=s).token_ids) for s in range(4)}
+    assert len(sampled) > 1 or greedy not in [list(x) for x in sampled]  # the defaults sample
+    (out / "generation_config.json").write_text('{"do_sample": false, "repetition_penalty": 1.3}')
+    assert elutq.load(out).generation_defaults == {
+        "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.3
+    }
+    (out / "generation_config.json").unlink()
+    assert elutq.load(out).generation_defaults["temperature"] == 0.0  # no file: greedy
+    (out / "generation_config.json").write_text("{oops")
+    with pytest.raises(ElutqError, match="generation_config.json is not valid JSON"):
+        elutq.load(out)
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     logits = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
     a = [Sampler(temperature=1.0, top_p=0.9, seed=5)(logits, []) for _ in range(3)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ QUANT_METHOD = "hlq"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"  # the source model's sampling defaults, carried along
 EMBED = "model.embed_tokens"  # the embedding's name, as a module and as a tensor prefix
 
 
@@ -198,9 +200,17 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.to_json_file(tmp / GENERATION_FILE)
         # config.json last: its presence is what marks a directory as a checkpoint.
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def copy_generation_config(src: Path, dst: Path) -> None:
+    """Carry the source model's sampling defaults (``generation_config.json``) into a checkpoint."""
+    if (Path(src) / GENERATION_FILE).is_file():
+        shutil.copyfile(Path(src) / GENERATION_FILE, Path(dst) / GENERATION_FILE)
 
 
 def read_quantization_config(path: Path) -> dict[str, Any]:

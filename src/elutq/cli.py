@@ -183,13 +183,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import load_text, perplexity, tokenize
 
     text, source = load_text(args.text, args.dataset, args.split)
-    model, tokenizer, qc = _load_any(args.model)
+    if args.backend == "native":
+        from .runtime import load
+
+        model = load(args.model, threads=args.threads)
+        tokenizer, qc = model.tokenizer, model.qconfig
+    else:
+        model, tokenizer, qc = _load_any(args.model)
     ids = tokenize(tokenizer, text)
     print(f"text: {source}  ({ids.numel()} tokens)")
     res = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.max_tokens)
-    print(res.summary())
+    print(res.summary() + f"  [{args.backend} backend]")
     if args.json:
-        out = {"model": args.model, "text": source, **res.__dict__}
+        out = {"model": args.model, "text": source, "backend": args.backend, **res.__dict__}
         if qc:
             out.update({k: qc.get(k) for k in ("method", "format", "bits", "group_size")})
         print(json.dumps(out))
@@ -323,12 +329,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
           residual_tables=args.residual_tables)
 
 
-def _add_sampling_args(g: argparse.ArgumentParser, temperature: float) -> None:
+def _add_sampling_args(g: argparse.ArgumentParser) -> None:
+    model_default = "default: the model's generation_config.json, as transformers reads it"
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0: greedy (default {temperature})")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=40, help="0: off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None, help=f"0: greedy ({model_default}; greedy if absent)")
+    g.add_argument("--top-p", type=float, default=None, help=model_default)
+    g.add_argument("--top-k", type=int, default=None, help=f"0: off ({model_default})")
+    g.add_argument("--repetition-penalty", type=float, default=None, help=model_default)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
@@ -451,12 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="checkpoint directory or any model `quantize` accepts")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file")
-    src.add_argument("--dataset", choices=["wikitext2"])
+    src.add_argument(
+        "--dataset", help="wikitext2 or python-code (shipped), wikitext2-raw or c4 (from the hub, needs `datasets`)"
+    )
     e.add_argument("--split", default="test", choices=["test", "valid"])
     e.add_argument("--seqlen", type=int, default=2048, help="window length (capped by the model's context)")
     e.add_argument("--stride", type=int, default=None, help="window step (default: seqlen, non-overlapping)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    e.add_argument(
+        "--backend",
+        choices=["native", "torch"],
+        default="native",
+        help="native: the LUT runtime users run (default); torch: the dequantized fp32 reference (slow)",
+    )
+    e.add_argument("--threads", type=int, default=None, help="native kernel threads (default: all cores)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="describe a checkpoint")
@@ -467,14 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="checkpoint directory or any model `quantize` accepts (run 16-bit)")
     g.add_argument("-p", "--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="plain completion: do not apply the chat template")
-    _add_sampling_args(g, temperature=0.0)
+    _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive chat with a checkpoint (history kept, /reset, Ctrl-C stops a reply)")
     ch.add_argument("model")
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("-v", "--verbose", action="store_true", help="print tokens/s after each reply")
-    _add_sampling_args(ch, temperature=0.7)
+    _add_sampling_args(ch)
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="prefill/decode tokens/s at 1 and N threads, peak RSS")

@@ -43,6 +43,7 @@ from .checkpoint import (
     WEIGHTS_FILE,
     HLQEmbedding,
     HLQLinear,
+    copy_generation_config,
     module_group_size,
     read_quantization_config,
     set_module,
@@ -558,6 +559,7 @@ def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> N
     cfg_dict["quantization_config"]["finetune"] = [*qc.get("finetune", []), entry]
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
+    copy_generation_config(ckpt, work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -37,7 +37,16 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import CHECKPOINT_VERSION, EMBED, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
+from .checkpoint import (
+    CHECKPOINT_VERSION,
+    EMBED,
+    INDEX_FILE,
+    QUANT_METHOD,
+    HLQLinear,
+    copy_generation_config,
+    set_module,
+    storage_dtype,
+)
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
@@ -557,7 +566,7 @@ def quantize_streaming(
     head_bits, head_params = _write_head(skeleton, source, config, acts, cfg, work, prefer, device)
     report.storage_bits += head_bits
     report.n_params += head_params
-    _finish(work, out, config, tokenizer, cfg, report, overwrite)
+    _finish(work, out, config, tokenizer, cfg, report, overwrite, src_dir)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -659,9 +668,16 @@ def _quantize_rows(w: torch.Tensor, quantize_rows, name: str, tensors: dict[str,
 
 
 def _finish(
-    work: Path, out: Path, config, tokenizer, cfg: PipelineConfig, report: PipelineReport, overwrite: bool
+    work: Path,
+    out: Path,
+    config,
+    tokenizer,
+    cfg: PipelineConfig,
+    report: PipelineReport,
+    overwrite: bool,
+    src_dir: Path,
 ) -> None:
-    """Index, config and tokenizer into the work dir, then rename it into place."""
+    """Index, config, tokenizer and generation defaults into the work dir, then rename it into place."""
     weight_map = {}
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
@@ -694,6 +710,7 @@ def _finish(
         "modules": modules,
     }
     tokenizer.save_pretrained(work)
+    copy_generation_config(src_dir, work)
     for f in (PROGRESS_FILE, HIDDEN_FILE):
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / "activations", ignore_errors=True)

@@ -31,7 +31,14 @@ import torch
 from safetensors import safe_open
 
 from . import __version__, _native, kernels
-from .checkpoint import EMBED, INDEX_FILE, is_quantized_checkpoint, module_group_size, read_quantization_config
+from .checkpoint import (
+    EMBED,
+    GENERATION_FILE,
+    INDEX_FILE,
+    is_quantized_checkpoint,
+    module_group_size,
+    read_quantization_config,
+)
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError
 
@@ -365,7 +372,9 @@ class Model:
     def __init__(self, rt: Any, config, tokenizer, arch: _Arch, path: Path | None, qconfig: dict | None, max_ctx: int):
         self.runtime, self.config, self.tokenizer, self.arch = rt, config, tokenizer, arch
         self.path, self.qconfig, self.max_ctx = path, qconfig, max_ctx
-        self.eos_ids = _eos_ids(config, tokenizer, path) if tokenizer is not None else set()
+        gen = read_generation_config(path)
+        self.eos_ids = _eos_ids(config, tokenizer, gen) if tokenizer is not None else set()
+        self.generation_defaults = generation_defaults(gen)
         self.session = Session(self)
         self._lock = threading.Lock()  # one forward at a time (the runtime owns its scratch buffers)
 
@@ -397,6 +406,20 @@ class Model:
         chunks = [ids[i : i + PREFILL_CHUNK] for i in range(0, len(ids), PREFILL_CHUNK)]
         parts = [self.forward(s, c, all_logits=True) for c in chunks]
         return torch.from_numpy(np.concatenate(parts))
+
+    def token_logprobs(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``log p(ids[t+1] | ids[:t+1])`` for ``t < T-1`` (float32 ``[T-1]``), from an empty context.
+        One prefill chunk's logits are alive at a time, so memory does not grow with ``T`` (a 2048-token
+        window's full logits over a 150k vocabulary would be 1.2 GB)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        s = Session(self, max_ctx=len(ids))
+        out = []
+        for i in range(0, len(ids) - 1, PREFILL_CHUNK):
+            chunk = ids[i : i + PREFILL_CHUNK]
+            targets = torch.tensor(ids[i + 1 : i + 1 + len(chunk)], dtype=torch.long)
+            logits = torch.from_numpy(self.forward(s, chunk, all_logits=True))[: targets.numel()]
+            out.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0])
+        return torch.cat(out) if out else torch.zeros(0)
 
     # -- text
 
@@ -443,24 +466,28 @@ class Model:
         messages: Sequence[dict] | None = None,
         ids: Sequence[int] | None = None,
         max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         session: Session | None = None,
     ) -> Generation:
         """A reply in the making, for a driver that feeds ``pending`` tokens and calls ``advance``
-        (``generate`` does it for one request; the server does it for many in one batch)."""
-        sampler = Sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        (``generate`` does it for one request; the server does it for many in one batch).  Sampling
+        settings left ``None`` come from :attr:`generation_defaults`."""
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        settings = {**self.generation_defaults, **{k: v for k, v in given.items() if v is not None}}
+        sampler = Sampler(**settings, seed=seed)
         if ids is None:
             ids = self.encode(prompt, messages)
         stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
         return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops)
 
     def generate(self, prompt: str | None = None, *, stream: bool = False, **kw: Any) -> Completion | TextStream:
-        """Continue ``prompt`` (or answer chat ``messages=``).  Greedy unless ``temperature > 0``.
+        """Continue ``prompt`` (or answer chat ``messages=``), sampling as the model's
+        ``generation_config.json`` says unless told otherwise (greedy when it does not ask to sample).
 
         Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
         repetition_penalty, stop, seed, session``.  The session's KV cache is reused for the longest
@@ -616,12 +643,41 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _eos_ids(config, tokenizer, path: Path) -> set[int]:
+def read_generation_config(path: Path | None) -> dict:
+    """A model's ``generation_config.json`` (sampling defaults, extra end-of-sequence ids), or ``{}``."""
+    f = Path(path) / GENERATION_FILE if path is not None else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        g = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ElutqError(f"{f} is not valid JSON ({e}); fix or delete it (it only holds sampling defaults)") from e
+    if not isinstance(g, dict):
+        raise ElutqError(f"{f} is not a JSON object; fix or delete it (it only holds sampling defaults)")
+    return g
+
+
+def generation_defaults(g: dict) -> dict[str, float]:
+    """Sampler settings from a generation config, read as transformers reads it: greedy unless
+    ``do_sample`` is true; then its temperature, top-p, top-k and repetition penalty, each defaulting to
+    transformers' own (1.0, 1.0, 50, 1.0)."""
+    try:
+        rep = float(g.get("repetition_penalty") or 1.0)
+        if not g.get("do_sample"):
+            return {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": rep}
+        return {
+            "temperature": float(g["temperature"] if g.get("temperature") is not None else 1.0),
+            "top_p": float(g.get("top_p") or 1.0),
+            "top_k": int(g["top_k"] if g.get("top_k") is not None else 50),
+            "repetition_penalty": rep,
+        }
+    except (TypeError, ValueError) as e:
+        raise ElutqError(f"{GENERATION_FILE} has a non-numeric sampling setting ({e}); fix or delete it") from e
+
+
+def _eos_ids(config, tokenizer, gen: dict) -> set[int]:
     ids: set[int] = set()
-    sources = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    sources = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None), gen.get("eos_token_id")]
     for e in sources:
         if isinstance(e, int):
             ids.add(e)
