@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in default model: set up, quantize, evaluate, generate.
+# The main job end to end on the built-in default model (SmolLM2-135M-Instruct): set up, quantize to
+# 3 bits with GPTQ-HLQ (embeddings and lm_head 4-bit), compare size and perplexity with the unquantized
+# model, and generate through the native LUT runtime.  A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-OUT=${OUT:-out/smollm2-135m-hlq-w4g128}
-.venv/bin/elutq quantize default -o "$OUT" --method rtn --format hlq --bits 4 --group-size 128 --overwrite
-.venv/bin/elutq info "$OUT"
-# 32k tokens of WikiText-2 test keep the demo to a few minutes; drop --max-tokens for the full set.
-.venv/bin/elutq eval "$OUT" --dataset wikitext2 --max-tokens 32768
-.venv/bin/elutq generate "$OUT" -p "Write one sentence about the sea." --max-new-tokens 48
+OUT=${OUT:-out/smollm2-135m-hlq-w3g128}
+TOKENS=${TOKENS:-16384}  # WikiText-2 test tokens to score; drop --max-tokens below for all 312k
+elutq() { .venv/bin/elutq "$@"; }
+
+echo "== 1. quantize: GPTQ-HLQ w3g128, embeddings and lm_head w4g128, calibrated on 32 x 512 tokens of WikiText-2 valid"
+elutq quantize default -o "$OUT" --bits 3 --group-size 128 --embed-bits 4 --calib-samples 32 --overwrite
+elutq info "$OUT"
+echo "== 2. perplexity on the first $TOKENS tokens of WikiText-2 test, unquantized (fp16) and quantized"
+elutq eval default --dataset wikitext2 --max-tokens "$TOKENS"
+elutq eval "$OUT" --dataset wikitext2 --max-tokens "$TOKENS"
+echo "== 3. generate (streamed; speed on stderr)"
+elutq generate "$OUT" -p "Write one sentence about the sea." --max-new-tokens 48

@@ -186,11 +186,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.backend == "native":
         from .runtime import load
 
-        model = load(args.model, threads=args.threads)
+        model = load(args.model, threads=args.threads, max_ctx=args.seqlen)  # no KV cache beyond a window
         tokenizer, qc = model.tokenizer, model.qconfig
     else:
         model, tokenizer, qc = _load_any(args.model)
     ids = tokenize(tokenizer, text)
+    where = Path(model.path) if args.backend == "native" else None
+    if where is not None:
+        print(f"model: {where}  ({dir_size_mb(where):.1f} MiB on disk)")
     print(f"text: {source}  ({ids.numel()} tokens)")
     res = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.max_tokens)
     print(res.summary() + f"  [{args.backend} backend]")

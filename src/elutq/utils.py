@@ -40,7 +40,8 @@ def _malloc_trim():
 
 
 def dir_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+    """A model directory's own files (weights, config, tokenizer), not the runtime's derived kernel cache."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()) / 2**20
 
 
 def move_into_place(src: Path, dest: Path, overwrite: bool = False) -> None:
