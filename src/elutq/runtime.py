@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -289,6 +290,11 @@ class Sampler:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ElutqError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ElutqError(f"seed must be an integer >= 0 (or none for a random one), got {self.seed!r}")
         if self.temperature < 0:
             raise ElutqError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
