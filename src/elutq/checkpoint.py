@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +178,7 @@ def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any
 
 def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any], overwrite: bool = False) -> Path:
     """Write ``model`` (with ``HLQLinear`` modules) as a checkpoint directory, atomically."""
-    out = Path(out)
-    if (out / "config.json").exists() and not overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    out = check_output(out, overwrite)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and not isinstance(
         getattr(model, "lm_head", None), HLQLinear
     )
@@ -234,9 +234,95 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
     return qc
 
 
+# ----------------------------------------------------------------------------- outputs: what may be replaced
+
+PARTIAL_MARKER = ".elutq-partial"  # in OUT.partial: marks an unfinished run that elutq may remove
+
+
+def is_elutq_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is recognisably an elutq checkpoint: config.json with quant_method "hlq"."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def is_elutq_partial(path: str | Path) -> bool:
+    """Whether ``path`` is an unfinished run's work directory (its marker, or its progress file)."""
+    path = Path(path)
+    return path.is_dir() and ((path / PARTIAL_MARKER).is_file() or (path / "progress.json").is_file())
+
+
+def make_partial(path: Path) -> None:
+    """Create (or keep) the work directory ``path`` of a run, marked as elutq's."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / PARTIAL_MARKER).touch()
+
+
+def remove_partial(path: Path) -> None:
+    """Remove an unfinished run's work directory; refuses anything that is not one."""
+    if not path.exists():
+        return
+    if not is_elutq_partial(path) and (not path.is_dir() or any(path.iterdir())):
+        raise ElutqError(
+            f"{path} exists but is not an unfinished elutq run; elutq will not delete it: move it away "
+            "or choose another output path"
+        )
+    shutil.rmtree(path)
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work starts, an output that elutq could not write or must not replace:
+    the working directory or one above it, a file, a non-empty directory that is not an elutq
+    checkpoint (even with ``overwrite``), an existing checkpoint without ``overwrite``, or a parent
+    that is not a writable directory.  Returns ``out`` as a Path."""
+    out = Path(out)
+    full, cwd = Path(os.path.abspath(out)), Path.cwd().resolve()
+    if full.resolve() == cwd or full.resolve() in cwd.parents or full == Path(full.anchor):
+        raise ElutqError(
+            f"the output {out} is the working directory or a directory above it; write the checkpoint to a new "
+            "directory, e.g. -o out/model-w2"
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ElutqError(f"the output {out} exists and is not a directory; choose a new directory for -o")
+        if any(out.iterdir()):
+            if not is_elutq_checkpoint(out):
+                raise ElutqError(
+                    f"the output {out} is a non-empty directory that is not an elutq checkpoint; elutq only ever "
+                    "replaces its own checkpoints (even with --overwrite): choose a new or empty directory"
+                )
+            if not overwrite:
+                raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    parent = full.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ElutqError(f"{parent} is not a directory, so the output {out} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ElutqError(f"cannot write in {parent} (permission denied); choose an output path you can write to")
+    return out
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """A JSON file's content; invalid JSON or unreadable bytes raise an ElutqError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ElutqError(
+            f"{path} is not valid JSON ({e}); the {what} is damaged: restore it, or re-run the command that wrote it"
+        ) from None
+    except OSError as e:
+        raise ElutqError(f"cannot read {path} ({e.strerror or e})") from None
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    data = read_json(cfg, "config")
+    return isinstance(data, dict) and "quantization_config" in data
 
 
 def weight_files(path: Path) -> list[Path]:

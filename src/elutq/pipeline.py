@@ -37,7 +37,19 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import CHECKPOINT_VERSION, EMBED, INDEX_FILE, QUANT_METHOD, HLQLinear, set_module, storage_dtype
+from .checkpoint import (
+    CHECKPOINT_VERSION,
+    EMBED,
+    INDEX_FILE,
+    PARTIAL_MARKER,
+    QUANT_METHOD,
+    HLQLinear,
+    check_output,
+    make_partial,
+    remove_partial,
+    set_module,
+    storage_dtype,
+)
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
@@ -442,9 +454,7 @@ def quantize_streaming(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    out = Path(out)
-    if (out / "config.json").exists() and not overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    out = check_output(out, overwrite)
     work = out.with_name(out.name + ".partial")
     src_dir = resolve_source_dir(model)
     source = SafetensorsSource(src_dir)
@@ -464,14 +474,14 @@ def quantize_streaming(
     progress_file = work / PROGRESS_FILE
     state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
     if work.exists() and not progress_file.is_file():
-        shutil.rmtree(work)  # a run that failed before finishing a layer: nothing in it to keep
+        remove_partial(work)  # a run that failed before finishing a layer: nothing in it to keep
     if work.exists():
         if not resume and not overwrite:
             raise ElutqError(
                 f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
             )
         if overwrite and not resume:
-            shutil.rmtree(work)
+            remove_partial(work)
         elif progress_file.is_file():
             state = json.loads(progress_file.read_text())
             if state["fingerprint"] != fingerprint:
@@ -479,7 +489,7 @@ def quantize_streaming(
                     f"the unfinished run at {work} was started with another model or other settings; "
                     "rerun with the same model and settings, or pass --overwrite to start over"
                 )
-    work.mkdir(parents=True, exist_ok=True)
+    make_partial(work)
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -662,6 +672,7 @@ def _finish(
     work: Path, out: Path, config, tokenizer, cfg: PipelineConfig, report: PipelineReport, overwrite: bool
 ) -> None:
     """Index, config and tokenizer into the work dir, then rename it into place."""
+    check_output(out, overwrite)  # (again: the output may have changed since the start) before progress goes
     weight_map = {}
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
@@ -694,7 +705,7 @@ def _finish(
         "modules": modules,
     }
     tokenizer.save_pretrained(work)
-    for f in (PROGRESS_FILE, HIDDEN_FILE):
+    for f in (PROGRESS_FILE, HIDDEN_FILE, PARTIAL_MARKER):
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / "activations", ignore_errors=True)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
