@@ -197,28 +197,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from safetensors import safe_open
+    from transformers import AutoConfig
 
-    from .checkpoint import EMBED, read_quantization_config, weight_files
+    from .checkpoint import (
+        EMBED,
+        SHARDS_KEY,
+        read_header,
+        read_json,
+        read_quantization_config,
+        validate_checkpoint,
+        weight_files,
+    )
 
     path = Path(args.checkpoint)
     qc = read_quantization_config(path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json", "config")
+    if args.verify:
+        config = AutoConfig.from_pretrained(path)
+        config.__dict__.pop("quantization_config", None)
+        digests = validate_checkpoint(path, qc, config, full=True, remember=False)
+        recorded = qc.get(SHARDS_KEY) or {}
+        for name, digest in digests.items():
+            what = "matches the recorded sha256" if name in recorded else "no checksum recorded (older elutq)"
+            print(f"  {name}: sha256 {digest[:16]}... {what}")
+        if not recorded:
+            print("  (the checkpoint records no checksums: only its structure could be verified)")
     qbits = qparams = other = 0
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118
-                shape = f.get_slice(k).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(f.get_slice(k).get_dtype(), 16)
-                if k.rsplit(".", 1)[0] in qc["modules"]:
-                    qbits += n * elem_bits
-                    if k.endswith(".qweight"):
-                        qparams += n * 8 // shape[0]
-                else:
-                    other += n
+        for k, (dtype, shape) in read_header(file).items():
+            n = 1
+            for d in shape:
+                n *= d
+            elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(dtype, 16)
+            if k.rsplit(".", 1)[0] in qc["modules"]:
+                qbits += n * elem_bits
+                if k.endswith(".qweight"):
+                    qparams += n * 8 // shape[0]
+            else:
+                other += n
     print(f"checkpoint: {path}")
     print(
         f"  architecture: {', '.join(cfg.get('architectures', []))} ({cfg.get('num_hidden_layers')} layers, "
@@ -234,6 +250,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  bits per weight (quantized tensors, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
     print(f"  16-bit parameters ({'norms' if emb else 'embeddings, norms'}, ...): {other / 1e6:.1f}M")
     print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
+    if args.verify:
+        print("  verified: shard checksums, headers, and tensors against config.json")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -465,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")
+    i.add_argument("--verify", action="store_true",
+                   help="check every shard against its recorded sha256 and every tensor against config.json")
     i.set_defaults(func=cmd_info)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint or model (native runtime, streamed)")

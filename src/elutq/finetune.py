@@ -41,6 +41,7 @@ from .checkpoint import (
     EMBED,
     INDEX_FILE,
     PARTIAL_MARKER,
+    SHARDS_KEY,
     WEIGHTS_FILE,
     HLQEmbedding,
     HLQLinear,
@@ -50,6 +51,7 @@ from .checkpoint import (
     read_quantization_config,
     remove_partial,
     set_module,
+    shard_records,
     stored_embedding,
 )
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
@@ -563,6 +565,7 @@ def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> N
     cfg_dict["quantization_config"]["finetune"] = [*qc.get("finetune", []), entry]
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
+    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -43,11 +43,14 @@ from .checkpoint import (
     INDEX_FILE,
     PARTIAL_MARKER,
     QUANT_METHOD,
+    SHARDS_KEY,
     HLQLinear,
     check_output,
+    index_weight_map,
     make_partial,
     remove_partial,
     set_module,
+    shard_records,
     storage_dtype,
 )
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
@@ -122,7 +125,7 @@ class SafetensorsSource:
         self.dir = Path(directory)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] = index_weight_map(index)
             for f in sorted(set(self.weight_map.values())):
                 if not (self.dir / f).is_file():
                     raise ElutqError(
@@ -708,5 +711,6 @@ def _finish(
     for f in (PROGRESS_FILE, HIDDEN_FILE, PARTIAL_MARKER):
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / "activations", ignore_errors=True)
+    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
     move_into_place(work, out, overwrite)
