@@ -17,8 +17,10 @@ native kernels and runtime consume the same tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -178,9 +180,7 @@ def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any
 
 def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any], overwrite: bool = False) -> Path:
     """Write ``model`` (with ``HLQLinear`` modules) as a checkpoint directory, atomically."""
-    out = Path(out)
-    if (out / "config.json").exists() and not overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    out = check_output(out, overwrite)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and not isinstance(
         getattr(model, "lm_head", None), HLQLinear
     )
@@ -202,6 +202,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.to_json_file(tmp / GENERATION_FILE)
+        config["quantization_config"][SHARDS_KEY] = shard_records(tmp)
         # config.json last: its presence is what marks a directory as a checkpoint.
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -221,12 +222,9 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
         raise ElutqError(
             f"{path} is not a checkpoint directory (no config.json); pass the directory `elutq quantize` wrote"
         )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ElutqError(f"{cfg_file} is not valid JSON ({e}); re-run `elutq quantize` to rewrite it") from e
-    qc = cfg.get("quantization_config")
-    if not qc:
+    cfg = read_json(cfg_file, "config")
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(qc, dict) or not qc:
         raise ElutqError(
             f"{path} is not a quantized checkpoint (config.json has no quantization_config); "
             "quantize it first with `elutq quantize`"
@@ -236,6 +234,8 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
             f"{path} was quantized with quant_method {qc.get('quant_method')!r}, not {QUANT_METHOD!r}; "
             "elutq reads only its own checkpoints: quantize the original model with `elutq quantize`"
         )
+    if not isinstance(qc.get("version", 0), int) or not isinstance(qc.get("modules", {}), dict):
+        raise ElutqError(f"{cfg_file}: quantization_config is damaged (version/modules); re-run `elutq quantize`")
     if qc.get("version", 0) > CHECKPOINT_VERSION:
         raise ElutqError(
             f"{path} has checkpoint version {qc.get('version')}, newer than this elutq "
@@ -244,18 +244,114 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
     return qc
 
 
+# ----------------------------------------------------------------------------- outputs: what may be replaced
+
+PARTIAL_MARKER = ".elutq-partial"  # in OUT.partial: marks an unfinished run that elutq may remove
+
+
+def is_elutq_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is recognisably an elutq checkpoint: config.json with quant_method "hlq"."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def is_elutq_partial(path: str | Path) -> bool:
+    """Whether ``path`` is an unfinished run's work directory (its marker, or its progress file)."""
+    path = Path(path)
+    return path.is_dir() and ((path / PARTIAL_MARKER).is_file() or (path / "progress.json").is_file())
+
+
+def make_partial(path: Path) -> None:
+    """Create (or keep) the work directory ``path`` of a run, marked as elutq's."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / PARTIAL_MARKER).touch()
+
+
+def remove_partial(path: Path) -> None:
+    """Remove an unfinished run's work directory; refuses anything that is not one."""
+    if not path.exists():
+        return
+    if not is_elutq_partial(path) and (not path.is_dir() or any(path.iterdir())):
+        raise ElutqError(
+            f"{path} exists but is not an unfinished elutq run; elutq will not delete it: move it away "
+            "or choose another output path"
+        )
+    shutil.rmtree(path)
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work starts, an output that elutq could not write or must not replace:
+    the working directory or one above it, a file, a non-empty directory that is not an elutq
+    checkpoint (even with ``overwrite``), an existing checkpoint without ``overwrite``, or a parent
+    that is not a writable directory.  Returns ``out`` as a Path."""
+    out = Path(out)
+    full, cwd = Path(os.path.abspath(out)), Path.cwd().resolve()
+    if full.resolve() == cwd or full.resolve() in cwd.parents or full == Path(full.anchor):
+        raise ElutqError(
+            f"the output {out} is the working directory or a directory above it; write the checkpoint to a new "
+            "directory, e.g. -o out/model-w2"
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ElutqError(f"the output {out} exists and is not a directory; choose a new directory for -o")
+        if any(out.iterdir()):
+            if not is_elutq_checkpoint(out):
+                raise ElutqError(
+                    f"the output {out} is a non-empty directory that is not an elutq checkpoint; elutq only ever "
+                    "replaces its own checkpoints (even with --overwrite): choose a new or empty directory"
+                )
+            if not overwrite:
+                raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    parent = full.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ElutqError(f"{parent} is not a directory, so the output {out} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ElutqError(f"cannot write in {parent} (permission denied); choose an output path you can write to")
+    return out
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """A JSON file's content; invalid JSON or unreadable bytes raise an ElutqError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ElutqError(
+            f"{path} is not valid JSON ({e}); the {what} is damaged: restore it, or re-run the command that wrote it"
+        ) from None
+    except OSError as e:
+        raise ElutqError(f"cannot read {path} ({e.strerror or e})") from None
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    data = read_json(cfg, "config")
+    return isinstance(data, dict) and "quantization_config" in data
+
+
+def index_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index file, checked (clear errors naming the file)."""
+    data = read_json(index, "safetensors index")
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise ElutqError(f"{index} has no valid weight_map (tensor name -> file); restore it or re-run "
+                         "`elutq quantize`")
+    for f in set(wm.values()):
+        if Path(f).name != f:
+            raise ElutqError(f"{index} names {f!r}, which is not a file in the checkpoint directory")
+    return wm
 
 
 def weight_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors files: those its index names, or the single model.safetensors."""
     index = path / INDEX_FILE
-    if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = [path / WEIGHTS_FILE]
+    files = sorted({path / f for f in index_weight_map(index).values()}) if index.is_file() else [path / WEIGHTS_FILE]
     for f in files:
         if not f.is_file():
             raise ElutqError(f"{f} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
@@ -273,6 +369,280 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 f"cannot read {weights}: {e}; the file is corrupt or truncated: re-run `elutq quantize`"
             ) from e
     return state
+
+
+# ----------------------------------------------------------------------------- integrity
+
+SHARDS_KEY = "shards"  # quantization_config["shards"]: {file: {"bytes": n, "sha256": hex}}, at write time
+VERIFIED_FILE = ".verified.json"  # per shard: the stat it had when its sha256 was last checked
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+MAX_HEADER = 100 * 2**20
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A safetensors file's tensors as ``name -> (dtype, shape)``, read from its header alone, with
+    every offset checked against the file's size: a truncated or damaged file is a clear error."""
+    path = Path(path)
+
+    def bad(why: str) -> ElutqError:
+        return ElutqError(f"{path} is not a valid safetensors file ({why}); the file is corrupt or truncated: "
+                          "restore it or re-run `elutq quantize`")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the header's length field")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                raise bad(f"header length {n} does not fit the file's {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise ElutqError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise bad(f"tensor {name} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"tensor {name} has an invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise bad(f"tensor {name} has invalid data_offsets {offs!r}")
+        numel = math.prod(shape)
+        if offs[1] - offs[0] != numel * _ST_DTYPES[dtype] or offs[0] < 0:
+            raise bad(f"tensor {name}: {dtype} {shape} needs {numel * _ST_DTYPES[dtype]} bytes, its offsets span "
+                      f"{offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1]))
+        out[name] = (dtype, tuple(shape))
+    end = 0
+    for a, b in sorted(spans):
+        if a != end:
+            raise bad("tensor data overlaps or leaves gaps")
+        end = b
+    if 8 + n + end != size:
+        raise bad(f"the header describes {8 + n + end} bytes, the file has {size}")
+    return out
+
+
+def shard_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every safetensors file in ``directory`` (recorded in the config at write time)."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(Path(directory).glob("*.safetensors"))}
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def verified_digests(path: Path, files: list[Path], remember: bool = True) -> dict[str, str]:
+    """sha256 of each of ``files``; with ``remember``, a digest computed before is reused while the
+    file's size, times (the change time included, which no one can set back) and inode are the same."""
+    stamps_file = path / VERIFIED_FILE
+    stamps: dict[str, Any] = {}
+    if remember and stamps_file.is_file():
+        try:
+            stamps = json.loads(stamps_file.read_text())
+            stamps = stamps if isinstance(stamps, dict) else {}
+        except (OSError, ValueError):
+            stamps = {}
+    out, changed = {}, False
+    for f in files:
+        key = _stat_key(f)
+        rec = stamps.get(f.name)
+        if remember and isinstance(rec, list) and len(rec) == 5 and rec[:4] == key:
+            out[f.name] = rec[4]
+        else:
+            out[f.name] = file_sha256(f)
+            stamps[f.name] = [*key, out[f.name]]
+            changed = True
+    if remember and changed:
+        try:
+            tmp = stamps_file.with_name(stamps_file.name + f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, stamps_file)
+        except OSError:
+            pass  # a read-only checkpoint is verified again next time
+    return out
+
+
+def verify_shards(path: Path, qc: dict[str, Any], files: list[Path], full: bool = True,
+                  remember: bool = True) -> dict[str, str]:
+    """Check the shards against the sizes and sha256 digests recorded at write time (``full``: the
+    digests too, else only the sizes).  Returns the digests (empty when not ``full``)."""
+    recorded = qc.get(SHARDS_KEY)
+    if recorded is not None and not isinstance(recorded, dict):
+        raise ElutqError(f"{path}/config.json: quantization_config.{SHARDS_KEY} is damaged; re-run `elutq quantize`")
+    recorded = recorded or {}
+    for f in files:
+        rec = recorded.get(f.name)
+        if rec is not None and f.stat().st_size != rec.get("bytes"):
+            raise ElutqError(
+                f"{f} has {f.stat().st_size} bytes but {rec.get('bytes')} were written; the file is truncated or "
+                "was changed: restore it or re-run `elutq quantize`")
+    if not full:
+        return {}
+    digests = verified_digests(path, files, remember)
+    for f in files:
+        rec = recorded.get(f.name)
+        if rec is not None and digests[f.name] != rec.get("sha256"):
+            raise ElutqError(
+                f"{f} does not match the checksum recorded when it was written (sha256 {digests[f.name][:16]}... "
+                f"!= {str(rec.get('sha256'))[:16]}...); the file is corrupt or was modified: restore it or re-run "
+                "`elutq quantize`")
+    return digests
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each linear of a llama-family decoder layer, by module suffix."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or hidden // heads
+    return {
+        "self_attn.q_proj": (hidden, heads * hd), "self_attn.k_proj": (hidden, kv * hd),
+        "self_attn.v_proj": (hidden, kv * hd), "self_attn.o_proj": (heads * hd, hidden),
+        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
+    }
+
+
+def check_tensors(path: Path, qc: dict[str, Any], config, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The tensors (``name -> (dtype, shape)``, from the headers) against config.json and the
+    quantization_config: the layer count, every quantized module's bits, group size and shapes,
+    16-bit tensors' dtypes and shapes.  Raises an ElutqError naming the first mismatch."""
+    n_layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    hd = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    shapes = linear_shapes(config)
+
+    def mismatch(what: str) -> ElutqError:
+        return ElutqError(f"{path}: {what}; the checkpoint does not match its config.json (or is corrupt): "
+                          "re-run `elutq quantize`")
+
+    def features(name: str) -> tuple[int, int] | None:
+        if name == EMBED:
+            return hidden, vocab
+        if name == "lm_head":
+            return hidden, vocab
+        parts = name.split(".")
+        if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
+            return shapes.get(".".join(parts[3:]))
+        return None
+
+    layers_seen = set()
+    for name in tensors:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[:2] == ["model", "layers"]:
+            if not parts[2].isdigit() or int(parts[2]) >= n_layers:
+                raise mismatch(f"tensor {name} belongs to no layer of the {n_layers} config.json declares")
+            layers_seen.add(int(parts[2]))
+    if layers_seen != set(range(n_layers)):
+        missing = sorted(set(range(n_layers)) - layers_seen)[:5]
+        raise mismatch(f"config.json declares {n_layers} layers but layers {missing} have no tensors")
+    modules = qc.get("modules", {})
+    if not isinstance(modules, dict):
+        raise mismatch("quantization_config.modules is not an object")
+    for name, spec in modules.items():
+        io = features(name)
+        if io is None:
+            raise mismatch(f"quantized module {name} is not a linear of a decoder layer, lm_head or the embeddings")
+        if not isinstance(spec, dict) or spec.get("bits") not in (1, 2, 3, 4):
+            raise mismatch(f"module {name} has invalid bits in quantization_config: {spec!r}")
+        if not isinstance(spec.get("group_size"), int) or not (spec["group_size"] == -1 or spec["group_size"] > 0):
+            raise mismatch(f"module {name} has an invalid group_size in quantization_config: {spec!r}")
+        for key, (shape, dt) in _expected_shapes(name, spec, *io).items():
+            if key not in tensors:
+                raise mismatch(f"missing tensor {key}")
+            got = tensors[key]
+            if got != (_TORCH_DTYPES[dt], shape):
+                names = {v: str(k) for k, v in _TORCH_DTYPES.items()}
+                raise mismatch(
+                    f"tensor {key} is {names.get(got[0], got[0])} {got[1]}, expected {dt} {shape} (config.json: "
+                    f"{spec['bits']}-bit, groups of {spec['group_size']})")
+    for name, (dtype, shape) in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if module in modules and kind in ("qweight", "scales", "zeros"):
+            continue
+        if dtype not in FLOAT_DTYPES:
+            raise mismatch(f"tensor {name} is {dtype}; 16-bit tensors must be F16, BF16 or F32")
+        io = features(module)
+        want = None
+        if kind == "weight" and io is not None:
+            want = (io[1], io[0])
+        elif kind == "bias" and io is not None:
+            want = (io[1],)
+        elif name.endswith(("layernorm.weight", "model.norm.weight")):
+            want = (hidden,)
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            want = (hd,)
+        if want is not None and shape != want:
+            raise mismatch(f"tensor {name} has shape {list(shape)}, expected {list(want)}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, after checking that it holds no NaN or infinity (an ElutqError names the tensor)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ElutqError(f"tensor {name} holds NaN or infinite values; the checkpoint is corrupt: restore it or "
+                         "re-run `elutq quantize`")
+    return t
+
+
+def validate_checkpoint(path: Path, qc: dict[str, Any], config, full: bool = True,
+                        remember: bool = True) -> dict[str, str]:
+    """Everything that can be checked before the tensors are used: each shard's header, size and (with
+    ``full``) recorded sha256, and the tensors against the config.  Returns the shards' digests."""
+    files = weight_files(path)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        for k, v in read_header(f).items():
+            if k in tensors:
+                raise ElutqError(f"{path}: tensor {k} is stored twice; re-run `elutq quantize`")
+            tensors[k] = v
+    digests = verify_shards(path, qc, files, full=full, remember=remember)
+    check_tensors(path, qc, config, tensors)
+    return digests
+
+
+def load_tokenizer(path: Path, required: bool = True):
+    """The checkpoint's tokenizer, with a clear error when its files are missing or unreadable
+    (``required=False``: None when there are none)."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).is_file() for n in names):
+        if not required:
+            return None
+        raise ElutqError(f"{path} has no tokenizer files ({', '.join(names[:2])}, ...); copy them from the source "
+                         "model's directory, or re-run `elutq quantize`")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises TypeError/ValueError/OSError for missing or damaged files
+        raise ElutqError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e}); restore its tokenizer files "
+                         "from the source model, or re-run `elutq quantize`") from None
 
 
 def _expected_shapes(name: str, spec: dict, in_f: int, out_f: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -314,15 +684,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
 
     ``fp16_kv``: attend over fp16-rounded keys and values (:func:`attend_with_fp16_kv`), i.e. compute what
     the native runtime computes."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     qc = read_quantization_config(path)
     config = AutoConfig.from_pretrained(path)
     config.__dict__.pop("quantization_config", None)
     check_architecture(config)
+    validate_checkpoint(path, qc, config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = read_tensors(path)
+    for key, t in state.items():
+        check_finite(key, t)
 
     for name, spec in qc["modules"].items():
         try:
@@ -377,5 +750,4 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
     model.eval()
     if fp16_kv:
         attend_with_fp16_kv(model)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return model, tokenizer, qc
+    return model, load_tokenizer(path, required=False), qc

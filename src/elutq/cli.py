@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import validate as V
 from .utils import ElutqError, dir_size_mb, peak_rss_mb
 
 
@@ -25,6 +26,7 @@ def _load_any(spec: str):
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .calibration import CalibConfig
+    from .checkpoint import check_output
     from .hlq import QuantConfig
     from .pipeline import PipelineConfig, quantize_streaming
 
@@ -60,12 +62,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         offload_dir=args.offload_dir,
         device=args.device,
     )
-    out = final = Path(args.output)
+    # Refuse an output that cannot be written or must not be replaced now, not after the quantization.
+    out = final = check_output(args.output, args.overwrite)
     if args.finetune:
-        # Quantize into OUT.quantized, finetune from it into OUT.  Refuse an existing OUT now, not after
-        # the quantization.
-        if (final / "config.json").exists() and not args.overwrite:
-            raise ElutqError(f"{final} already holds a checkpoint; choose another output path or pass --overwrite")
+        # Quantize into OUT.quantized, finetune from it into OUT.
         out = final.with_name(final.name + ".quantized")
         if args.resume and (out / "config.json").exists():
             print(f"quantization: using the finished checkpoint at {out}")
@@ -206,28 +206,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from safetensors import safe_open
+    from transformers import AutoConfig
 
-    from .checkpoint import EMBED, read_quantization_config, weight_files
+    from .checkpoint import (
+        EMBED,
+        SHARDS_KEY,
+        read_header,
+        read_json,
+        read_quantization_config,
+        validate_checkpoint,
+        weight_files,
+    )
 
     path = Path(args.checkpoint)
     qc = read_quantization_config(path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json", "config")
+    if args.verify:
+        config = AutoConfig.from_pretrained(path)
+        config.__dict__.pop("quantization_config", None)
+        digests = validate_checkpoint(path, qc, config, full=True, remember=False)
+        recorded = qc.get(SHARDS_KEY) or {}
+        for name, digest in digests.items():
+            what = "matches the recorded sha256" if name in recorded else "no checksum recorded (older elutq)"
+            print(f"  {name}: sha256 {digest[:16]}... {what}")
+        if not recorded:
+            print("  (the checkpoint records no checksums: only its structure could be verified)")
     qbits = qparams = other = 0
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118
-                shape = f.get_slice(k).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(f.get_slice(k).get_dtype(), 16)
-                if k.rsplit(".", 1)[0] in qc["modules"]:
-                    qbits += n * elem_bits
-                    if k.endswith(".qweight"):
-                        qparams += n * 8 // shape[0]
-                else:
-                    other += n
+        for k, (dtype, shape) in read_header(file).items():
+            n = 1
+            for d in shape:
+                n *= d
+            elem_bits = {"U8": 8, "F16": 16, "BF16": 16, "F32": 32}.get(dtype, 16)
+            if k.rsplit(".", 1)[0] in qc["modules"]:
+                qbits += n * elem_bits
+                if k.endswith(".qweight"):
+                    qparams += n * 8 // shape[0]
+            else:
+                other += n
     print(f"checkpoint: {path}")
     print(
         f"  architecture: {', '.join(cfg.get('architectures', []))} ({cfg.get('num_hidden_layers')} layers, "
@@ -243,6 +259,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  bits per weight (quantized tensors, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
     print(f"  16-bit parameters ({'norms' if emb else 'embeddings, norms'}, ...): {other / 1e6:.1f}M")
     print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
+    if args.verify:
+        print("  verified: shard checksums, headers, and tensors against config.json")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -334,15 +352,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     model_default = "default: the model's generation_config.json, as transformers reads it"
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=None, help=f"0: greedy ({model_default}; greedy if absent)")
-    g.add_argument("--top-p", type=float, default=None, help=model_default)
-    g.add_argument("--top-k", type=int, default=None, help=f"0: off ({model_default})")
-    g.add_argument("--repetition-penalty", type=float, default=None, help=model_default)
+    g.add_argument("--max-new-tokens", type=V.positive, default=256)
+    g.add_argument("--temperature", type=V.non_negative_number, default=None,
+                   help=f"0: greedy ({model_default}; greedy if absent)")
+    g.add_argument("--top-p", type=V.probability, default=None, help=model_default)
+    g.add_argument("--top-k", type=V.non_negative, default=None, help=f"0: off ({model_default})")
+    g.add_argument("--repetition-penalty", type=V.positive_number, default=None, help=model_default)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    g.add_argument("--seed", type=V.seed, default=None)
+    g.add_argument("--ctx", type=V.context, default=None, help="context length (default: the model's)")
+    g.add_argument("--threads", type=V.positive, default=None, help="kernel threads (default: all cores)")
+    g.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     g.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
 
 
@@ -350,6 +370,7 @@ RESIDUAL_HELP = (
     "int8 tables plus int8 tables of their rounding error, looked up at the same indices: logits ~250x "
     "closer to float, twice the lookups (about free where decode is memory-bound, half-speed prefill)"
 )
+FORCE_THREADS_HELP = "allow --threads above the cores available (oversubscribed threads wait on each other)"
 FINETUNE_STAGES = ["block", "e2e", "block,e2e"]
 FINETUNE_STAGE_HELP = (
     "block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
@@ -364,14 +385,15 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
 
     opt("loss", choices=["kl", "ce"], default="kl",
         help="e2e loss: KL to the source model's next-token distribution, or the causal-LM loss")
-    opt("val-fraction", type=float, default=0.125, help="held-out share of the samples")
-    opt("batch-size", type=int, default=4, help="samples per step")
-    opt("epochs", type=int, default=4, help="passes over the training samples (per layer for block)")
-    opt("lr", type=float, default=None, help="AdamW learning rate, cosine schedule (default: 1e-2 block, 1e-4 e2e)")
-    opt("weight-decay", type=float, default=0.0)
-    opt("eval-every", type=int, default=0, help="steps between held-out checks (0: every epoch)")
-    opt("patience", type=int, default=0, help="stop a layer after N checks without gain (0: off)")
-    opt("seed", type=int, default=0)
+    opt("val-fraction", type=V.fraction, default=0.125, help="held-out share of the samples")
+    opt("batch-size", type=V.positive, default=4, help="samples per step")
+    opt("epochs", type=V.positive, default=4, help="passes over the training samples (per layer for block)")
+    opt("lr", type=V.positive_number, default=None,
+        help="AdamW learning rate, cosine schedule (default: 1e-2 block, 1e-4 e2e)")
+    opt("weight-decay", type=V.non_negative_number, default=0.0)
+    opt("eval-every", type=V.non_negative, default=0, help="steps between held-out checks (0: every epoch)")
+    opt("patience", type=V.non_negative, default=0, help="stop a layer after N checks without gain (0: off)")
+    opt("seed", type=V.seed, default=0)
     opt("reassign-codes", action="store_true",
         help="block: between epochs, re-assign each weight's code to the level nearest its fp value "
              "(after GPTQ it undoes GPTQ's error compensation: w2g128 ppl 59 -> 89, README)")
@@ -389,26 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     q.add_argument("--format", choices=["hlq", "uniform"], default="hlq")
-    q.add_argument("--bits", type=int, default=2, help="1-4 (default 2)")
-    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 per-channel (default 128)")
-    q.add_argument("--iters", type=int, default=20, help="HLQ alternating-least-squares iterations")
-    q.add_argument("--lm-head-bits", type=int, default=4, help="lm_head bits (default 4; 0 keeps it 16-bit)")
-    q.add_argument("--lm-head-group-size", type=int, default=128)
+    q.add_argument("--bits", type=V.bits, default=2, help="1-4 (default 2)")
+    q.add_argument("--group-size", type=V.group_size, default=128, help="32, 64, 128, or -1 per-channel (default 128)")
+    q.add_argument("--iters", type=V.non_negative, default=20, help="HLQ alternating-least-squares iterations")
+    q.add_argument("--lm-head-bits", type=V.bits_or_off, default=4, help="lm_head bits (default 4; 0 keeps it 16-bit)")
+    q.add_argument("--lm-head-group-size", type=V.group_size, default=128)
     q.add_argument(
         "--embed-bits",
-        type=int,
+        type=V.bits_or_off,
         default=0,
         help="embedding bits, always RTN (default 0: keep them 16-bit); a tied lm_head is untied, so quantize "
         "it too (--lm-head-bits, the default) or it stays as a 16-bit copy",
     )
-    q.add_argument("--embed-group-size", type=int, default=128)
+    q.add_argument("--embed-group-size", type=V.group_size, default=128)
     c = q.add_argument_group("calibration (GPTQ)")
-    c.add_argument("--calib-samples", type=int, default=128)
-    c.add_argument("--calib-seqlen", type=int, default=512)
-    c.add_argument("--calib-seed", type=int, default=0)
+    c.add_argument("--calib-samples", type=V.positive, default=128)
+    c.add_argument("--calib-seqlen", type=V.context, default=512)
+    c.add_argument("--calib-seed", type=V.seed, default=0)
     c.add_argument("--calib-dataset", default="wikitext2", help="named dataset (its 'valid' split)")
     c.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
-    c.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag")
+    c.add_argument("--damp", type=V.fraction, default=0.01, help="Hessian dampening, fraction of mean diag")
     c.add_argument("--no-act-order", action="store_true", help="visit groups/columns in plain order")
     c.add_argument("--no-true-sequential", action="store_true", help="one pass per layer, not per sub-block")
     c.add_argument(
@@ -434,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     qf = q.add_argument_group("finetuning after quantization (HLQ-FT; see `elutq finetune`)")
     qf.add_argument("--finetune", choices=FINETUNE_STAGES, default=None, help=FINETUNE_STAGE_HELP)
-    qf.add_argument("--ft-calib-samples", type=int, default=64, help="finetuning samples (default 64)")
-    qf.add_argument("--ft-calib-seqlen", type=int, default=256, help="finetuning sample length (default 256)")
+    qf.add_argument("--ft-calib-samples", type=V.positive, default=64, help="finetuning samples (default 64)")
+    qf.add_argument("--ft-calib-seqlen", type=V.context, default=256, help="finetuning sample length (default 256)")
     _add_training_args(qf, prefix="ft-")
     q.set_defaults(func=cmd_quantize)
 
@@ -447,9 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     f.add_argument("--stage", choices=FINETUNE_STAGES, default="block", help=FINETUNE_STAGE_HELP)
     fc = f.add_argument_group("calibration (WikiText-2 valid by default)")
-    fc.add_argument("--calib-samples", dest="ft_calib_samples", type=int, default=64)
-    fc.add_argument("--calib-seqlen", dest="ft_calib_seqlen", type=int, default=256)
-    fc.add_argument("--calib-seed", type=int, default=0)
+    fc.add_argument("--calib-samples", dest="ft_calib_samples", type=V.positive, default=64)
+    fc.add_argument("--calib-seqlen", dest="ft_calib_seqlen", type=V.context, default=256)
+    fc.add_argument("--calib-seed", type=V.seed, default=0)
     fc.add_argument("--calib-dataset", default="wikitext2", help="named dataset (its 'valid' split)")
     fc.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
     _add_training_args(f.add_argument_group("training"), prefix="")
@@ -465,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", help="wikitext2 or python-code (shipped), wikitext2-raw or c4 (from the hub, needs `datasets`)"
     )
     e.add_argument("--split", default="test", choices=["test", "valid"])
-    e.add_argument("--seqlen", type=int, default=2048, help="window length (capped by the model's context)")
-    e.add_argument("--stride", type=int, default=None, help="window step (default: seqlen, non-overlapping)")
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--seqlen", type=V.context, default=2048, help="window length (capped by the model's context)")
+    e.add_argument("--stride", type=V.positive, default=None, help="window step (default: seqlen, non-overlapping)")
+    e.add_argument("--max-tokens", type=V.context, default=None, help="evaluate only the first N tokens")
     e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     e.add_argument(
         "--backend",
@@ -475,11 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="native",
         help="native: the LUT runtime users run (default); torch: the dequantized fp32 reference (slow)",
     )
-    e.add_argument("--threads", type=int, default=None, help="native kernel threads (default: all cores)")
+    e.add_argument("--threads", type=V.positive, default=None, help="native kernel threads (default: all cores)")
+    e.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")
+    i.add_argument("--verify", action="store_true",
+                   help="check every shard against its recorded sha256 and every tensor against config.json")
     i.set_defaults(func=cmd_info)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint or model (native runtime, streamed)")
@@ -499,21 +524,26 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="prefill/decode tokens/s at 1 and N threads, peak RSS")
     b.add_argument("model", help="checkpoint (or any model `quantize` accepts), or synthetic:BITS for a LLaMA-2-7B "
                    "shape with random HLQ wBITSg128 weights (speed only)")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--gen-tokens", type=int, default=64)
-    b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
-    b.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    b.add_argument("--prompt-tokens", type=V.positive, default=128)
+    b.add_argument("--gen-tokens", type=V.positive, default=64)
+    b.add_argument("--threads", type=V.positive, nargs="+", default=None,
+                   help="thread counts (default: 1 and all cores)")
+    b.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
+    b.add_argument("--repeats", type=V.positive, default=3, help="best of N runs")
     b.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     sv.add_argument("model", help="checkpoint directory (or any model `quantize` accepts, run 16-bit)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--ctx", type=int, default=2048, help="context per request (default 2048, capped by the model)")
-    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    sv.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    sv.add_argument("--port", type=V.port, default=8000)
+    sv.add_argument("--ctx", type=V.context, default=2048,
+                    help="context per request (default 2048, capped by the model)")
+    sv.add_argument("--max-batch", type=V.positive, default=16, help="requests decoded together (default 16)")
+    sv.add_argument("--max-queue", type=V.non_negative, default=64,
+                    help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--threads", type=V.positive, default=None, help="kernel threads (default: all cores)")
+    sv.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     sv.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
     sv.set_defaults(func=cmd_serve)
@@ -521,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    V.check_threads(parser, args)
     try:
         args.func(args)
     except ElutqError as e:

@@ -40,13 +40,19 @@ from .calibration import CalibConfig, calibration_ids
 from .checkpoint import (
     EMBED,
     INDEX_FILE,
+    PARTIAL_MARKER,
+    SHARDS_KEY,
     WEIGHTS_FILE,
     HLQEmbedding,
     HLQLinear,
+    check_output,
     copy_generation_config,
+    make_partial,
     module_group_size,
     read_quantization_config,
+    remove_partial,
     set_module,
+    shard_records,
     stored_embedding,
 )
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
@@ -403,10 +409,9 @@ def _open_run(
 
     ckpt, out = Path(checkpoint), Path(out)
     qc = read_quantization_config(ckpt)
-    if (out / "config.json").exists() and not overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
     if out.resolve() == ckpt.resolve():
         raise ElutqError(f"the output {out} is the input checkpoint; write the finetuned model elsewhere")
+    check_output(out, overwrite)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ElutqError(f"--device {cfg.device} was asked for but torch sees no CUDA device; use --device cpu")
     work = out.with_name(out.name + ".partial")
@@ -426,7 +431,7 @@ def _open_run(
                 f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
             )
         if overwrite and not resume:
-            shutil.rmtree(work)
+            remove_partial(work)
         elif progress_file.is_file():
             state = json.loads(progress_file.read_text())
             if state["fingerprint"] != fingerprint:
@@ -434,7 +439,7 @@ def _open_run(
                     f"the unfinished run at {work} was started with another checkpoint, source or settings; "
                     "rerun with the same ones, or pass --overwrite to start over"
                 )
-    work.mkdir(parents=True, exist_ok=True)
+    make_partial(work)
     return _Run(ckpt, out, work, qc, config, ck, source, tokenizer, fingerprint, state)
 
 
@@ -520,7 +525,9 @@ def finetune_block(
         _maybe_stop_for_test(i)
     bar.close()
 
+    check_output(out, overwrite)  # (again, before the progress is removed: the output may have changed)
     _write_rest(ck, ckpt, work, len(layers), qc, cfg, report, tokenizer)
+    (work / PARTIAL_MARKER).unlink(missing_ok=True)
     move_into_place(work, out, overwrite)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
@@ -560,6 +567,7 @@ def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> N
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
     copy_generation_config(ckpt, work)
+    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -763,8 +771,9 @@ def finetune_e2e(
         updated[f"{n}.zeros"] = views[n].z.detach().half().cpu().contiguous()
     report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step))
     tensors = {k: updated.get(k, run.ck.get(k)).contiguous() for k in run.ck.weight_map}
+    check_output(run.out, overwrite)  # (again, before the progress is removed: the output may have changed)
     _atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
-    for f in (PROGRESS_FILE, E2E_STATE_FILE):
+    for f in (PROGRESS_FILE, E2E_STATE_FILE, PARTIAL_MARKER):
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / TEACHER_DIR, ignore_errors=True)
     history_entry = {

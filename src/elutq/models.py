@@ -101,11 +101,29 @@ def save_hf_dir(model: nn.Module, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def check_gguf(path: Path) -> None:
+    """A clear error for a file that is not a GGUF or is too short to hold its header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise ElutqError(f"cannot read {path} ({e.strerror or e})") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ElutqError(f"{path} is not a GGUF file (no GGUF header); pass a complete .gguf file")
+
+
 def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    check_gguf(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # the GGUF reader fails with struct/reshape/key errors on damaged files
+        raise ElutqError(
+            f"cannot read the GGUF file {path} ({type(e).__name__}: {e}); it is truncated, damaged or of an "
+            "unsupported kind: download it again"
+        ) from None
     return model, tokenizer
 
 
@@ -145,10 +163,13 @@ def load_config(spec: str):
     try:
         if src.endswith(".gguf"):
             p = Path(src)
+            check_gguf(p)
             return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
         return AutoConfig.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ElutqError(f"cannot load the model config of {spec!r}: {e}") from e
+    except ElutqError:
+        raise
+    except Exception as e:  # OSError, ValueError, and the GGUF reader's struct/reshape errors
+        raise ElutqError(f"cannot load the model config of {spec!r}: {type(e).__name__}: {e}") from None
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32):

@@ -41,10 +41,17 @@ from .checkpoint import (
     CHECKPOINT_VERSION,
     EMBED,
     INDEX_FILE,
+    PARTIAL_MARKER,
     QUANT_METHOD,
+    SHARDS_KEY,
     HLQLinear,
+    check_output,
     copy_generation_config,
+    index_weight_map,
+    make_partial,
+    remove_partial,
     set_module,
+    shard_records,
     storage_dtype,
 )
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
@@ -119,7 +126,7 @@ class SafetensorsSource:
         self.dir = Path(directory)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] = index_weight_map(index)
             for f in sorted(set(self.weight_map.values())):
                 if not (self.dir / f).is_file():
                     raise ElutqError(
@@ -451,9 +458,7 @@ def quantize_streaming(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    out = Path(out)
-    if (out / "config.json").exists() and not overwrite:
-        raise ElutqError(f"{out} already holds a checkpoint; choose another output path or pass --overwrite")
+    out = check_output(out, overwrite)
     work = out.with_name(out.name + ".partial")
     src_dir = resolve_source_dir(model)
     source = SafetensorsSource(src_dir)
@@ -473,14 +478,14 @@ def quantize_streaming(
     progress_file = work / PROGRESS_FILE
     state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
     if work.exists() and not progress_file.is_file():
-        shutil.rmtree(work)  # a run that failed before finishing a layer: nothing in it to keep
+        remove_partial(work)  # a run that failed before finishing a layer: nothing in it to keep
     if work.exists():
         if not resume and not overwrite:
             raise ElutqError(
                 f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
             )
         if overwrite and not resume:
-            shutil.rmtree(work)
+            remove_partial(work)
         elif progress_file.is_file():
             state = json.loads(progress_file.read_text())
             if state["fingerprint"] != fingerprint:
@@ -488,7 +493,7 @@ def quantize_streaming(
                     f"the unfinished run at {work} was started with another model or other settings; "
                     "rerun with the same model and settings, or pass --overwrite to start over"
                 )
-    work.mkdir(parents=True, exist_ok=True)
+    make_partial(work)
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -678,6 +683,7 @@ def _finish(
     src_dir: Path,
 ) -> None:
     """Index, config, tokenizer and generation defaults into the work dir, then rename it into place."""
+    check_output(out, overwrite)  # (again: the output may have changed since the start) before progress goes
     weight_map = {}
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
@@ -711,8 +717,9 @@ def _finish(
     }
     tokenizer.save_pretrained(work)
     copy_generation_config(src_dir, work)
-    for f in (PROGRESS_FILE, HIDDEN_FILE):
+    for f in (PROGRESS_FILE, HIDDEN_FILE, PARTIAL_MARKER):
         (work / f).unlink(missing_ok=True)
     shutil.rmtree(work / "activations", ignore_errors=True)
+    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
     move_into_place(work, out, overwrite)

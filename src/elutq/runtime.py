@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -35,9 +36,14 @@ from .checkpoint import (
     EMBED,
     GENERATION_FILE,
     INDEX_FILE,
+    check_finite,
+    index_weight_map,
     is_quantized_checkpoint,
+    load_tokenizer,
     module_group_size,
     read_quantization_config,
+    validate_checkpoint,
+    verified_digests,
 )
 from .models import check_architecture, resolve_source_dir
 from .utils import ElutqError
@@ -65,7 +71,7 @@ class _Tensors:
     def __init__(self, path: Path):
         index = path / INDEX_FILE
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = sorted(set(index_weight_map(index).values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
@@ -95,34 +101,37 @@ class _Tensors:
 
 
 def _fp16_bits(t: torch.Tensor, name: str) -> np.ndarray:
-    h = t.detach().to(torch.float16)
+    h = check_finite(name, t.detach()).to(torch.float16)
     if not torch.isfinite(h).all():
         raise ElutqError(f"{name} has values outside the fp16 range; the runtime keeps 16-bit tensors in fp16")
     return np.ascontiguousarray(h.numpy().view(np.uint16))
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+def _f32(t: torch.Tensor, name: str = "tensor") -> np.ndarray:
+    return np.ascontiguousarray(check_finite(name, t.detach().to(torch.float32)).numpy())
 
 
 class _KernelCache:
-    """Repacked (kernel-layout) matrices kept beside the checkpoint: ``kernel-cache/<fingerprint>/``
-    holds ``NAME.w.npy`` and ``NAME.sz.npy`` per quantized linear, memory-mapped on later loads, and
-    ``index.json`` (written last, so a killed first load leaves no cache that looks complete)."""
+    """Repacked (kernel-layout) matrices kept beside the checkpoint: ``kernel-cache/<key>/`` (the key
+    derives from the shards' sha256 digests, so any change to the weights misses it) holds ``NAME.w.npy``
+    and ``NAME.sz.npy`` per quantized linear, memory-mapped on later loads, and ``index.json`` (written
+    last, so a killed first load leaves no cache that looks complete) with each file's sha256.  A file
+    is used only if its digest matches (computed once per file state: ``checkpoint.verified_digests``);
+    anything else (damaged, truncated, swapped, NaNs written in) is repacked from the checkpoint."""
 
-    def __init__(self, ckpt: Path, fingerprint: str):
-        self.dir = ckpt / KERNEL_CACHE_DIR / fingerprint
-        self.index: dict[str, int] = {}  # name → kernel group size
-        self.complete = False
+    def __init__(self, ckpt: Path, key: str):
+        self.dir = ckpt / KERNEL_CACHE_DIR / key
+        self.index: dict[str, dict] = {}  # name → {"group": kernel group size, "w": sha256, "sz": sha256}
         self.writable = True
-        if (self.dir / "index.json").is_file():
-            try:
-                self.index = json.loads((self.dir / "index.json").read_text())
-                self.complete = True
-            except (OSError, ValueError):  # a damaged cache is only a lost speed-up: rebuild it
-                self.index = {}
+        try:
+            index = json.loads((self.dir / "index.json").read_text())
+            self.index = {k: v for k, v in index.items() if isinstance(v, dict) and {"group", "w", "sz"} <= set(v)}
+        except (OSError, ValueError, AttributeError):  # none yet, or damaged: only a lost speed-up, rebuilt
+            self.index = {}
+        self.complete = bool(self.index)
+        self.changed = False
         self._root = ckpt / KERNEL_CACHE_DIR
-        self._made = False
+        self._made = self.dir.is_dir()
 
     def _prepare(self) -> bool:
         """Create the cache folder on first use (removing caches of older files)."""
@@ -135,34 +144,52 @@ class _KernelCache:
                 self.writable = False  # a read-only checkpoint just goes uncached
         return self.writable
 
+    def _cached(self, name: str) -> tuple[Any, Any] | None:
+        entry = self.index.get(name)
+        if entry is None:
+            return None
+        files = [self.dir / f"{name}.w.npy", self.dir / f"{name}.sz.npy"]
+        try:
+            digests = verified_digests(self.dir, files)
+            if [digests[f.name] for f in files] != [entry["w"], entry["sz"]]:
+                return None
+            return tuple(np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
+        except (OSError, ValueError, EOFError):
+            return None
+
     def packed(self, t: _Tensors, name: str, spec: dict, in_f: int, avx2_order: bool) -> Any:
         """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now (the
         cache holds the standard order; ``avx2_order`` is applied when the matrix is copied in)."""
         q = t.get(f"{name}.qweight")
         bits, out = int(q.shape[0]), int(q.shape[1])
-        w_file, sz_file = self.dir / f"{name}.w.npy", self.dir / f"{name}.sz.npy"
-        if self.complete and name in self.index:
-            try:
-                w = np.load(w_file, mmap_mode="r", allow_pickle=False)
-                sz = np.load(sz_file, mmap_mode="r", allow_pickle=False)
-                return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name], avx2_order)
-            except (OSError, ValueError):
-                pass  # damaged: repack
+        hit = self._cached(name)
+        if hit is not None:
+            w, sz = hit
+            if w.dtype == np.uint8 and sz.dtype == np.float32 and w.ndim == sz.ndim == 1:  # (shapes: PackedWeight)
+                try:
+                    return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name]["group"], avx2_order)
+                except (ValueError, TypeError, RuntimeError):
+                    pass
+        scales = check_finite(f"{name}.scales", t.get(f"{name}.scales"))
+        zeros = check_finite(f"{name}.zeros", t.get(f"{name}.zeros"))
         try:
-            w, sz, gk = kernels.repack(q, t.get(f"{name}.scales"), t.get(f"{name}.zeros"), in_f, spec["group_size"])
+            w, sz, gk = kernels.repack(q, scales, zeros, in_f, spec["group_size"])
         except ValueError as e:
             raise ElutqError(f"{name}: {e}; the checkpoint is corrupt or from another tool") from e
-        if not self.complete and self._prepare():
+        if self._prepare():
+            files = [self.dir / f"{name}.w.npy", self.dir / f"{name}.sz.npy"]
             try:
-                np.save(w_file, w, allow_pickle=False)
-                np.save(sz_file, sz, allow_pickle=False)
-                self.index[name] = gk
+                for f, a in zip(files, (w, sz), strict=True):
+                    np.save(f, a, allow_pickle=False)
+                d = verified_digests(self.dir, files)
+                self.index[name] = {"group": gk, "w": d[files[0].name], "sz": d[files[1].name]}
+                self.changed = True
             except OSError:
                 self.writable = False
         return _native.PackedWeight(w, sz, out, in_f, bits, gk, avx2_order)
 
     def finish(self) -> None:
-        if self.writable and not self.complete and self.index:
+        if self.writable and self.changed and self.index:
             try:
                 tmp = self.dir / "index.json.tmp"
                 tmp.write_text(json.dumps(self.index))
@@ -296,6 +323,11 @@ class Sampler:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ElutqError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ElutqError(f"seed must be an integer >= 0 (or none for a random one), got {self.seed!r}")
         if self.temperature < 0:
             raise ElutqError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -702,7 +734,7 @@ def load(
     kernels (slow; for accuracy checks); ``residual_tables`` also looks up int8 tables of the tables'
     rounding error (logits ~250x closer to float, twice the lookups: free where decode is memory-bound,
     half-speed prefill; docs/KERNELS.md; no effect with ``float_tables``)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     spec = str(path)
     if Path(spec).is_dir() and is_quantized_checkpoint(spec):
@@ -713,6 +745,8 @@ def load(
     config = AutoConfig.from_pretrained(ckpt)
     config.__dict__.pop("quantization_config", None)
     arch = _arch(config)
+    # a checkpoint is checked before use: headers, sizes, sha256 against the recorded ones, tensors vs config
+    digests = validate_checkpoint(ckpt, qc, config) if qc is not None else None
     if max_ctx is not None:
         if max_ctx < 2:
             raise ElutqError(f"max_ctx must be at least 2, got {max_ctx}")
@@ -732,14 +766,16 @@ def load(
     rt.residual_tables = residual_tables
     t = _Tensors(ckpt)
     modules = (qc or {}).get("modules", {})
-    cache = _KernelCache(ckpt, t.fingerprint())
+    key = t.fingerprint() if digests is None else hashlib.sha256(
+        json.dumps([sorted(digests.items()), __version__]).encode()).hexdigest()[:16]
+    cache = _KernelCache(ckpt, key)
     no_bias = np.zeros(0, dtype=np.float32)
 
     q_dim = arch.n_heads * arch.head_dim
     in_features = (arch.hidden, arch.hidden, arch.hidden, q_dim, arch.hidden, arch.hidden, arch.inter)
 
     def put_linear(layer: int, slot: int, name: str) -> None:
-        bias = _f32(t.get(f"{name}.bias")) if f"{name}.bias" in t else no_bias
+        bias = _f32(t.get(f"{name}.bias"), f"{name}.bias") if f"{name}.bias" in t else no_bias
         if name in modules:
             in_f = arch.hidden if layer < 0 else in_features[slot]
             rt.set_lut(layer, slot, cache.packed(t, name, modules[name], in_f, rt.path == "avx2"), bias)
@@ -759,12 +795,11 @@ def load(
         p = f"model.layers.{i}."
         for slot, lin in enumerate(LAYER_LINEARS):
             put_linear(i, slot, p + lin)
-        rt.set_norm(i, "attn", _f32(t.get(p + "input_layernorm.weight")))
-        rt.set_norm(i, "mlp", _f32(t.get(p + "post_attention_layernorm.weight")))
-        if p + "self_attn.q_norm.weight" in t:
-            rt.set_norm(i, "q", _f32(t.get(p + "self_attn.q_norm.weight")))
-            rt.set_norm(i, "k", _f32(t.get(p + "self_attn.k_norm.weight")))
-    rt.set_norm(-1, "final", _f32(t.get("model.norm.weight")))
+        for kind, tensor in (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm"),
+                             ("q", "self_attn.q_norm"), ("k", "self_attn.k_norm")):
+            if kind in ("attn", "mlp") or f"{p}{tensor}.weight" in t:
+                rt.set_norm(i, kind, _f32(t.get(f"{p}{tensor}.weight"), f"{p}{tensor}.weight"))
+    rt.set_norm(-1, "final", _f32(t.get("model.norm.weight"), "model.norm.weight"))
     if "lm_head" in modules or "lm_head.weight" in t:
         put_linear(-1, 0, "lm_head")
     elif arch.tied and EMBED in modules:
@@ -777,7 +812,7 @@ def load(
     else:
         raise ElutqError(f"{ckpt} has no lm_head and its config does not tie embeddings; re-run `elutq quantize`")
     cache.finish()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    tokenizer = load_tokenizer(ckpt)
     return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
 
 

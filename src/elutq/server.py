@@ -9,13 +9,16 @@
 
 A client that disconnects is cancelled and its slot freed before the next step; beyond
 ``max_queue`` waiting requests the server answers 429.  Errors use OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``.  Any exception while serving one request ends
+that request alone (500) and the engine goes on; ``/health`` answers 503 if the engine thread is gone.
+Request bodies beyond ``MAX_BODY_BYTES`` get 413; prompts are tokenized off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import threading
@@ -23,11 +26,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +42,8 @@ from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
 MIN_SHARED_PREFIX = 8  # copy another request's KV only for a prefix longer than this (else recompute)
+MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets 413 (a prompt far beyond any context)
+MAX_SEED = 2**63 - 1
 
 
 class APIError(Exception):
@@ -81,6 +87,7 @@ class Engine:
         self._free: list[Session] = []
         self._cv = threading.Condition()
         self._stopping = False
+        self.error: BaseException | None = None  # what stopped the engine thread, if anything did
         self._thread = threading.Thread(target=self._loop, name="elutq-engine", daemon=True)
         self.steps = 0  # counters for /health: steps, tokens sampled, prompt tokens run, seconds in forward
         self.sampled = self.prompt_tokens = 0
@@ -90,10 +97,18 @@ class Engine:
         if not self._thread.is_alive():
             self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it serves requests)."""
+        return self._thread.is_alive() and self.error is None
+
     def submit(self, job: _Job) -> None:
         with self._cv:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", "server_error")
+            if self._thread.ident is not None and not self.alive:
+                raise APIError(503, f"the inference engine stopped ({self.error!r}); restart the server",
+                               "server_error")
             if len(self._active) >= self.max_batch and len(self._waiting) >= self.max_queue:
                 raise APIError(
                     429, f"server busy: {len(self._active)} requests running and {len(self._waiting)} queued; "
@@ -134,16 +149,48 @@ class Engine:
     # -- engine thread
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                self._iterate()
+        except BaseException as e:  # the engine cannot go on (never for one request's error): tell everyone
             with self._cv:
-                while not (self._waiting or self._active):
-                    self._cv.wait()
-                self._reap()
-                while self._waiting and len(self._active) < self.max_batch:
-                    self._admit(self._waiting.popleft())
-                batch = list(self._active)
-            if batch:
+                self.error = e
+                for job in [*self._active, *self._waiting]:
+                    job.cancelled = True
+                    job.put(APIError(500, f"the inference engine stopped ({e!r}); restart the server",
+                                     "server_error"))
+                self._active.clear()
+                self._waiting.clear()
+            raise
+
+    def _iterate(self) -> None:
+        """Admit what fits, then one batched step.  An exception fails only the requests it concerns."""
+        with self._cv:
+            while not (self._waiting or self._active):
+                self._cv.wait()
+            self._reap()
+            while self._waiting and len(self._active) < self.max_batch:
+                job = self._waiting.popleft()
+                try:
+                    self._admit(job)
+                except Exception as e:  # noqa: BLE001 (one request's failure must not stop the engine)
+                    self._fail([job], e)
+            batch = list(self._active)
+        if batch:
+            try:
                 self._step(batch)
+            except Exception as e:  # noqa: BLE001
+                with self._cv:
+                    self._fail(batch, e)
+
+    def _fail(self, jobs: list[_Job], e: Exception) -> None:
+        """End ``jobs`` with a 500 (caller holds the lock); their sessions go back to the pool."""
+        for job in jobs:
+            job.cancelled = True
+            job.put(APIError(500, f"the request failed inside the engine: {type(e).__name__}: {e}", "server_error"))
+            if job.gen is not None:
+                job.gen.cancel()
+            self._release(job)
 
     def _session_for(self, ids: list[int]) -> Session:
         """A free session for ``ids``: the one whose cached tokens share the longest prefix with
@@ -173,6 +220,9 @@ class Engine:
             self._free.append(session)
             job.put(APIError(400, str(e)))
             return
+        except Exception:
+            self._free.append(session)
+            raise
         job.session = session
         self._active.append(job)
 
@@ -263,16 +313,17 @@ def _put_all(batch: list[tuple[_Job, Any]]) -> None:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logprobs, ...) are ignored
+    # unknown OpenAI fields (user, logprobs, ...) are ignored; NaN and infinities are refused
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)
@@ -295,21 +346,65 @@ class Message(BaseModel):
 
 class ChatRequest(_Base):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 (by its Content-Length, or once
+    the bytes received pass the limit), before anything parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = APIError(413, f"the request body is larger than {self.limit} bytes; send a shorter prompt",
+                           code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # (FastAPI passes an HTTPException raised while it reads the body)
+                    raise HTTPException(413, too_big.message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(model: Model, model_name: str, engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    # Tokenizing a long prompt takes a while: off the event loop, on one thread (a fast tokenizer is
+    # not safe to call from several threads at once).
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="elutq-tokenize")
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start()
         yield
         await asyncio.to_thread(engine.shutdown, 5.0)  # uvicorn has already let open requests finish
+        tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(title="elutq", version="1", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     created = int(time.time())
+
+    async def off_loop(fn, *args, **kw):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, functools.partial(fn, *args, **kw))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -326,10 +421,14 @@ def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+        code = "request_too_large" if e.status_code == 413 else None
+        return APIError(e.status_code, str(e.detail), "invalid_request_error", code=code).response()
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        if not engine.alive:
+            why = repr(engine.error) if engine.error is not None else "the engine thread is not running"
+            return JSONResponse({"status": "error", "error": why, "model": model_name, **engine.stats()}, 503)
         return {"status": "ok", "model": model_name, **engine.stats()}
 
     @app.get("/v1/models")
@@ -372,7 +471,8 @@ def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
-        ids, max_tokens = budget(req, model.tokenizer(prompts[0])["input_ids"], default=16)
+        ids = (await off_loop(model.tokenizer, prompts[0]))["input_ids"]
+        ids, max_tokens = budget(req, ids, default=16)
         return await run(req, request, ids, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -380,7 +480,7 @@ def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
         check_model(req.model)
         msgs = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
         try:
-            ids = model.encode(messages=msgs)
+            ids = await off_loop(model.encode, messages=msgs)
         except ElutqError as e:
             raise APIError(400, str(e), param="messages") from None
         except Exception as e:  # the template itself rejected the conversation (roles, order, ...)
@@ -396,22 +496,27 @@ def create_app(model: Model, model_name: str, engine: Engine) -> FastAPI:
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(_sse(job, engine, meta, chat, len(ids), usage), media_type="text/event-stream")
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(job.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+            item = None
+            while not isinstance(item, Completion):
+                if job.queue.empty():
+                    get = asyncio.ensure_future(job.queue.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():  # the client went away: free its slot now
+                        get.cancel()
                         engine.cancel(job)
                         return JSONResponse({}, status_code=499)
-                    continue
+                    item = get.result()
+                else:
+                    item = job.queue.get_nowait()
                 if isinstance(item, APIError):
                     return item.response()
-                if isinstance(item, Completion):
-                    break
         except asyncio.CancelledError:
             engine.cancel(job)
             raise
+        finally:
+            gone.cancel()
         reason = _reason(item.finish_reason)
         choice = (
             {"index": 0, "message": {"role": "assistant", "content": item.text}, "finish_reason": reason}

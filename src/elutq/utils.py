@@ -48,6 +48,9 @@ def move_into_place(src: Path, dest: Path, overwrite: bool = False) -> None:
     """Rename the finished directory ``src`` to ``dest``; an existing ``dest`` is replaced only with
     ``overwrite`` (an empty one always), and only after ``src`` is complete."""
     if dest.exists():
+        here = Path.cwd().resolve()
+        if dest.resolve() == here or dest.resolve() in here.parents:
+            raise ElutqError(f"{dest} is the working directory or above it; elutq will not replace it")
         if not overwrite and any(dest.iterdir()):
             raise ElutqError(f"{dest} already exists and is not empty; choose another path or pass --overwrite")
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
