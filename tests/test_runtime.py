@@ -19,9 +19,10 @@ import elutq
 from conftest import TINY_ARCHS, save_tiny_model
 from elutq import _native
 from elutq.checkpoint import attend_with_fp16_kv, load_quantized, save_quantized
+from elutq.generation import IncrementalDecoder, Sampler, sample_batch
 from elutq.hlq import QuantConfig
 from elutq.quantize import quantize
-from elutq.runtime import KERNEL_CACHE_DIR, IncrementalDecoder, Sampler, Session, sample_batch
+from elutq.runtime import KERNEL_CACHE_DIR, Session
 from elutq.utils import ElutqError
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, size=48)]

@@ -75,7 +75,7 @@ def test_an_exception_in_the_engine_fails_that_request_alone(server, monkeypatch
     def bad_advance(self, *a, **kw):
         raise ValueError("boom in advance")
 
-    monkeypatch.setattr(elutq.runtime.Generation, "advance", bad_advance)
+    monkeypatch.setattr(elutq.generation.Generation, "advance", bad_advance)
     err = raw(server, COMP, json.dumps({"model": NAME, "prompt": "fox", "max_tokens": 3}), 500)
     assert "boom in advance" in err["message"]
     monkeypatch.undo()

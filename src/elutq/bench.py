@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _native, kernels
 from .roofline import paired_rounds, peak_rss_mb
-from .runtime import Model, Session, _Arch
+from .runtime import Arch, Model, Session
 from .utils import ElutqError
 
 
@@ -151,7 +151,7 @@ def synthetic_model(
     """A llama-shaped model with random HLQ weights (LLaMA-2-7B by default), for speed only."""
     rng = np.random.default_rng(seed)
     head_dim = hidden // n_heads
-    arch = _Arch(n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, 1e-5, max_ctx, False)
+    arch = Arch(n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, 1e-5, max_ctx, False)
     inv_freq = (1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
     rt = _native.Runtime(n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, 1e-5, inv_freq, 1.0)
 

@@ -37,7 +37,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .runtime import Completion, Generation, Model, Session, _common_prefix, sample_batch
+from .generation import Completion, Generation, common_prefix, sample_batch
+from .runtime import Model, Session
 from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
@@ -197,7 +198,7 @@ class Engine:
         them; if a running request's session shares a longer one (a common system prompt), its KV
         for that prefix is copied in, so a shared prefix is computed once."""
         def shared(s: Session) -> int:
-            return _common_prefix(s.tokens, ids)
+            return common_prefix(s.tokens, ids)
 
         have, session = max(((shared(s), s) for s in self._free), key=lambda t: t[0], default=(0, None))
         if session is None:
