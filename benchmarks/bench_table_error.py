@@ -30,9 +30,10 @@ import torch
 
 import elutq
 from bench_server import default_checkpoint
-from elutq.checkpoint import HLQLinear, load_quantized
+from elutq.checkpoint import load_quantized
 from elutq.eval import load_text
 from elutq.kernels import LUTLinear, active_path
+from elutq.modules import HLQLinear
 
 GROUPS = (
     ("q_proj", "k_proj", "v_proj"),

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elutq import checkpoint
-from elutq.checkpoint import HLQEmbedding, HLQLinear, load_quantized, save_quantized
+from elutq.checkpoint import load_quantized, save_quantized
 from elutq.cli import main
 from elutq.hlq import QuantConfig
 from elutq.models import load_config, load_model
+from elutq.modules import HLQEmbedding, HLQLinear
 from elutq.quantize import quantize
 from elutq.utils import ElutqError
 

@@ -11,9 +11,10 @@ import torch
 
 from conftest import save_tiny_llama
 from elutq.calibration import CalibConfig
-from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
+from elutq.checkpoint import load_quantized, read_tensors
 from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, finetune_e2e, trainable_views
 from elutq.hlq import QuantConfig, levels, quantize_weight
+from elutq.modules import HLQLinear
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.utils import ElutqError
 from test_pipeline import assert_same_checkpoint, run_cli

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from elutq import gptq as gptq_mod
 from elutq.calibration import CalibConfig
-from elutq.checkpoint import HLQLinear, load_quantized, read_tensors
+from elutq.checkpoint import load_quantized, read_tensors
 from elutq.gptq import Hessian, gptq_quantize_weight
 from elutq.hlq import QuantConfig, QuantizedWeight, quantize_weight
 from elutq.models import load_model
+from elutq.modules import HLQLinear
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.quantize import quantize
 from elutq.utils import ElutqError

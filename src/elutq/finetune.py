@@ -43,20 +43,18 @@ from .checkpoint import (
     PARTIAL_MARKER,
     SHARDS_KEY,
     WEIGHTS_FILE,
-    HLQEmbedding,
-    HLQLinear,
     check_output,
     copy_generation_config,
     make_partial,
     module_group_size,
     read_quantization_config,
     remove_partial,
-    set_module,
     shard_records,
     stored_embedding,
 )
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
 from .models import check_architecture, resolve_source_dir
+from .modules import HLQEmbedding, HLQLinear, set_module
 from .pipeline import (
     PROGRESS_FILE,
     Activations,

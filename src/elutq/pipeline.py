@@ -44,19 +44,18 @@ from .checkpoint import (
     PARTIAL_MARKER,
     QUANT_METHOD,
     SHARDS_KEY,
-    HLQLinear,
     check_output,
     copy_generation_config,
     index_weight_map,
     make_partial,
     remove_partial,
-    set_module,
     shard_records,
     storage_dtype,
 )
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
 from .models import check_architecture, resolve_source_dir
+from .modules import HLQLinear, set_module
 from .utils import ElutqError, move_into_place, peak_rss_mb, release_free_memory
 
 PROGRESS_FILE = "progress.json"

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import EMBED, HLQEmbedding, HLQLinear, set_module
+from .checkpoint import EMBED
 from .hlq import QuantConfig, quantize_weight
 from .models import quantizable_linears
+from .modules import HLQEmbedding, HLQLinear, set_module
 
 
 @dataclass

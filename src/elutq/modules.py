@@ -1,0 +1,109 @@
+"""The torch face of the HLQ format: modules that hold a quantized weight's packed tensors.
+
+``HLQLinear`` multiplies with the dequantized weight (cached until the tensors change): the reference
+the native kernels are checked against, and what GPTQ's later layers and finetuning run.
+``HLQEmbedding`` looks rows of a quantized embedding up, decoding only those rows.  The tensors are
+exactly those of the checkpoint format (``checkpoint.py``): ``qweight`` uint8 ``[bits, out, ceil(in/8)]``,
+``scales`` fp16 ``[out, groups, bits]``, ``zeros`` fp16 ``[out, groups]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hlq import QuantizedWeight, dequantize, num_groups, unpack_bitplanes
+
+
+class HLQLinear(nn.Module):
+    """A linear layer stored in HLQ form; ``forward`` uses the dequantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        ng = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(bits, out_features, math.ceil(in_features / 8), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, ng, bits, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> HLQLinear:
+        out, n = qw.shape
+        m = cls(n, out, qw.bits, qw.group_size, bias=bias is not None)
+        m.qweight.copy_(qw.pack())
+        m.scales.copy_(qw.scales)
+        m.zeros.copy_(qw.zeros)
+        if bias is not None:
+            m.bias.data = bias.detach().clone().float()
+        return m
+
+    def quantized(self) -> QuantizedWeight:
+        codes = unpack_bitplanes(self.qweight, self.in_features)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.group_size)
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight ``[out, in]``, cached until the packed tensors change."""
+        key = (dtype, self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), self.scales._version)
+        if self._cache is None or self._cache[0] != key:
+            codes = unpack_bitplanes(self.qweight, self.in_features)
+            self._cache = (key, dequantize(codes, self.scales, self.zeros, self.group_size).to(dtype))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class HLQEmbedding(HLQLinear):
+    """A quantized embedding ``[vocab, hidden]``, stored as an ``HLQLinear`` with ``out = vocab``,
+    ``in = hidden``; ``forward(ids)`` decodes only the rows it looks up (exactly the dequantized
+    weight's rows), so the whole table is never materialised in float."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if bias:
+            raise ValueError("an embedding has no bias")
+        super().__init__(in_features, out_features, bits, group_size)
+        self.dtype = dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 ``[len(ids), hidden]``: rows ``ids`` of the dequantized weight."""
+        codes = unpack_bitplanes(self.qweight[:, ids], self.in_features)
+        return dequantize(codes, self.scales[ids], self.zeros[ids], self.group_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.rows(flat).to(self.dtype).view(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.out_features}, hidden={self.in_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
