@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
+
 namespace elutq {
 
 // ------------------------------------------------------------------------------ vector helpers
