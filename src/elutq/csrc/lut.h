@@ -183,13 +183,6 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, s
                       const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
                       const int8_t* tr = nullptr);
 #endif
-// Dense fp16 rows for the layers a checkpoint keeps in 16 bits (e.g. a tied lm_head):
-//   W fp16 [out][in] (row-major), X f32 [n][in];  Y[c·ldy + r] = Σ_k W[r][k]·X[c][k]  for r in [r0, r1).
-void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-#if defined(__x86_64__) || defined(_M_X64)
-void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-#endif
 
 #if defined(__aarch64__)
 void gemv_rows_neon(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);

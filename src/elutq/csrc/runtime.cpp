@@ -12,6 +12,7 @@
 #include <string>
 
 #include "attention.h"
+#include "dense.h"
 
 namespace elutq {
 

@@ -1,4 +1,4 @@
-// Small x86 SIMD helpers shared by the per-ISA files (lut_*, attention_*).  Each exists only where the
+// Small x86 SIMD helpers shared by the per-ISA files (lut_*, attention_*, dense_*).  Each exists only where the
 // including file is compiled with its target flags (CMakeLists.txt), so none can reach baseline code.
 #pragma once
 
