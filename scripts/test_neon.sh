@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Cross-compile the LUT kernels' NEON + scalar paths (with the standalone C++ self-test driver,
-# src/elutq/csrc/lut_selftest.cpp) for AArch64 and run them under qemu-user.  Exits non-zero if
+# Cross-compile the LUT and attention kernels' NEON + scalar paths (with the standalone C++ self-test
+# driver, src/elutq/csrc/lut_selftest.cpp) for AArch64 and run them under qemu-user.  Exits non-zero if
 # the build fails or any NEON result disagrees with the scalar reference.
 #
 #   scripts/test_neon.sh            # installs gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and
@@ -27,7 +27,8 @@ fi
 echo "== aarch64 build ($CXX_AARCH64)"
 "$CXX_AARCH64" -O2 -std=c++17 -pthread -Wall -Wextra -Werror=return-type \
   -o "$OUT/lut_selftest_aarch64" \
-  "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" "$SRC/lut_scalar.cpp" "$SRC/lut_neon.cpp"
+  "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" "$SRC/lut_scalar.cpp" "$SRC/lut_neon.cpp" \
+  "$SRC/attention.cpp" "$SRC/attention_scalar.cpp" "$SRC/attention_neon.cpp"
 
 echo "== run under qemu-aarch64"
 QEMU_LD_PREFIX="${QEMU_LD_PREFIX:-/usr/aarch64-linux-gnu}"
@@ -38,11 +39,13 @@ echo "$out" | grep -q "neon" || { echo "NEON path was not exercised"; exit 1; }
 if [ "${HOST:-0}" = "1" ] && [ "$(uname -m)" = "x86_64" ]; then
   echo "== host build (x86-64, runtime-dispatched AVX2/AVX-512)"
   CXX="${CXX:-g++}"
-  "$CXX" -O2 -std=c++17 -c "$SRC/lut_avx2.cpp" -mavx2 -mfma -mf16c -o "$OUT/avx2.o"
-  "$CXX" -O2 -std=c++17 -c "$SRC/lut_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx512vnni \
-    -mfma -mf16c -o "$OUT/avx512.o"
+  AVX2_FLAGS=(-mavx2 -mfma -mf16c)
+  AVX512_FLAGS=(-mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx512vnni -mfma -mf16c)
+  for f in lut_avx2 attention_avx2; do "$CXX" -O2 -std=c++17 -c "$SRC/$f.cpp" "${AVX2_FLAGS[@]}" -o "$OUT/$f.o"; done
+  for f in lut_avx512 attention_avx512; do "$CXX" -O2 -std=c++17 -c "$SRC/$f.cpp" "${AVX512_FLAGS[@]}" -o "$OUT/$f.o"; done
   "$CXX" -O2 -std=c++17 -pthread -o "$OUT/lut_selftest_host" "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" \
-    "$SRC/lut_scalar.cpp" "$OUT/avx2.o" "$OUT/avx512.o"
+    "$SRC/lut_scalar.cpp" "$SRC/attention.cpp" "$SRC/attention_scalar.cpp" \
+    "$OUT/lut_avx2.o" "$OUT/attention_avx2.o" "$OUT/lut_avx512.o" "$OUT/attention_avx512.o"
   "$OUT/lut_selftest_host"
 fi
 echo "OK"

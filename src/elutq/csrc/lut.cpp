@@ -338,77 +338,96 @@ static void gemv_rows(Path p, const LutWeight& W, const LutTables& T, int rb0, i
   }
 }
 
-// Rows of all matrices form one sequence of row blocks; each thread takes a contiguous slice.
-// int8 tables are stored group-major: column c's group G at tq + (G·n + c)·g·4 (its multipliers at
-// tm + (G·n + c)·g/4), so the tables a GEMM tile needs (one group, many columns) are contiguous.
-void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
-                bool float_tables, int max_threads, bool residual) {
-  if (Ws.empty() || n <= 0) return;
-  residual = residual && !float_tables;
-  const int in = Ws[0].in, g = Ws[0].g, ng = Ws[0].ng;
-  for (const auto& W : Ws) {
-    if (W.in != in || W.g != g) throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
-    if (W.avx2_order && !float_tables && p != Path::Avx2 && p != Path::Scalar)
-      throw std::invalid_argument(std::string("a matrix loaded for the avx2 path cannot run on the ") + path_name(p) +
-                                  " path; load it for that path");
-  }
-  const size_t g4 = (size_t)g * 4;  // table bytes (entries) per column and group
-  const size_t tlen = g4 * ng;      // per column
-  const int pool_size = pool().size();
-  const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : pool_size, pool_size));
+// ---------------------------------------------------------------------------------- lut_matmul
+//
+// lut_matmul(Ws, X, n, ys) in three steps: check the matrices, build every column's activation tables
+// (CallTables, build_all_tables), then walk the row blocks of all matrices (one sequence, split over
+// the threads) with one of three row walks:
+//   - the AVX-512 GEMV (n == 1): gemv_halves_avx512, two continuous weight streams per core;
+//   - otherwise rows_job per slice: pass_rows (GEMV per column, the AVX-512/AVX2 GEMM for n > 1, or
+//     the float-table reference), then residual_pass where residual tables are not fused.
+// Three switches choose among them: float_tables (float vs int8 tables), residual (fused into the
+// first pass on AVX-512/AVX2, a second pass elsewhere) and n == 1 (GEMV vs GEMM).
 
-  size_t total_bytes = 0;
-  int total_rb = 0;
-  for (const auto& W : Ws) {
-    total_bytes += (size_t)W.nrb() * W.w_bytes_per_rb();
-    total_rb += W.nrb();
-  }
-  // Tiny problems are not worth waking a thread for.
-  const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
+namespace {
 
-  // 1) tables, one set per column (columns split over threads)
-  thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf, tq2_buf, ls2_buf, xs0_buf;
-  ls_buf.resize(sizeof(float) * n * ng);
-  xs_buf.resize(sizeof(float) * n * ng);
-  float* ls = (float*)ls_buf.p;
-  float* xs = (float*)xs_buf.p;
-  int8_t* tq = nullptr;
-  int8_t* tq2 = nullptr;
-  float *ls2 = nullptr, *xs0 = nullptr;
-  uint8_t* tm = nullptr;
-  float* tf = nullptr;
-  if (float_tables) {
-    tf_buf.resize(sizeof(float) * tlen * n);
-    tf = (float*)tf_buf.p;
-  } else {
-    tq_buf.resize(tlen * n);
-    tq = (int8_t*)tq_buf.p;
-    tm_buf.resize(tlen * n / 16);
-    tm = (uint8_t*)tm_buf.p;
-  }
+// One call's activation tables, one set per column.  int8 tables are stored group-major: column c's
+// group G at tq + (G·n + c)·g·4 (its multipliers at tm + (G·n + c)·g/4), so the tables a GEMM tile needs
+// (one group, many columns) are contiguous.  The buffers are the calling thread's (thread_local),
+// reused by its next call.
+struct CallTables {
+  Path p;
+  int n, in, g, ng;
+  size_t g4;       // table bytes (entries) per column and group
+  size_t tlen;     // per column
+  size_t gstride;  // between groups: g4·n
+  bool float_tables, residual;
   // The AVX-512 and AVX2 kernels look the residual tables up in the same pass as the first ones
   // (fused: one stream of the weights, one index computation); scalar and NEON run a second pass,
   // which alone needs the residual lut_scale and a zero Σx.
-  const bool fused = residual && (p == Path::Avx512 || p == Path::Avx2);
-  if (residual) {
-    tq2_buf.resize(tlen * n);
-    tq2 = (int8_t*)tq2_buf.p;
+  bool fused;
+  float* ls = nullptr;     // lut_scale [n][ng]
+  float* xs = nullptr;     // Σx [n][ng]
+  int8_t* tq = nullptr;    // int8 tables (group-major, above)
+  uint8_t* tm = nullptr;   // their run multipliers
+  float* tf = nullptr;     // float tables: [tlen] per column, one group after another
+  int8_t* tq2 = nullptr;   // residual tables, tq's layout
+  float* ls2 = nullptr;    // the unfused residual pass's lut_scale (lut_scale / 254) ...
+  float* xs0 = nullptr;    // ... and its Σx: zeros (the residual pass adds no Σx term)
+
+  CallTables(Path p_, int n_, const LutWeight& W0, bool float_tables_, bool residual_)
+      : p(p_), n(n_), in(W0.in), g(W0.g), ng(W0.ng), g4((size_t)W0.g * 4), tlen(g4 * W0.ng), gstride(g4 * n_),
+        float_tables(float_tables_), residual(residual_),
+        fused(residual_ && (p_ == Path::Avx512 || p_ == Path::Avx2)) {
+    thread_local AlignedBuf tq_buf, tm_buf, tf_buf, ls_buf, xs_buf, tq2_buf, ls2_buf, xs0_buf;
+    ls = grow<float>(ls_buf, (size_t)n * ng);
+    xs = grow<float>(xs_buf, (size_t)n * ng);
+    if (float_tables) {
+      tf = grow<float>(tf_buf, tlen * n);
+    } else {
+      tq = grow<int8_t>(tq_buf, tlen * n);
+      tm = grow<uint8_t>(tm_buf, tlen * n / 16);
+    }
+    if (residual) tq2 = grow<int8_t>(tq2_buf, tlen * n);
+    if (residual && !fused) {
+      ls2 = grow<float>(ls2_buf, (size_t)n * ng);
+      xs0 = grow<float>(xs0_buf, (size_t)n * ng);
+      for (int i = 0; i < n * ng; ++i) xs0[i] = 0.0f;
+    }
   }
-  if (residual && !fused) {
-    ls2_buf.resize(sizeof(float) * n * ng);
-    ls2 = (float*)ls2_buf.p;
-    xs0_buf.resize(sizeof(float) * n * ng);
-    xs0 = (float*)xs0_buf.p;
-    for (int i = 0; i < n * ng; ++i) xs0[i] = 0.0f;  // the residual pass adds no Σx term
+
+  template <typename T>
+  static T* grow(AlignedBuf& b, size_t count) {
+    b.resize(sizeof(T) * count);
+    return (T*)b.p;
   }
-  const size_t gstride = g4 * n;
-  // Units of work: (column c, groups [G0, G1)), a table build of groups split over the threads even
-  // for one column — a decode step's one-thread build would otherwise leave the others idle.
-  auto tables_part = [&](int c, int G0, int G1) {
+
+  // Column c's int8 tables (second: the residual pass's, where it is not fused).
+  LutTables col_tables(int c, bool second) const {
+    LutTables T;
+    T.tq = (second ? tq2 : tq) + c * g4;
+    T.tm = tm + c * g4 / 16;
+    T.gstride = gstride;
+    T.lut_scale = (second ? ls2 : ls) + (size_t)c * ng;
+    T.xsum = (second ? xs0 : xs) + (size_t)c * ng;
+    if (fused) T.tr = tq2 + c * g4;
+    return T;
+  }
+
+  // Column c's float tables (float_tables).
+  LutTables col_float_tables(int c) const {
+    LutTables T;
+    T.tf = tf + c * tlen;
+    T.xsum = xs + (size_t)c * ng;
+    return T;
+  }
+
+  // Tables of column c's groups [G0, G1) from X [n][in].
+  void build_part(const float* X, int c, int G0, int G1) {
     const float* x = X + (size_t)c * in + (size_t)G0 * g;
     const int rest = in - G0 * g, cng = G1 - G0;
     const size_t cl = (size_t)c * ng + G0;
-    if (float_tables) {  // float tables: [tlen] per column, one group after another
+    if (float_tables) {
       build_float_tables_scalar(x, rest, g, cng, tf + c * tlen + (size_t)G0 * g4, xs + cl);
       return;
     }
@@ -420,166 +439,179 @@ void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const s
       if (!fused)
         for (int G = 0; G < cng; ++G) ls2[cl + G] = ls[cl + G] / 254.0f;
     }
-  };
+  }
+};
+
+// Every column's tables.  Units of work: (column c, groups [G0, G1)), a table build of groups split over
+// the threads even for one column — a decode step's one-thread build would otherwise leave the others idle.
+void build_all_tables(CallTables& T, const float* X, int nt) {
   auto tables_job = [&](int u0, int u1) {
     for (int u = u0; u < u1;) {  // split [u0, u1) at column boundaries
-      const int c = u / ng, G0 = u % ng, G1 = std::min(ng, G0 + (u1 - u));
-      tables_part(c, G0, G1);
+      const int c = u / T.ng, G0 = u % T.ng, G1 = std::min(T.ng, G0 + (u1 - u));
+      T.build_part(X, c, G0, G1);
       u += G1 - G0;
     }
   };
   // ~4 KiB of activations per chunk (not tuned: small enough for a decode step to split in two).
-  const int units = n * ng, unit_chunk = std::max(1, 1024 / g);
+  const int units = T.n * T.ng, unit_chunk = std::max(1, 1024 / T.g);
   parallel_for(units >= 2 * unit_chunk ? nt : 1, units, unit_chunk, tables_job);
+}
 
-  // 2) rows.  pass_rows: row blocks [lo, hi) of W with the first (or the residual) tables, column c's
-  // row r written to y[c·ldy + r].
-  // Column c's int8 tables (second: the residual pass's, where it is not fused).
-  auto col_tables = [&](int c, bool second) {
-    LutTables T;
-    T.tq = (second ? tq2 : tq) + c * g4;
-    T.tm = tm + c * g4 / 16;
-    T.gstride = gstride;
-    T.lut_scale = (second ? ls2 : ls) + (size_t)c * ng;
-    T.xsum = (second ? xs0 : xs) + (size_t)c * ng;
-    if (fused) T.tr = tq2 + c * g4;
-    return T;
-  };
-  auto pass_rows = [&](const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
-    const int8_t* tqp = second ? tq2 : tq;
-    const float* lsp = second ? ls2 : ls;
-    const float* xsp = second ? xs0 : xs;
-    if (float_tables) {
-      for (int rb = lo; rb < hi; ++rb)
-        for (int c = 0; c < n; ++c) {
-          LutTables T;
-          T.tf = tf + c * tlen;
-          T.xsum = xs + (size_t)c * ng;
-          gemv_rows_float_scalar(W, T, rb, rb + 1, y + (size_t)c * ldy);
-        }
-      return;
-    }
-    if (n == 1) {
-      gemv_rows(p, W, col_tables(0, second), lo, hi, y);
-      return;
-    }
-#if defined(__x86_64__) || defined(_M_X64)
-    if (p == Path::Avx512 || p == Path::Avx2) {
-      // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
-      // L2 pass over them.  Fused residual tables double a chunk's tables rather than halve its
-      // columns: fewer columns per weight tile cost more than the extra L2 (measured, 7B prefill).
-      const auto gemm = p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
-      const int cc = std::max(1, std::min(n, (int)((256 * 1024) / tlen)));
-      const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
-      for (int r0 = lo; r0 < hi; r0 += rbb)
-        for (int c0 = 0; c0 < n; c0 += cc) {
-          const int nc = std::min(cc, n - c0), r1 = std::min(r0 + rbb, hi);
-          gemm(W, tqp + c0 * g4, tm + c0 * g4 / 16, gstride, lsp + (size_t)c0 * ng, xsp + (size_t)c0 * ng, nc, r0, r1,
-               y + (size_t)c0 * ldy, ldy, fused ? tq2 + c0 * g4 : nullptr);
-        }
-      return;
-    }
-#endif
+// Row blocks [lo, hi) of W for every column with the first (or, second, the residual) tables, column c's
+// row r written to y[c·ldy + r].
+void pass_rows(const CallTables& T, const LutWeight& W, int lo, int hi, bool second, float* y, size_t ldy) {
+  const int n = T.n;
+  if (T.float_tables) {
     for (int rb = lo; rb < hi; ++rb)
-      for (int c = 0; c < n; ++c) gemv_rows(p, W, col_tables(c, second), rb, rb + 1, y + (size_t)c * ldy);
-  };
+      for (int c = 0; c < n; ++c) gemv_rows_float_scalar(W, T.col_float_tables(c), rb, rb + 1, y + (size_t)c * ldy);
+    return;
+  }
+  if (n == 1) {
+    gemv_rows(T.p, W, T.col_tables(0, second), lo, hi, y);
+    return;
+  }
+#if defined(__x86_64__) || defined(_M_X64)
+  if (T.p == Path::Avx512 || T.p == Path::Avx2) {
+    // Blocks of row blocks whose weights stay in L2 while column chunks whose tables stay in
+    // L2 pass over them.  Fused residual tables double a chunk's tables rather than halve its
+    // columns: fewer columns per weight tile cost more than the extra L2 (measured, 7B prefill).
+    const auto gemm = T.p == Path::Avx512 ? gemm_rows_avx512 : gemm_rows_avx2;
+    const int cc = std::max(1, std::min(n, (int)((256 * 1024) / T.tlen)));
+    const int rbb = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
+    for (int r0 = lo; r0 < hi; r0 += rbb)
+      for (int c0 = 0; c0 < n; c0 += cc) {
+        const int nc = std::min(cc, n - c0), r1 = std::min(r0 + rbb, hi);
+        const LutTables C = T.col_tables(c0, second);  // columns c0.. (contiguous from here)
+        gemm(W, C.tq, C.tm, T.gstride, C.lut_scale, C.xsum, nc, r0, r1, y + (size_t)c0 * ldy, ldy, C.tr);
+      }
+    return;
+  }
+#endif
+  for (int rb = lo; rb < hi; ++rb)
+    for (int c = 0; c < n; ++c) gemv_rows(T.p, W, T.col_tables(c, second), rb, rb + 1, y + (size_t)c * ldy);
+}
+
+// The unfused residual pass over row blocks [lo, hi) of W, added to y [n][W.out]: into a scratch holding
+// only these rows (a few MB even for an lm_head over a long prompt), then added.  The rows are this
+// thread's, so no other thread touches them.
+void residual_pass(const CallTables& T, const LutWeight& W, int lo, int hi, float* y) {
+  thread_local std::vector<float> scratch;
+  const int n = T.n;
+  const int sub = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
+  for (int s0 = lo; s0 < hi; s0 += sub) {
+    const int s1 = std::min(hi, s0 + sub);
+    const int r0 = s0 * kRowBlock, r1 = std::min(s1 * kRowBlock, W.out), nr = r1 - r0;
+    scratch.resize((size_t)nr * n);
+    // A view of just these row blocks, so their rows land at 0..nr-1 of the scratch.
+    LutWeight V = W;
+    V.w += (size_t)s0 * W.w_bytes_per_rb();
+    V.sz += (size_t)s0 * W.sz_elems_per_rb();
+    V.out = nr;
+    pass_rows(T, V, 0, s1 - s0, true, scratch.data(), nr);
+    for (int c = 0; c < n; ++c) {
+      float* yc = y + (size_t)c * W.out + r0;
+      const float* sc = scratch.data() + (size_t)c * nr;
+      for (int r = 0; r < nr; ++r) yc[r] += sc[r];
+    }
+  }
+}
+
+// Rows of all matrices form one sequence of total_rb row blocks; each thread takes a contiguous slice
+// (parallel_for, chunks of `chunk` row blocks) and runs pass_rows, then residual_pass, on it.
+void walk_rows(const CallTables& T, const std::vector<LutWeight>& Ws, const std::vector<float*>& ys, int nt,
+               int total_rb, int chunk) {
   auto rows_job = [&](int b0, int b1) {
-    thread_local std::vector<float> scratch;
     int base = 0;
     for (size_t w = 0; w < Ws.size(); ++w) {
       const LutWeight& W = Ws[w];
       const int lo = std::max(b0 - base, 0), hi = std::min(b1 - base, W.nrb());
       base += W.nrb();
       if (lo >= hi) continue;
-      pass_rows(W, lo, hi, false, ys[w], W.out);
-      if (!residual || fused) continue;
-      // The residual pass into a scratch holding only these rows (a few MB even for an lm_head over a
-      // long prompt), then added: the rows are this thread's, so no other thread touches them.
-      const int sub = std::max(1, (int)((256 * 1024) / W.w_bytes_per_rb()));
-      for (int s0 = lo; s0 < hi; s0 += sub) {
-        const int s1 = std::min(hi, s0 + sub);
-        const int r0 = s0 * kRowBlock, r1 = std::min(s1 * kRowBlock, W.out), nr = r1 - r0;
-        scratch.resize((size_t)nr * n);
-        // A view of just these row blocks, so their rows land at 0..nr-1 of the scratch.
-        LutWeight V = W;
-        V.w += (size_t)s0 * W.w_bytes_per_rb();
-        V.sz += (size_t)s0 * W.sz_elems_per_rb();
-        V.out = nr;
-        pass_rows(V, 0, s1 - s0, true, scratch.data(), nr);
-        for (int c = 0; c < n; ++c) {
-          float* yc = ys[w] + (size_t)c * W.out + r0;
-          const float* sc = scratch.data() + (size_t)c * nr;
-          for (int r = 0; r < nr; ++r) yc[r] += sc[r];
-        }
+      pass_rows(T, W, lo, hi, false, ys[w], W.out);
+      if (T.residual && !T.fused) residual_pass(T, W, lo, hi, ys[w]);
+    }
+  };
+  parallel_for(nt, total_rb, chunk, rows_job);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// AVX-512 GEMV: each thread walks the two halves of its share side by side (parallel_halves), two
+// continuous weight streams per core — where two neighbouring row blocks at a time (16 KiB runs
+// that jump every pair) streamed 3-13 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
+// sequence; a half crossing into another matrix pairs with whatever the other half is on.
+void gemv_halves_avx512(const std::vector<LutWeight>& Ws, const std::vector<float*>& ys, const LutTables& T, int nt,
+                        int total_rb, size_t rb_bytes) {
+  std::vector<int> base(Ws.size() + 1, 0);
+  for (size_t w = 0; w < Ws.size(); ++w) base[w + 1] = base[w] + Ws[w].nrb();
+  auto matrix_of = [&](int v) {
+    int w = 0;
+    while (v >= base[w + 1]) ++w;
+    return w;
+  };
+  auto halves_job = [&](int a, int a1, int b, int b1) {
+    while (a < a1 || b < b1) {
+      const int wa = a < a1 ? matrix_of(a) : -1, wb = b < b1 ? matrix_of(b) : -1;
+      const int na = wa < 0 ? 0 : std::min(a1, base[wa + 1]) - a, nb = wb < 0 ? 0 : std::min(b1, base[wb + 1]) - b;
+      if (na && nb && Ws[wa].bits == Ws[wb].bits) {
+        const int c = std::min(na, nb);
+        gemv_pair_avx512(Ws[wa], a - base[wa], ys[wa], Ws[wb], b - base[wb], ys[wb], c, T);
+        a += c;
+        b += c;
+      } else if (na) {
+        gemv_rows_avx512(Ws[wa], T, a - base[wa], a - base[wa] + na, ys[wa]);
+        a += na;
+      } else {
+        gemv_rows_avx512(Ws[wb], T, b - base[wb], b - base[wb] + nb, ys[wb]);
+        b += nb;
       }
     }
   };
+  parallel_halves(nt, total_rb, std::max(1, (int)((32 * 1024) / rb_bytes)), halves_job);
+}
+#endif
+
+void check_matrices(const std::vector<LutWeight>& Ws, Path p, bool float_tables) {
+  for (const auto& W : Ws) {
+    if (W.in != Ws[0].in || W.g != Ws[0].g)
+      throw std::invalid_argument("matrices sharing tables need equal in_features and group size");
+    if (W.avx2_order && !float_tables && p != Path::Avx2 && p != Path::Scalar)
+      throw std::invalid_argument(std::string("a matrix loaded for the avx2 path cannot run on the ") + path_name(p) +
+                                  " path; load it for that path");
+  }
+}
+
+}  // namespace
+
+void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
+                bool float_tables, int max_threads, bool residual) {
+  if (Ws.empty() || n <= 0) return;
+  check_matrices(Ws, p, float_tables);
+  size_t total_bytes = 0;
+  int total_rb = 0;
+  for (const auto& W : Ws) {
+    total_bytes += (size_t)W.nrb() * W.w_bytes_per_rb();
+    total_rb += W.nrb();
+  }
+  const int pool_size = pool().size();
+  const int nt_max = std::max(1, std::min(max_threads > 0 ? max_threads : pool_size, pool_size));
+  // Tiny problems are not worth waking a thread for.
+  const int nt = std::max(1, std::min<int>(nt_max, (int)std::min<size_t>(total_rb, total_bytes * n / (16 * 1024) + 1)));
+
+  CallTables T(p, n, Ws[0], float_tables, residual && !float_tables);
+  build_all_tables(T, X, nt);
+
   // GEMV: chunks of ~64 KiB of weights (small enough to balance, large enough to stream).
   // GEMM: up to 256 KiB of weights, so the AVX-512 kernel's L2 blocking over rows still works.
   const size_t rb_bytes = std::max<size_t>(1, total_bytes / std::max(total_rb, 1));
 #if defined(__x86_64__) || defined(_M_X64)
   if (n == 1 && p == Path::Avx512 && !float_tables) {
-    // AVX-512 GEMV: each thread walks the two halves of its share side by side (parallel_halves), two
-    // continuous weight streams per core — where two neighbouring row blocks at a time (16 KiB runs
-    // that jump every pair) streamed 3-13 % slower (docs/KERNELS.md).  Row blocks of all matrices are one
-    // sequence; a half crossing into another matrix pairs with whatever the other half is on.
-    const LutTables T = col_tables(0, false);
-    std::vector<int> base(Ws.size() + 1, 0);
-    for (size_t w = 0; w < Ws.size(); ++w) base[w + 1] = base[w] + Ws[w].nrb();
-    auto matrix_of = [&](int v) {
-      int w = 0;
-      while (v >= base[w + 1]) ++w;
-      return w;
-    };
-    auto halves_job = [&](int a, int a1, int b, int b1) {
-      while (a < a1 || b < b1) {
-        const int wa = a < a1 ? matrix_of(a) : -1, wb = b < b1 ? matrix_of(b) : -1;
-        const int na = wa < 0 ? 0 : std::min(a1, base[wa + 1]) - a, nb = wb < 0 ? 0 : std::min(b1, base[wb + 1]) - b;
-        if (na && nb && Ws[wa].bits == Ws[wb].bits) {
-          const int c = std::min(na, nb);
-          gemv_pair_avx512(Ws[wa], a - base[wa], ys[wa], Ws[wb], b - base[wb], ys[wb], c, T);
-          a += c;
-          b += c;
-        } else if (na) {
-          gemv_rows_avx512(Ws[wa], T, a - base[wa], a - base[wa] + na, ys[wa]);
-          a += na;
-        } else {
-          gemv_rows_avx512(Ws[wb], T, b - base[wb], b - base[wb] + nb, ys[wb]);
-          b += nb;
-        }
-      }
-    };
-    parallel_halves(nt, total_rb, std::max(1, (int)((32 * 1024) / rb_bytes)), halves_job);
+    gemv_halves_avx512(Ws, ys, T.col_tables(0, false), nt, total_rb, rb_bytes);
     return;
   }
 #endif
   const int chunk = n == 1 ? std::max(1, (int)((64 * 1024) / rb_bytes))
                            : std::max(1, std::min((int)((256 * 1024) / rb_bytes), total_rb / (4 * nt)));
-  parallel_for(nt, total_rb, chunk, rows_job);
-}
-
-AttendFn attention_kernel(Path p, int head_dim) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (p == Path::Avx512 && head_dim % 64 == 0) return attend_avx512;
-  if ((p == Path::Avx2 || p == Path::Avx512) && head_dim % 32 == 0) return attend_avx2;
-#endif
-#if defined(__aarch64__)
-  if (p == Path::Neon && head_dim % 32 == 0 && head_dim <= 256) return attend_neon;
-#endif
-  (void)p, (void)head_dim;
-  return attend_scalar;
-}
-
-void attend_columns(Path p, const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
-                    int grp, int ncol, float scale, float* sc, float* out) {
-  if (ncol < 1 || ncol > len) throw std::invalid_argument("attend_columns needs 1 <= ncol <= len");
-  const AttendFn one = attention_kernel(p, D);
-#if defined(__x86_64__) || defined(_M_X64)
-  if (one == attend_avx512) return attend_cols_avx512(q, k0, v0, stride, len, D, grp, ncol, scale, sc, out);
-  if (one == attend_avx2) return attend_cols_avx2(q, k0, v0, stride, len, D, grp, ncol, scale, sc, out);
-#endif
-  for (int i = 0; i < ncol; ++i)
-    one(q + (size_t)i * grp * D, k0, v0, stride, len - ncol + 1 + i, D, grp, scale, sc, out + (size_t)i * grp * D);
+  walk_rows(T, Ws, ys, nt, total_rb, chunk);
 }
 
 // Read bandwidth in GB/s (the roofline): sums 64-bit words of a buffer, split over exactly nthreads

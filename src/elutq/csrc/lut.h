@@ -63,12 +63,7 @@
 #include <cstdint>
 #include <cstring>
 
-// Plain C++ loops that GCC vectorizes, compiled for AVX-512, AVX2 and the baseline, picked at load time.
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define ELUTQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ELUTQ_CLONES
-#endif
+#include "common.h"
 
 namespace elutq {
 
@@ -143,78 +138,14 @@ static inline float run_peak(const float* x4) {
   return ((a0 + a1) + a2) + a3;
 }
 
-// p[0..len) ← softmax(p) in place (the scalar and NEON attention; static, so each file compiles its own).
-static inline void softmax_inplace(float* p, int len) {
-  float mx = -INFINITY;
-  for (int j = 0; j < len; ++j) mx = p[j] > mx ? p[j] : mx;
-  float sum = 0.0f;
-  for (int j = 0; j < len; ++j) {
-    p[j] = std::exp(p[j] - mx);
-    sum += p[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int j = 0; j < len; ++j) p[j] *= inv;
-}
-
-// A decode step's attention reads one head's K, then its V, from memory (the weights evict them between
-// layers).  The AVX2 and AVX-512 kernels prefetch the rows kAttendAhead positions ahead into L1, which
-// took 10-25 % off a call streaming from memory (docs/KERNELS.md).
-constexpr int kAttendAhead = 16;
-// n fp16 values from p into L1 (32 fp16 = one 64-byte line).
-static inline void prefetch_fp16(const uint16_t* p, int n) {
-  for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
-}
-// Row t of K (t < len), else row t − len of V: the key pass's last blocks start V's stream.
-static inline void prefetch_kv_row(const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int t) {
-  prefetch_fp16(t < len ? k0 + (size_t)t * stride : v0 + (size_t)(t - len) * stride, D);
-}
-
 // Byte of a chunk holding row m's nibbles of runs j and j + 4 (j = 0..3).
 static inline int chunk_byte(bool avx2_order, int m, int j) { return avx2_order ? 16 * j + m : 4 * m + j; }
-
-enum class Path : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
 // ---- per-ISA entry points -------------------------------------------------------------------
 // build_tables_*: x has `in` floats; writes group G's g·4 table bytes at tq + G·gstride (gstride = g·4:
 // the plain [in_pad/4][16] layout), lut_scale [ng], xsum [ng].
 // gemv_rows_*: rows of row blocks [rb0, rb1) of y = W·x; writes y[r] for real rows r only.
 
-// IEEE half <-> float, exact (every half is a float) and round-to-nearest-even (what F16C's vcvtps2ph,
-// NumPy and torch's .half() do), without branches on the value so loops over them vectorize.
-static inline float fp16_to_float(uint16_t h) {
-  // Exponent and mantissa moved into a float's fields, then scaled by 2^(127-15): exact for normal
-  // halves and subnormal ones alike (a float subnormal times 2^112 is the normal float it names).
-  const uint32_t mag = (uint32_t)(h & 0x7FFFu) << 13;
-  float f;
-  std::memcpy(&f, &mag, 4);
-  f *= 0x1p112f;
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((h & 0x7C00u) == 0x7C00u) bits = 0x7F800000u | mag;  // inf / NaN (payload kept)
-  bits |= (uint32_t)(h & 0x8000u) << 16;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-static inline uint16_t float_to_fp16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7FFFFFFFu;
-  if (ax > 0x7F800000u) return sign | 0x7E00u | (uint16_t)((ax >> 13) & 0x1FFu);  // NaN stays NaN (quiet)
-  if (ax >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 (or inf): rounds to inf
-  if (ax < 0x38800000u) {  // below 2^-14: a half subnormal (or 0).  Adding 0.5 puts the value's bits
-    float a;               // at 2^-24 (a half subnormal's step) into the float mantissa, rounded by
-    std::memcpy(&a, &ax, 4);  // the FPU to nearest even; what remains above 0.5 is the half's bits.
-    a += 0.5f;
-    uint32_t r;
-    std::memcpy(&r, &a, 4);
-    return sign | (uint16_t)(r - 0x3F000000u);
-  }
-  // Normal: re-bias the exponent (−112 in the exponent field) and round the 13 dropped mantissa bits
-  // to nearest, ties to the even result (a carry into the exponent is the correct next binade).
-  const uint32_t odd = (ax >> 13) & 1u;
-  return sign | (uint16_t)((ax - (112u << 23) + 0xFFFu + odd) >> 13);
-}
 // Multipliers are written at tm + G·gstride/16 (one byte per 16 table bytes).
 void build_tables_scalar(const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                          float* lut_scale, float* xsum);
@@ -252,33 +183,9 @@ void gemm_rows_avx512(const LutWeight& W, const int8_t* tq, const uint8_t* tm, s
                       const float* lut_scale, const float* xsum, int n, int rb0, int rb1, float* y, size_t ldy,
                       const int8_t* tr = nullptr);
 #endif
-// Causal attention of one column for one KV head and the grp query heads that share it (contiguous
-// in q and out, as transformers' repeat_kv maps them): out[r] = softmax(scale·q[r]·Kᵀ)·V over the
-// len positions k0 + j·stride, v0 + j·stride (fp16 K and V rows: position 0 of this KV head, `stride`
-// halves between positions), len >= 1.  q, out: [grp][D]; sc: scratch [grp][len] (contents unspecified afterwards).
-void attend_scalar(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                   float scale, float* sc, float* out);
-// Dense fp16 rows for the layers a checkpoint keeps in 16 bits (e.g. a tied lm_head):
-//   W fp16 [out][in] (row-major), X f32 [n][in];  Y[c·ldy + r] = Σ_k W[r][k]·X[c][k]  for r in [r0, r1).
-void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-#if defined(__x86_64__) || defined(_M_X64)
-void dense_rows_avx2(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-void dense_rows_avx512(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy);
-void attend_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                 float scale, float* sc, float* out);  // D % 32 == 0
-void attend_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                   float scale, float* sc, float* out);  // D % 64 == 0, D <= 256
-// ncol consecutive columns of one sequence at once (attend_columns, lut_driver.h; the same D).
-void attend_cols_avx2(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                      int ncol, float scale, float* sc, float* out);
-void attend_cols_avx512(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
-                        int grp, int ncol, float scale, float* sc, float* out);
-#endif
 
 #if defined(__aarch64__)
 void gemv_rows_neon(const LutWeight& W, const LutTables& T, int rb0, int rb1, float* y);
-void attend_neon(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                 float scale, float* sc, float* out);  // D % 32 == 0, D <= 256
 #endif
 
 }  // namespace elutq

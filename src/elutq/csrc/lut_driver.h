@@ -95,17 +95,6 @@ void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uin
 void lut_matmul(const std::vector<LutWeight>& Ws, const float* X, int n, const std::vector<float*>& ys, Path p,
                 bool float_tables, int max_threads = 0, bool residual = false);
 
-// The attend_* kernel (lut.h) a path runs for heads of head_dim dimensions.
-using AttendFn = void (*)(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D, int grp,
-                          float scale, float* sc, float* out);
-AttendFn attention_kernel(Path p, int head_dim);
-// ncol consecutive columns of one sequence (a prompt's positions len − ncol .. len − 1) for one KV head:
-// q, out [ncol][grp][D]; sc scratch [ncol·grp][len]; column i attends to its first len − ncol + 1 + i
-// positions.  AVX-512 and AVX2 score each block of keys once for all ncol·grp query rows (a prompt's
-// columns share K and V as GQA's query heads do); scalar and NEON run column by column.
-void attend_columns(Path p, const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
-                    int grp, int ncol, float scale, float* sc, float* out);
-
 double read_bandwidth(size_t bytes, int reps, int nthreads, double min_seconds = 0.0);
 
 }  // namespace elutq

@@ -5,7 +5,6 @@
 //
 // The integer part (tables and per-plane lookup sums) is bit-identical across all paths; only the
 // final float epilogue (order of fp32 multiply-adds) may differ by rounding.
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -197,59 +196,6 @@ void gemv_rows_float_scalar(const LutWeight& W, const LutTables& T, int rb0, int
     float yf[kRowBlock];
     for (int m = 0; m < kRowBlock; ++m) yf[m] = (float)y16[m];
     store_rows(yf, rb, W.out, y);
-  }
-}
-
-// Each row is decoded once into a float buffer, then dotted with every column; 8 partial sums keep
-// the loop free of a serial dependency chain.
-void dense_rows_scalar(const uint16_t* W, int in, const float* X, int n, int r0, int r1, float* Y, size_t ldy) {
-  float* row = new float[in];
-  for (int r = r0; r < r1; ++r) {
-    const uint16_t* wr = W + (size_t)r * in;
-    for (int k = 0; k < in; ++k) row[k] = fp16_to_float(wr[k]);
-    for (int c = 0; c < n; ++c) {
-      const float* x = X + (size_t)c * in;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int k = 0;
-      for (; k + 8 <= in; k += 8)
-        for (int j = 0; j < 8; ++j) acc[j] += row[k + j] * x[k + j];
-      float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (; k < in; ++k) s += row[k] * x[k];
-      Y[(size_t)c * ldy + r] = s;
-    }
-  }
-  delete[] row;
-}
-
-// Causal attention of one column for one KV head and the `grp` query heads that share it (the
-// portable reference; lut_avx2.cpp and lut_avx512.cpp have the SIMD versions).  K and V are fp16.
-ELUTQ_CLONES void attend_scalar(const float* q, const uint16_t* k0, const uint16_t* v0, size_t stride, int len, int D,
-                                int grp, float scale, float* sc /* [grp][len] */, float* out /* [grp][D] */) {
-  for (int j = 0; j < len; ++j) {
-    const uint16_t* kj = k0 + (size_t)j * stride;
-    for (int r = 0; r < grp; ++r) {
-      const float* qr = q + (size_t)r * D;
-      float acc[16] = {0};
-      int d = 0;
-      for (; d + 16 <= D; d += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += qr[d + t] * fp16_to_float(kj[d + t]);
-      float s = 0.0f;
-      for (int t = 0; t < 16; ++t) s += acc[t];
-      for (; d < D; ++d) s += qr[d] * fp16_to_float(kj[d]);
-      sc[(size_t)r * len + j] = s * scale;
-    }
-  }
-  for (int r = 0; r < grp; ++r) {
-    softmax_inplace(sc + (size_t)r * len, len);
-    std::fill(out + (size_t)r * D, out + (size_t)(r + 1) * D, 0.0f);
-  }
-  for (int j = 0; j < len; ++j) {
-    const uint16_t* vj = v0 + (size_t)j * stride;
-    for (int r = 0; r < grp; ++r) {
-      const float w = sc[(size_t)r * len + j];
-      float* o = out + (size_t)r * D;
-      for (int d = 0; d < D; ++d) o[d] += w * fp16_to_float(vj[d]);
-    }
   }
 }
 

@@ -17,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "attention.h"
 #include "lut_driver.h"
 
 using namespace elutq;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "lut_driver.h"
 #include "runtime.h"
 
@@ -69,10 +70,10 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads, residual_tables);
 }
 
-// out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (lut.h: attend_*);
+// out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (attention.h: attend_*);
 // k and v hold fp16 bits (a float16 array viewed as uint16), as the KV cache does.  ncol > 1: q's rows
 // are ncol columns of grp rows, column i attending to the first len − ncol + 1 + i positions
-// (attend_columns, lut_driver.h).
+// (attend_columns, attention.h).
 static void attention(CArray<const float, nb::ndim<2>> q, CArray<const uint16_t, nb::ndim<2>> k,
                       CArray<const uint16_t, nb::ndim<2>> v, int off, float scale, CArray<float, nb::ndim<2>> out,
                       const std::string& path, int ncol) {

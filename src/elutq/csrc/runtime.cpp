@@ -11,6 +11,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
+#include "dense.h"
+
 namespace elutq {
 
 // ------------------------------------------------------------------------------ vector helpers
