@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -81,6 +82,24 @@ def test_an_exception_in_the_engine_fails_that_request_alone(server, monkeypatch
     monkeypatch.undo()
     _ok(server)
     assert server.engine.stats()["running"] == 0
+
+    # One request of a batch fails in advance; the others in the same steps finish normally.
+    advance, bad_ids = elutq.generation.Generation.advance, server.model.encode("fox jumps")
+
+    def advance_fails_for_one(self, *a, **kw):
+        if self.ids == bad_ids:
+            raise ValueError("boom for one")
+        return advance(self, *a, **kw)
+
+    monkeypatch.setattr(elutq.generation.Generation, "advance", advance_fails_for_one)
+
+    def post(prompt: str) -> httpx.Response:
+        return httpx.post(server.url + COMP, json={"model": NAME, "prompt": prompt, "max_tokens": 8}, timeout=30)
+
+    with ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(post, ["The quick brown", "fox jumps", "the lazy dog"]))
+    assert [r.status_code for r in results] == [200, 500, 200]
+    monkeypatch.undo()
 
 
 def test_health_tells_the_truth_when_the_engine_thread_is_gone(checkpoint):  # noqa: F811

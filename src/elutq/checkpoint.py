@@ -442,6 +442,41 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     }
 
 
+_CONFIG_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def load_config(path: Path):
+    """The model config of the directory ``path`` (transformers' AutoConfig), with clear errors for a
+    config.json that transformers cannot read or whose sizes are not positive integers."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # JSON, unknown model_type, and the config classes' own arithmetic on bad values
+        raise ElutqError(f"{path / 'config.json'} cannot be read as a model config ({type(e).__name__}: {e}); "
+                         "restore it from the source model, or re-run `elutq quantize`") from None
+    config.__dict__.pop("quantization_config", None)
+    bad = [k for k in _CONFIG_INTS if not _positive_int(getattr(config, k, None))]
+    bad += [k for k in _OPTIONAL_INTS if getattr(config, k, None) is not None and not _positive_int(getattr(config, k))]
+    eps = getattr(config, "rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
+        bad.append("rms_norm_eps")
+    kv = getattr(config, "num_key_value_heads", None)
+    if not bad and kv is not None and config.num_attention_heads % kv:
+        bad.append("num_key_value_heads (must divide num_attention_heads)")
+    if not bad and getattr(config, "head_dim", None) is None and config.hidden_size % config.num_attention_heads:
+        bad.append("hidden_size (not a multiple of num_attention_heads)")
+    if bad:
+        raise ElutqError(f"{path / 'config.json'} has invalid values for {', '.join(bad)}; restore it from the "
+                         "source model, or re-run `elutq quantize`")
+    return config
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def check_tensors(path: Path, qc: dict[str, Any], config, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """The tensors (``name -> (dtype, shape)``, from the headers) against config.json and the
     quantization_config: the layer count, every quantized module's bits, group size and shapes,
@@ -595,12 +630,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
 
     ``fp16_kv``: attend over fp16-rounded keys and values (:func:`attend_with_fp16_kv`), i.e. compute what
     the native runtime computes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qc = read_quantization_config(path)
-    config = AutoConfig.from_pretrained(path)
-    config.__dict__.pop("quantization_config", None)
+    config = load_config(path)
     check_architecture(config)
     validate_checkpoint(path, qc, config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -206,11 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig
-
     from .checkpoint import (
         EMBED,
         SHARDS_KEY,
+        load_config,
         read_header,
         read_json,
         read_quantization_config,
@@ -222,8 +221,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     qc = read_quantization_config(path)
     cfg = read_json(path / "config.json", "config")
     if args.verify:
-        config = AutoConfig.from_pretrained(path)
-        config.__dict__.pop("quantization_config", None)
+        config = load_config(path)
         digests = validate_checkpoint(path, qc, config, full=True, remember=False)
         recorded = qc.get(SHARDS_KEY) or {}
         for name, digest in digests.items():

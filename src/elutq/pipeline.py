@@ -498,7 +498,8 @@ def quantize_streaming(
         skeleton = AutoModelForCausalLM.from_config(config)
     layers = skeleton.model.layers
     n_layers = len(layers)
-    report = PipelineReport(resumed_from=state["layers_done"], layer_errors=list(state.get("errors", [])))
+    report = PipelineReport(resumed_from=state["layers_done"], layer_errors=list(state.get("errors", [])),
+                            n_params=state.get("n_params", 0), storage_bits=state.get("storage_bits", 0))
     prefer = torch.bfloat16 if str(getattr(config, "dtype", None) or "").endswith("bfloat16") else torch.float16
     needs_acts = cfg.method == "gptq"
 
@@ -554,7 +555,8 @@ def quantize_streaming(
         else:
             hidden, old = None, None
         report.layer_errors.append(err)
-        state = {"fingerprint": fingerprint, "layers_done": i + 1, "hidden": hidden, "errors": report.layer_errors}
+        state = {"fingerprint": fingerprint, "layers_done": i + 1, "hidden": hidden, "errors": report.layer_errors,
+                 "n_params": report.n_params, "storage_bits": report.storage_bits}  # (a resumed run reports all)
         _atomic_json(state, progress_file)
         if old not in (None, "snapshot"):
             shutil.rmtree(old, ignore_errors=True)  # the previous layer's inputs are no longer needed

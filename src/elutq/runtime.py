@@ -36,6 +36,7 @@ from .checkpoint import (
     check_finite,
     index_weight_map,
     is_quantized_checkpoint,
+    load_config,
     load_tokenizer,
     module_group_size,
     read_quantization_config,
@@ -437,19 +438,17 @@ def load(
     kernels (slow; for accuracy checks); ``residual_tables`` also looks up int8 tables of the tables'
     rounding error (logits ~250x closer to float, twice the lookups: free where decode is memory-bound,
     half-speed prefill; docs/KERNELS.md; no effect with ``float_tables``)."""
-    from transformers import AutoConfig
-
     spec = str(path)
     if Path(spec).is_dir() and is_quantized_checkpoint(spec):
         ckpt = Path(spec)
         qc: dict | None = read_quantization_config(ckpt)
     else:
         ckpt, qc = resolve_source_dir(spec), None
-    config = AutoConfig.from_pretrained(ckpt)
-    config.__dict__.pop("quantization_config", None)
-    arch = _arch(config)
+    config = load_config(ckpt)
+    check_architecture(config)
     # a checkpoint is checked before use: headers, sizes, sha256 against the recorded ones, tensors vs config
     digests = validate_checkpoint(ckpt, qc, config) if qc is not None else None
+    arch = _arch(config)
     if max_ctx is not None:
         if max_ctx < 2:
             raise ElutqError(f"max_ctx must be at least 2, got {max_ctx}")

@@ -284,7 +284,11 @@ class Engine:
                 job = jobs[r]
                 if job.cancelled:  # cancelled (or told why it stops) while this step sampled
                     continue
-                piece = job.gen.advance(None, tok)
+                try:
+                    piece = job.gen.advance(None, tok)
+                except Exception as e:  # noqa: BLE001 (this request's detokenizing, stop strings: it alone fails)
+                    self._fail([job], e)
+                    continue
                 self.sampled += 1
                 if piece:
                     out.append((job, piece))
