@@ -124,3 +124,25 @@ def test_finetune_refuses_a_foreign_output_before_work(tiny_llama, tmp_path, cap
     monkeypatch.setattr(finetune, "SafetensorsSource", lambda *a, **kw: (_ for _ in ()).throw(AssertionError))
     assert main(["finetune", str(q), "--source", str(src), "-o", str(mine), "--overwrite"]) == 2
     assert "not an elutq checkpoint" in capsys.readouterr().err and (mine / "a.txt").is_file()
+
+
+@pytest.mark.slow  # five CLI processes
+def test_a_resumed_run_reports_the_bits_per_weight_of_all_layers(tiny_llama, tmp_path):
+    from test_pipeline import run_cli
+
+    _, src = tiny_llama
+    args = ["--method", "rtn", "--bits", "2", "--group-size", "32", "--lm-head-bits", "4", "--lm-head-group-size", "32"]
+
+    def bpw(text: str) -> str:
+        return next(line for line in text.splitlines() if "bits per weight" in line)
+
+    full = run_cli(["quantize", str(src), "-o", str(tmp_path / "full"), *args])
+    crashed = run_cli(["quantize", str(src), "-o", str(tmp_path / "r"), *args],
+                      env={"ELUTQ_TEST_CRASH_AFTER_LAYER": "0"})
+    assert crashed.returncode == 17
+    resumed = run_cli(["quantize", str(src), "-o", str(tmp_path / "r"), *args, "--resume"])
+    assert full.returncode == resumed.returncode == 0, resumed.stderr
+    assert "resumed after layer 0" in resumed.stdout
+    assert bpw(resumed.stdout) == bpw(full.stdout)
+    info = [run_cli(["info", str(tmp_path / d)]).stdout for d in ("full", "r")]
+    assert bpw(info[0]) == bpw(info[1])
