@@ -274,7 +274,7 @@ def test_safetensors_source_reads_what_safe_open_reads(tmp_path):
 
 def test_layer_by_layer_pass_matches_the_full_model(tiny_llama):
     """The pipeline's generic walker (embed → layers with explicit RoPE, no mask) equals model()."""
-    from elutq.pipeline import _run_layer
+    from elutq.layerloop import run_layer
 
     model, _ = tiny_llama
     ids = torch.randint(0, 256, (2, 24))
@@ -283,7 +283,7 @@ def test_layer_by_layer_pass_matches_the_full_model(tiny_llama):
         x = model.model.embed_tokens(ids)
         pos = model.model.rotary_emb(x, torch.arange(24).unsqueeze(0))
         for layer in model.model.layers[:-1]:
-            x = _run_layer(layer, x, pos)
+            x = run_layer(layer, x, pos)
     torch.testing.assert_close(x, expected)
 
 
@@ -449,7 +449,7 @@ def test_disk_full_mid_run_then_resume(deeper_llama, tmp_path, monkeypatch):
     --resume afterwards gives the same checkpoint as an uninterrupted run."""
     import errno
 
-    import elutq.pipeline as pipeline
+    import elutq.layerloop as layerloop
 
     cfg = gptq_cfg(
         calib=CalibConfig(n_samples=8, seqlen=32, dataset=None, text=str(deeper_llama / "calib.txt")),
@@ -458,19 +458,19 @@ def test_disk_full_mid_run_then_resume(deeper_llama, tmp_path, monkeypatch):
     )
     quantize_streaming(str(deeper_llama), tmp_path / "full", cfg, progress=False)
 
-    real_save = pipeline.save_file
+    real_save = layerloop.save_file
 
     def full_disk(tensors, path, *args, **kwargs):
         if "layer-00002" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_file", full_disk)
+    monkeypatch.setattr(layerloop, "save_file", full_disk)
     with pytest.raises(ElutqError, match=r"No space left on device.*--resume"):
         quantize_streaming(str(deeper_llama), tmp_path / "q", cfg, progress=False)
     assert not (tmp_path / "q").exists()
     assert json.loads((tmp_path / "q.partial" / "progress.json").read_text())["layers_done"] == 1
-    monkeypatch.setattr(pipeline, "save_file", real_save)
+    monkeypatch.setattr(layerloop, "save_file", real_save)
     report = quantize_streaming(str(deeper_llama), tmp_path / "q", cfg, resume=True, progress=False)
     assert report.resumed_from == 1
     assert_same_checkpoint(tmp_path / "full", tmp_path / "q")

@@ -1,6 +1,7 @@
 """HLQ-FT: finetune the scales and offsets of a quantized checkpoint, codes frozen.
 
-Block reconstruction (``stage="block"``), streamed one decoder layer at a time::
+Block reconstruction (``stage="block"``), streamed one decoder layer at a time (a plug-in of the
+layer loop in layerloop.py, as GPTQ and RTN quantization are)::
 
     checkpoint + source shards ──► embed(calibration ids) = X_fp = X_q
                                    for each layer i:
@@ -20,7 +21,7 @@ is a normal checkpoint (same tensors, same loader, same kernels).
 from __future__ import annotations
 
 import copy
-import hashlib
+import functools
 import json
 import math
 import os
@@ -35,41 +36,39 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import (
     EMBED,
     INDEX_FILE,
-    PARTIAL_MARKER,
     SHARDS_KEY,
     WEIGHTS_FILE,
     check_output,
     copy_generation_config,
-    make_partial,
     module_group_size,
     read_quantization_config,
-    remove_partial,
     shard_records,
     stored_embedding,
 )
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
-from .models import check_architecture, resolve_source_dir
-from .modules import HLQEmbedding, HLQLinear, set_module
-from .pipeline import (
-    PROGRESS_FILE,
+from .layerloop import (
     Activations,
-    SafetensorsSource,
-    _atomic_json,
-    _atomic_save,
-    _materialize,
-    _maybe_stop_for_test,
-    _run_layer,
+    LayerStep,
+    Run,
+    atomic_json,
+    atomic_save,
+    fingerprint,
+    layer_prefix,
+    materialize,
+    run_layer,
+    run_layers,
 )
+from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
+from .modules import HLQEmbedding, HLQLinear, set_module
+from .pipeline import SafetensorsSource
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
 DEFAULT_LR = {"block": 1e-2, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
-HIDDEN_FP_FILE = "hidden-fp.safetensors"
-HIDDEN_Q_FILE = "hidden-q.safetensors"
+HIDDEN_FP, HIDDEN_Q = "hidden-fp", "hidden-q"  # the layer loop's activation streams: fp model, quantized model
 # Config fields that must agree between the checkpoint and the source model.
 _SHAPE_FIELDS = (
     "model_type",
@@ -266,7 +265,7 @@ def _val_error(layer: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
     with torch.no_grad():
         for x, y in zip(xs, ys, strict=True):
             y = y.to(dev)
-            num += (_run_layer(layer, x.to(dev), pos) - y).pow(2).sum().item()
+            num += (run_layer(layer, x.to(dev), pos) - y).pow(2).sum().item()
             den += y.pow(2).sum().item()
     return num / max(den, 1e-30)
 
@@ -373,36 +372,23 @@ class FinetuneReport:
     e2e: dict | None = None  # the e2e stage's E2EResult
 
 
-def _fingerprint(ck: SafetensorsSource, source: SafetensorsSource, cfg: FinetuneConfig) -> str:
-    blob = {
-        "checkpoint": ck.fingerprint(),
-        "source": source.fingerprint(),
-        "settings": cfg.settings(),
-        "elutq": __version__,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
 @dataclass
-class _Run:
-    """An opened finetuning run: inputs checked, work directory ready, earlier progress read."""
+class _Inputs:
+    """A finetuning run's inputs, checked, and its work directory (``run``: progress read or fresh)."""
 
     ckpt: Path
-    out: Path
-    work: Path
     qc: dict
     config: Any
     ck: SafetensorsSource
     source: SafetensorsSource
     tokenizer: Any
-    fingerprint: str
-    state: dict
+    run: Run
 
 
 def _open_run(
     checkpoint: str | Path, source_model: str, out: str | Path, cfg: FinetuneConfig, resume: bool, overwrite: bool,
     fresh: dict,
-) -> _Run:
+) -> _Inputs:
     from transformers import AutoTokenizer
 
     ckpt, out = Path(checkpoint), Path(out)
@@ -412,33 +398,15 @@ def _open_run(
     check_output(out, overwrite)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ElutqError(f"--device {cfg.device} was asked for but torch sees no CUDA device; use --device cpu")
-    work = out.with_name(out.name + ".partial")
     src_dir = resolve_source_dir(source_model)
     ck, source = SafetensorsSource(ckpt), SafetensorsSource(src_dir)
     config, src_config = _load_config_without_quant(ckpt), _load_config_without_quant(src_dir)
     check_architecture(config)
     _check_source_matches(ckpt, config, src_dir, src_config, ck, source)
     tokenizer = AutoTokenizer.from_pretrained(ckpt if (ckpt / "tokenizer_config.json").exists() else src_dir)
-    fingerprint = _fingerprint(ck, source, cfg)
-
-    progress_file = work / PROGRESS_FILE
-    state: dict[str, Any] = {"fingerprint": fingerprint, **fresh}
-    if work.exists():
-        if not resume and not overwrite:
-            raise ElutqError(
-                f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
-            )
-        if overwrite and not resume:
-            remove_partial(work)
-        elif progress_file.is_file():
-            state = json.loads(progress_file.read_text())
-            if state["fingerprint"] != fingerprint:
-                raise ElutqError(
-                    f"the unfinished run at {work} was started with another checkpoint, source or settings; "
-                    "rerun with the same ones, or pass --overwrite to start over"
-                )
-    make_partial(work)
-    return _Run(ckpt, out, work, qc, config, ck, source, tokenizer, fingerprint, state)
+    inputs = {"checkpoint": ck.fingerprint(), "source": source.fingerprint(), "settings": cfg.settings()}
+    run = Run.open(out, fingerprint(inputs), fresh, resume, overwrite, inputs="checkpoint, source or settings")
+    return _Inputs(ckpt, qc, config, ck, source, tokenizer, run)
 
 
 def finetune_block(
@@ -451,54 +419,42 @@ def finetune_block(
     progress: bool = True,
 ) -> FinetuneReport:
     """Block reconstruction of the quantized ``checkpoint`` against ``source_model`` into ``out``."""
-    from transformers import AutoModelForCausalLM
-
     t0 = time.perf_counter()
-    run = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, {"layers_done": 0, "layers": []})
-    ckpt, out, work, qc, config = run.ckpt, run.out, run.work, run.qc, run.config
-    ck, source, tokenizer, fingerprint, state = run.ck, run.source, run.tokenizer, run.fingerprint, run.state
-    progress_file = work / PROGRESS_FILE
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers = skeleton.model.layers
-    report = FinetuneReport(resumed_from=state["layers_done"], layers=list(state["layers"]))
-    modules: dict = qc["modules"]
+    fresh = {"layers_done": 0, "hidden": {}, "layers": []}
+    inp = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, fresh)
+    run, ck, config = inp.run, inp.ck, inp.config
+    skeleton = meta_model(config)
+    report = FinetuneReport(resumed_from=run.layers_done)
+    modules: dict = inp.qc["modules"]
     dev = torch.device(cfg.device)
 
-    ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
-    rotary = type(skeleton.model.rotary_emb)(config=config)
-    pos = tuple(
-        t.to(dev) for t in rotary(torch.zeros(1, dtype=torch.float32), torch.arange(cfg.calib.seqlen).unsqueeze(0))
-    )
-    if state["layers_done"] == 0:
-        emb = source.get("model.embed_tokens.weight").to(torch.float32)
-        x_fp = [emb[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
+    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib)
+    pos = position_embeddings(config, cfg.calib.seqlen, dev, skeleton)
+    if run.layers_done == 0:
+        emb = inp.source.get(f"{EMBED}.weight").to(torch.float32)
         # The quantized model embeds with its stored table (16-bit or quantized).
-        emb_q = stored_embedding(ck.get, qc, config.hidden_size)
-        x_q = [emb_q[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)]
+        emb_q = stored_embedding(ck.get, inp.qc, config.hidden_size)
+        chunks = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
+        acts = {HIDDEN_FP: Activations([emb[c] for c in chunks]), HIDDEN_Q: Activations([emb_q[c] for c in chunks])}
         del emb, emb_q
     else:
-        x_fp = Activations.from_snapshot(work / HIDDEN_FP_FILE).chunks
-        x_q = Activations.from_snapshot(work / HIDDEN_Q_FILE).chunks
+        acts = run.activations()
 
-    bar = tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, initial=state["layers_done"])
-    for i in range(state["layers_done"], len(layers)):
-        prefix = f"model.layers.{i}."
-        fp_layer = _materialize(copy.deepcopy(layers[i]), source, prefix).to(dev)
-        y_fp = [_run_layer(fp_layer, x.to(dev), pos).cpu() for x in x_fp]
+    def step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
+        prefix = layer_prefix(i)
+        fp_layer = materialize(copy.deepcopy(layer), inp.source, prefix).to(dev)
+        y_fp = acts[HIDDEN_FP].map(functools.partial(run_layer, fp_layer, pos=pos), None)
         # The fp weights stay only when codes are re-assigned against them.
         fp_w = ({n: m.weight.detach() for n, m in fp_layer.named_modules() if isinstance(m, nn.Linear)}
                 if cfg.reassign_codes else None)
         del fp_layer
-        q_layer = _materialize_quantized(layers[i], ck, prefix, modules)
+        q_layer = _materialize_quantized(layer, ck, prefix, modules)
         hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
         views = trainable_views(q_layer)
         q_layer.to(dev)
-        res = train_layer(q_layer, views, x_q, y_fp, pos, cfg, i, progress, fp_w)
+        res = train_layer(q_layer, views, acts[HIDDEN_Q].chunks, y_fp.chunks, pos, cfg, i, progress, fp_w)
         del fp_w
-        with torch.no_grad():
-            x_q = [_run_layer(q_layer, x.to(dev), pos).cpu() for x in x_q]  # the written (fp16) parameters
+        x_q = acts[HIDDEN_Q].map(lambda x: run_layer(q_layer, x, pos), None)  # the written (fp16) parameters
         tensors = {}
         for name, v in views.items():
             v.write_back(hlq[name])
@@ -509,52 +465,40 @@ def finetune_block(
         for k in ck.weight_map:
             if k.startswith(prefix) and k not in tensors:
                 tensors[k] = ck.get(k).contiguous()
-        _atomic_save(tensors, work / f"model-layer-{i:05d}.safetensors", {"format": "pt"})
-        x_fp = y_fp
-        Activations(x_fp).snapshot(work / HIDDEN_FP_FILE)
-        Activations(x_q).snapshot(work / HIDDEN_Q_FILE)
-        report.layers.append(asdict(res))
-        state = {"fingerprint": fingerprint, "layers_done": i + 1, "layers": report.layers}
-        _atomic_json(state, progress_file)
-        layers[i] = nn.Identity()
-        del q_layer, views, hlq
-        bar.update(1)
-        bar.set_postfix(err=f"{res.start_val:.2e}→{res.best_val:.2e}", rss=f"{peak_rss_mb():.0f}M")
-        _maybe_stop_for_test(i)
-    bar.close()
+        postfix = {"err": f"{res.start_val:.2e}→{res.best_val:.2e}"}
+        return LayerStep(tensors, {HIDDEN_FP: y_fp, HIDDEN_Q: x_q}, asdict(res), postfix)
 
-    check_output(out, overwrite)  # (again, before the progress is removed: the output may have changed)
-    _write_rest(ck, ckpt, work, len(layers), qc, cfg, report, tokenizer)
-    (work / PARTIAL_MARKER).unlink(missing_ok=True)
-    move_into_place(work, out, overwrite)
+    run_layers(run, skeleton.model.layers, step, acts, progress)
+    report.layers = list(run.entries)
+
+    _write_rest(inp, len(skeleton.model.layers), cfg, report)
+    move_into_place(run.work, run.out, overwrite)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
     return report
 
 
-def _write_rest(
-    ck: SafetensorsSource, ckpt: Path, work: Path, n_layers: int, qc: dict, cfg: FinetuneConfig, report, tokenizer
-) -> None:
+def _write_rest(inp: _Inputs, n_layers: int, cfg: FinetuneConfig, report: FinetuneReport) -> None:
     """Non-layer tensors (embeddings, norm, lm_head) copied, index, config and tokenizer; progress removed."""
-    prefixes = tuple(f"model.layers.{i}." for i in range(n_layers))
+    ck, work = inp.ck, inp.run.work
+    prefixes = tuple(layer_prefix(i) for i in range(n_layers))
     head = {k: ck.get(k).contiguous() for k in ck.weight_map if not k.startswith(prefixes)}
-    _atomic_save(head, work / "model-head.safetensors", {"format": "pt"})
+    atomic_save(head, work / "model-head.safetensors", {"format": "pt"})
     from safetensors import safe_open
 
     weight_map = {}
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
-    _atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
-    for f in (PROGRESS_FILE, HIDDEN_FP_FILE, HIDDEN_Q_FILE):
-        (work / f).unlink(missing_ok=True)
+    atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
+    inp.run.close()
     entry = {
         "stage": cfg.stage,
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
         "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
     }
-    _write_config(ckpt, work, qc, entry, tokenizer)
+    _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer)
 
 
 def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> None:
@@ -600,14 +544,14 @@ def _write_teacher(skeleton, source: SafetensorsSource, chunks: list[torch.Tenso
     del emb
     layers = skeleton.model.layers
     for i in tqdm(range(len(layers)), desc="teacher", unit="layer", disable=not progress, leave=False):
-        layer = _materialize(copy.deepcopy(layers[i]), source, f"model.layers.{i}.", dev)
-        hs = [_run_layer(layer, h.to(dev), pos).cpu() for h in hs]
+        layer = materialize(copy.deepcopy(layers[i]), source, f"model.layers.{i}.", dev)
+        hs = [run_layer(layer, h.to(dev), pos).cpu() for h in hs]
         del layer
-    norm = _materialize(copy.deepcopy(skeleton.model.norm), source, "model.norm.", dev)
+    norm = materialize(copy.deepcopy(skeleton.model.norm), source, "model.norm.", dev)
     (work / TEACHER_DIR).mkdir(exist_ok=True)
     for k, h in enumerate(hs):
         logp = (norm(h.to(dev)) @ head.to(dev).T).log_softmax(-1)
-        _atomic_save({"logp": logp.half().cpu().contiguous()}, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
+        atomic_save({"logp": logp.half().cpu().contiguous()}, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
 
 
 def _e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
@@ -635,18 +579,17 @@ def finetune_e2e(
     the run's work directory.  After every held-out evaluation the parameters, the optimizer state
     and the best state so far are saved there, so ``resume=True`` continues a killed run and gives
     the same checkpoint as an uninterrupted one."""
-    from transformers import AutoModelForCausalLM
-
     from .checkpoint import load_quantized
 
     if cfg.stage != "e2e":
         raise ValueError("finetune_e2e needs a FinetuneConfig with stage='e2e'")
     t0 = time.perf_counter()
-    run = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, {"teacher_done": False, "step": 0})
+    inp = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, {"teacher_done": False, "step": 0})
+    run = inp.run
     work, dev, state = run.work, torch.device(cfg.device), run.state
     report = FinetuneReport(resumed_from=state["step"])
 
-    ids, report.calib_source = calibration_ids(run.tokenizer, cfg.calib)
+    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib)
     chunks = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
     n_val = max(1, round(len(chunks) * cfg.val_fraction))
     train_idx, val_idx = list(range(len(chunks) - n_val)), list(range(len(chunks) - n_val, len(chunks)))
@@ -656,23 +599,18 @@ def finetune_e2e(
             "pass more --calib-samples or a smaller --batch-size"
         )
     if cfg.loss == "kl" and not state["teacher_done"]:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(run.config)
-        rotary = type(skeleton.model.rotary_emb)(config=run.config)
-        pos = tuple(
-            t.to(dev) for t in rotary(torch.zeros(1, dtype=torch.float32), torch.arange(cfg.calib.seqlen).unsqueeze(0))
-        )
-        _write_teacher(skeleton, run.source, chunks, pos, work, dev, progress)
+        skeleton = meta_model(inp.config)
+        pos = position_embeddings(inp.config, cfg.calib.seqlen, dev, skeleton)
+        _write_teacher(skeleton, inp.source, chunks, pos, work, dev, progress)
         del skeleton
-        state["teacher_done"] = True
-        _atomic_json(state, work / PROGRESS_FILE)
+        run.save(teacher_done=True)
 
     def teacher(k: int) -> torch.Tensor | None:
         if cfg.loss != "kl":
             return None
         return load_file(str(work / TEACHER_DIR / f"chunk-{k:05d}.safetensors"))["logp"].to(dev)
 
-    model, _, _ = load_quantized(run.ckpt)
+    model, _, _ = load_quantized(inp.ckpt)
     for p in model.parameters():
         p.requires_grad_(False)
     views = trainable_views(model)
@@ -753,9 +691,8 @@ def finetune_e2e(
             st = opt.state[p]
             tensors[f"param.{i}"], tensors[f"best.{i}"] = p.detach().cpu(), best_state[i].cpu()
             tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"] = st["exp_avg"].cpu(), st["exp_avg_sq"].cpu()
-        _atomic_save({k: t.contiguous() for k, t in tensors.items()}, work / E2E_STATE_FILE)
-        state.update(step=step, start_val=start, best_val=best, best_step=best_step)
-        _atomic_json(state, work / PROGRESS_FILE)
+        atomic_save({k: t.contiguous() for k, t in tensors.items()}, work / E2E_STATE_FILE)
+        run.save(step=step, start_val=start, best_val=best, best_step=best_step)
         bar.set_postfix(loss=f"{running:.4f}", val=f"{val:.4f}", best=f"{best:.4f}")
         _maybe_stop_for_test_at(step)
     bar.close()
@@ -768,11 +705,10 @@ def finetune_e2e(
         updated[f"{n}.scales"] = views[n].s.detach().half().cpu().contiguous()
         updated[f"{n}.zeros"] = views[n].z.detach().half().cpu().contiguous()
     report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step))
-    tensors = {k: updated.get(k, run.ck.get(k)).contiguous() for k in run.ck.weight_map}
-    check_output(run.out, overwrite)  # (again, before the progress is removed: the output may have changed)
-    _atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
-    for f in (PROGRESS_FILE, E2E_STATE_FILE, PARTIAL_MARKER):
-        (work / f).unlink(missing_ok=True)
+    tensors = {k: updated.get(k, inp.ck.get(k)).contiguous() for k in inp.ck.weight_map}
+    atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
+    run.close()
+    (work / E2E_STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(work / TEACHER_DIR, ignore_errors=True)
     history_entry = {
         "stage": "e2e",
@@ -780,7 +716,7 @@ def finetune_e2e(
         "calibration_text": report.calib_source,
         "held_out_loss": [start, best],
     }
-    _write_config(run.ckpt, work, run.qc, history_entry, run.tokenizer)
+    _write_config(inp.ckpt, work, inp.qc, history_entry, inp.tokenizer)
     move_into_place(work, run.out, overwrite)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()

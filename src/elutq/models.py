@@ -199,12 +199,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder layers, by its full module name."""
-    decoder_layers(model)
-    return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("model.layers.")
-    }
+def meta_model(config) -> nn.Module:
+    """The model's module tree on the meta device: its structure, with no memory behind the tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def rotary_embedding(config, model: nn.Module | None = None) -> nn.Module:
+    """The model's own rotary embedding, with real buffers: ``inv_freq`` and the attention scaling as
+    transformers computes them, so every ``rope_scaling`` works.  ``model``: its meta skeleton, if built."""
+    model = model if model is not None else meta_model(config)
+    return type(model.model.rotary_emb)(config=config)
+
+
+def position_embeddings(
+    config, seqlen: int, device: torch.device | str = "cpu", model: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)`` of positions ``0 .. seqlen-1`` on ``device``, as decoder layers take them."""
+    rotary = rotary_embedding(config, model)
+    cos_sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(seqlen).unsqueeze(0))
+    return tuple(t.to(device) for t in cos_sin)  # type: ignore[return-value]
 
 
 def read_json(path: Path) -> dict:

@@ -1,9 +1,10 @@
-"""Streaming, resumable quantization: one decoder layer in memory at a time.
+"""Streaming, resumable quantization: GPTQ or RTN, one decoder layer in memory at a time.
 
-    source shards ──► embed(calibration ids) ──► for each layer i:
+    source shards ──► embed(calibration ids) ──► the layer loop (layerloop.py), for each layer i:
                                                    load layer i from the shards
                                                    (GPTQ) run the calibration activations through it,
                                                           quantize its linears group by group
+                                                   (RTN)  quantize its linears from the weights alone
                                                    write model-layer-i.safetensors, the next
                                                    activations and progress.json; free the layer
                                                ──► final norm, lm_head (optionally quantized), embeddings
@@ -11,9 +12,9 @@
 
 The whole fp model is never materialised: a meta-device skeleton gives the module structure and
 each layer is filled from the safetensors shards only while it is being quantized.  Calibration
-activations live in RAM when they fit and in chunk files under ``offload_dir`` otherwise.  After
-every layer ``OUT.partial/progress.json`` records how far the run got, with a fingerprint of the
-model and the settings, so ``resume=True`` continues a killed run and produces the same files.
+activations live in RAM when they fit and in chunk files under ``offload_dir`` otherwise.  The
+per-layer plug-ins are ``quantize_layer_gptq`` and ``quantize_layer_rtn`` (which the in-memory
+``quantize()`` runs too); resume and progress are the layer loop's.
 """
 
 from __future__ import annotations
@@ -24,16 +25,13 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from . import __version__
 from .calibration import CalibConfig, calibration_ids
@@ -41,25 +39,33 @@ from .checkpoint import (
     CHECKPOINT_VERSION,
     EMBED,
     INDEX_FILE,
-    PARTIAL_MARKER,
     QUANT_METHOD,
     SHARDS_KEY,
     check_output,
     copy_generation_config,
     index_weight_map,
-    make_partial,
-    remove_partial,
     shard_records,
     storage_dtype,
 )
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
 from .hlq import QuantConfig, QuantizedWeight, quantize_weight
-from .models import check_architecture, resolve_source_dir
+from .layerloop import (
+    Activations,
+    LayerStep,
+    Run,
+    atomic_json,
+    atomic_save,
+    fingerprint,
+    layer_prefix,
+    materialize,
+    run_layer,
+    run_layers,
+)
+from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
 from .modules import HLQLinear, set_module
-from .utils import ElutqError, move_into_place, peak_rss_mb, release_free_memory
+from .utils import ElutqError, move_into_place, release_free_memory
 
-PROGRESS_FILE = "progress.json"
-HIDDEN_FILE = "hidden.safetensors"
+HIDDEN = "hidden"  # the calibration activations' stream in the layer loop
 
 # Inside a decoder layer, GPTQ quantizes these groups in order, re-running the layer in between so
 # each group sees the inputs that the already-quantized groups produce.  Linears of a group share
@@ -190,78 +196,6 @@ class SafetensorsSource:
         return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- calibration activations
-
-
-class Activations:
-    """Hidden states of the calibration samples in chunks of ``[batch, seqlen, d]``, in RAM or on disk."""
-
-    def __init__(self, chunks: list[torch.Tensor | Path]):
-        self.chunks = chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for c in self.chunks:
-            yield load_file(str(c))["x"] if isinstance(c, Path) else c
-
-    def map(self, fn, directory: Path | None) -> Activations:
-        """Apply ``fn`` to every chunk; results go to files in ``directory`` (if given) or RAM."""
-        out: list[torch.Tensor | Path] = []
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-        for k, x in enumerate(self):
-            y = fn(x)
-            if directory is None:
-                out.append(y)
-            else:
-                path = directory / f"chunk-{k:05d}.safetensors"
-                with _disk_errors(path):
-                    save_file({"x": y.contiguous()}, str(path))
-                out.append(path)
-        return Activations(out)
-
-    def snapshot(self, path: Path) -> None:
-        """Persist RAM chunks (for resume); on-disk chunks are already persistent."""
-        if self.chunks and not isinstance(self.chunks[0], Path):
-            _atomic_save({f"chunk.{k}": c.contiguous() for k, c in enumerate(self.chunks)}, path)
-
-    @classmethod
-    def from_snapshot(cls, path: Path) -> Activations:
-        state = load_file(str(path))
-        return cls([state[f"chunk.{k}"] for k in range(len(state))])
-
-
-@contextlib.contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
-    """A failed write (disk full, quota, permissions) mid-run becomes a user error that says how to go on.
-
-    Nothing is lost: progress.json only ever names layers whose files and next activations are
-    complete, so a rerun with --resume continues from the last finished layer.
-    """
-    try:
-        yield
-    except OSError as e:
-        raise ElutqError(
-            f"cannot write {path} ({e.strerror or e}); free space there or choose another location "
-            "(-o, --offload-dir), then rerun the same command with --resume: finished layers are kept"
-        ) from e
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with _disk_errors(path):
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- one layer
 
 
@@ -290,17 +224,6 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _materialize(
-    module: nn.Module, source: SafetensorsSource, prefix: str, device: torch.device | str = "cpu"
-) -> nn.Module:
-    """Fill a meta-device module with its tensors from the source, in float32, on ``device``."""
-    module = module.to_empty(device=device)
-    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        p.data = source.get(f"{prefix}{name}").to(device=device, dtype=torch.float32)
-        p.requires_grad_(False)
-    return module
-
-
 def _sequential_groups(layer: nn.Module, true_sequential: bool) -> list[list[str]]:
     linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     if not true_sequential:
@@ -316,15 +239,6 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _run_layer(layer: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
-    """One decoder layer on ``x``; runs where the layer lives, the output comes back to ``x``'s device."""
-    dev = pos[0].device
-    out = layer(x.to(dev), attention_mask=None, position_embeddings=pos)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.to(x.device)
-
-
-@torch.no_grad()
 def quantize_layer_gptq(
     layer: nn.Module, acts: Activations, pos, cfg: PipelineConfig
 ) -> tuple[dict[str, tuple[nn.Linear, HLQLinear]], torch.Tensor | None]:
@@ -336,7 +250,7 @@ def quantize_layer_gptq(
     groups = _sequential_groups(layer, cfg.true_sequential)
     replaced: dict[str, tuple[nn.Linear, HLQLinear]] = {}
     dev = pos[0].device
-    fp_first = _run_layer(layer, next(iter(acts)), pos)  # nothing is quantized yet: the fp reference
+    fp_first = run_layer(layer, next(iter(acts)), pos)  # nothing is quantized yet: the fp reference
     passes = [groups] if not cfg.true_sequential else [[g] for g in groups]
     for pass_groups in passes:
         # With one group per pass, nothing after the group's input is needed: stop the forward there
@@ -357,7 +271,7 @@ def quantize_layer_gptq(
         try:
             for x in acts:
                 with contextlib.suppress(_StopForward):
-                    _run_layer(layer, x, pos)
+                    run_layer(layer, x, pos)
         finally:
             for h in hooks:
                 h.remove()
@@ -383,10 +297,13 @@ def quantize_layer_gptq(
 
 
 @torch.no_grad()
-def quantize_layer_rtn(layer: nn.Module, cfg: PipelineConfig) -> dict[str, tuple[nn.Linear, HLQLinear]]:
+def quantize_layer_rtn(layer: nn.Module, quant: QuantConfig) -> dict[str, tuple[nn.Linear, HLQLinear]]:
+    """RTN every linear of ``layer`` in place (the in-memory ``quantize()`` runs this too).
+
+    Returns the replaced modules by name: ``(the original linear, its HLQLinear)``."""
     replaced = {}
     for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
-        module = HLQLinear.from_quantized(quantize_weight(linear.weight, cfg.quant), linear.bias)
+        module = HLQLinear.from_quantized(quantize_weight(linear.weight, quant), linear.bias)
         set_module(layer, name, module)
         replaced[name] = (linear, module)
     return replaced
@@ -454,11 +371,10 @@ def quantize_streaming(
     progress: bool = True,
 ) -> PipelineReport:
     """Quantize ``model`` (any spec `elutq quantize` accepts) into the checkpoint directory ``out``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
-    work = out.with_name(out.name + ".partial")
     src_dir = resolve_source_dir(model)
     source = SafetensorsSource(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
@@ -466,113 +382,74 @@ def quantize_streaming(
     # Before anything is written, so a bad --device leaves no unfinished run behind.
     device = resolve_device(cfg.device) if cfg.method == "gptq" else torch.device("cpu")  # RTN: no activations
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"model": source.fingerprint(), "settings": cfg.settings(), "elutq": __version__},
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()
-
-    progress_file = work / PROGRESS_FILE
-    state = {"fingerprint": fingerprint, "layers_done": 0, "hidden": None}
-    if work.exists() and not progress_file.is_file():
-        remove_partial(work)  # a run that failed before finishing a layer: nothing in it to keep
-    if work.exists():
-        if not resume and not overwrite:
-            raise ElutqError(
-                f"an unfinished run exists at {work}; pass --resume to continue it or --overwrite to start over"
-            )
-        if overwrite and not resume:
-            remove_partial(work)
-        elif progress_file.is_file():
-            state = json.loads(progress_file.read_text())
-            if state["fingerprint"] != fingerprint:
-                raise ElutqError(
-                    f"the unfinished run at {work} was started with another model or other settings; "
-                    "rerun with the same model and settings, or pass --overwrite to start over"
-                )
-    make_partial(work)
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers = skeleton.model.layers
-    n_layers = len(layers)
-    report = PipelineReport(resumed_from=state["layers_done"], layer_errors=list(state.get("errors", [])),
-                            n_params=state.get("n_params", 0), storage_bits=state.get("storage_bits", 0))
+    run = Run.open(
+        out,
+        fingerprint({"model": source.fingerprint(), "settings": cfg.settings()}),
+        {"layers_done": 0, "hidden": {}, "layers": []},
+        resume,
+        overwrite,
+        inputs="model or other settings",
+    )
+    skeleton = meta_model(config)
+    # The counts of the layers done before a resume come from progress.json (a resumed run reports all).
+    report = PipelineReport(
+        resumed_from=run.layers_done,
+        n_params=run.state.get("n_params", 0),
+        storage_bits=run.state.get("storage_bits", 0),
+    )
     prefer = torch.bfloat16 if str(getattr(config, "dtype", None) or "").endswith("bfloat16") else torch.float16
-    needs_acts = cfg.method == "gptq"
 
-    # Calibration activations entering layer `layers_done`.
-    acts: Activations | None = None
-    offload_root: Path | None = None
-    pos = None
-    if needs_acts:
-        ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
-        act_bytes = ids.numel() * config.hidden_size * 4
-        if _use_offload(cfg, act_bytes):
-            offload_root = Path(cfg.offload_dir) if cfg.offload_dir else work / "activations"
-            _check_offload_dir(offload_root, act_bytes)
-        rotary = type(skeleton.model.rotary_emb)(config=config)
-        pos_ids = torch.arange(cfg.calib.seqlen).unsqueeze(0)
-        pos = tuple(t.to(device) for t in rotary(torch.zeros(1, dtype=torch.float32), pos_ids))
-        if state["layers_done"] == 0:
-            rows, ids_rows = _calibration_embeddings(source.get(f"{EMBED}.weight"), ids, cfg.embed)
-            batches = [ids_rows[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
-            acts = Activations(list(batches)).map(lambda b: rows[b], _chunk_dir(offload_root, 0))
-            del rows
-        elif state["hidden"] == "snapshot":
-            acts = Activations.from_snapshot(work / HIDDEN_FILE)
-        else:
-            acts = Activations(sorted(Path(state["hidden"]).glob("chunk-*.safetensors")))
-
-    bar = tqdm(range(n_layers), desc="layers", unit="layer", disable=not progress, initial=state["layers_done"])
-    for i in range(state["layers_done"], n_layers):
-        prefix = f"model.layers.{i}."
-        layer = _materialize(layers[i], source, prefix, device)
-        if cfg.method == "gptq":
-            replaced, fp_out = quantize_layer_gptq(layer, acts, pos, cfg)
-            new_acts = acts.map(lambda x, layer=layer: _run_layer(layer, x, pos), _chunk_dir(offload_root, i + 1))
-            q_first = next(iter(new_acts))
-            err = ((q_first - fp_out).pow(2).sum() / fp_out.pow(2).sum()).item()
-            del fp_out, q_first
-        else:
-            replaced = quantize_layer_rtn(layer, cfg)
-            sq = sum((m.weight().float() - lin.weight).pow(2).sum().item() for lin, m in replaced.values())
-            err = sq / sum(lin.weight.numel() for lin, _ in replaced.values())
-            new_acts = None
+    def count(replaced: dict[str, tuple[nn.Linear, HLQLinear]]) -> None:
         for lin, m in replaced.values():
             report.n_params += lin.weight.numel()
             report.storage_bits += m.quantized().storage_bits()
-        _atomic_save(_layer_tensors(layer, prefix, prefer), work / f"model-layer-{i:05d}.safetensors", {"format": "pt"})
-        if new_acts is not None:
-            if offload_root is None:
-                new_acts.snapshot(work / HIDDEN_FILE)
-                hidden = "snapshot"
-            else:
-                hidden = str(_chunk_dir(offload_root, i + 1))
-            old = state["hidden"]
-        else:
-            hidden, old = None, None
-        report.layer_errors.append(err)
-        state = {"fingerprint": fingerprint, "layers_done": i + 1, "hidden": hidden, "errors": report.layer_errors,
-                 "n_params": report.n_params, "storage_bits": report.storage_bits}  # (a resumed run reports all)
-        _atomic_json(state, progress_file)
-        if old not in (None, "snapshot"):
-            shutil.rmtree(old, ignore_errors=True)  # the previous layer's inputs are no longer needed
-        acts = new_acts
-        layers[i] = nn.Identity()  # free the layer
-        del layer, replaced
-        release_free_memory()
-        bar.update(1)
-        bar.set_postfix(err=f"{err:.2e}", rss=f"{peak_rss_mb():.0f}M")
-        _maybe_stop_for_test(i)
-    bar.close()
+        run.state.update(n_params=report.n_params, storage_bits=report.storage_bits)  # saved with the layer
 
-    head_bits, head_params = _write_head(skeleton, source, config, acts, cfg, work, prefer, device)
+    def rtn_step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
+        layer = materialize(layer, source, layer_prefix(i))
+        replaced = quantize_layer_rtn(layer, cfg.quant)
+        sq = sum((m.weight().float() - lin.weight).pow(2).sum().item() for lin, m in replaced.values())
+        err = sq / sum(lin.weight.numel() for lin, _ in replaced.values())
+        count(replaced)
+        return LayerStep(_layer_tensors(layer, layer_prefix(i), prefer), {}, err, {"err": f"{err:.2e}"})
+
+    acts: dict[str, Activations] = {}
+    step = rtn_step
+    if cfg.method == "gptq":
+        # Calibration activations entering layer `layers_done`.
+        ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
+        act_bytes = ids.numel() * config.hidden_size * 4
+        offload_root: Path | None = None
+        if _use_offload(cfg, act_bytes):
+            offload_root = Path(cfg.offload_dir) if cfg.offload_dir else run.work / "activations"
+            _check_offload_dir(offload_root, act_bytes)
+        pos = position_embeddings(config, cfg.calib.seqlen, device, skeleton)
+        if run.layers_done == 0:
+            rows, ids_rows = _calibration_embeddings(source.get(f"{EMBED}.weight"), ids, cfg.embed)
+            batches = [ids_rows[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
+            acts = {HIDDEN: Activations(list(batches)).map(lambda b: rows[b], _chunk_dir(offload_root, 0))}
+            del rows
+        else:
+            acts = run.activations()
+
+        def gptq_step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
+            layer = materialize(layer, source, layer_prefix(i), device)
+            replaced, fp_out = quantize_layer_gptq(layer, acts[HIDDEN], pos, cfg)
+            new = acts[HIDDEN].map(lambda x: run_layer(layer, x, pos), _chunk_dir(offload_root, i + 1))
+            q_first = next(iter(new))
+            err = ((q_first - fp_out).pow(2).sum() / fp_out.pow(2).sum()).item()
+            count(replaced)
+            return LayerStep(_layer_tensors(layer, layer_prefix(i), prefer), {HIDDEN: new}, err, {"err": f"{err:.2e}"})
+
+        step = gptq_step
+
+    acts = run_layers(run, skeleton.model.layers, step, acts, progress)
+    report.layer_errors = list(run.entries)
+
+    head_bits, head_params = _write_head(skeleton, source, config, acts.get(HIDDEN), cfg, run.work, prefer, device)
     report.storage_bits += head_bits
     report.n_params += head_params
-    _finish(work, out, config, tokenizer, cfg, report, overwrite, src_dir)
+    _finish(run, config, tokenizer, cfg, report, overwrite, src_dir)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -582,12 +459,6 @@ HEAD_ROWS = 8192  # lm_head rows quantized at a time
 
 def _chunk_dir(root: Path | None, layer: int) -> Path | None:
     return None if root is None else root / f"layer-{layer:05d}"
-
-
-def _maybe_stop_for_test(layer: int) -> None:
-    """Tests simulate a crash right after a layer is recorded (ELUTQ_TEST_CRASH_AFTER_LAYER=i)."""
-    if os.environ.get("ELUTQ_TEST_CRASH_AFTER_LAYER") == str(layer):
-        os._exit(17)
 
 
 @torch.no_grad()
@@ -640,7 +511,7 @@ def _write_head(
 
         bits += _quantize_rows(head_w, quantize_rows, "lm_head", tensors)
         params += head_w.numel()
-    _atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
+    atomic_save({k: v.contiguous() for k, v in tensors.items()}, work / "model-head.safetensors", {"format": "pt"})
     return bits, params
 
 
@@ -674,8 +545,7 @@ def _quantize_rows(w: torch.Tensor, quantize_rows, name: str, tensors: dict[str,
 
 
 def _finish(
-    work: Path,
-    out: Path,
+    run: Run,
     config,
     tokenizer,
     cfg: PipelineConfig,
@@ -684,12 +554,12 @@ def _finish(
     src_dir: Path,
 ) -> None:
     """Index, config, tokenizer and generation defaults into the work dir, then rename it into place."""
-    check_output(out, overwrite)  # (again: the output may have changed since the start) before progress goes
+    work = run.work
     weight_map = {}
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
-    _atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
+    atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
     modules = {
         k.removesuffix(".qweight"): {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size}
         for k in weight_map
@@ -718,9 +588,8 @@ def _finish(
     }
     tokenizer.save_pretrained(work)
     copy_generation_config(src_dir, work)
-    for f in (PROGRESS_FILE, HIDDEN_FILE, PARTIAL_MARKER):
-        (work / f).unlink(missing_ok=True)
+    run.close()
     shutil.rmtree(work / "activations", ignore_errors=True)
     cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
     (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
-    move_into_place(work, out, overwrite)
+    move_into_place(work, run.out, overwrite)

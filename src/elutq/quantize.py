@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from .checkpoint import EMBED
 from .hlq import QuantConfig, quantize_weight
-from .models import quantizable_linears
+from .layerloop import layer_prefix
+from .models import decoder_layers
 from .modules import HLQEmbedding, HLQLinear, set_module
+from .pipeline import quantize_layer_rtn
 
 
 @dataclass
@@ -61,24 +63,35 @@ def quantize(
     progress: bool = True,
     embed: QuantConfig | None = None,
 ) -> QuantReport:
-    """RTN-quantize every linear of the decoder layers (and ``lm_head``, the embeddings, if given a config)."""
-    targets = {name: (m, config) for name, m in quantizable_linears(model).items()}
+    """RTN-quantize every linear of the decoder layers (and ``lm_head``, the embeddings, if given a config).
+
+    Each decoder layer goes through ``quantize_layer_rtn``, the plug-in `elutq quantize --method rtn`
+    runs in its layer loop, so both give the same tensors."""
+    layers = decoder_layers(model)
     head_quantized = lm_head is not None and isinstance(getattr(model, "lm_head", None), nn.Linear)
     if (head_quantized or embed is not None) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # a quantized head or embedding no longer shares the other
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-    if head_quantized:
-        targets["lm_head"] = (model.lm_head, lm_head)
-    if embed is not None:
-        targets[EMBED] = (model.get_submodule(EMBED), embed)
     report = QuantReport()
     start = time.perf_counter()
-    for name, (linear, cfg) in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
+
+    def add(name: str, n: int, mse: float, bits: int) -> None:
+        report.mse[name] = mse
+        report.n_params += n
+        report.sq_error += mse * n
+        report.storage_bits += bits
+
+    for i, layer in enumerate(tqdm(layers, desc="quantize", unit="layer", disable=not progress)):
+        for name, (linear, module) in quantize_layer_rtn(layer, config).items():
+            w, qw = linear.weight.detach().float(), module.quantized()
+            add(layer_prefix(i) + name, w.numel(), (qw.dequantize() - w).pow(2).mean().item(), qw.storage_bits())
+    others = {"lm_head": lm_head} if head_quantized else {}
+    if embed is not None:
+        others[EMBED] = embed
+    for name, cfg in others.items():
+        linear = model.get_submodule(name)
         module, mse, bits = quantize_linear(linear, cfg)
         set_module(model, name, module)
-        report.mse[name] = mse
-        report.n_params += linear.weight.numel()
-        report.sq_error += mse * linear.weight.numel()
-        report.storage_bits += bits
+        add(name, linear.weight.numel(), mse, bits)
     report.seconds = time.perf_counter() - start
     return report

@@ -52,7 +52,7 @@ from .generation import (
     generation_defaults,
     read_generation_config,
 )
-from .models import check_architecture, resolve_source_dir
+from .models import check_architecture, resolve_source_dir, rotary_embedding
 from .utils import ElutqError
 
 # Linear slots of a decoder layer, in the order csrc/runtime.h numbers them.
@@ -246,11 +246,7 @@ def _arch(config) -> Arch:
 
 def _rope(config) -> tuple[np.ndarray, float]:
     """``inv_freq`` and attention scaling exactly as the model's own rotary embedding computes them."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    rotary = type(skeleton.model.rotary_emb)(config=config)
+    rotary = rotary_embedding(config)
     return _f32(rotary.inv_freq), float(getattr(rotary, "attention_scaling", 1.0))
 
 
