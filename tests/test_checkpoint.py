@@ -229,10 +229,16 @@ def test_cli_quantize_eval_info_on_tiny_model(tiny_llama, tmp_path, capsys):
 
 
 def test_cli_quantized_embeddings(tiny_llama, tmp_path, capsys):
-    """``--embed-bits``: smaller checkpoint, reported by quantize and info, and a clear error for bad bits."""
+    """``--embed-bits``: smaller checkpoint, reported by quantize and info, and a clear error for bad bits;
+    by default it follows ``--lm-head-bits`` (and its group size)."""
     _, path = tiny_llama
     base = ["--method", "rtn", "--bits", "2", "--group-size", "32", "--lm-head-group-size", "32"]
-    assert main(["quantize", str(path), "-o", str(tmp_path / "fp16"), *base]) == 0
+    assert main(["quantize", str(path), "-o", str(tmp_path / "fp16"), *base, "--embed-bits", "0"]) == 0
+    assert "embeddings: 16-bit" in capsys.readouterr().out
+    assert main(["quantize", str(path), "-o", str(tmp_path / "follow"), *base]) == 0
+    assert "embeddings: w4g32" in capsys.readouterr().out  # --lm-head-bits 4 (its default), group 32
+    assert main(["quantize", str(path), "-o", str(tmp_path / "head16"), *base, "--lm-head-bits", "0"]) == 0
+    assert "lm_head: 16-bit, embeddings: 16-bit" in capsys.readouterr().out
     embed = ["--embed-bits", "4", "--embed-group-size", "32"]
     assert main(["quantize", str(path), "-o", str(tmp_path / "q"), *base, *embed]) == 0
     out = capsys.readouterr().out
