@@ -46,7 +46,7 @@ if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ] || { [ -n "$NO_AMX" ] && [ "$amx" 
 fi
 # llama-imatrix and llama-quantize (benchmarks/bench_frontier.py: importance matrices and the IQ types),
 # from the same sources, reusing the objects of the build above (a few minutes more).
-if [ ! -x "$BUILD_DIR/vendor/llama.cpp/bin/llama-imatrix" ] || [ ! -x "$BUILD_DIR/vendor/llama.cpp/bin/llama-quantize" ]; then
+if [ ! -x "$BUILD_DIR/bin/llama-imatrix" ] || [ ! -x "$BUILD_DIR/bin/llama-quantize" ]; then
     echo "building llama-imatrix and llama-quantize..."
     cmake -S "$SDIST_DIR" -B "$BUILD_DIR" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF > /dev/null
     nice -n 10 cmake --build "$BUILD_DIR" --target llama-imatrix llama-quantize -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" > /dev/null
@@ -55,4 +55,4 @@ fi
 # back to tokenizer.json through transformers, already in .venv).
 pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece matplotlib  # matplotlib: bench_frontier.py plots
 .venv/bin/python -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)'
-echo "peer sources: $SDIST_DIR; tools: $BUILD_DIR/vendor/llama.cpp/bin"
+echo "peer sources: $SDIST_DIR; tools: $BUILD_DIR/bin"
