@@ -15,6 +15,7 @@ PEER_DIR=${PEER_DIR:-${ELUTQ_CACHE:-$HOME/.cache/elutq}/peer}
 pip() { .venv/bin/python -m pip "$@" --disable-pip-version-check; }
 
 SDIST_DIR="$PEER_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+BUILD_DIR="$PEER_DIR/build-$LLAMA_CPP_PYTHON_VERSION"  # kept: the tools below reuse its objects
 if [ ! -f "$SDIST_DIR/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
     mkdir -p "$PEER_DIR"
     pip download -q --no-deps --no-binary llama-cpp-python -d "$PEER_DIR" \
@@ -40,11 +41,18 @@ if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ] || { [ -n "$NO_AMX" ] && [ "$amx" 
 -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
         nice -n 10 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall --no-cache-dir \
-        "$SDIST_DIR"
+        --config-settings=build-dir="$BUILD_DIR" "$SDIST_DIR"
     echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
+fi
+# llama-imatrix and llama-quantize (benchmarks/bench_frontier.py: importance matrices and the IQ types),
+# from the same sources, reusing the objects of the build above (a few minutes more).
+if [ ! -x "$BUILD_DIR/bin/llama-imatrix" ] || [ ! -x "$BUILD_DIR/bin/llama-quantize" ]; then
+    echo "building llama-imatrix and llama-quantize..."
+    cmake -S "$SDIST_DIR" -B "$BUILD_DIR" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF > /dev/null
+    nice -n 10 cmake --build "$BUILD_DIR" --target llama-imatrix llama-quantize -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" > /dev/null
 fi
 # llama-cpp-python's runtime deps and the converter's (it imports sentencepiece before it falls
 # back to tokenizer.json through transformers, already in .venv).
-pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece
+pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece matplotlib  # matplotlib: bench_frontier.py plots
 .venv/bin/python -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)'
-echo "peer sources: $SDIST_DIR"
+echo "peer sources: $SDIST_DIR; tools: $BUILD_DIR/bin"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -229,10 +230,16 @@ def test_cli_quantize_eval_info_on_tiny_model(tiny_llama, tmp_path, capsys):
 
 
 def test_cli_quantized_embeddings(tiny_llama, tmp_path, capsys):
-    """``--embed-bits``: smaller checkpoint, reported by quantize and info, and a clear error for bad bits."""
-    _, path = tiny_llama
+    """``--embed-bits``: smaller checkpoint, reported by quantize and info, and a clear error for bad bits;
+    by default it follows ``--lm-head-bits`` (and its group size)."""
+    model, path = tiny_llama
     base = ["--method", "rtn", "--bits", "2", "--group-size", "32", "--lm-head-group-size", "32"]
-    assert main(["quantize", str(path), "-o", str(tmp_path / "fp16"), *base]) == 0
+    assert main(["quantize", str(path), "-o", str(tmp_path / "fp16"), *base, "--embed-bits", "0"]) == 0
+    assert "embeddings: 16-bit" in capsys.readouterr().out
+    assert main(["quantize", str(path), "-o", str(tmp_path / "follow"), *base]) == 0
+    assert "embeddings: w4g32" in capsys.readouterr().out  # --lm-head-bits 4 (its default), group 32
+    assert main(["quantize", str(path), "-o", str(tmp_path / "head16"), *base, "--lm-head-bits", "0"]) == 0
+    assert "lm_head: 16-bit, embeddings: 16-bit" in capsys.readouterr().out
     embed = ["--embed-bits", "4", "--embed-group-size", "32"]
     assert main(["quantize", str(path), "-o", str(tmp_path / "q"), *base, *embed]) == 0
     out = capsys.readouterr().out
@@ -241,6 +248,10 @@ def test_cli_quantized_embeddings(tiny_llama, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "quantized linears: 15" in text and "embeddings: w4g32" in text  # 14 + lm_head
     size = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in ("fp16", "q")}
+    whole = re.search(r"whole checkpoint: weights files x 8 / ([\d.]+)M parameters\): ([\d.]+)", text)
+    n_params = sum(p.numel() for p in model.parameters()) + 256 * 160  # the tied head, stored untied
+    assert float(whole.group(1)) == pytest.approx(n_params / 1e6, abs=0.05)
+    assert float(whole.group(2)) == pytest.approx(8 * size["q"] / n_params, rel=1e-3)
     # the 16-bit table: 256 × 160 × 2 = 80 KiB; w4g32: 20 KiB of bit-planes + 12.5 KiB of scales and zeros
     assert size["fp16"] - size["q"] > 0.55 * 256 * 160 * 2
     with pytest.raises(SystemExit) as e:  # refused while parsing, naming the option

@@ -19,7 +19,7 @@ def elutq(*args: str) -> str:
 def test_quantize_eval_generate_default_model(tmp_path):
     out = tmp_path / "smollm2-w4g128"
     summary = elutq("quantize", "default", "-o", str(out), "--method", "rtn", "--bits", "4", "--group-size", "128")
-    assert "bits per weight (quantized linears): 4.6" in summary  # 4 + 80/128, plus the short groups of 576
+    assert "bits per weight (quantized linears and embeddings): 4.6" in summary  # 4 + 80/128 + short groups of 576
     assert "format: hlq" in elutq("info", str(out))
     base = json.loads(
         elutq("eval", "default", "--dataset", "wikitext2", "--max-tokens", "4096", "--json").splitlines()[-2]

