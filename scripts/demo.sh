@@ -12,8 +12,10 @@ elutq() { .venv/bin/elutq "$@"; }
 echo "== 1. quantize: GPTQ-HLQ w3g128, embeddings and lm_head w4g128, calibrated on 32 x 512 tokens of WikiText-2 valid"
 elutq quantize default -o "$OUT" --bits 3 --group-size 128 --embed-bits 4 --calib-samples 32 --overwrite
 elutq info "$OUT"
-echo "== 2. perplexity on the first $TOKENS tokens of WikiText-2 test: unquantized (its cached fp32 copy, run in fp16), then quantized"
-elutq eval default --dataset wikitext2 --max-tokens "$TOKENS"
-elutq eval "$OUT" --dataset wikitext2 --max-tokens "$TOKENS"
+for text in wikitext2 python-code; do
+  echo "== 2. perplexity on the first $TOKENS tokens of $text test: unquantized (its cached fp32 copy, run in fp16), then quantized"
+  elutq eval default --dataset "$text" --max-tokens "$TOKENS"
+  elutq eval "$OUT" --dataset "$text" --max-tokens "$TOKENS"
+done
 echo "== 3. generate (streamed; speed on stderr)"
 elutq generate "$OUT" -p "Write one sentence about the sea." --max-new-tokens 48
