@@ -67,13 +67,11 @@ def head_for(bits: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- inputs
 
 
-def data_file(name: str, split: str) -> Path:
-    dirs = [Path(os.environ["ELUTQ_DATA"])] if os.environ.get("ELUTQ_DATA") else []
-    dirs.append(ROOT.parent / "shared" / "data")
-    for d in dirs:
-        if (d / TEXTS[name] / f"{split}.txt").is_file():
-            return d / TEXTS[name] / f"{split}.txt"
-    raise SystemExit(f"{TEXTS[name]}/{split}.txt not found in {', '.join(map(str, dirs))}; set ELUTQ_DATA")
+def data_text(name: str, split: str) -> str:
+    """A shipped text (``$ELUTQ_DATA`` first, then the package's copy), as ``elutq eval --dataset`` reads it."""
+    from elutq.eval import load_text
+
+    return load_text(dataset=name, split=split)[0]
 
 
 def source_gguf(model: str) -> Path:
@@ -92,7 +90,7 @@ def calibration_text(tokenizer, out: Path, n_tokens: int) -> Path:
     tokens (plus one block), so any contiguous run of chunks sees both domains."""
     if out.is_file():
         return out
-    texts = [data_file(t, "valid").read_text(encoding="utf-8") for t in TEXTS]
+    texts = [data_text(t, "valid") for t in TEXTS]
     blocks: list[str] = []
     pos = [0, 0]
     n = 0
@@ -244,7 +242,7 @@ def measure(res: Results, key: str, engine: str, path: Path, ids: dict[str, Path
             res.save()
             print(f"    {key}: {text} ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, "
                   f"{time.perf_counter() - t0:.0f}s)", flush=True)
-    if speed and "speed" not in p:
+    if speed and not args.skip_speed and "speed" not in p:
         worker = "elutq_speed" if engine == "elutq" else "llama_speed"
         r = br.run_worker(worker, model=str(path), threads=list(args.threads), prompt=args.prompt, gen=args.gen,
                           repeats=args.repeats)
@@ -275,7 +273,7 @@ def run(args) -> Results:
     for text in TEXTS:
         f = work / f"{text}-test-ids.npy"
         if not f.is_file():
-            np.save(f, tokenize(tok, data_file(text, "test").read_text(encoding="utf-8")).numpy().astype(np.int32))
+            np.save(f, tokenize(tok, data_text(text, "test")).numpy().astype(np.int32))
         ids[text] = f
     calib = calibration_text(tok, work / "calib.txt", args.calib_samples * args.calib_seqlen)
     res.data.setdefault("calib_tokens", len(tokenize(tok, calib.read_text(encoding="utf-8"))))
@@ -495,6 +493,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="speed: prompt tokens")
     ap.add_argument("--gen", type=int, default=32, help="speed: generated tokens")
     ap.add_argument("--repeats", type=int, default=2, help="speed: rounds (best of)")
+    ap.add_argument("--skip-speed", action="store_true",
+                    help="make and score points, leave their timing to a later run on a quiet machine")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -78,6 +79,46 @@ def test_quantized_embedding_round_trip(tiny_llama, tmp_path):
         assert torch.equal(getattr(loaded.model.embed_tokens, t), getattr(emb, t))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_tied_head_and_embedding_quantized_alike_share_one_tensor(tiny_llama, tmp_path):
+    """A tied model whose head and embeddings get the same setting keeps one quantized tensor, as its float
+    model kept one: in memory, in the file (only lm_head's, ``shared_with`` in the config) and after loading;
+    the file is smaller by the copy it no longer holds, and the model computes the same."""
+    model, _ = tiny_llama
+    assert model.config.tie_word_embeddings
+    separate = copy.deepcopy(model)
+    quantize(model, QuantConfig(2, 64), lm_head=QuantConfig(4, 32), embed=QuantConfig(4, 32), progress=False)
+    quantize(separate, QuantConfig(2, 64), lm_head=QuantConfig(4, 32), embed=QuantConfig(4, 64), progress=False)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, HLQEmbedding) and emb.qweight is head.qweight and emb.scales is head.scales
+    ids = torch.tensor([[3, 0, 255, 3]])
+    assert torch.equal(emb(ids)[0], head.quantized().dequantize()[ids[0]])
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    stored = load_file(out / "model.safetensors")
+    assert not any(k.startswith("model.embed_tokens.") for k in stored) and "lm_head.qweight" in stored
+    loaded, _, qc = load_quantized(out)
+    assert qc["modules"]["model.embed_tokens"] == {"bits": 4, "group_size": 32, "shared_with": "lm_head"}
+    assert loaded.model.embed_tokens.qweight is loaded.lm_head.qweight
+    assert torch.equal(loaded.lm_head.scales, head.scales)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
+    other = save_quantized(separate, None, tmp_path / "sep", INFO)
+    emb_copy = sum(t.numel() * t.element_size() for k, t in load_file(other / "model.safetensors").items()
+                   if k.startswith("model.embed_tokens."))  # fmt: skip
+    saved = (other / "model.safetensors").stat().st_size - (out / "model.safetensors").stat().st_size
+    assert emb_copy > 0 and abs(saved - emb_copy) < 1024  # (headers differ a little)
+
+
+def test_shared_embedding_must_match_its_head(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    quantize(model, QuantConfig(2, 64), lm_head=QuantConfig(4, 32), embed=QuantConfig(4, 32), progress=False)
+    out = save_quantized(model, None, tmp_path / "q", INFO)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["modules"]["model.embed_tokens"]["bits"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ElutqError, match="shared with 'lm_head'.*same bits"):
+        load_quantized(out)
 
 
 def test_tied_head_with_quantized_embedding_is_refused(tiny_llama, tmp_path):
@@ -246,14 +287,15 @@ def test_cli_quantized_embeddings(tiny_llama, tmp_path, capsys):
     assert "embeddings: w4g32" in out and "bits per weight (quantized linears and embeddings)" in out
     assert main(["info", str(tmp_path / "q")]) == 0
     text = capsys.readouterr().out
-    assert "quantized linears: 15" in text and "embeddings: w4g32" in text  # 14 + lm_head
+    assert "quantized linears: 15" in text  # 14 + lm_head
+    assert "embeddings: w4g32 (one tensor with lm_head" in text  # tied, quantized alike: stored once
     size = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in ("fp16", "q")}
     whole = re.search(r"whole checkpoint: weights files x 8 / ([\d.]+)M parameters\): ([\d.]+)", text)
-    n_params = sum(p.numel() for p in model.parameters()) + 256 * 160  # the tied head, stored untied
+    n_params = sum(p.numel() for p in model.parameters())  # the tied table once, as the source holds it
     assert float(whole.group(1)) == pytest.approx(n_params / 1e6, abs=0.05)
     assert float(whole.group(2)) == pytest.approx(8 * size["q"] / n_params, rel=1e-3)
-    # the 16-bit table: 256 × 160 × 2 = 80 KiB; w4g32: 20 KiB of bit-planes + 12.5 KiB of scales and zeros
-    assert size["fp16"] - size["q"] > 0.55 * 256 * 160 * 2
+    # the 16-bit table (256 × 160 × 2 = 80 KiB) is gone, and the head's w4g32 tensor serves as the embedding
+    assert size["fp16"] - size["q"] > 0.98 * 256 * 160 * 2
     with pytest.raises(SystemExit) as e:  # refused while parsing, naming the option
         main(["quantize", str(path), "-o", str(tmp_path / "bad"), *base, "--embed-bits", "5"])
     assert e.value.code == 2 and "argument --embed-bits" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 
 from conftest import save_tiny_llama
 from elutq.calibration import CalibConfig
-from elutq.checkpoint import load_quantized, read_tensors
+from elutq.checkpoint import load_quantized, read_quantization_config, read_tensors
 from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, finetune_e2e, trainable_views
 from elutq.hlq import QuantConfig, levels, quantize_weight
 from elutq.modules import HLQLinear
@@ -317,4 +317,34 @@ def test_block_and_e2e_on_quantized_embeddings(tiny_ckpt, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and not any(k.startswith("model.embed_tokens.") for k in changed)
     assert any(k.startswith("lm_head.") for k in changed)
+    assert elutq.load(str(tmp_path / "ft"), threads=1).generate("The lazy", max_new_tokens=4).token_ids
+
+
+def test_e2e_trains_a_shared_head_and_embedding_as_one_tensor(tiny_ckpt, tmp_path):
+    """Head and embeddings stored as one tensor: e2e's embedding reads the head's trainable scales (the
+    loss reaches them through the lookup too), and the result still stores one tensor, which changed."""
+    import elutq
+
+    _, _, calib = tiny_ckpt
+    src = tmp_path / "tied"
+    save_tiny_llama(src, seed=1, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=64,
+                    tie_word_embeddings=True)  # fmt: skip
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(4, 32), embed=QuantConfig(4, 32))
+    q = tmp_path / "shared"
+    quantize_streaming(str(src), q, cfg, progress=False)
+    model, _, _ = load_quantized(q)
+    ids = torch.tensor([[5, 1, 200, 5]])
+    with torch.no_grad():
+        before = model.model.embed_tokens(ids)
+    views = trainable_views(model)
+    rows = model.model.embed_tokens(ids)
+    assert torch.equal(rows, before)  # the same rows before training
+    rows.sum().backward()
+    assert views["lm_head"].s.grad is not None and views["lm_head"].s.grad[5].abs().sum() > 0
+
+    finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(calib), progress=False)
+    before_t, after_t = read_tensors(q), read_tensors(tmp_path / "ft")
+    assert before_t.keys() == after_t.keys() and not any(k.startswith("model.embed_tokens.") for k in after_t)
+    assert not torch.equal(before_t["lm_head.scales"], after_t["lm_head.scales"])
+    assert read_quantization_config(tmp_path / "ft")["modules"]["model.embed_tokens"]["shared_with"] == "lm_head"
     assert elutq.load(str(tmp_path / "ft"), threads=1).generate("The lazy", max_new_tokens=4).token_ids

@@ -177,6 +177,23 @@ def test_streaming_quantized_embeddings_and_per_channel_groups(tiny_llama, tmp_p
     assert ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item() < 2e-4
 
 
+def test_streaming_shared_head_and_embedding_match_in_memory(tiny_llama, tmp_path):
+    """A tied model with head and embeddings quantized alike: the pipeline stores one tensor (the head's), the
+    same one the in-memory quantizer shares, and counts its bits once."""
+    model, path = tiny_llama
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(3, 64), embed=QuantConfig(3, 64))
+    report = quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
+    in_memory = quantize(model, QuantConfig(2, 32), lm_head=cfg.lm_head, progress=False, embed=cfg.embed)
+    stored = read_tensors(tmp_path / "q")
+    assert not any(k.startswith("model.embed_tokens.") for k in stored)
+    loaded, _, qc = load_quantized(tmp_path / "q")
+    assert qc["modules"]["model.embed_tokens"]["shared_with"] == "lm_head"
+    for t in ("qweight", "scales", "zeros"):
+        assert torch.equal(stored[f"lm_head.{t}"], getattr(model.lm_head, t)), t
+    assert loaded.model.embed_tokens.qweight is loaded.lm_head.qweight
+    assert (report.n_params, report.storage_bits) == (in_memory.n_params, in_memory.storage_bits)
+
+
 def test_gptq_calibrates_on_the_quantized_embeddings(tiny_llama, tmp_path, monkeypatch):
     """With quantized embeddings, GPTQ's first layer sees the rows the checkpoint stores (dequantized),
     not the float ones."""

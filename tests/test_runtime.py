@@ -63,11 +63,12 @@ def test_float_tables_match_torch_for_each_architecture(tmp_path, arch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "head_bits", "embed"), [("llama", None, QuantConfig(4, 32)), ("qwen2", 4, QuantConfig(2, -1))]
+    ("arch", "head_bits", "embed"),
+    [("llama", None, QuantConfig(4, 32)), ("qwen2", 4, QuantConfig(2, -1)), ("llama", 4, QuantConfig(4, 32))],
 )
 def test_quantized_embeddings_match_torch(tmp_path, arch, head_bits, embed):
-    """HLQ embeddings, decoded row by row in the runtime, against torch's ``HLQEmbedding`` (a tied model,
-    untied with a 16-bit head; per-channel groups)."""
+    """HLQ embeddings, decoded row by row in the runtime, against torch's ``HLQEmbedding`` (a tied model
+    untied with a 16-bit head; per-channel groups; one tensor shared with the quantized head)."""
     _, out = _quantized(tmp_path, arch, head_bits=head_bits, embed=embed)
     ref = _torch_logits(out)
     model = elutq.load(out, float_tables=True)

@@ -6,8 +6,11 @@ Layout (no pickle anywhere)::
     model.safetensors    per quantized linear NAME: NAME.qweight uint8 [bits, out, ceil(in/8)],
                          NAME.scales fp16 [out, ng, bits], NAME.zeros fp16 [out, ng] (+ NAME.bias);
                          quantized embeddings (optional) the same, as model.embed_tokens with
-                         out = vocabulary, in = hidden; every other tensor in fp16 (bf16 if the
-                         source model was bf16)
+                         out = vocabulary, in = hidden -- or none of their own when the source
+                         ties them to lm_head and both are quantized alike: modules[embed_tokens]
+                         then says "shared_with": "lm_head" and the embedding looks its rows up
+                         in lm_head's tensors (one copy, as in the source); every other tensor in
+                         fp16 (bf16 if the source model was bf16)
     tokenizer files      as the tokenizer saves them
 
 This module is the single owner of that format: it writes checkpoints (``save_quantized``) and reads
@@ -43,6 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"  # the source model's sampling defaults, carried along
 EMBED = "model.embed_tokens"  # the embedding's name, as a module and as a tensor prefix
+SHARED = "shared_with"  # modules[EMBED][SHARED] == "lm_head": the embedding is the head's quantized tensor
 
 
 def module_group_size(spec: dict[str, Any], in_features: int) -> int:
@@ -51,14 +55,22 @@ def module_group_size(spec: dict[str, Any], in_features: int) -> int:
     return in_features if g == -1 else g
 
 
+def embedding_prefix(qc: dict[str, Any]) -> str:
+    """The tensor prefix of a checkpoint's quantized embedding: its own, or ``lm_head`` where the two share one
+    quantized tensor (a tied source model, head and embeddings quantized alike)."""
+    spec = qc.get("modules", {}).get(EMBED) or {}
+    return spec.get(SHARED, EMBED)
+
+
 def stored_embedding(get, qc: dict[str, Any], hidden: int) -> torch.Tensor:
     """The embedding a checkpoint embeds with, float32 ``[vocab, hidden]``: its 16-bit tensor, or its
     quantized one dequantized.  ``get(name)``: the checkpoint's tensor ``name``."""
     spec = qc.get("modules", {}).get(EMBED)
     if spec is None:
         return get(f"{EMBED}.weight").to(torch.float32)
-    codes = unpack_bitplanes(get(f"{EMBED}.qweight"), hidden)
-    return dequantize(codes, get(f"{EMBED}.scales"), get(f"{EMBED}.zeros"), module_group_size(spec, hidden))
+    p = embedding_prefix(qc)
+    codes = unpack_bitplanes(get(f"{p}.qweight"), hidden)
+    return dequantize(codes, get(f"{p}.scales"), get(f"{p}.zeros"), module_group_size(spec, hidden))
 
 
 def _is_plain_float(name: str, t: torch.Tensor) -> bool:
@@ -73,12 +85,20 @@ def storage_dtype(t: torch.Tensor, prefer: torch.dtype = torch.float16) -> torch
     return prefer
 
 
+def shares_head(model: nn.Module) -> bool:
+    """Whether ``model``'s quantized embedding is its quantized lm_head's tensor (``HLQEmbedding.tied_to``)."""
+    emb, head = model.get_submodule(EMBED), getattr(model, "lm_head", None)
+    return isinstance(emb, HLQEmbedding) and isinstance(head, HLQLinear) and emb.qweight is head.qweight
+
+
 def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
     modules = {
         name: {"bits": m.bits, "group_size": m.group_size}
         for name, m in model.named_modules()
         if isinstance(m, HLQLinear)
     }
+    if shares_head(model):
+        modules[EMBED][SHARED] = "lm_head"
     return {
         "quant_method": QUANT_METHOD,
         "version": CHECKPOINT_VERSION,
@@ -96,7 +116,12 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
         getattr(model, "lm_head", None), HLQLinear
     )
     # The tied lm_head is the embedding itself; tie_weights() restores it on load.
-    state = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    shared = shares_head(model)  # then the embedding's tensors are lm_head's: stored once
+    state = {
+        k: t
+        for k, t in model.state_dict().items()
+        if not (tied and k == "lm_head.weight") and not (shared and k.startswith(EMBED + "."))
+    }
     floats = [t for k, t in state.items() if _is_plain_float(k, t)]
     prefer = torch.bfloat16 if floats and all(t.dtype == torch.bfloat16 for t in floats) else torch.float16
     tensors = {
@@ -520,6 +545,13 @@ def check_tensors(path: Path, qc: dict[str, Any], config, tensors: dict[str, tup
             raise mismatch(f"module {name} has invalid bits in quantization_config: {spec!r}")
         if not isinstance(spec.get("group_size"), int) or not (spec["group_size"] == -1 or spec["group_size"] > 0):
             raise mismatch(f"module {name} has an invalid group_size in quantization_config: {spec!r}")
+        if SHARED in spec:
+            head = modules.get("lm_head")
+            if name != EMBED or spec[SHARED] != "lm_head" or not isinstance(head, dict) or (
+                head.get("bits"), head.get("group_size")) != (spec["bits"], spec["group_size"]):
+                raise mismatch(f"module {name} is shared with {spec[SHARED]!r}, which is not a quantized lm_head "
+                               f"of the same bits and group size ({head!r})")
+            continue  # its tensors are lm_head's, checked there
         for key, (shape, dt) in _expected_shapes(name, spec, *io).items():
             if key not in tensors:
                 raise mismatch(f"missing tensor {key}")
@@ -641,6 +673,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
     state = read_tensors(path)
     for key, t in state.items():
         check_finite(key, t)
+    shared = qc["modules"].get(EMBED, {}).get(SHARED)
+    if shared:  # the embedding's tensors are the head's: the same tensor objects, one copy in memory too
+        for kind in ("qweight", "scales", "zeros"):
+            state[f"{EMBED}.{kind}"] = state[f"{shared}.{kind}"]
 
     for name, spec in qc["modules"].items():
         try:

@@ -218,6 +218,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import (
         EMBED,
         SHARDS_KEY,
+        SHARED,
         load_config,
         read_header,
         read_json,
@@ -262,6 +263,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     emb = qc["modules"].get(EMBED)
     print(f"  quantized linears: {len(qc['modules']) - (emb is not None)}")
     emb_kind = f"w{emb['bits']}g{emb['group_size']}" if emb else "16-bit"
+    if emb and SHARED in emb:
+        emb_kind += f" (one tensor with {emb[SHARED]}, as the source ties them)"
     print(f"  embeddings: {emb_kind}")
     print(f"  bits per weight (quantized tensors, incl. scales/zeros; 8-column padding): {qbits / max(qparams, 1):.3f}")
     print(f"  16-bit parameters ({'norms' if emb else 'embeddings, norms'}, ...): {other / 1e6:.1f}M")

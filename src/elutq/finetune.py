@@ -44,9 +44,11 @@ from .checkpoint import (
     WEIGHTS_FILE,
     check_output,
     copy_generation_config,
+    embedding_prefix,
     module_group_size,
     read_quantization_config,
     shard_records,
+    shares_head,
     stored_embedding,
 )
 from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
@@ -174,14 +176,33 @@ class TrainableHLQ(nn.Module):
             m.qweight.copy_(pack_bitplanes(self.codes.cpu(), self.bits))
 
 
+class TrainableTiedRows(nn.Module):
+    """The embedding of a model whose quantized embedding is its head's tensor: rows of the head's
+    ``TrainableHLQ``, so training moves both uses of the one tensor the checkpoint stores."""
+
+    def __init__(self, head: TrainableHLQ, dtype: torch.dtype):
+        super().__init__()
+        self.head, self.dtype = head, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, flat = self.head, ids.reshape(-1)
+        rows = dequantize(h.codes[flat], h.s[flat], h.z[flat], h.group_size)
+        return rows.to(self.dtype).view(*ids.shape, h.in_features)
+
+
 def trainable_views(module: nn.Module) -> dict[str, TrainableHLQ]:
     """Replace every ``HLQLinear`` inside ``module`` by a ``TrainableHLQ``; returns them by name.  A
-    quantized embedding stays frozen: it is a lookup, which ``TrainableHLQ`` (a linear) does not model."""
+    quantized embedding of its own stays frozen: it is a lookup, which ``TrainableHLQ`` (a linear) does not
+    model; one that is the head's tensor looks its rows up in the head's view."""
     views = {}
+    tied = hasattr(module, "lm_head") and shares_head(module)
     hlq = [(n, m) for n, m in module.named_modules() if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding)]
     for name, m in hlq:
         views[name] = TrainableHLQ(m)
         set_module(module, name, views[name])
+    if tied:
+        emb = module.get_submodule(EMBED)
+        set_module(module, EMBED, TrainableTiedRows(views["lm_head"], emb.dtype))
     return views
 
 
@@ -196,7 +217,9 @@ def _load_config_without_quant(path: Path):
     return config
 
 
-def _check_source_matches(ckpt: Path, ckpt_cfg, src: Path, src_cfg, ck: SafetensorsSource, source: SafetensorsSource):
+def _check_source_matches(
+    ckpt: Path, ckpt_cfg, qc: dict, src: Path, src_cfg, ck: SafetensorsSource, source: SafetensorsSource
+):
     fix = "pass --source the model this checkpoint was quantized from"
     for k in _SHAPE_FIELDS:
         a, b = getattr(ckpt_cfg, k, None), getattr(src_cfg, k, None)
@@ -207,7 +230,7 @@ def _check_source_matches(ckpt: Path, ckpt_cfg, src: Path, src_cfg, ck: Safetens
     name = "model.embed_tokens.weight"
     orig = source.get(name)
     if name not in ck:
-        if ck.get(f"{EMBED}.qweight").shape[1] != orig.shape[0]:
+        if ck.get(f"{embedding_prefix(qc)}.qweight").shape[1] != orig.shape[0]:
             raise ElutqError(
                 f"the source model {src} does not match the checkpoint {ckpt}: the vocabularies differ; {fix}"
             )
@@ -402,7 +425,7 @@ def _open_run(
     ck, source = SafetensorsSource(ckpt), SafetensorsSource(src_dir)
     config, src_config = _load_config_without_quant(ckpt), _load_config_without_quant(src_dir)
     check_architecture(config)
-    _check_source_matches(ckpt, config, src_dir, src_config, ck, source)
+    _check_source_matches(ckpt, config, qc, src_dir, src_config, ck, source)
     tokenizer = AutoTokenizer.from_pretrained(ckpt if (ckpt / "tokenizer_config.json").exists() else src_dir)
     inputs = {"checkpoint": ck.fingerprint(), "source": source.fingerprint(), "settings": cfg.settings()}
     run = Run.open(out, fingerprint(inputs), fresh, resume, overwrite, inputs="checkpoint, source or settings")

@@ -83,6 +83,14 @@ class HLQEmbedding(HLQLinear):
         super().__init__(in_features, out_features, bits, group_size)
         self.dtype = dtype
 
+    @classmethod
+    def tied_to(cls, head: HLQLinear, dtype: torch.dtype = torch.float32) -> HLQEmbedding:
+        """The embedding of a tied model whose quantized head it shares: the same tensors, not a copy (a
+        checkpoint then stores them once, as ``lm_head``'s)."""
+        m = cls(head.in_features, head.out_features, head.bits, head.group_size, dtype=dtype)
+        m.qweight, m.scales, m.zeros = head.qweight, head.scales, head.zeros
+        return m
+
     @property
     def embedding_dim(self) -> int:
         return self.in_features

@@ -41,6 +41,7 @@ from .checkpoint import (
     INDEX_FILE,
     QUANT_METHOD,
     SHARDS_KEY,
+    SHARED,
     check_output,
     copy_generation_config,
     index_weight_map,
@@ -457,6 +458,14 @@ def quantize_streaming(
 HEAD_ROWS = 8192  # lm_head rows quantized at a time
 
 
+def shares_embedding(cfg: PipelineConfig, config) -> bool:
+    """Whether the checkpoint stores one quantized tensor for lm_head and the embeddings: the source ties them
+    and both are quantized alike.  The shared tensor is the head's (GPTQ's, with that method); the layer loop
+    embeds the calibration text with the embeddings' RTN rows, the nearest it can know before the head exists."""
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return tied and cfg.embed is not None and cfg.embed == cfg.lm_head
+
+
 def _chunk_dir(root: Path | None, layer: int) -> Path | None:
     return None if root is None else root / f"layer-{layer:05d}"
 
@@ -479,7 +488,7 @@ def _write_head(
     bits = params = 0
     if cfg.embed is None:
         tensors[f"{EMBED}.weight"] = emb.to(storage_dtype(emb, prefer))
-    else:
+    elif not shares_embedding(cfg, config):
         bits += _quantize_rows(emb, lambda w: quantize_weight(w, cfg.embed), EMBED, tensors)
         params += emb.numel()
     norm = source.get("model.norm.weight")
@@ -569,6 +578,8 @@ def _finish(
         modules["lm_head"] = {"bits": cfg.lm_head.bits, "group_size": cfg.lm_head.group_size}
     if cfg.embed is not None:
         modules[EMBED] = {"bits": cfg.embed.bits, "group_size": cfg.embed.group_size}
+        if shares_embedding(cfg, config):
+            modules[EMBED][SHARED] = "lm_head"
     cfg_dict = config.to_dict()
     if cfg.lm_head is not None or cfg.embed is not None:
         cfg_dict["tie_word_embeddings"] = False

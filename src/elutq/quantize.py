@@ -63,12 +63,14 @@ def quantize(
     progress: bool = True,
     embed: QuantConfig | None = None,
 ) -> QuantReport:
-    """RTN-quantize every linear of the decoder layers (and ``lm_head``, the embeddings, if given a config).
+    """RTN-quantize every linear of the decoder layers (and ``lm_head``, the embeddings, if given a config;
+    a tied model's head and embeddings quantized alike share one quantized tensor).
 
     Each decoder layer goes through ``quantize_layer_rtn``, the plug-in `elutq quantize --method rtn`
     runs in its layer loop, so both give the same tensors."""
     layers = decoder_layers(model)
     head_quantized = lm_head is not None and isinstance(getattr(model, "lm_head", None), nn.Linear)
+    share = head_quantized and bool(getattr(model.config, "tie_word_embeddings", False))
     if (head_quantized or embed is not None) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # a quantized head or embedding no longer shares the other
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
@@ -86,12 +88,14 @@ def quantize(
             w, qw = linear.weight.detach().float(), module.quantized()
             add(layer_prefix(i) + name, w.numel(), (qw.dequantize() - w).pow(2).mean().item(), qw.storage_bits())
     others = {"lm_head": lm_head} if head_quantized else {}
-    if embed is not None:
+    if embed is not None and not (share and embed == lm_head):
         others[EMBED] = embed
     for name, cfg in others.items():
         linear = model.get_submodule(name)
         module, mse, bits = quantize_linear(linear, cfg)
         set_module(model, name, module)
         add(name, linear.weight.numel(), mse, bits)
+    if embed is not None and EMBED not in others:  # one quantized tensor serves both, as one float one did
+        set_module(model, EMBED, HLQEmbedding.tied_to(model.lm_head, dtype=model.get_submodule(EMBED).weight.dtype))
     report.seconds = time.perf_counter() - start
     return report

@@ -34,6 +34,7 @@ from .checkpoint import (
     EMBED,
     INDEX_FILE,
     check_finite,
+    embedding_prefix,
     index_weight_map,
     is_quantized_checkpoint,
     load_config,
@@ -481,10 +482,11 @@ def load(
             rt.set_dense(layer, slot, _fp16_bits(t.get(f"{name}.weight"), name), bias)
 
     if EMBED in modules:
+        emb = embedding_prefix(qc or {})  # the head's tensors where the two share one
         rt.set_embedding_hlq(
-            np.ascontiguousarray(t.get(f"{EMBED}.qweight").numpy()),
-            _fp16_bits(t.get(f"{EMBED}.scales"), f"{EMBED}.scales"),
-            _fp16_bits(t.get(f"{EMBED}.zeros"), f"{EMBED}.zeros"),
+            np.ascontiguousarray(t.get(f"{emb}.qweight").numpy()),
+            _fp16_bits(t.get(f"{emb}.scales"), f"{emb}.scales"),
+            _fp16_bits(t.get(f"{emb}.zeros"), f"{emb}.zeros"),
             module_group_size(modules[EMBED], arch.hidden),
         )
     else:
