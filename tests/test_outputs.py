@@ -24,7 +24,7 @@ def work_refused(monkeypatch):
     def no_work(*a, **kw):
         raise AssertionError("quantization started before the output was checked")
 
-    monkeypatch.setattr(pipeline, "SafetensorsSource", no_work)
+    monkeypatch.setattr(pipeline, "SafetensorsDir", no_work)
 
 
 def test_overwrite_never_deletes_a_directory_that_is_not_a_checkpoint(tiny_llama, tmp_path, capsys, work_refused):
@@ -121,7 +121,7 @@ def test_finetune_refuses_a_foreign_output_before_work(tiny_llama, tmp_path, cap
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "a.txt").write_text("x")
-    monkeypatch.setattr(finetune, "SafetensorsSource", lambda *a, **kw: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(finetune, "SafetensorsDir", lambda *a, **kw: (_ for _ in ()).throw(AssertionError))
     assert main(["finetune", str(q), "--source", str(src), "-o", str(mine), "--overwrite"]) == 2
     assert "not an elutq checkpoint" in capsys.readouterr().err and (mine / "a.txt").is_file()
 

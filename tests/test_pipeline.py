@@ -276,14 +276,14 @@ def test_lm_head_quantized_in_row_slices_equals_whole(tiny_llama, tmp_path, monk
 def test_safetensors_source_reads_what_safe_open_reads(tmp_path):
     from safetensors.torch import save_file
 
-    from elutq.pipeline import SafetensorsSource
+    from elutq.checkpoint import SafetensorsDir
 
     ts = {
         "a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2),
         "d": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.empty(0, 4), "f": torch.tensor([True, False]),
     }  # fmt: skip
     save_file(ts, str(tmp_path / "model.safetensors"))
-    src = SafetensorsSource(tmp_path)
+    src = SafetensorsDir(tmp_path)
     for k, t in ts.items():
         got = src.get(k)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k

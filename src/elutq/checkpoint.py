@@ -91,7 +91,8 @@ def shares_head(model: nn.Module) -> bool:
     return isinstance(emb, HLQEmbedding) and isinstance(head, HLQLinear) and emb.qweight is head.qweight
 
 
-def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+def model_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``quantization_config["modules"]`` of an in-memory model: its HLQ modules' bits and group sizes."""
     modules = {
         name: {"bits": m.bits, "group_size": m.group_size}
         for name, m in model.named_modules()
@@ -99,6 +100,12 @@ def quantization_config(model: nn.Module, info: dict[str, Any]) -> dict[str, Any
     }
     if shares_head(model):
         modules[EMBED][SHARED] = "lm_head"
+    return modules
+
+
+def quantization_config(modules: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` a checkpoint's config.json carries: the format's fields, ``info`` (how it
+    was made) and ``modules`` (what is quantized, how)."""
     return {
         "quant_method": QUANT_METHOD,
         "version": CHECKPOINT_VERSION,
@@ -131,17 +138,36 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = str(prefer).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(model, info)
+    config["quantization_config"] = quantization_config(model_modules(model), info)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.to_json_file(tmp / GENERATION_FILE)
-        config["quantization_config"][SHARDS_KEY] = shard_records(tmp)
-        # config.json last: its presence is what marks a directory as a checkpoint.
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        finish_checkpoint(tmp, config, tokenizer)
     return out
+
+
+def finish_checkpoint(directory: Path, config: dict[str, Any], tokenizer=None, generation_from: Path | None = None,
+                      index: bool = False) -> None:
+    """Complete a checkpoint whose weights files are in ``directory``: the index (``index``: for sharded
+    writers), the tokenizer, the source's sampling defaults, each shard's size and sha256 into
+    ``config["quantization_config"]``, and config.json — last, as its presence marks the directory complete.
+    Every writer (``save_quantized``, the streaming quantizer, finetuning) ends here."""
+    directory = Path(directory)
+    if index:
+        weight_map = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
+        tmp = directory / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / INDEX_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if generation_from is not None:
+        copy_generation_config(generation_from, directory)
+    config["quantization_config"][SHARDS_KEY] = shard_records(directory)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def copy_generation_config(src: Path, dst: Path) -> None:
@@ -316,6 +342,87 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 _TORCH_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 FLOAT_DTYPES = ("F16", "BF16", "F32")
 MAX_HEADER = 100 * 2**20
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsDir:
+    """Tensors of a single-file or sharded (index json) safetensors directory, read on demand: the one reader
+    of the weights elutq reads, a source model's (quantization, finetuning) and a checkpoint's (finetuning, the
+    runtime)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            self.weight_map: dict[str, str] = index_weight_map(index)
+            for f in sorted(set(self.weight_map.values())):
+                if not (self.dir / f).is_file():
+                    raise ElutqError(
+                        f"{index} points at {f}, which is missing from {self.dir}; "
+                        "download the missing shard or re-save the model (a checkpoint: re-run `elutq quantize`)"
+                    )
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise ElutqError(
+                    f"{self.dir} has no *.safetensors files; elutq reads safetensors weights (re-save the model "
+                    "with save_pretrained(..., safe_serialization=True), or re-run `elutq quantize`)"
+                )
+            self.weight_map = {}
+            for f in files:
+                with safe_open(str(self.dir / f), framework="pt") as h:
+                    self.weight_map.update({k: f for k in h.keys()})  # noqa: SIM118
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ElutqError(
+                f"tensor {name} is not in the weights at {self.dir}; the model's layers cannot be "
+                "walked (is it a llama-family model with standard tensor names, and does its config.json match?)"
+            )
+        # Plain reads, not safe_open's memory map: mapped pages a process has touched count towards its
+        # RSS for as long as the file stays mapped, so reading a whole model through one map makes the
+        # quantizer's RSS grow by every layer it has read.
+        f = self.weight_map[name]
+        if f not in self._headers:
+            with open(self.dir / f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[f] = (8 + n, json.loads(fh.read(n)))
+        start, header = self._headers[f]
+        info = header[name]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ElutqError(f"tensor {name} in {self.dir / f} has dtype {info['dtype']}, which elutq cannot read")
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.dir / f, "rb") as fh:
+            fh.seek(start + begin)
+            if fh.readinto(buf) != len(buf):
+                raise ElutqError(f"{self.dir / f} is truncated (tensor {name}); download it again")
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(info["shape"])
+
+    def fingerprint(self) -> str:
+        """Names, shapes and dtypes of all tensors plus sizes and edge bytes of each file (cheap, not a full hash)."""
+        h = hashlib.sha256()
+        for f in sorted(set(self.weight_map.values())):
+            path = self.dir / f
+            size = path.stat().st_size
+            h.update(f"{f}:{size}".encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(size - (1 << 20), 0))
+                h.update(fh.read(1 << 20))
+        return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

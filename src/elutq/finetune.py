@@ -39,15 +39,13 @@ from tqdm import tqdm
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import (
     EMBED,
-    INDEX_FILE,
-    SHARDS_KEY,
     WEIGHTS_FILE,
+    SafetensorsDir,
     check_output,
-    copy_generation_config,
     embedding_prefix,
+    finish_checkpoint,
     module_group_size,
     read_quantization_config,
-    shard_records,
     shares_head,
     stored_embedding,
 )
@@ -56,7 +54,6 @@ from .layerloop import (
     Activations,
     LayerStep,
     Run,
-    atomic_json,
     atomic_save,
     fingerprint,
     layer_prefix,
@@ -66,7 +63,6 @@ from .layerloop import (
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
 from .modules import HLQEmbedding, HLQLinear, set_module
-from .pipeline import SafetensorsSource
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
 DEFAULT_LR = {"block": 1e-2, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
@@ -218,7 +214,7 @@ def _load_config_without_quant(path: Path):
 
 
 def _check_source_matches(
-    ckpt: Path, ckpt_cfg, qc: dict, src: Path, src_cfg, ck: SafetensorsSource, source: SafetensorsSource
+    ckpt: Path, ckpt_cfg, qc: dict, src: Path, src_cfg, ck: SafetensorsDir, source: SafetensorsDir
 ):
     fix = "pass --source the model this checkpoint was quantized from"
     for k in _SHAPE_FIELDS:
@@ -242,7 +238,7 @@ def _check_source_matches(
         raise ElutqError(f"the source model {src} does not match the checkpoint {ckpt}: the embeddings differ; {fix}")
 
 
-def _materialize_quantized(layer: nn.Module, ck: SafetensorsSource, prefix: str, modules: dict) -> nn.Module:
+def _materialize_quantized(layer: nn.Module, ck: SafetensorsDir, prefix: str, modules: dict) -> nn.Module:
     """A meta-device layer filled from the checkpoint: ``HLQLinear`` where it is quantized, fp32 elsewhere."""
     for name, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
         spec = modules.get(prefix + name)
@@ -402,8 +398,8 @@ class _Inputs:
     ckpt: Path
     qc: dict
     config: Any
-    ck: SafetensorsSource
-    source: SafetensorsSource
+    ck: SafetensorsDir
+    source: SafetensorsDir
     tokenizer: Any
     run: Run
 
@@ -422,7 +418,7 @@ def _open_run(
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ElutqError(f"--device {cfg.device} was asked for but torch sees no CUDA device; use --device cpu")
     src_dir = resolve_source_dir(source_model)
-    ck, source = SafetensorsSource(ckpt), SafetensorsSource(src_dir)
+    ck, source = SafetensorsDir(ckpt), SafetensorsDir(src_dir)
     config, src_config = _load_config_without_quant(ckpt), _load_config_without_quant(src_dir)
     check_architecture(config)
     _check_source_matches(ckpt, config, qc, src_dir, src_config, ck, source)
@@ -507,13 +503,6 @@ def _write_rest(inp: _Inputs, n_layers: int, cfg: FinetuneConfig, report: Finetu
     prefixes = tuple(layer_prefix(i) for i in range(n_layers))
     head = {k: ck.get(k).contiguous() for k in ck.weight_map if not k.startswith(prefixes)}
     atomic_save(head, work / "model-head.safetensors", {"format": "pt"})
-    from safetensors import safe_open
-
-    weight_map = {}
-    for f in sorted(work.glob("model-*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
-    atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
     inp.run.close()
     entry = {
         "stage": cfg.stage,
@@ -521,19 +510,15 @@ def _write_rest(inp: _Inputs, n_layers: int, cfg: FinetuneConfig, report: Finetu
         "calibration_text": report.calib_source,
         "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
     }
-    _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer)
+    _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer, index=True)
 
 
-def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer) -> None:
-    """The input checkpoint's config.json with this stage appended to its finetuning history (written
-    last: it marks the directory complete), and the tokenizer."""
+def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer, index: bool = False) -> None:
+    """The input checkpoint's config.json with this stage appended to its finetuning history, and the rest
+    of a checkpoint (``finish_checkpoint``)."""
     cfg_dict = json.loads((ckpt / "config.json").read_text())
     cfg_dict["quantization_config"]["finetune"] = [*qc.get("finetune", []), entry]
-    if tokenizer is not None:
-        tokenizer.save_pretrained(work)
-    copy_generation_config(ckpt, work)
-    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
-    (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
+    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=ckpt, index=index)
 
 
 def _maybe_stop_for_test_at(step: int) -> None:
@@ -558,7 +543,7 @@ class E2EResult:
 
 
 @torch.no_grad()
-def _write_teacher(skeleton, source: SafetensorsSource, chunks: list[torch.Tensor], pos, work: Path, dev, progress):
+def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor], pos, work: Path, dev, progress):
     """The fp model's next-token log-probabilities on each chunk of calibration ids, written as fp16
     files.  Streamed one decoder layer at a time, so the teacher is never resident."""
     emb = source.get("model.embed_tokens.weight").to(torch.float32)

@@ -20,8 +20,6 @@ per-layer plug-ins are ``quantize_layer_gptq`` and ``quantize_layer_rtn`` (which
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -30,22 +28,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from . import __version__
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import (
-    CHECKPOINT_VERSION,
     EMBED,
-    INDEX_FILE,
-    QUANT_METHOD,
-    SHARDS_KEY,
     SHARED,
+    SafetensorsDir,
     check_output,
-    copy_generation_config,
-    index_weight_map,
-    shard_records,
+    finish_checkpoint,
+    quantization_config,
+    read_header,
     storage_dtype,
 )
 from .gptq import CodesMode, Hessian, gptq_plan, gptq_quantize_weight
@@ -54,7 +47,6 @@ from .layerloop import (
     Activations,
     LayerStep,
     Run,
-    atomic_json,
     atomic_save,
     fingerprint,
     layer_prefix,
@@ -116,85 +108,6 @@ class PipelineConfig:
 
 
 # ----------------------------------------------------------------------------- reading the source
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-
-
-class SafetensorsSource:
-    """Tensors of a single-file or sharded (index json) safetensors checkpoint, read on demand."""
-
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-        index = self.dir / INDEX_FILE
-        if index.is_file():
-            self.weight_map: dict[str, str] = index_weight_map(index)
-            for f in sorted(set(self.weight_map.values())):
-                if not (self.dir / f).is_file():
-                    raise ElutqError(
-                        f"{index} points at {f}, which is missing from {self.dir}; "
-                        "download the missing shard or re-save the model"
-                    )
-        else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            if not files:
-                raise ElutqError(
-                    f"{self.dir} has no *.safetensors files; streaming quantization reads safetensors "
-                    "(re-save the model with save_pretrained(..., safe_serialization=True))"
-                )
-            self.weight_map = {}
-            for f in files:
-                with safe_open(str(self.dir / f), framework="pt") as h:
-                    self.weight_map.update({k: f for k in h.keys()})  # noqa: SIM118
-        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise ElutqError(
-                f"tensor {name} is not in the checkpoint at {self.dir}; the model's layers cannot be "
-                "walked (is it a llama-family checkpoint with standard tensor names?)"
-            )
-        # Plain reads, not safe_open's memory map: mapped pages a process has touched count towards its
-        # RSS for as long as the file stays mapped, so reading a whole model through one map makes the
-        # quantizer's RSS grow by every layer it has read.
-        f = self.weight_map[name]
-        if f not in self._headers:
-            with open(self.dir / f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                self._headers[f] = (8 + n, json.loads(fh.read(n)))
-        start, header = self._headers[f]
-        info = header[name]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ElutqError(f"tensor {name} in {self.dir / f} has dtype {info['dtype']}, which elutq cannot read")
-        begin, end = info["data_offsets"]
-        buf = bytearray(end - begin)
-        with open(self.dir / f, "rb") as fh:
-            fh.seek(start + begin)
-            if fh.readinto(buf) != len(buf):
-                raise ElutqError(f"{self.dir / f} is truncated (tensor {name}); download it again")
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        return t.reshape(info["shape"])
-
-    def fingerprint(self) -> str:
-        """Names, shapes and dtypes of all tensors plus sizes and edge bytes of each file (cheap, not a full hash)."""
-        h = hashlib.sha256()
-        for f in sorted(set(self.weight_map.values())):
-            path = self.dir / f
-            size = path.stat().st_size
-            h.update(f"{f}:{size}".encode())
-            with open(path, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                fh.seek(max(size - (1 << 20), 0))
-                h.update(fh.read(1 << 20))
-        return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -377,7 +290,7 @@ def quantize_streaming(
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
     src_dir = resolve_source_dir(model)
-    source = SafetensorsSource(src_dir)
+    source = SafetensorsDir(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
     check_architecture(config)
     # Before anything is written, so a bad --device leaves no unfinished run behind.
@@ -473,7 +386,7 @@ def _chunk_dir(root: Path | None, layer: int) -> Path | None:
 @torch.no_grad()
 def _write_head(
     skeleton,
-    source: SafetensorsSource,
+    source: SafetensorsDir,
     config,
     acts,
     cfg: PipelineConfig,
@@ -564,14 +477,10 @@ def _finish(
 ) -> None:
     """Index, config, tokenizer and generation defaults into the work dir, then rename it into place."""
     work = run.work
-    weight_map = {}
-    for f in sorted(work.glob("model-*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
-    atomic_json({"metadata": {}, "weight_map": weight_map}, work / INDEX_FILE)
+    names = [k for f in sorted(work.glob("*.safetensors")) for k in read_header(f)]
     modules = {
         k.removesuffix(".qweight"): {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size}
-        for k in weight_map
+        for k in names
         if k.endswith(".qweight")
     }
     if cfg.lm_head is not None:
@@ -583,11 +492,7 @@ def _finish(
     cfg_dict = config.to_dict()
     if cfg.lm_head is not None or cfg.embed is not None:
         cfg_dict["tie_word_embeddings"] = False
-    cfg_dict["quantization_config"] = {
-        "quant_method": QUANT_METHOD,
-        "version": CHECKPOINT_VERSION,
-        "packing": "bitplanes-lsb",
-        "elutq_version": __version__,
+    info = {
         "method": cfg.method,
         "format": cfg.quant.format,
         "bits": cfg.quant.bits,
@@ -595,12 +500,9 @@ def _finish(
         "iters": cfg.quant.iters,
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
-        "modules": modules,
     }
-    tokenizer.save_pretrained(work)
-    copy_generation_config(src_dir, work)
+    cfg_dict["quantization_config"] = quantization_config(modules, info)
     run.close()
     shutil.rmtree(work / "activations", ignore_errors=True)
-    cfg_dict["quantization_config"][SHARDS_KEY] = shard_records(work)
-    (work / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True, default=str) + "\n")
+    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=src_dir, index=True)
     move_into_place(work, run.out, overwrite)

@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from . import __version__, _native, kernels
 from .checkpoint import (
     EMBED,
-    INDEX_FILE,
+    SafetensorsDir,
     check_finite,
     embedding_prefix,
-    index_weight_map,
     is_quantized_checkpoint,
     load_config,
     load_tokenizer,
@@ -71,41 +69,6 @@ PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on lo
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-class _Tensors:
-    """Read-only access to every tensor of a (single-file or sharded) safetensors directory."""
-
-    def __init__(self, path: Path):
-        index = path / INDEX_FILE
-        if index.is_file():
-            files = sorted(set(index_weight_map(index).values()))
-        else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise ElutqError(f"{path} has no *.safetensors weights; pass a checkpoint written by `elutq quantize`")
-        self.files = [path / f for f in files]
-        self.where: dict[str, Any] = {}
-        for f in self.files:
-            if not f.is_file():
-                raise ElutqError(f"{f} is missing; the checkpoint is incomplete: re-run `elutq quantize`")
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:
-                raise ElutqError(f"cannot read {f}: {e}; the file is corrupt or truncated: re-quantize") from e
-            self.where.update({k: h for k in h.keys()})  # noqa: SIM118 (safe_open is not a dict)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ElutqError(f"tensor {name} is missing; the checkpoint does not match its config.json")
-        return self.where[name].get_tensor(name)
-
-    def fingerprint(self) -> str:
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
-        return hashlib.sha256(json.dumps([stats, __version__]).encode()).hexdigest()[:16]
 
 
 def _fp16_bits(t: torch.Tensor, name: str) -> np.ndarray:
@@ -165,7 +128,7 @@ class _KernelCache:
         except (OSError, ValueError, EOFError):
             return None
 
-    def packed(self, t: _Tensors, name: str, spec: dict, in_f: int, avx2_order: bool) -> Any:
+    def packed(self, t: SafetensorsDir, name: str, spec: dict, in_f: int, avx2_order: bool) -> Any:
         """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now (the
         cache holds the standard order; ``avx2_order`` is applied when the matrix is copied in)."""
         q = t.get(f"{name}.qweight")
@@ -463,10 +426,10 @@ def load(
         rt.set_path(kernel)
     rt.float_tables = float_tables
     rt.residual_tables = residual_tables
-    t = _Tensors(ckpt)
+    t = SafetensorsDir(ckpt)
     modules = (qc or {}).get("modules", {})
-    key = t.fingerprint() if digests is None else hashlib.sha256(
-        json.dumps([sorted(digests.items()), __version__]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([t.fingerprint() if digests is None else sorted(digests.items()),
+                                     __version__]).encode()).hexdigest()[:16]
     cache = _KernelCache(ckpt, key)
     no_bias = np.zeros(0, dtype=np.float32)
 
