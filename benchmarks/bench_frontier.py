@@ -150,7 +150,7 @@ def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, cali
 def peer_tools() -> dict[str, Path]:
     base = br.peer_dir().parents[1].parent  # $PEER_DIR/llama_cpp_python-V/vendor/llama.cpp -> $PEER_DIR
     version = br.peer_dir().parents[1].name.removeprefix("llama_cpp_python-")
-    bin_dir = base / f"build-{version}" / "bin"
+    bin_dir = base / f"tools-{version}" / "bin"  # scripts/setup_peer.sh's TOOLS_DIR
     tools = {t: bin_dir / f"llama-{t}" for t in ("imatrix", "quantize")}
     missing = [str(p) for p in tools.values() if not os.access(p, os.X_OK)]
     if missing:

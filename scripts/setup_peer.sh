@@ -30,6 +30,9 @@ NO_AMX=""
 if echo 'int main(void){return 0;}' | cc -mno-amx-int8 -x c -o /dev/null - 2>/dev/null; then
     NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+# llama-cpp-python's runtime deps and the converter's (it imports sentencepiece before it falls
+# back to tokenizer.json through transformers, already in .venv).
+pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece matplotlib  # matplotlib: bench_frontier.py plots
 have=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)
 amx=$(.venv/bin/python -c 'import llama_cpp; print(int(b"AMX" in llama_cpp.llama_print_system_info()))' \
       2>/dev/null || echo 0)
@@ -44,15 +47,21 @@ if [ "$have" != "$LLAMA_CPP_PYTHON_VERSION" ] || { [ -n "$NO_AMX" ] && [ "$amx" 
         --config-settings=build-dir="$BUILD_DIR" "$SDIST_DIR"
     echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
 fi
-# llama-imatrix and llama-quantize (benchmarks/bench_frontier.py: importance matrices and the IQ types),
-# from the same sources, reusing the objects of the build above (a few minutes more).
-if [ ! -x "$BUILD_DIR/bin/llama-imatrix" ] || [ ! -x "$BUILD_DIR/bin/llama-quantize" ]; then
+# llama-imatrix and llama-quantize (benchmarks/bench_frontier.py: importance matrices and the IQ types), from
+# the same sources with the same flags, configured on llama.cpp's own CMakeLists (the wrapper's build dir
+# cannot also build the tools: CMake refuses its tools/mtmd binary dir twice); a few minutes more.
+TOOLS_DIR="$PEER_DIR/tools-$LLAMA_CPP_PYTHON_VERSION"
+if [ ! -x "$TOOLS_DIR/bin/llama-imatrix" ] || [ ! -x "$TOOLS_DIR/bin/llama-quantize" ]; then
     echo "building llama-imatrix and llama-quantize..."
-    cmake -S "$SDIST_DIR" -B "$BUILD_DIR" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF > /dev/null
-    nice -n 10 cmake --build "$BUILD_DIR" --target llama-imatrix llama-quantize -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" > /dev/null
+    start=$(date +%s)
+    cmake -S "$SDIST_DIR/vendor/llama.cpp" -B "$TOOLS_DIR" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" > "$PEER_DIR/tools-cmake.log" 2>&1 \
+        || { tail -30 "$PEER_DIR/tools-cmake.log"; exit 1; }
+    nice -n 10 cmake --build "$TOOLS_DIR" --target llama-imatrix llama-quantize -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+        > "$PEER_DIR/tools-build.log" 2>&1 || { tail -30 "$PEER_DIR/tools-build.log"; exit 1; }
+    echo "llama-imatrix, llama-quantize built in $(( $(date +%s) - start )) s"
 fi
-# llama-cpp-python's runtime deps and the converter's (it imports sentencepiece before it falls
-# back to tokenizer.json through transformers, already in .venv).
-pip install -q diskcache jinja2 typing-extensions pyyaml sentencepiece matplotlib  # matplotlib: bench_frontier.py plots
 .venv/bin/python -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)'
-echo "peer sources: $SDIST_DIR; tools: $BUILD_DIR/bin"
+echo "peer sources: $SDIST_DIR; tools: $TOOLS_DIR/bin"
