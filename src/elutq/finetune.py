@@ -447,7 +447,7 @@ def finetune_block(
     modules: dict = inp.qc["modules"]
     dev = torch.device(cfg.device)
 
-    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib)
+    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib, model=inp.source.dir)
     pos = position_embeddings(config, cfg.calib.seqlen, dev, skeleton)
     if run.layers_done == 0:
         emb = inp.source.get(f"{EMBED}.weight").to(torch.float32)
@@ -597,7 +597,7 @@ def finetune_e2e(
     work, dev, state = run.work, torch.device(cfg.device), run.state
     report = FinetuneReport(resumed_from=state["step"])
 
-    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib)
+    ids, report.calib_source = calibration_ids(inp.tokenizer, cfg.calib, model=inp.source.dir)
     chunks = [ids[i : i + cfg.batch_size] for i in range(0, ids.shape[0], cfg.batch_size)]
     n_val = max(1, round(len(chunks) * cfg.val_fraction))
     train_idx, val_idx = list(range(len(chunks) - n_val)), list(range(len(chunks) - n_val, len(chunks)))

@@ -331,7 +331,7 @@ def quantize_streaming(
     step = rtn_step
     if cfg.method == "gptq":
         # Calibration activations entering layer `layers_done`.
-        ids, report.calib_source = calibration_ids(tokenizer, cfg.calib)
+        ids, report.calib_source = calibration_ids(tokenizer, cfg.calib, model=src_dir)
         act_bytes = ids.numel() * config.hidden_size * 4
         offload_root: Path | None = None
         if _use_offload(cfg, act_bytes):

@@ -98,3 +98,23 @@ def check_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             f"argument --threads: {worst} is more than the {cores} cores available to this process; "
             "pass at most that, or add --force-threads to use more anyway"
         )
+
+
+def calib_dataset(text: str) -> str:
+    """A calibration dataset name, or a mix of parts joined by ``+`` (``calibration.mix_parts``)."""
+    from .calibration import CHAT, SELF, mix_parts
+    from .eval import dataset_names
+    from .utils import ElutqError
+
+    if "+" not in text and text not in (SELF, CHAT):
+        if text not in dataset_names():
+            raise argparse.ArgumentTypeError(
+                f"unknown dataset {text!r}; choose one of {dataset_names()}, a mix of parts joined by '+' "
+                f"(e.g. wikitext2+python-code+{SELF}), or pass --calib-text FILE"
+            )
+        return text
+    try:
+        mix_parts(text)
+    except ElutqError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
