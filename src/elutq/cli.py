@@ -72,6 +72,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     # Refuse an output that cannot be written or must not be replaced now, not after the quantization.
     out = final = check_output(args.output, args.overwrite)
+    if args.target_bpw is not None:
+        cfg = _mixed_precision(args, cfg, calib)
+        head = embed = cfg.lm_head
     if args.finetune:
         # Quantize into OUT.quantized, finetune from it into OUT.
         out = final.with_name(final.name + ".quantized")
@@ -84,7 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     errs = report.layer_errors
     kind = "relative output MSE" if args.method == "gptq" else "weight MSE"
     print(
-        f"\nquantized {args.model} with {args.method}/{args.format} w{args.bits}g{args.group_size}"
+        f"\nquantized {args.model} with {args.method}/{args.format} "
+        f"{'mixed ' if cfg.bits_map else f'w{args.bits}'}g{args.group_size}"
         f" (lm_head: {f'w{head.bits}g{head.group_size}' if head else '16-bit'},"
         f" embeddings: {f'w{embed.bits}g{embed.group_size}' if embed else '16-bit'})"
     )
@@ -151,6 +155,25 @@ def _run_finetune_stages(args: argparse.Namespace, ckpt: str | Path, source: str
         if src != ckpt:
             shutil.rmtree(src)
         src = dst
+
+
+def _mixed_precision(args: argparse.Namespace, cfg, calib):
+    """``--target-bpw``: measure (or reuse the measurement), allocate a width per module, print the map."""
+    from dataclasses import replace
+
+    from .hlq import QuantConfig
+    from .mixed import MeasureConfig, allocate, default_measurement_path, measure, summary
+
+    mcfg = MeasureConfig(group_size=args.group_size, format=args.format, iters=args.iters, calib=calib)
+    path = Path(args.measurement) if args.measurement else default_measurement_path(args.model, mcfg)
+    print(f"mixed precision: measuring each module at {list(range(1, 5))} bits ({path})")
+    m = measure(args.model, path, mcfg)
+    choice, bpw = allocate(m, args.target_bpw)
+    hb = choice.pop("lm_head")
+    head = QuantConfig(bits=hb, group_size=args.group_size, format=args.format, iters=args.iters)
+    print(f"  target {args.target_bpw} bits per weight -> {bpw:.3f} (whole file): decoder linears {summary(choice)}; "
+          f"lm_head and embeddings {hb}-bit")
+    return replace(cfg, bits_map=tuple(sorted(choice.items())), lm_head=head, embed=head)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -444,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
         "untied, so quantize it too (--lm-head-bits) or it stays as a 16-bit copy",
     )
     q.add_argument("--embed-group-size", type=V.group_size, default=None, help="default: --lm-head-group-size")
+    q.add_argument(
+        "--target-bpw",
+        type=V.number(lo=0, hi=16, lo_open=True),
+        help="mixed precision: the whole file's bits per weight; every module's width (lm_head's and the "
+        "embeddings' too) is chosen from a measurement of each at 1-4 bits (--bits is then unused)",
+    )
+    q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
+                   "settings in the cache, reused by any target)")
     c = q.add_argument_group("calibration (GPTQ)")
     c.add_argument("--calib-samples", type=V.positive, default=128)
     c.add_argument("--calib-seqlen", type=V.context, default=512)

@@ -23,7 +23,8 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,12 +87,18 @@ class PipelineConfig:
     offload: Literal["auto", "always", "never"] = "auto"
     offload_dir: str | None = None
     device: str = "auto"  # where GPTQ's layer forwards and math run: "cpu", "cuda[:N]" or "auto"
+    bits_map: tuple[tuple[str, int], ...] = ()  # per-module bits (mixed precision: mixed.allocate); others: quant
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method must be 'rtn' or 'gptq' (got {self.method!r})")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1) (got {self.damp})")
+
+    def quant_for(self, name: str) -> QuantConfig:
+        """The setting of decoder linear ``name`` (its full name): ``quant``, at its own width in ``bits_map``."""
+        bits = dict(self.bits_map).get(name)
+        return self.quant if bits is None else replace(self.quant, bits=bits)
 
     def settings(self) -> dict[str, Any]:
         """What determines the result (and so the resume fingerprint)."""
@@ -101,6 +108,8 @@ class PipelineConfig:
         d.pop("device")  # same result up to fp noise: a run may resume on another device
         if self.embed is None:
             d.pop("embed")  # runs from before the option keep their fingerprint
+        if not self.bits_map:
+            d.pop("bits_map")
         if self.method == "rtn":
             for k in ("calib", "damp", "act_order", "true_sequential", "codes", "batch_size"):
                 d.pop(k)
@@ -154,7 +163,7 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def quantize_layer_gptq(
-    layer: nn.Module, acts: Activations, pos, cfg: PipelineConfig
+    layer: nn.Module, acts: Activations, pos, cfg: PipelineConfig, prefix: str = ""
 ) -> tuple[dict[str, tuple[nn.Linear, HLQLinear]], torch.Tensor | None]:
     """GPTQ every linear of ``layer`` in place.
 
@@ -199,7 +208,8 @@ def quantize_layer_gptq(
             release_free_memory()
             for name in group:
                 linear = layer.get_submodule(name)
-                qw = gptq_quantize_weight(linear.weight, None, cfg.quant, codes=cfg.codes, plan=plan)
+                quant = cfg.quant_for(prefix + name)  # the group size (and so the plan) is the same for all
+                qw = gptq_quantize_weight(linear.weight, None, quant, codes=cfg.codes, plan=plan)
                 bias = None if linear.bias is None else linear.bias.cpu()
                 module = HLQLinear.from_quantized(qw, bias).to(dev)
                 set_module(layer, name, module)
@@ -211,13 +221,17 @@ def quantize_layer_gptq(
 
 
 @torch.no_grad()
-def quantize_layer_rtn(layer: nn.Module, quant: QuantConfig) -> dict[str, tuple[nn.Linear, HLQLinear]]:
-    """RTN every linear of ``layer`` in place (the in-memory ``quantize()`` runs this too).
+def quantize_layer_rtn(
+    layer: nn.Module, quant: QuantConfig, quant_for: Callable[[str], QuantConfig] | None = None
+) -> dict[str, tuple[nn.Linear, HLQLinear]]:
+    """RTN every linear of ``layer`` in place (the in-memory ``quantize()`` runs this too); ``quant_for(name)``,
+    if given, sets each linear's own.
 
     Returns the replaced modules by name: ``(the original linear, its HLQLinear)``."""
     replaced = {}
     for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
-        module = HLQLinear.from_quantized(quantize_weight(linear.weight, quant), linear.bias)
+        q = quant if quant_for is None else quant_for(name)
+        module = HLQLinear.from_quantized(quantize_weight(linear.weight, q), linear.bias)
         set_module(layer, name, module)
         replaced[name] = (linear, module)
     return replaced
@@ -321,7 +335,7 @@ def quantize_streaming(
 
     def rtn_step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
         layer = materialize(layer, source, layer_prefix(i))
-        replaced = quantize_layer_rtn(layer, cfg.quant)
+        replaced = quantize_layer_rtn(layer, cfg.quant, lambda name: cfg.quant_for(layer_prefix(i) + name))
         sq = sum((m.weight().float() - lin.weight).pow(2).sum().item() for lin, m in replaced.values())
         err = sq / sum(lin.weight.numel() for lin, _ in replaced.values())
         count(replaced)
@@ -348,7 +362,7 @@ def quantize_streaming(
 
         def gptq_step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
             layer = materialize(layer, source, layer_prefix(i), device)
-            replaced, fp_out = quantize_layer_gptq(layer, acts[HIDDEN], pos, cfg)
+            replaced, fp_out = quantize_layer_gptq(layer, acts[HIDDEN], pos, cfg, layer_prefix(i))
             new = acts[HIDDEN].map(lambda x: run_layer(layer, x, pos), _chunk_dir(offload_root, i + 1))
             q_first = next(iter(new))
             err = ((q_first - fp_out).pow(2).sum() / fp_out.pow(2).sum()).item()
@@ -479,10 +493,11 @@ def _finish(
     work = run.work
     names = [k for f in sorted(work.glob("*.safetensors")) for k in read_header(f)]
     modules = {
-        k.removesuffix(".qweight"): {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size}
+        k.removesuffix(".qweight"): {"bits": cfg.quant_for(k.removesuffix(".qweight")).bits,
+                                     "group_size": cfg.quant.group_size}
         for k in names
         if k.endswith(".qweight")
-    }
+    }  # fmt: skip
     if cfg.lm_head is not None:
         modules["lm_head"] = {"bits": cfg.lm_head.bits, "group_size": cfg.lm_head.group_size}
     if cfg.embed is not None:

@@ -1,0 +1,129 @@
+"""Mixed precision: the measurement (streamed, reused, refused for other inputs), the allocation (the size it
+is given, the errors it trades), per-module widths through the pipeline, torch and the runtime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import elutq
+from elutq.calibration import CalibConfig
+from elutq.checkpoint import load_quantized, read_quantization_config
+from elutq.cli import main
+from elutq.hlq import QuantConfig, quantize_weight
+from elutq.mixed import CANDIDATE_BITS, MeasureConfig, allocate, measure
+from elutq.pipeline import PipelineConfig, quantize_streaming
+from elutq.utils import ElutqError
+
+
+def _synthetic(n_mods: int = 40, params: int = 10_000) -> dict:
+    """A measurement whose module k loses (k+1)·4^-b at b bits, b·params bits of storage."""
+    mods = {f"m{k}": {"params": params, "bits": {str(b): [(k + 1) * 4.0**-b, b * params] for b in CANDIDATE_BITS}}
+            for k in range(n_mods)}  # fmt: skip
+    mods["lm_head"] = {"params": params, "bits": {str(b): [50 * 4.0**-b, b * params] for b in CANDIDATE_BITS}}
+    n = (n_mods + 1) * params
+    return {"modules": mods, "tied": True, "embedding_params": params, "n_params": n + 1000}
+
+
+def test_allocation_fills_the_target_and_favours_costly_modules():
+    m = _synthetic()
+    for target in (1.5, 2.25, 2.5, 3.0, 3.5):
+        choice, bpw = allocate(m, target)
+        assert target - 0.03 < bpw <= target, (target, bpw)
+        assert choice["m39"] >= choice["m0"]  # the module that loses most gets at least as many bits
+    choice, _ = allocate(m, 2.5)
+    total = sum(m["modules"][n]["bits"][str(b)][0] for n, b in choice.items())
+    flat = sum(v["bits"]["2"][0] for v in m["modules"].values())  # the uniform 2-bit model is smaller...
+    assert total < flat  # ...and still loses more
+    with pytest.raises(ElutqError, match="below what 1-bit everywhere reaches"):
+        allocate(m, 0.9)
+
+
+def test_untied_embedding_counts_as_a_copy_of_the_head():
+    m = {**_synthetic(), "tied": False}
+    m["n_params"] += m["embedding_params"]
+    _, bpw = allocate(m, 3.0)
+    assert bpw <= 3.0
+
+
+def test_measure_is_streamed_reused_and_refused_for_other_inputs(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    cfg = MeasureConfig(group_size=32, calib=CalibConfig(n_samples=4, seqlen=16))
+    f = tmp_path / "m.json"
+    m = measure(str(path), f, cfg, progress=False)
+    assert f.is_file() and not (tmp_path / "m.json.partial").exists()
+    layer0 = {k: v for k, v in m["modules"].items() if k.startswith("model.layers.0.")}
+    assert len(layer0) == 7 and "lm_head" in m["modules"]
+    for v in m["modules"].values():  # more bits, less error and more storage
+        costs = [v["bits"][str(b)][0] for b in CANDIDATE_BITS]
+        sizes = [v["bits"][str(b)][1] for b in CANDIDATE_BITS]
+        assert costs == sorted(costs, reverse=True) and sizes == sorted(sizes)
+    # The cost is tr(E H Eᵀ), H = 2/n·XᵀX of the unquantized model's inputs: one against a direct computation.
+    from elutq.calibration import calibration_ids
+    from elutq.models import load_model
+
+    model, tok = load_model(str(path))
+    q = model.model.layers[1].self_attn.q_proj
+    xs = []
+    q.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+    ids, _ = calibration_ids(tok, cfg.calib, model=path)
+    with torch.no_grad():
+        model(ids)
+    x = torch.cat(xs)
+    h = 2 * x.T @ x / x.shape[0]
+    w = q.weight.detach().float()
+    for b in (1, 3):
+        e = w - quantize_weight(w, QuantConfig(b, 32)).dequantize()
+        want = ((e @ h) * e).sum().item()
+        assert m["modules"]["model.layers.1.self_attn.q_proj"]["bits"][str(b)][0] == pytest.approx(want, rel=1e-3)
+    assert m["n_params"] == sum(p.numel() for p in model.parameters())  # a tied table once
+    assert measure(str(path), f, cfg, progress=False) == m  # read back, not measured again
+    with pytest.raises(ElutqError, match="measures another model or other settings"):
+        measure(str(path), f, MeasureConfig(group_size=64, calib=cfg.calib), progress=False)
+
+
+def test_per_module_widths_through_pipeline_torch_and_runtime(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    bits = (("model.layers.0.mlp.down_proj", 4), ("model.layers.0.self_attn.q_proj", 1),
+            ("model.layers.1.self_attn.v_proj", 3))  # fmt: skip
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(3, 32), bits_map=bits)
+    quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
+    qc = read_quantization_config(tmp_path / "q")
+    for name, b in bits:
+        assert qc["modules"][name] == {"bits": b, "group_size": 32}
+    assert qc["modules"]["model.layers.1.mlp.up_proj"]["bits"] == 2 and qc["modules"]["lm_head"]["bits"] == 3
+    model, _, _ = load_quantized(tmp_path / "q", fp16_kv=True)
+    assert model.model.layers[0].mlp.down_proj.bits == 4
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    got = elutq.load(tmp_path / "q", float_tables=True).logits(ids)
+    assert ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item() < 5e-5
+
+
+def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
+    _, path = tiny_llama
+    base = ["quantize", str(path), "--method", "rtn", "--group-size", "32", "--calib-samples", "4",
+            "--calib-seqlen", "16"]  # fmt: skip
+    assert main([*base, "-o", str(tmp_path / "a"), "--target-bpw", "3.5"]) == 0
+    out = capsys.readouterr().out
+    assert "target 3.5 bits per weight ->" in out
+    achieved = float(out.split("target 3.5 bits per weight -> ")[1].split()[0])
+    assert 3.3 < achieved <= 3.5
+    assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1
+    assert main([*base, "-o", str(tmp_path / "b"), "--target-bpw", "2.5"]) == 0  # reuses the measurement
+    assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1
+    sizes = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in "ab"}
+    assert sizes["b"] < sizes["a"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "-o", str(tmp_path / "c"), "--target-bpw", "17"])
+    assert e.value.code == 2 and "--target-bpw" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "d"), "--target-bpw", "0.5"]) == 2
+    assert "below what 1-bit everywhere reaches" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    mods = read_quantization_config(tmp_path / "a")["modules"]
+    assert len({v["bits"] for v in mods.values()}) > 1  # a mix, not one width
+    json.dumps(mods)
