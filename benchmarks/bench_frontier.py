@@ -5,7 +5,8 @@ For ``--model`` (``default``: SmolLM2-135M-Instruct; ``qwen-coder-1.5b``: Qwen2.
 
 - elutq: ``elutq quantize`` RTN and GPTQ, HLQ and uniform, at w2g64, w2g128, w3g128, w4g128, the embeddings and
   lm_head quantized too (``--lm-head-bits``/``--embed-bits``: 4-bit g128 for 3- and 4-bit points, 2-bit g64
-  for 2-bit ones, see ``HEAD_FOR``);
+  for 2-bit ones, see ``head_for``; a tied model stores the two as one tensor); and GPTQ-HLQ mixed precision
+  (``--target-bpw``) at 2.25 ... 3.5 bits per weight of the whole file;
 - llama.cpp (the peer build of ``scripts/setup_peer.sh``): ``llama-imatrix`` over the calibration text, then
   ``llama-quantize --allow-requantize --imatrix`` of the model's own GGUF to IQ2_XXS ... Q4_K_M;
 
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_runtime as br  # noqa: E402  (its workers: speed, perplexity; file summaries)
 
 SETTINGS = ("w2g64", "w2g128", "w3g128", "w4g128")
+TARGETS = ("2.25", "2.5", "2.75", "3.0", "3.5")
 FORMATS = ("hlq", "uniform")
 METHODS = ("rtn", "gptq")
 PEER_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K_M", "IQ4_XS", "Q4_0", "Q4_K_M")
@@ -127,17 +129,25 @@ def source_params(src_dir: Path) -> int:
 
 
 def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
-    bits, group = parse_setting(setting)
-    hb, hg = head_for(bits)
+    """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says) or ``mixed-T`` (``--target-bpw
+    T``, groups of 128: every width chosen by the allocator, head and embeddings included)."""
     out = work / f"elutq-{method}-{fmt}-{setting}"
-    info: dict = {"head": f"w{hb}g{hg}"}
+    if setting.startswith("mixed-"):
+        info: dict = {"head": "mixed"}
+        widths = ["--target-bpw", setting.removeprefix("mixed-"), "--group-size", "128",
+                  "--measurement", str(work / f"measurement-{fmt}.json")]  # fmt: skip
+    else:
+        bits, group = parse_setting(setting)
+        hb, hg = head_for(bits)
+        info = {"head": f"w{hb}g{hg}"}
+        widths = ["--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
+                  "--lm-head-group-size", str(hg), "--embed-bits", str(hb), "--embed-group-size", str(hg)]  # fmt: skip
     if (out / "config.json").is_file():
         return out, info
     cmd = elutq_cmd(
-        "quantize", model, "-o", str(out), "--overwrite", "--resume", "--method", method, "--format", fmt,
-        "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb), "--lm-head-group-size", str(hg),
-        "--embed-bits", str(hb), "--embed-group-size", str(hg), "--calib-text", str(calib),
-        "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+        "quantize", model, "-o", str(out), "--overwrite", "--resume", "--method", method, "--format", fmt, *widths,
+        "--calib-text", str(calib), "--calib-samples", str(args.calib_samples),
+        "--calib-seqlen", str(args.calib_seqlen),
     )  # fmt: skip
     print(f"  {shlex.join(cmd[2:])}", flush=True)
     m = run_measured(cmd, log=work / f"{out.name}.log")
@@ -285,6 +295,7 @@ def run(args) -> Results:
         jobs.append(("baseline", None))
     if "elutq" in args.only:
         jobs += [("elutq", (m, f, s)) for m in args.methods for s in args.settings for f in args.formats]
+        jobs += [("elutq", ("gptq", "hlq", f"mixed-{t}")) for t in args.targets]
     if "llama" in args.only:
         jobs += [("llama", t) for t in args.peer_types]
     if args.order == "cheap-first":  # RTN before GPTQ, llama.cpp between them
@@ -483,6 +494,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--targets", nargs="*", default=list(TARGETS),
+                    help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw)")
     ap.add_argument("--peer-types", nargs="+", default=list(PEER_TYPES))
     ap.add_argument("--order", choices=["cheap-first", "as-listed"], default="cheap-first")
     ap.add_argument("--max-tokens", type=int, default=16384, help="perplexity over the first N tokens of each text")
