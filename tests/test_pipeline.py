@@ -207,10 +207,10 @@ def test_gptq_calibrates_on_the_quantized_embeddings(tiny_llama, tmp_path, monke
     seen = []
     real = pipeline.quantize_layer_gptq
 
-    def spy(layer, acts, pos, cfg):
+    def spy(layer, acts, pos, cfg, prefix=""):
         if not seen:
             seen.append(torch.cat(list(acts)))
-        return real(layer, acts, pos, cfg)
+        return real(layer, acts, pos, cfg, prefix)
 
     monkeypatch.setattr(pipeline, "quantize_layer_gptq", spy)
     cfg = PipelineConfig(quant=QuantConfig(2, 32), method="gptq", calib=calib, lm_head=None, embed=QuantConfig(2, 32))
