@@ -124,6 +124,8 @@ def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     assert main([*base, "-o", str(tmp_path / "d"), "--target-bpw", "0.5"]) == 2
     assert "below what 1-bit everywhere reaches" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    assert main(["info", str(tmp_path / "a")]) == 0
+    assert "widths (mixed precision): " in capsys.readouterr().out
     mods = read_quantization_config(tmp_path / "a")["modules"]
     assert len({v["bits"] for v in mods.values()}) > 1  # a mix, not one width
     json.dumps(mods)

@@ -291,6 +291,10 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  {k}: {qc[k]}")
     emb = qc["modules"].get(EMBED)
     print(f"  quantized linears: {len(qc['modules']) - (emb is not None)}")
+    widths = sorted({int(v["bits"]) for v in qc["modules"].values()})
+    if len(widths) > 1:  # mixed precision: how many modules have each width
+        counts = {b: sum(1 for v in qc["modules"].values() if v["bits"] == b) for b in widths}
+        print("  widths (mixed precision): " + ", ".join(f"{b}-bit: {n}" for b, n in counts.items()))
     emb_kind = f"w{emb['bits']}g{emb['group_size']}" if emb else "16-bit"
     if emb and SHARED in emb:
         emb_kind += f" (one tensor with {emb[SHARED]}, as the source ties them)"
