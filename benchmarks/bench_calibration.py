@@ -62,7 +62,7 @@ def main() -> None:
     bits, group = parse_setting(args.setting)
     hb, hg = (2, 64) if bits <= 2 else (4, 128)
     for mix in args.mixes:
-        out = work / f"gptq-hlq-{args.setting}-{mix}"
+        out = work / f"gptq-hlq-{args.setting}-{args.calib_samples}x{args.calib_seqlen}-{mix}"
         if not (out / "config.json").is_file():
             cmd = elutq_cmd(
                 "quantize", args.model, "-o", str(out), "--overwrite", "--method", "gptq", "--format", "hlq",

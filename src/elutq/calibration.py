@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .eval import DATASETS, load_text, tokenize
+from .eval import dataset_names, load_text, tokenize
 from .utils import ElutqError
 
 SELF, CHAT = "self", "chat"
@@ -46,9 +46,9 @@ def mix_parts(name: str) -> list[str]:
     """The parts of a dataset or mix name, each checked; an unknown one is an error that lists the choices."""
     parts = name.split("+")
     for p in parts:
-        if p not in DATASETS and p not in (SELF, CHAT):
+        if p not in dataset_names() and p not in (SELF, CHAT):
             raise ElutqError(
-                f"unknown calibration part {p!r} in {name!r}; a mix joins any of {[*sorted(DATASETS), SELF, CHAT]} "
+                f"unknown calibration part {p!r} in {name!r}; a mix joins any of {[*dataset_names(), SELF, CHAT]} "
                 "with '+' (e.g. wikitext2+python-code+self), or pass --calib-text FILE"
             )
     if len(set(parts)) != len(parts):
@@ -157,9 +157,12 @@ def self_samples(model: str | Path | None, tokenizer, n: int, seqlen: int, seed:
     ).hexdigest()[:20]
     cache = cache_dir() / "calib-self" / f"{key}.npy"
     if cache.is_file():
-        ids = np.load(cache)
-        if ids.shape == (n, seqlen):
-            return torch.from_numpy(ids.astype(np.int64))
+        try:
+            ids = np.load(cache)
+            if ids.shape == (n, seqlen):
+                return torch.from_numpy(ids.astype(np.int64))
+        except (OSError, ValueError, EOFError):
+            pass  # a damaged cache file: sample again (and replace it)
     ids = _sample_from(src, tokenizer, n, seqlen, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
@@ -175,6 +178,11 @@ def _sample_from(src: Path, tokenizer, n: int, seqlen: int, seed: int) -> np.nda
     from .generation import Sampler
 
     m = runtime.load(src, max_ctx=seqlen + 1)
+    if m.max_ctx < seqlen + 1:
+        raise ElutqError(
+            f"the 'self' calibration part samples {seqlen} tokens after a start token, beyond the model's "
+            f"{m.max_ctx}-token context; pass a smaller --calib-seqlen"
+        )
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if first is None:
         raise ElutqError("the 'self' calibration part needs a BOS or EOS token to start from; drop 'self'")

@@ -88,7 +88,7 @@ def storage_dtype(t: torch.Tensor, prefer: torch.dtype = torch.float16) -> torch
 def shares_head(model: nn.Module) -> bool:
     """Whether ``model``'s quantized embedding is its quantized lm_head's tensor (``HLQEmbedding.tied_to``)."""
     emb, head = model.get_submodule(EMBED), getattr(model, "lm_head", None)
-    return isinstance(emb, HLQEmbedding) and isinstance(head, HLQLinear) and emb.qweight is head.qweight
+    return isinstance(emb, HLQEmbedding) and isinstance(head, HLQLinear) and (emb.tied or emb.qweight is head.qweight)
 
 
 def model_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -148,15 +148,16 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
 
 
 def finish_checkpoint(directory: Path, config: dict[str, Any], tokenizer=None, generation_from: Path | None = None,
-                      index: bool = False) -> None:
-    """Complete a checkpoint whose weights files are in ``directory``: the index (``index``: for sharded
-    writers), the tokenizer, the source's sampling defaults, each shard's size and sha256 into
-    ``config["quantization_config"]``, and config.json — last, as its presence marks the directory complete.
-    Every writer (``save_quantized``, the streaming quantizer, finetuning) ends here."""
+                      index: bool = False, close=None) -> None:
+    """Complete a checkpoint whose weights files (``model*.safetensors``) are in ``directory``: the index
+    (``index``: for sharded writers), the tokenizer, the source's sampling defaults, then ``close()`` (a
+    resumable run's: it removes its progress, so whatever can fail before it must come first), each shard's
+    size and sha256 into ``config["quantization_config"]``, and config.json — last, as its presence marks the
+    directory complete.  Every writer (``save_quantized``, the streaming quantizer, finetuning) ends here."""
     directory = Path(directory)
     if index:
         weight_map = {}
-        for f in sorted(directory.glob("*.safetensors")):
+        for f in sorted(directory.glob("model*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
                 weight_map.update({k: f.name for k in h.keys()})  # noqa: SIM118
         tmp = directory / (INDEX_FILE + ".tmp")
@@ -166,6 +167,8 @@ def finish_checkpoint(directory: Path, config: dict[str, Any], tokenizer=None, g
         tokenizer.save_pretrained(directory)
     if generation_from is not None:
         copy_generation_config(generation_from, directory)
+    if close is not None:
+        close()
     config["quantization_config"][SHARDS_KEY] = shard_records(directory)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -815,6 +818,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
                 )
         if embedding:
             module = HLQEmbedding(in_f, out_f, spec["bits"], module_group_size(spec, in_f), dtype=dtype)
+            module.tied = SHARED in spec
         else:
             g = module_group_size(spec, in_f)
             module = HLQLinear(in_f, out_f, spec["bits"], g, bias=linear.bias is not None)

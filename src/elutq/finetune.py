@@ -503,22 +503,21 @@ def _write_rest(inp: _Inputs, n_layers: int, cfg: FinetuneConfig, report: Finetu
     prefixes = tuple(layer_prefix(i) for i in range(n_layers))
     head = {k: ck.get(k).contiguous() for k in ck.weight_map if not k.startswith(prefixes)}
     atomic_save(head, work / "model-head.safetensors", {"format": "pt"})
-    inp.run.close()
     entry = {
         "stage": cfg.stage,
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
         "held_out_rel_mse": [[r["start_val"], r["best_val"]] for r in report.layers],
     }
-    _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer, index=True)
+    _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer, index=True, close=inp.run.close)
 
 
-def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer, index: bool = False) -> None:
+def _write_config(ckpt: Path, work: Path, qc: dict, entry: dict, tokenizer, index: bool = False, close=None) -> None:
     """The input checkpoint's config.json with this stage appended to its finetuning history, and the rest
     of a checkpoint (``finish_checkpoint``)."""
     cfg_dict = json.loads((ckpt / "config.json").read_text())
     cfg_dict["quantization_config"]["finetune"] = [*qc.get("finetune", []), entry]
-    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=ckpt, index=index)
+    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=ckpt, index=index, close=close)
 
 
 def _maybe_stop_for_test_at(step: int) -> None:
@@ -715,16 +714,19 @@ def finetune_e2e(
     report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step))
     tensors = {k: updated.get(k, inp.ck.get(k)).contiguous() for k in inp.ck.weight_map}
     atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
-    run.close()
-    (work / E2E_STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(work / TEACHER_DIR, ignore_errors=True)
     history_entry = {
         "stage": "e2e",
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
         "held_out_loss": [start, best],
     }
-    _write_config(inp.ckpt, work, inp.qc, history_entry, inp.tokenizer)
+
+    def close() -> None:
+        run.close()
+        (work / E2E_STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(work / TEACHER_DIR, ignore_errors=True)
+
+    _write_config(inp.ckpt, work, inp.qc, history_entry, inp.tokenizer, close=close)
     move_into_place(work, run.out, overwrite)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()

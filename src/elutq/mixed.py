@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibConfig, calibration_ids
-from .checkpoint import EMBED, SafetensorsDir
+from .checkpoint import EMBED, SafetensorsDir, read_header
 from .gptq import Hessian
 from .hlq import QuantConfig, quantize_weight
 from .layerloop import (
@@ -114,10 +115,13 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = {"layers_done": 0, "hidden": {}, "layers": []}
+    work = path.with_name(path.name + ".partial")
     try:
-        run = Run.open(path, fp, fresh, resume, True, inputs="model or settings")
-    except ElutqError:  # an unfinished measurement of other inputs: nothing in it is worth keeping
-        run = Run.open(path, fp, fresh, False, True, inputs="model or settings")
+        stale = json.loads((work / "progress.json").read_text()).get("fingerprint") != fp
+    except (OSError, ValueError):
+        stale = False
+    # An unfinished measurement of other inputs has nothing worth keeping: start over (it is only a cache).
+    run = Run.open(path, fp, fresh, resume and not stale, True, inputs="model or settings")
     skeleton = meta_model(config)
     ids, source_text = calibration_ids(tokenizer, cfg.calib, model=src_dir)
     pos = position_embeddings(config, cfg.calib.seqlen, torch.device("cpu"), skeleton)
@@ -151,13 +155,15 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     h = Hessian(config.hidden_size)
     for x in acts[HIDDEN]:
         h.add(norm(x))
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in source
-    head = source.get(f"{EMBED}.weight" if tied else "lm_head.weight")
+    # Tied as the quantizer decides it (pipeline.shares_embedding): then one tensor serves both in the file.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = source.get("lm_head.weight" if "lm_head.weight" in source and not tied else f"{EMBED}.weight")
     modules["lm_head"] = {"params": head.numel(), "bits": _costs(head, h.h, cfg)}
-    n_params = 0
-    for k in source.weight_map:
-        if not (tied and k == "lm_head.weight"):
-            n_params += source.get(k).numel()
+    shapes = {k: shape for f in sorted(set(source.weight_map.values())) for k, (_, shape) in
+              read_header(source.dir / f).items()}  # fmt: skip
+    n_params = sum(math.prod(shape) for k, shape in shapes.items() if not (tied and k == "lm_head.weight"))
+    if "lm_head.weight" not in source and not tied:
+        n_params += head.numel()  # an untied model without a stored head: the file stores one
     result = {
         "fingerprint": fp,
         "model": model,
@@ -165,7 +171,7 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
         "calibration_text": source_text,
         "n_params": n_params,  # the source's parameters, a tied table once: the whole-file BPW denominator
         "tied": tied,
-        "embedding_params": source.get(f"{EMBED}.weight").numel(),
+        "embedding_params": math.prod(shapes[f"{EMBED}.weight"]),
         "modules": modules,
         "seconds": time.perf_counter() - t0,
     }

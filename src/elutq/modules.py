@@ -82,6 +82,7 @@ class HLQEmbedding(HLQLinear):
             raise ValueError("an embedding has no bias")
         super().__init__(in_features, out_features, bits, group_size)
         self.dtype = dtype
+        self.tied = False  # its tensors are lm_head's (``tied_to``)
 
     @classmethod
     def tied_to(cls, head: HLQLinear, dtype: torch.dtype = torch.float32) -> HLQEmbedding:
@@ -89,6 +90,7 @@ class HLQEmbedding(HLQLinear):
         checkpoint then stores them once, as ``lm_head``'s)."""
         m = cls(head.in_features, head.out_features, head.bits, head.group_size, dtype=dtype)
         m.qweight, m.scales, m.zeros = head.qweight, head.scales, head.zeros
+        m.tied = True  # survives a move to another device, which copies each buffer on its own
         return m
 
     @property

@@ -510,14 +510,16 @@ def _finish(
     info = {
         "method": cfg.method,
         "format": cfg.quant.format,
-        "bits": cfg.quant.bits,
+        "bits": "mixed" if cfg.bits_map else cfg.quant.bits,  # per module in "modules"
         "group_size": cfg.quant.group_size,
         "iters": cfg.quant.iters,
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
     }
     cfg_dict["quantization_config"] = quantization_config(modules, info)
-    run.close()
-    shutil.rmtree(work / "activations", ignore_errors=True)
-    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=src_dir, index=True)
+    def close() -> None:
+        run.close()
+        shutil.rmtree(work / "activations", ignore_errors=True)
+
+    finish_checkpoint(work, cfg_dict, tokenizer, generation_from=src_dir, index=True, close=close)
     move_into_place(work, run.out, overwrite)
