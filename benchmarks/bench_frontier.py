@@ -302,6 +302,11 @@ def run(args) -> Results:
         rank = {"baseline": 0, "llama": 2}
         jobs.sort(key=lambda j: rank.get(j[0], 1 if j[0] == "elutq" and j[1][0] == "rtn" else 3))
     for kind, spec in jobs:
+        if args.speed_only:  # only points already made and scored
+            key = ("elutq 16-bit (baseline)" if kind == "baseline" else
+                   f"elutq {' '.join(spec)}" if kind == "elutq" else f"llama.cpp {spec}")  # fmt: skip
+            if not res.data["points"].get(key, {}).get("ppl"):
+                continue
         try:
             if kind == "baseline":
                 key = "elutq 16-bit (baseline)"
@@ -508,6 +513,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="speed: rounds (best of)")
     ap.add_argument("--skip-speed", action="store_true",
                     help="make and score points, leave their timing to a later run on a quiet machine")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="time the points already made and scored; make nothing new")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()
