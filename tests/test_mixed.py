@@ -29,7 +29,7 @@ def _synthetic(n_mods: int = 40, params: int = 10_000) -> dict:
 
 def test_allocation_fills_the_target_and_favours_costly_modules():
     m = _synthetic()
-    for target in (1.5, 2.25, 2.5, 3.0, 3.5):
+    for target in (2.5, 2.75, 3.0, 3.5):
         choice, bpw = allocate(m, target)
         assert target - 0.03 < bpw <= target, (target, bpw)
         assert choice["m39"] >= choice["m0"]  # the module that loses most gets at least as many bits
@@ -37,8 +37,10 @@ def test_allocation_fills_the_target_and_favours_costly_modules():
     total = sum(m["modules"][n]["bits"][str(b)][0] for n, b in choice.items())
     flat = sum(v["bits"]["2"][0] for v in m["modules"].values())  # the uniform 2-bit model is smaller...
     assert total < flat  # ...and still loses more
-    with pytest.raises(ElutqError, match="below what 1-bit everywhere reaches"):
-        allocate(m, 0.9)
+    with pytest.raises(ElutqError, match="below what 2-bit everywhere reaches"):
+        allocate(m, 1.5)
+    choice, bpw = allocate(m, 1.5, widths=CANDIDATE_BITS)  # 1-bit only when asked for
+    assert 1.45 < bpw <= 1.5 and min(choice.values()) == 1
 
 
 def test_untied_embedding_counts_as_a_copy_of_the_head():
@@ -111,7 +113,7 @@ def test_per_module_widths_through_pipeline_torch_and_runtime(tiny_llama, tmp_pa
 def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
     model, path = tiny_llama
-    base = ["quantize", str(path), "--method", "rtn", "--group-size", "32", "--calib-samples", "4",
+    base = ["quantize", str(path), "--method", "rtn", "--group-size", "128", "--calib-samples", "4",
             "--calib-seqlen", "16"]  # fmt: skip
     assert main([*base, "-o", str(tmp_path / "a"), "--target-bpw", "3.5"]) == 0
     out = capsys.readouterr().out
@@ -121,15 +123,15 @@ def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     file_bpw = 8 * sum(f.stat().st_size for f in (tmp_path / "a").glob("*.safetensors")) / n_params
     assert 3.3 < achieved <= 3.5 and achieved <= file_bpw < achieved + 0.12  # the file: + safetensors headers
     assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1
-    assert main([*base, "-o", str(tmp_path / "b"), "--target-bpw", "2.5"]) == 0  # reuses the measurement
+    assert main([*base, "-o", str(tmp_path / "b"), "--target-bpw", "2.75"]) == 0  # reuses the measurement
     assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1
     sizes = {k: sum(f.stat().st_size for f in (tmp_path / k).glob("*.safetensors")) for k in "ab"}
     assert sizes["b"] < sizes["a"]
     with pytest.raises(SystemExit) as e:
         main([*base, "-o", str(tmp_path / "c"), "--target-bpw", "17"])
     assert e.value.code == 2 and "--target-bpw" in capsys.readouterr().err
-    assert main([*base, "-o", str(tmp_path / "d"), "--target-bpw", "0.5"]) == 2
-    assert "below what 1-bit everywhere reaches" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "d"), "--target-bpw", "1.5"]) == 2
+    assert "below what 2-bit everywhere reaches" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
     assert main(["info", str(tmp_path / "a")]) == 0
     assert "widths (mixed precision): " in capsys.readouterr().out

@@ -474,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--target-bpw",
         type=V.number(lo=0, hi=16, lo_open=True),
-        help="mixed precision: the whole file's bits per weight; every module's width (lm_head's and the "
-        "embeddings' too) is chosen from a measurement of each at 1-4 bits (--bits is then unused)",
+        help="mixed precision: the whole file's bits per weight; every module's width (2-4 bits; lm_head's and "
+        "the embeddings' too) is chosen from a measurement of each module's error (--bits is then unused)",
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
