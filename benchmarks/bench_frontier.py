@@ -498,7 +498,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["baseline", "elutq", "llama"], choices=["baseline", "elutq", "llama"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
     ap.add_argument("--targets", nargs="*", default=list(TARGETS),
                     help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw)")
     ap.add_argument("--peer-types", nargs="+", default=list(PEER_TYPES))

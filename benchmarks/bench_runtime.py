@@ -115,7 +115,7 @@ def w_llama_speed(a: dict) -> dict:
 
 
 class _LlamaCppLM:
-    """llama.cpp behind the interface ``elutq.eval.perplexity`` takes: ``config`` and ``logits(ids)``."""
+    """llama.cpp behind the interface ``elutq.eval.perplexity`` takes: ``config`` and ``token_logprobs(ids)``."""
 
     def __init__(self, path: str, seqlen: int, threads: int):
         from types import SimpleNamespace
@@ -130,6 +130,14 @@ class _LlamaCppLM:
         self.llm.reset()
         self.llm.eval(ids)
         return torch.from_numpy(np.array(self.llm.scores[: len(ids)]))
+
+    def token_logprobs(self, ids):
+        """``log p(ids[t+1] | ids[:t+1])``, as ``elutq.eval.window_logprobs`` asks of a non-torch engine."""
+        import torch
+
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        logp = torch.log_softmax(self.logits(ids)[:-1].float(), dim=-1)
+        return logp.gather(1, ids[1:, None])[:, 0]
 
 
 def w_perplexity(a: dict) -> dict:
