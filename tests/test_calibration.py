@@ -93,3 +93,9 @@ def test_quantize_records_the_mix(tiny_llama, tmp_path, monkeypatch):
     assert main(args) == 0
     text = read_quantization_config(out)["calibration_text"]
     assert text.startswith("mix wikitext2+self: 2 × wikitext2/valid, 2 × self"), text
+
+
+def test_cli_and_library_share_the_default():
+    from elutq import calibration, cli
+
+    assert cli.CALIB_DEFAULT == calibration.DEFAULT == CalibConfig().dataset

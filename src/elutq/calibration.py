@@ -26,6 +26,7 @@ from .eval import dataset_names, load_text, tokenize
 from .utils import ElutqError
 
 SELF, CHAT = "self", "chat"
+DEFAULT = "wikitext2"  # GPTQ's, mixed precision's and finetuning's calibration unless told otherwise
 CHAT_TEXTS = ("wikitext2", "python-code")  # the passages chat samples are made of
 
 
@@ -34,7 +35,7 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0
-    dataset: str | None = "wikitext2"  # a dataset or a mix (parts joined by "+"); always its `valid` split
+    dataset: str | None = DEFAULT  # a dataset or a mix (parts joined by "+"); always its `valid` split
     split: str = "valid"
     text: str | None = None  # a text file instead of a dataset
 

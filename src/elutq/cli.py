@@ -24,9 +24,11 @@ def _load_any(spec: str):
     return model, tokenizer, None
 
 
+CALIB_DEFAULT = "wikitext2"  # calibration.DEFAULT (not imported here: the CLI starts without torch)
 CALIB_HELP = (
-    "a dataset, or a mix of parts joined by '+': wikitext2, python-code, self (text the unquantized model "
-    "samples itself), chat (passages through the model's chat template); 'valid' splits only"
+    f"a dataset, or a mix of parts joined by '+': wikitext2, python-code, self (text the unquantized model "
+    f"samples itself), chat (passages through the model's chat template); 'valid' splits only (default "
+    f"{CALIB_DEFAULT})"
 )
 
 
@@ -483,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=V.positive, default=128)
     c.add_argument("--calib-seqlen", type=V.context, default=512)
     c.add_argument("--calib-seed", type=V.seed, default=0)
-    c.add_argument("--calib-dataset", type=V.calib_dataset, default="wikitext2", help=CALIB_HELP)
+    c.add_argument("--calib-dataset", type=V.calib_dataset, default=CALIB_DEFAULT, help=CALIB_HELP)
     c.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
     c.add_argument("--damp", type=V.fraction, default=0.01, help="Hessian dampening, fraction of mean diag")
     c.add_argument("--no-act-order", action="store_true", help="visit groups/columns in plain order")
@@ -527,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--calib-samples", dest="ft_calib_samples", type=V.positive, default=64)
     fc.add_argument("--calib-seqlen", dest="ft_calib_seqlen", type=V.context, default=256)
     fc.add_argument("--calib-seed", type=V.seed, default=0)
-    fc.add_argument("--calib-dataset", type=V.calib_dataset, default="wikitext2", help=CALIB_HELP)
+    fc.add_argument("--calib-dataset", type=V.calib_dataset, default=CALIB_DEFAULT, help=CALIB_HELP)
     fc.add_argument("--calib-text", help="a UTF-8 text file instead of the dataset")
     _add_training_args(f.add_argument_group("training"), prefix="")
     f.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
