@@ -38,14 +38,15 @@ def checkpoint(tmp_path_factory):
 class Server:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, checkpoint, **engine_kw):
+    def __init__(self, checkpoint, app_kw: dict | None = None, **engine_kw):
         # float tables: batched and single decoding then agree exactly (greedy outputs comparable)
         self.model = elutq.load(checkpoint, max_ctx=64, float_tables=True)
         self.engine = Engine(self.model, **engine_kw)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(self.model, NAME, self.engine), port=self.port, log_level="warning")
+        app = create_app(self.model, NAME, self.engine, **(app_kw or {}))
+        config = uvicorn.Config(app, port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -391,11 +391,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
     from .server import serve
 
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
           max_queue=args.max_queue, threads=args.threads, model_name=args.model_name,
-          residual_tables=args.residual_tables)
+          residual_tables=args.residual_tables, api_key=args.api_key or os.environ.get("ELUTQ_API_KEY") or None,
+          request_timeout=args.request_timeout)
 
 
 def _add_sampling_args(g: argparse.ArgumentParser) -> None:
@@ -608,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     sv.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
+                    "(default: $ELUTQ_API_KEY; none: open, fine on 127.0.0.1)")
+    sv.add_argument("--request-timeout", type=V.number(lo=0, lo_open=True), default=None,
+                    help="seconds a request may run before it is stopped (504; an error event in a stream)")
     sv.set_defaults(func=cmd_serve)
     return p
 

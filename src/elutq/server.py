@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,6 +45,7 @@ from .utils import ElutqError
 
 PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt stalls running decodes
 MIN_SHARED_PREFIX = 8  # copy another request's KV only for a prefix longer than this (else recompute)
+log = logging.getLogger("elutq.server")
 MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets 413 (a prompt far beyond any context)
 MAX_SEED = 2**63 - 1
 
@@ -386,13 +389,104 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _Gate:
+    """ASGI middleware for every route: the API key (``Authorization: Bearer KEY``, compared in constant time;
+    ``/health`` stays open for load balancers), then one log line and the request counters per request.
+    Prompts are never logged."""
+
+    def __init__(self, app, api_key: str | None, metrics: _Metrics):
+        self.app, self.key, self.metrics = app, (api_key or "").encode(), metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, path, status = time.perf_counter(), scope["path"], [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.key and path != "/health" and not self._authorized(scope):
+                status[0] = 401
+                err = APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               "invalid_request_error", code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+            await self.app(scope, receive, send_status)
+        finally:
+            ms = 1000 * (time.perf_counter() - t0)
+            self.metrics.request(path, status[0], ms / 1000)
+            client = scope.get("client") or ("-", 0)
+            log.info("%s %s %s %d %.0fms", client[0], scope["method"], path, status[0], ms)
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return False
+
+
+class _Metrics:
+    """Request counters and latencies, exposed with the engine's own counters at ``/metrics``."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in self.ROUTES else "other"
+        with self.lock:
+            self.requests[route, status] = self.requests.get((route, status), 0) + 1
+            self.seconds[route] = self.seconds.get(route, 0.0) + seconds
+
+    def text(self, engine: Engine, model_name: str) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        st = engine.stats()
+        out = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP elutq_{name} {help_}\n# TYPE elutq_{name} {kind}")
+            out.extend(f"elutq_{name}{labels} {value:g}" for labels, value in samples)
+
+        with self.lock:
+            reqs = sorted(self.requests.items())
+            secs = sorted(self.seconds.items())
+        metric("requests_total", "counter", "HTTP requests answered, by route and status",
+               [(f'{{route="{r}",status="{c}"}}', n) for (r, c), n in reqs])
+        metric("request_seconds_total", "counter", "Time spent answering requests, by route",
+               [(f'{{route="{r}"}}', v) for r, v in secs])
+        metric("generated_tokens_total", "counter", "Tokens sampled", [("", st["sampled_tokens"])])
+        metric("prompt_tokens_total", "counter", "Prompt tokens computed (shared prefixes once)",
+               [("", st["prompt_tokens_computed"])])
+        metric("steps_total", "counter", "Engine steps (one batched forward each)", [("", st["steps"])])
+        metric("forward_seconds_total", "counter", "Time in the batched forwards", [("", st["forward_seconds"])])
+        metric("running_requests", "gauge", "Requests being decoded", [("", st["running"])])
+        metric("queued_requests", "gauge", "Requests waiting for a slot", [("", st["queued"])])
+        metric("engine_up", "gauge", "1 while the engine thread runs", [(f'{{model="{model_name}"}}', engine.alive)])
+        return "\n".join(out) + "\n"
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body is already read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def create_app(model: Model, model_name: str, engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    model: Model,
+    model_name: str,
+    engine: Engine,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    api_key: str | None = None,
+    request_timeout: float | None = None,
+) -> FastAPI:
+    """The app: OpenAI routes, ``/health``, ``/metrics``.  ``api_key``: required on every route but ``/health``;
+    ``request_timeout``: seconds a request may take before it is stopped (504, or an error event in a stream)."""
     # Tokenizing a long prompt takes a while: off the event loop, on one thread (a fast tokenizer is
     # not safe to call from several threads at once).
     tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="elutq-tokenize")
@@ -405,7 +499,9 @@ def create_app(model: Model, model_name: str, engine: Engine, max_body_bytes: in
         tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(title="elutq", version="1", lifespan=lifespan)
+    metrics = _Metrics()
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)  # added last: runs first
     created = int(time.time())
 
     async def off_loop(fn, *args, **kw):
@@ -435,6 +531,10 @@ def create_app(model: Model, model_name: str, engine: Engine, max_body_bytes: in
             why = repr(engine.error) if engine.error is not None else "the engine thread is not running"
             return JSONResponse({"status": "error", "error": why, "model": model_name, **engine.stats()}, 503)
         return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(engine, model_name), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -498,19 +598,24 @@ def create_app(model: Model, model_name: str, engine: Engine, max_body_bytes: in
         engine.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": model_name}
+        deadline = None if request_timeout is None else time.monotonic() + request_timeout
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(job, engine, meta, chat, len(ids), usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(job, engine, meta, chat, len(ids), usage, deadline, request_timeout),
+                                     media_type="text/event-stream")
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             item = None
             while not isinstance(item, Completion):
                 if job.queue.empty():
                     get = asyncio.ensure_future(job.queue.get())
-                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():  # the client went away: free its slot now
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    await asyncio.wait({get, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():  # the client went away, or the time is up: free its slot now
                         get.cancel()
                         engine.cancel(job)
+                        if not gone.done():
+                            return _timed_out(request_timeout).response()
                         return JSONResponse({}, status_code=499)
                     item = get.result()
                 else:
@@ -551,7 +656,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(job: _Job, engine: Engine, meta: dict, chat: bool, n_prompt: int, usage: bool) -> AsyncIterator[str]:
+def _timed_out(limit: float | None) -> APIError:
+    return APIError(504, f"the request took longer than the server's limit of {limit:g} s (--request-timeout); "
+                    "ask for fewer tokens", "server_error", code="timeout")
+
+
+async def _sse(job: _Job, engine: Engine, meta: dict, chat: bool, n_prompt: int, usage: bool,
+               deadline: float | None = None, limit: float | None = None) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(piece: str | None, reason: str | None, role: bool = False) -> str:
@@ -577,7 +688,11 @@ async def _sse(job: _Job, engine: Engine, meta: dict, chat: bool, n_prompt: int,
             yield chunk("", None, role=True)
         done = False
         while not done:
-            items = [await job.queue.get()]
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                items = [await asyncio.wait_for(job.queue.get(), left)]
+            except TimeoutError:
+                items = [_timed_out(limit)]
             while not job.queue.empty():  # the engine got ahead: send what is there in one write
                 items.append(job.queue.get_nowait())
             text = []
@@ -609,6 +724,8 @@ def serve(
     threads: int | None = None,
     model_name: str | None = None,
     residual_tables: bool = False,
+    api_key: str | None = None,
+    request_timeout: float | None = None,
 ) -> None:
     import uvicorn
 
@@ -623,5 +740,8 @@ def serve(
     gc.freeze()
     print(f"serving {name} ({model.runtime.path} kernels, context {engine.ctx}, batch {max_batch}) "
           f"on http://{host}:{port}/v1")
-    uvicorn.run(create_app(model, name, engine), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=30)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it (--api-key)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    uvicorn.run(create_app(model, name, engine, api_key=api_key, request_timeout=request_timeout), host=host,
+                port=port, log_level="warning", timeout_graceful_shutdown=30)
