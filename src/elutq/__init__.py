@@ -10,3 +10,44 @@ def __getattr__(name: str):
 
         return load
     raise AttributeError(f"module 'elutq' has no attribute {name!r}")
+
+
+def _register_with_transformers() -> None:
+    """``AutoModelForCausalLM.from_pretrained(CKPT)`` of an elutq checkpoint (``elutq/hf.py``): registered now if
+    transformers is loaded, else when it is (an import hook: ``import elutq`` stays light)."""
+    import importlib.util
+    import sys
+
+    def register() -> None:
+        try:
+            from . import hf
+
+            hf.register()
+        except ImportError:  # a transformers without custom quantizers: elutq's own loaders still work
+            pass
+
+    if "transformers" in sys.modules:
+        register()
+        return
+
+    class Hook:  # a meta path finder (the protocol; importlib.abc would cost the import time of elutq)
+        def find_spec(self, name, path, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            loader, run = spec.loader, spec.loader.exec_module
+
+            def exec_module(module) -> None:
+                run(module)
+                register()
+
+            loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+
+
+_register_with_transformers()

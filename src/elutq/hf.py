@@ -1,0 +1,88 @@
+"""transformers loads elutq checkpoints: ``AutoModelForCausalLM.from_pretrained(CKPT)`` after ``import elutq``.
+
+The checkpoint's ``quantization_config`` (``quant_method: "hlq"``) selects ``HLQHfQuantizer``: before the
+weights load it puts an ``HLQLinear`` (or ``HLQEmbedding``) wherever ``modules`` names one, so the packed
+tensors load into them by name; after, an embedding stored as ``lm_head``'s tensor (``shared_with``) is
+pointed at it.  The modules are the torch reference of the format (dequantize, then matmul), the same the
+rest of elutq checks its kernels against; the native runtime (``elutq.load``) is the fast path.
+
+``register()`` runs when transformers is imported after elutq (an import hook set by ``elutq/__init__``), or
+at once if it already was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .checkpoint import EMBED, QUANT_METHOD, SHARED, module_group_size
+from .modules import HLQEmbedding, HLQLinear, set_module
+
+
+class HLQConfig(QuantizationConfigMixin):
+    """A checkpoint's ``quantization_config`` as transformers holds it: every field kept as written."""
+
+    def __init__(self, modules: dict[str, dict[str, Any]] | None = None, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.modules = modules or {}
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+
+class HLQHfQuantizer(HfQuantizer):
+    """Loads prequantized HLQ checkpoints (quantizing happens in ``elutq quantize``)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if SHARED in self.quantization_config.modules.get(EMBED, {}):  # its tensors are lm_head's, tied after
+            model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []),
+                                                     rf"{EMBED}\.(qweight|scales|zeros)"]  # fmt: skip
+        for name, spec in self.quantization_config.modules.items():
+            old = model.get_submodule(name)
+            if isinstance(old, nn.Embedding):
+                new: nn.Module = HLQEmbedding(old.embedding_dim, old.num_embeddings, spec["bits"],
+                                              module_group_size(spec, old.embedding_dim), dtype=old.weight.dtype)
+                new.tied = SHARED in spec
+            else:
+                new = HLQLinear(old.in_features, old.out_features, spec["bits"], module_group_size(spec, old.in_features),
+                                bias=old.bias is not None)  # fmt: skip
+            set_module(model, name, new)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        shared = self.quantization_config.modules.get(EMBED, {}).get(SHARED)
+        if shared:
+            emb, head = model.get_submodule(EMBED), model.get_submodule(shared)
+            emb.qweight, emb.scales, emb.zeros = head.qweight, head.scales, head.zeros
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False  # the checkpoint holds the packed tensors themselves
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return False  # `elutq quantize` and `save_quantized` write checkpoints
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make ``quant_method: "hlq"`` known to transformers (once)."""
+    global _registered
+    if not _registered:
+        register_quantization_config(QUANT_METHOD)(HLQConfig)
+        register_quantizer(QUANT_METHOD)(HLQHfQuantizer)
+        _registered = True

@@ -1,0 +1,49 @@
+"""transformers loads elutq checkpoints after ``import elutq`` (issue 33): the same logits and greedy text as
+elutq's own torch model, a tied head/embedding tensor loaded as one, and ``pipeline("text-generation")``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from elutq.checkpoint import load_quantized, save_quantized
+from elutq.hlq import QuantConfig
+from elutq.quantize import quantize
+
+
+def _checkpoint(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    from conftest import tiny_tokenizer
+
+    quantize(model, QuantConfig(2, 32), lm_head=QuantConfig(4, 32), embed=QuantConfig(4, 32), progress=False)
+    return save_quantized(model, tiny_tokenizer(), tmp_path / "q", {"method": "rtn", "format": "hlq"})
+
+
+def test_auto_model_matches_elutq(tiny_llama, tmp_path):
+    import elutq  # noqa: F401 (registers the "hlq" quantizer with transformers)
+    from transformers import AutoModelForCausalLM, pipeline
+
+    out = _checkpoint(tiny_llama, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # as load_quantized
+    ref, tok, _ = load_quantized(out)
+    assert type(hf.lm_head).__name__ == "HLQLinear"
+    assert hf.model.embed_tokens.qweight is hf.lm_head.qweight  # the shared tensor, one copy
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=0)
+        a = hf.generate(ids, max_new_tokens=8, do_sample=False)
+        b = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+    text = pipeline("text-generation", model=hf, tokenizer=tok)("The lazy", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"].startswith("The lazy")
+
+
+def test_registered_when_transformers_is_imported_after_elutq(tiny_llama, tmp_path):
+    out = _checkpoint(tiny_llama, tmp_path)
+    code = ("import elutq, sys; assert 'transformers' not in sys.modules; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m.lm_head).__name__)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("HLQLinear"), r.stderr[-2000:]
