@@ -22,8 +22,9 @@ def _checkpoint(tiny_llama, tmp_path):
 
 
 def test_auto_model_matches_elutq(tiny_llama, tmp_path):
-    import elutq  # noqa: F401 (registers the "hlq" quantizer with transformers)
     from transformers import AutoModelForCausalLM, pipeline
+
+    import elutq  # noqa: F401 (registers the "hlq" quantizer with transformers)
 
     out = _checkpoint(tiny_llama, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # as load_quantized

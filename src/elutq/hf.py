@@ -51,8 +51,8 @@ class HLQHfQuantizer(HfQuantizer):
                                               module_group_size(spec, old.embedding_dim), dtype=old.weight.dtype)
                 new.tied = SHARED in spec
             else:
-                new = HLQLinear(old.in_features, old.out_features, spec["bits"], module_group_size(spec, old.in_features),
-                                bias=old.bias is not None)  # fmt: skip
+                g = module_group_size(spec, old.in_features)
+                new = HLQLinear(old.in_features, old.out_features, spec["bits"], g, bias=old.bias is not None)
             set_module(model, name, new)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
