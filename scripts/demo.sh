@@ -9,7 +9,7 @@ OUT=${OUT:-out/smollm2-135m-hlq-w3g128}
 TOKENS=${TOKENS:-16384}  # WikiText-2 test tokens to score; drop --max-tokens below for all 312k
 elutq() { .venv/bin/elutq "$@"; }
 
-echo "== 1. quantize: GPTQ-HLQ w3g128, embeddings and lm_head w4g128, calibrated on 32 x 512 tokens of WikiText-2 valid"
+echo "== 1. quantize: GPTQ-HLQ w3g128, embeddings and lm_head w4g128, calibrated on 32 x 512 tokens of WikiText-2 and python-code valid"
 elutq quantize default -o "$OUT" --bits 3 --group-size 128 --embed-bits 4 --calib-samples 32 --overwrite
 elutq info "$OUT"
 for text in wikitext2 python-code; do

@@ -22,7 +22,7 @@ def _is_window(row: torch.Tensor, ids: torch.Tensor) -> bool:
 
 def test_one_dataset_draws_seeded_windows_as_before():
     tok = tiny_tokenizer()
-    ids, source = calibration_ids(tok, CalibConfig(n_samples=4, seqlen=16, seed=3))
+    ids, source = calibration_ids(tok, CalibConfig(n_samples=4, seqlen=16, seed=3, dataset="wikitext2"))
     text = tokenize(tok, load_text(dataset="wikitext2", split="valid")[0])
     g = torch.Generator().manual_seed(3)
     starts = torch.randint(0, text.numel() - 17 + 1, (4,), generator=g).tolist()

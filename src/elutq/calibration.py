@@ -26,7 +26,10 @@ from .eval import dataset_names, load_text, tokenize
 from .utils import ElutqError
 
 SELF, CHAT = "self", "chat"
-DEFAULT = "wikitext2"  # GPTQ's, mixed precision's and finetuning's calibration unless told otherwise
+# GPTQ's, mixed precision's and finetuning's calibration unless told otherwise: Wikipedia and code.  On
+# WikiText-2 alone a 2-bit model loses 70x on code against 5.4x on WikiText-2; on both, 8.8x and 6.1x
+# (docs/RESULTS.md, benchmarks/bench_calibration.py).
+DEFAULT = "wikitext2+python-code"
 CHAT_TEXTS = ("wikitext2", "python-code")  # the passages chat samples are made of
 
 

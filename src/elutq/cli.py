@@ -24,7 +24,7 @@ def _load_any(spec: str):
     return model, tokenizer, None
 
 
-CALIB_DEFAULT = "wikitext2"  # calibration.DEFAULT (not imported here: the CLI starts without torch)
+CALIB_DEFAULT = "wikitext2+python-code"  # calibration.DEFAULT (not imported here: the CLI starts without torch)
 CALIB_HELP = (
     f"a dataset, or a mix of parts joined by '+': wikitext2, python-code, self (text the unquantized model "
     f"samples itself), chat (passages through the model's chat template); 'valid' splits only (default "
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--source", required=True, help="the full-precision model it was quantized from")
     f.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     f.add_argument("--stage", choices=FINETUNE_STAGES, default="block", help=FINETUNE_STAGE_HELP)
-    fc = f.add_argument_group("calibration (WikiText-2 valid by default)")
+    fc = f.add_argument_group(f"calibration ({CALIB_DEFAULT} valid by default)")
     fc.add_argument("--calib-samples", dest="ft_calib_samples", type=V.positive, default=64)
     fc.add_argument("--calib-seqlen", dest="ft_calib_seqlen", type=V.context, default=256)
     fc.add_argument("--calib-seed", type=V.seed, default=0)
