@@ -456,6 +456,8 @@ def plots(res: dict, png: Path) -> list[Path]:
         base = [p["ppl"][text]["ppl"] for _, p in rows if p.get("setting") == "fp16" and text in p["ppl"]]
         if base:
             ax.axhline(base[0], color="gray", ls="--", lw=1, label=f"baseline ({res['baseline']})")
+            # Where the choice is: up to 12x the baseline (RTN's 2-bit points, at 10^5-10^8, are in the table).
+            ax.set_ylim(base[0] * 0.9, base[0] * 12)
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight, whole file")
         ax.set_ylabel(f"perplexity ({text} test)")
