@@ -10,7 +10,10 @@ Layout (no pickle anywhere)::
                          ties them to lm_head and both are quantized alike: modules[embed_tokens]
                          then says "shared_with": "lm_head" and the embedding looks its rows up
                          in lm_head's tensors (one copy, as in the source); every other tensor in
-                         fp16 (bf16 if the source model was bf16)
+                         fp16 (bf16 if the source model was bf16); a rotated checkpoint
+                         (quantization_config.rotation, version 2: rotation.py) holds the rotated
+                         network, norms of ones, and for a tied head model.norm.rotation fp16
+                         [hidden, hidden], applied after the final norm
     tokenizer files      as the tokenizer saves them
 
 This module is the single owner of that format: it writes checkpoints (``save_quantized``) and reads
@@ -37,11 +40,12 @@ from torch import nn
 from . import __version__
 from .hlq import dequantize, num_groups, unpack_bitplanes
 from .models import check_architecture
-from .modules import HLQEmbedding, HLQLinear, set_module
+from .modules import HLQEmbedding, HLQLinear, rotate_final_norm, set_module
+from .rotation import NORM_MATRIX, NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, atomic_dir
 
 QUANT_METHOD = "hlq"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # the newest this elutq reads; 2: rotated weights (quantization_config.rotation)
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"  # the source model's sampling defaults, carried along
@@ -108,7 +112,7 @@ def quantization_config(modules: dict[str, dict[str, Any]], info: dict[str, Any]
     was made) and ``modules`` (what is quantized, how)."""
     return {
         "quant_method": QUANT_METHOD,
-        "version": CHECKPOINT_VERSION,
+        "version": 2 if info.get("rotation") else 1,  # 2: rotated (an elutq that cannot rotate refuses it)
         "packing": "bitplanes-lsb",
         "elutq_version": __version__,
         **info,
@@ -647,6 +651,11 @@ def check_tensors(path: Path, qc: dict[str, Any], config, tensors: dict[str, tup
     modules = qc.get("modules", {})
     if not isinstance(modules, dict):
         raise mismatch("quantization_config.modules is not an object")
+    rotation = qc.get("rotation")
+    rotation_from_spec(rotation)  # one this elutq cannot apply is refused, never run unrotated
+    if bool(isinstance(rotation, dict) and rotation.get(NORM_MATRIX)) != (NORM_ROTATION in tensors):
+        raise mismatch(f"tensor {NORM_ROTATION} is {'present' if NORM_ROTATION in tensors else 'missing'} but "
+                       f"quantization_config.rotation is {rotation!r}")
     for name, spec in modules.items():
         io = features(name)
         if io is None:
@@ -685,6 +694,8 @@ def check_tensors(path: Path, qc: dict[str, Any], config, tensors: dict[str, tup
             want = (io[1],)
         elif name.endswith(("layernorm.weight", "model.norm.weight")):
             want = (hidden,)
+        elif name == NORM_ROTATION:
+            want = (hidden, hidden)
         elif name.endswith(("q_norm.weight", "k_norm.weight")):
             want = (hd,)
         if want is not None and shape != want:
@@ -826,6 +837,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
     for key, t in state.items():
         if _is_plain_float(key, t):
             state[key] = t.to(dtype)
+    if NORM_ROTATION in state:  # a rotated tied model: the final norm's weight in the rotated basis
+        rotate_final_norm(model)
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

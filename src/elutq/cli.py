@@ -37,6 +37,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .checkpoint import check_output
     from .hlq import QuantConfig
     from .pipeline import PipelineConfig, quantize_streaming
+    from .rotation import Rotation
 
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, format=args.format, iters=args.iters)
     head = None
@@ -71,6 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         offload=args.offload,
         offload_dir=args.offload_dir,
         device=args.device,
+        rotation=None if args.rotate == "none" else Rotation(args.rotate, args.rotation_matrix),
     )
     # Refuse an output that cannot be written or must not be replaced now, not after the quantization.
     out = final = check_output(args.output, args.overwrite)
@@ -166,7 +168,8 @@ def _mixed_precision(args: argparse.Namespace, cfg, calib):
     from .hlq import QuantConfig
     from .mixed import MeasureConfig, allocate, default_measurement_path, measure, summary
 
-    mcfg = MeasureConfig(group_size=args.group_size, format=args.format, iters=args.iters, calib=calib)
+    mcfg = MeasureConfig(group_size=args.group_size, format=args.format, iters=args.iters, calib=calib,
+                         rotation=cfg.rotation)
     path = Path(args.measurement) if args.measurement else default_measurement_path(args.model, mcfg)
     print(f"mixed precision: measuring each module at {list(range(1, 5))} bits ({path})")
     m = measure(args.model, path, mcfg)
@@ -484,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
+    q.add_argument("--rotate", choices=["none", "residual"], default="none",
+                   help="incoherence rotation fused into the weights, the same network computed (residual: the "
+                   "residual stream by a randomized Hadamard matrix and each head's values; docs/ROTATION.md)")
+    q.add_argument("--rotation-matrix", choices=["hadamard", "block", "random"], default="hadamard",
+                   help="with --rotate: the residual stream's matrix (block: block-diagonal Hadamard)")
     c = q.add_argument_group("calibration (GPTQ)")
     c.add_argument("--calib-samples", type=V.positive, default=128)
     c.add_argument("--calib-seqlen", type=V.context, default=512)

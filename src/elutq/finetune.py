@@ -63,6 +63,8 @@ from .layerloop import (
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
 from .modules import HLQEmbedding, HLQLinear, set_module
+from .pipeline import open_source
+from .rotation import NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
 DEFAULT_LR = {"block": 1e-2, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
@@ -418,9 +420,10 @@ def _open_run(
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ElutqError(f"--device {cfg.device} was asked for but torch sees no CUDA device; use --device cpu")
     src_dir = resolve_source_dir(source_model)
-    ck, source = SafetensorsDir(ckpt), SafetensorsDir(src_dir)
     config, src_config = _load_config_without_quant(ckpt), _load_config_without_quant(src_dir)
     check_architecture(config)
+    # A rotated checkpoint's layers are trained against the rotated source's (the same function)
+    ck, source = SafetensorsDir(ckpt), open_source(src_dir, src_config, rotation_from_spec(qc.get("rotation")))
     _check_source_matches(ckpt, config, qc, src_dir, src_config, ck, source)
     tokenizer = AutoTokenizer.from_pretrained(ckpt if (ckpt / "tokenizer_config.json").exists() else src_dir)
     inputs = {"checkpoint": ck.fingerprint(), "source": source.fingerprint(), "settings": cfg.settings()}
@@ -555,6 +558,10 @@ def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor],
         hs = [run_layer(layer, h.to(dev), pos).cpu() for h in hs]
         del layer
     norm = materialize(copy.deepcopy(skeleton.model.norm), source, "model.norm.", dev)
+    if NORM_ROTATION in source:  # a rotated tied model: the norm's weight in the rotated basis
+        rot = source.get(NORM_ROTATION).to(device=dev, dtype=torch.float32)
+        norm = nn.Sequential(norm, nn.Linear(rot.shape[0], rot.shape[0], bias=False, device=dev))
+        norm[1].weight.data = rot.T.contiguous()
     (work / TEACHER_DIR).mkdir(exist_ok=True)
     for k, h in enumerate(hs):
         logp = (norm(h.to(dev)) @ head.to(dev).T).log_softmax(-1)

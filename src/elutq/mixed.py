@@ -42,6 +42,7 @@ from .layerloop import (
     run_layers,
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
+from .rotation import NORM_ROTATION, Rotation
 from .utils import ElutqError
 
 CANDIDATE_BITS = (1, 2, 3, 4)  # measured
@@ -58,6 +59,13 @@ class MeasureConfig:
     iters: int = 20
     calib: CalibConfig = CalibConfig(n_samples=32)
     batch_size: int = 8
+    rotation: Rotation | None = None  # measure the rotated model (rotation.py) that --rotate quantizes
+
+    def settings(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.rotation is None:
+            d.pop("rotation")  # measurements from before the option keep their fingerprint
+        return d
 
     def quant(self, bits: int) -> QuantConfig:
         return QuantConfig(bits=bits, group_size=self.group_size, format=self.format, iters=self.iters)  # type: ignore[arg-type]
@@ -84,9 +92,8 @@ def default_measurement_path(model: str, cfg: MeasureConfig) -> Path:
     from .models import cache_dir
 
     src = resolve_source_dir(model)
-    key = hashlib.sha256(
-        json.dumps([SafetensorsDir(src).fingerprint(), asdict(cfg), CANDIDATE_BITS, __version__], default=str).encode()
-    ).hexdigest()[:20]
+    inputs = [SafetensorsDir(src).fingerprint(), cfg.settings(), CANDIDATE_BITS, __version__]
+    key = hashlib.sha256(json.dumps(inputs, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "measurements" / f"{key}.json"
 
 
@@ -96,9 +103,12 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     existing measurement of the same inputs is read instead."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .pipeline import open_source
+
     src_dir = resolve_source_dir(model)
-    source = SafetensorsDir(src_dir)
-    fp = fingerprint({"model": source.fingerprint(), "settings": asdict(cfg), "candidates": CANDIDATE_BITS})
+    config = AutoConfig.from_pretrained(src_dir)
+    source = open_source(src_dir, config, cfg.rotation)
+    fp = fingerprint({"model": source.fingerprint(), "settings": cfg.settings(), "candidates": CANDIDATE_BITS})
     path = Path(path)
     if path.is_file():
         try:
@@ -112,7 +122,6 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
             )
         return m
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(src_dir)
     check_architecture(config)
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +164,9 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     norm = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
     norm.weight.data = source.get("model.norm.weight").float()
     h = Hessian(config.hidden_size)
+    rot = source.get(NORM_ROTATION).float() if NORM_ROTATION in source else None  # stored 16-bit: extra_bits
     for x in acts[HIDDEN]:
-        h.add(norm(x))
+        h.add(norm(x) if rot is None else norm(x) @ rot)
     # Tied as the quantizer decides it (pipeline.shares_embedding): then one tensor serves both in the file.
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head = source.get("lm_head.weight" if "lm_head.weight" in source and not tied else f"{EMBED}.weight")
@@ -169,11 +179,12 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     result = {
         "fingerprint": fp,
         "model": model,
-        "settings": asdict(cfg),
+        "settings": cfg.settings(),
         "calibration_text": source_text,
         "n_params": n_params,  # the source's parameters, a tied table once: the whole-file BPW denominator
         "tied": tied,
         "embedding_params": math.prod(shapes[f"{EMBED}.weight"]),
+        "extra_bits": 0 if rot is None else 16 * rot.numel(),  # stored beyond the source's tensors
         "modules": modules,
         "seconds": time.perf_counter() - t0,
     }
@@ -191,7 +202,7 @@ def allocate(
     achieved bpw)``."""
     mods = m["modules"]
     quantized = sum(v["params"] for v in mods.values()) + (0 if m["tied"] else m["embedding_params"])
-    other_bits = 16 * (m["n_params"] - quantized)  # norms, biases: 16-bit
+    other_bits = 16 * (m["n_params"] - quantized) + m.get("extra_bits", 0)  # norms, biases: 16-bit
     emb_scale = 0.0 if m["tied"] else m["embedding_params"] / mods["lm_head"]["params"]
 
     def option(name: str, b: int) -> tuple[float, float]:

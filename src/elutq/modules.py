@@ -114,6 +114,30 @@ class HLQEmbedding(HLQLinear):
         return f"vocab={self.out_features}, hidden={self.in_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class RotatedNorm(nn.Module):
+    """A rotated tied model's final norm (``rotation.py``): RMSNorm, its ``weight`` (ones: folded), then
+    ``h ← h·rotation`` — ``rotation = Qᵀ·diag(w)·Q`` brings the folded weight back in the rotated basis."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.rotation = nn.Parameter(torch.eye(hidden), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return ((h * self.weight.float()) @ self.rotation.float()).to(x.dtype)
+
+
+def rotate_final_norm(model: nn.Module) -> RotatedNorm:
+    """Put a ``RotatedNorm`` in place of a causal LM's final norm (its tensors load by name); returns it."""
+    old = model.model.norm
+    eps = getattr(old, "variance_epsilon", None) or getattr(old, "eps", 1e-6)
+    new = RotatedNorm(old.weight.shape[0], eps).to(old.weight.device)
+    model.model.norm = new
+    return new
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -57,6 +57,7 @@ from .layerloop import (
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
 from .modules import HLQLinear, set_module
+from .rotation import NORM_MATRIX, NORM_ROTATION, RotatedSource, Rotation
 from .utils import ElutqError, move_into_place, release_free_memory
 
 HIDDEN = "hidden"  # the calibration activations' stream in the layer loop
@@ -88,6 +89,7 @@ class PipelineConfig:
     offload_dir: str | None = None
     device: str = "auto"  # where GPTQ's layer forwards and math run: "cpu", "cuda[:N]" or "auto"
     bits_map: tuple[tuple[str, int], ...] = ()  # per-module bits (mixed precision: mixed.allocate); others: quant
+    rotation: Rotation | None = None  # incoherence rotation fused into the weights (rotation.py); None: none
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
@@ -110,6 +112,8 @@ class PipelineConfig:
             d.pop("embed")  # runs from before the option keep their fingerprint
         if not self.bits_map:
             d.pop("bits_map")
+        if self.rotation is None:
+            d.pop("rotation")
         if self.method == "rtn":
             for k in ("calib", "damp", "act_order", "true_sequential", "codes", "batch_size"):
                 d.pop(k)
@@ -117,6 +121,12 @@ class PipelineConfig:
 
 
 # ----------------------------------------------------------------------------- reading the source
+
+
+def open_source(src_dir: Path, config, rotation: Rotation | None) -> SafetensorsDir | RotatedSource:
+    """The source model's tensors as the quantizer sees them: rotated where ``rotation`` says."""
+    source = SafetensorsDir(src_dir)
+    return source if rotation is None else RotatedSource(source, config, rotation)
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -304,9 +314,9 @@ def quantize_streaming(
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
     src_dir = resolve_source_dir(model)
-    source = SafetensorsDir(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
     check_architecture(config)
+    source = open_source(src_dir, config, cfg.rotation)
     # Before anything is written, so a bad --device leaves no unfinished run behind.
     device = resolve_device(cfg.device) if cfg.method == "gptq" else torch.device("cpu")  # RTN: no activations
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
@@ -420,6 +430,9 @@ def _write_head(
         params += emb.numel()
     norm = source.get("model.norm.weight")
     tensors["model.norm.weight"] = norm.to(storage_dtype(norm, prefer))
+    norm_rotation = source.get(NORM_ROTATION).float() if NORM_ROTATION in source else None
+    if norm_rotation is not None:  # fp16 whatever the model's dtype: its entries are bounded by the norm's weight
+        tensors[NORM_ROTATION] = norm_rotation.half()
     tied = getattr(config, "tie_word_embeddings", False)
     head_w = emb if tied or "lm_head.weight" not in source else source.get("lm_head.weight")
     if cfg.lm_head is None:
@@ -433,7 +446,7 @@ def _write_head(
             rms.weight.data = norm.to(device=device, dtype=torch.float32)
             h = Hessian(config.hidden_size, device=device)
             for x in acts:
-                h.add(rms(x.to(device)))
+                h.add(rms(x.to(device)) if norm_rotation is None else rms(x.to(device)) @ norm_rotation.to(device))
             g = cfg.lm_head.group_for(config.hidden_size)
             plan = gptq_plan(h.h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)  # once for all slices
             del h
@@ -516,6 +529,8 @@ def _finish(
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
     }
+    if cfg.rotation is not None:
+        info["rotation"] = {**cfg.rotation.spec(), NORM_MATRIX: NORM_ROTATION in SafetensorsDir(work)}
     cfg_dict["quantization_config"] = quantization_config(modules, info)
     def close() -> None:
         run.close()

@@ -103,7 +103,10 @@ static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq,
 // ------------------------------------------------------------------------------ runtime bindings
 
 static RtLinear& linear_slot(Runtime& rt, int layer, int which) {
-  if (layer == -1) return rt.lm_head;
+  if (layer == -1) {
+    if (which != 0 && which != 1) throw std::out_of_range("layer -1 has lm_head (0) and the final rotation (1)");
+    return which == 0 ? rt.lm_head : rt.final_rot;
+  }
   if (layer < 0 || layer >= rt.cfg.n_layers) throw std::out_of_range("layer index out of range");
   if (which < 0 || which >= kNumLinears) throw std::out_of_range("linear index out of range");
   return rt.layers[layer].lin[which];
@@ -252,7 +255,8 @@ NB_MODULE(_native, m) {
            nb::arg("n_layers"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("n_heads"), nb::arg("n_kv_heads"),
            nb::arg("head_dim"), nb::arg("vocab"), nb::arg("rms_eps"), nb::arg("inv_freq"), nb::arg("rope_scale"))
       .def("set_lut", &set_lut, nb::arg("layer"), nb::arg("which"), nb::arg("weight"), nb::arg("bias"),
-           "Linear `which` (0..6: q k v o gate up down) of `layer` (-1: lm_head) from a PackedWeight (copied).")
+           "Linear `which` (0..6: q k v o gate up down) of `layer` (-1: lm_head 0, final norm's rotation 1) from a "
+           "PackedWeight (copied).")
       .def("set_dense", &set_dense, nb::arg("layer"), nb::arg("which"), nb::arg("w"), nb::arg("bias"),
            "The same, from dense fp16 bits [out, in] (copied).")
       .def("tie_lm_head", [](Runtime& rt) {

@@ -103,6 +103,8 @@ void Runtime::check_complete() const {
   need(embed.p != nullptr || embed_q.set(), "the embedding");
   need(!final_norm.empty(), "the final norm");
   need(lm_head.set(), "lm_head");
+  if (final_rot.set() && (final_rot.out != cfg.hidden || final_rot.in != cfg.hidden))
+    throw std::invalid_argument("the final norm's rotation must be [hidden, hidden]");
 }
 
 void HlqEmbedding::row(int token, float* x, int H) const {
@@ -126,7 +128,7 @@ void HlqEmbedding::row(int token, float* x, int H) const {
 }
 
 size_t Runtime::weight_bytes() const {
-  size_t b = lm_head.nbytes();
+  size_t b = lm_head.nbytes() + final_rot.nbytes();
   for (const auto& L : layers)
     for (const auto& lin : L.lin) b += lin.nbytes();
   return b;
@@ -320,7 +322,12 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     for (int cc = first; cc < c + seqs[s].n; ++cc, ++r)
       rmsnorm(x + (size_t)cc * H, final_norm.data(), h + (size_t)r * H, H, cfg.rms_eps);
   }
-  matmul({&lm_head}, h, R, {logits});
+  const float* head_in = h;
+  if (final_rot.set()) {
+    matmul({&final_rot}, h, R, {tmp});
+    head_in = tmp;
+  }
+  matmul({&lm_head}, head_in, R, {logits});
 }
 
 // ---------------------------------------------------------------------------------- sampling

@@ -89,6 +89,7 @@ class Runtime {
   AlignedBuf embed;  // fp16 [vocab][H], or (embed_q set) none
   HlqEmbedding embed_q;
   std::vector<float> final_norm;
+  RtLinear final_rot;  // optional [H][H] after the final norm: a rotated tied model's M = Qᵀ·diag(w)·Q (rotation.py)
   RtLinear lm_head;
   Path path = Path::Scalar;
   bool float_tables = false;
