@@ -51,8 +51,8 @@ from _common import ROOT, elutq_cmd, fmt_int, parse_setting, run_measured
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_runtime as br  # noqa: E402  (its workers: speed, perplexity; file summaries)
 
-SETTINGS = ("w2g64", "w2g128", "w3g128", "w4g128")  # each may end in ROT: rotated (--rotate residual)
-ROT = "+rot"
+SETTINGS = ("w2g64", "w2g128", "w3g128", "w4g128")  # each may end in a ROTATIONS suffix: rotated
+ROTATIONS = {"+rot": "residual", "+full": "full"}  # setting suffix: --rotate
 TARGETS = ("2.25", "2.5", "2.75", "3.0", "3.5")
 FORMATS = ("hlq", "uniform")
 METHODS = ("rtn", "gptq")
@@ -132,13 +132,14 @@ def source_params(src_dir: Path) -> int:
 def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
     """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says) or ``mixed-T`` (``--target-bpw
     T``, groups of 128: every width chosen by the allocator, head and embeddings included); ``+rot`` after
-    either: ``--rotate residual``."""
+    either: ``--rotate residual`` (``+full``: ``--rotate full``)."""
     out = work / f"elutq-{method}-{fmt}-{setting}"
-    setting, rot = setting.removesuffix(ROT), setting.endswith(ROT)
+    suffix = next((k for k in ROTATIONS if setting.endswith(k)), "")
+    setting, rot = setting.removesuffix(suffix), ROTATIONS.get(suffix)
     if setting.startswith("mixed-"):
         info: dict = {"head": "mixed"}
         widths = ["--target-bpw", setting.removeprefix("mixed-"), "--group-size", "128",
-                  "--measurement", str(work / f"measurement-{fmt}{'-rot' if rot else ''}.json")]  # fmt: skip
+                  "--measurement", str(work / f"measurement-{fmt}{'-' + rot if rot else ''}.json")]  # fmt: skip
     else:
         bits, group = parse_setting(setting)
         hb, hg = head_for(bits)
@@ -150,7 +151,7 @@ def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, cali
     cmd = elutq_cmd(
         "quantize", model, "-o", str(out), "--overwrite", "--resume", "--method", method, "--format", fmt, *widths,
         "--calib-text", str(calib), "--calib-samples", str(args.calib_samples),
-        "--calib-seqlen", str(args.calib_seqlen), *(["--rotate", "residual"] if rot else []),
+        "--calib-seqlen", str(args.calib_seqlen), *(["--rotate", rot] if rot else []),
     )  # fmt: skip
     print(f"  {shlex.join(cmd[2:])}", flush=True)
     m = run_measured(cmd, log=work / f"{out.name}.log")
@@ -504,7 +505,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS),
-                    help=f"wBgG; with {ROT} after it (also after a --targets value): rotated, --rotate residual")
+                    help="wBgG; +rot after it (also after a --targets value): --rotate residual, +full: --rotate full")
     ap.add_argument("--targets", nargs="*", default=list(TARGETS),
                     help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw)")
     ap.add_argument("--peer-types", nargs="+", default=list(PEER_TYPES))

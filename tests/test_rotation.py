@@ -13,7 +13,7 @@ import torch
 from conftest import save_tiny_llama, save_tiny_model
 from elutq.checkpoint import SafetensorsDir, load_quantized, read_quantization_config
 from elutq.hlq import QuantConfig, quantize_weight
-from elutq.modules import rotate_final_norm
+from elutq.modules import rotate_final_norm, rotate_mlps
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.rotation import NORM_ROTATION, RotatedSource, Rotation, hadamard, orthogonal
 from elutq.utils import ElutqError
@@ -48,6 +48,7 @@ def _rotated_model(path, rotation: Rotation):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if config.tie_word_embeddings:
         rotate_final_norm(model)
+    rotate_mlps(model, rotation)
     result = model.load_state_dict({k: src.get(k) for k in model.state_dict() if k in src}, strict=False)
     assert result.missing_keys == (["lm_head.weight"] if config.tie_word_embeddings else [])
     model.tie_weights()
@@ -60,8 +61,8 @@ def test_rotated_model_computes_the_same_logits(tmp_path, arch):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).logits
-        for matrix in ("hadamard", "block", "random"):
-            got = _rotated_model(tmp_path / arch, Rotation(matrix=matrix))(ids).logits
+        for rotation in (Rotation(), Rotation(matrix="block"), Rotation(matrix="random"), Rotation("full")):
+            got = _rotated_model(tmp_path / arch, rotation)(ids).logits
             torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
@@ -84,9 +85,9 @@ def test_rotation_lowers_2bit_error_on_real_weights():
     assert max(ratios) < 0.95 and sum(ratios) / len(ratios) < 0.85, ratios  # measured: 0.66-0.90, mean 0.78
 
 
-@pytest.fixture()
-def rotated_ckpt(tmp_path):
-    """A tied 3-layer llama (hidden 96 = Paley 12 x 8) and its GPTQ w4g32 checkpoint, rotated."""
+def _rotated_ckpt(tmp_path, kind: str):
+    """A tied 3-layer llama (hidden 96 = Paley 12 x 8, intermediate 160 = Paley 20 x 8) and its GPTQ w4g32
+    checkpoint, rotated."""
     from elutq.calibration import CalibConfig
 
     src = tmp_path / "src"
@@ -96,19 +97,25 @@ def rotated_ckpt(tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. A lazy dog sleeps. " * 60)
     calib = CalibConfig(n_samples=16, seqlen=32, dataset=None, text=str(text))
     q4 = QuantConfig(4, 32)
-    cfg = PipelineConfig(quant=q4, method="gptq", lm_head=q4, embed=q4, calib=calib, rotation=Rotation())
+    cfg = PipelineConfig(quant=q4, method="gptq", lm_head=q4, embed=q4, calib=calib, rotation=Rotation(kind))
     quantize_streaming(str(src), tmp_path / "q", cfg, progress=False)
     return src, tmp_path / "q", calib
 
 
-def test_rotated_checkpoint_through_every_reader(rotated_ckpt):
+@pytest.fixture()
+def rotated_ckpt(tmp_path):
+    return _rotated_ckpt(tmp_path, "full")
+
+
+@pytest.mark.parametrize("kind", ["residual", "full"])
+def test_rotated_checkpoint_through_every_reader(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
     import elutq
 
-    src, ckpt, _ = rotated_ckpt
+    src, ckpt, _ = _rotated_ckpt(tmp_path, kind)
     qc = read_quantization_config(ckpt)
-    assert qc["version"] == 2 and qc["rotation"] == {**Rotation().spec(), "norm_matrix": True}
+    assert qc["version"] == 2 and qc["rotation"] == {**Rotation(kind).spec(), "norm_matrix": True}
     assert NORM_ROTATION in SafetensorsDir(ckpt)
     model, _, _ = load_quantized(ckpt)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
@@ -140,7 +147,7 @@ def _edit_config(ckpt, fn) -> None:
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda qc: qc["rotation"].update(kind="full"), "cannot apply"),  # a rotation this elutq does not know
+        (lambda qc: qc["rotation"].update(kind="spin"), "cannot apply"),  # a rotation this elutq does not know
         (lambda qc: qc["rotation"].update(norm_matrix=False), NORM_ROTATION),  # tensor and config disagree
         (lambda qc: qc.pop("rotation"), NORM_ROTATION),  # never run unrotated
         (lambda qc: qc.update(version=3), "newer than this elutq"),
@@ -170,3 +177,21 @@ def test_finetune_a_rotated_checkpoint(rotated_ckpt, tmp_path):
                        batch_size=2, epochs=2, lr=1e-3), progress=False)  # fmt: skip
     assert e2e.e2e["start_val"] < 0.05  # the teacher is the same function: KL starts small
     assert read_quantization_config(tmp_path / "e2e")["rotation"]["norm_matrix"]
+
+
+@pytest.mark.parametrize("n", [96, 128, 1536, 8960, 24])
+def test_online_rotation_equals_the_dense_matrix(n):
+    """The fast transform, torch and native, against ``u @ T`` with T the dense matrix it stands for."""
+    from elutq import _native
+    from elutq.modules import OnlineRotation
+    from elutq.rotation import fast_factors, fast_matrix
+
+    t = fast_matrix(n, seed=5)
+    torch.testing.assert_close(t @ t.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    u = torch.randn(3, n, dtype=torch.float64)
+    want = u @ t
+    torch.testing.assert_close(OnlineRotation(n, seed=5)(u.float()).double(), want, atol=1e-4, rtol=0)
+    x = u.float().numpy().copy()
+    signs, a = fast_factors(n, seed=5)
+    _native.hadamard(x, signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32))
+    np.testing.assert_allclose(x, want.numpy(), atol=1e-4, rtol=0)

@@ -40,7 +40,7 @@ from torch import nn
 from . import __version__
 from .hlq import dequantize, num_groups, unpack_bitplanes
 from .models import check_architecture
-from .modules import HLQEmbedding, HLQLinear, rotate_final_norm, set_module
+from .modules import HLQEmbedding, HLQLinear, rotate_modules, set_module
 from .rotation import NORM_MATRIX, NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, atomic_dir
 
@@ -837,8 +837,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
     for key, t in state.items():
         if _is_plain_float(key, t):
             state[key] = t.to(dtype)
-    if NORM_ROTATION in state:  # a rotated tied model: the final norm's weight in the rotated basis
-        rotate_final_norm(model)
+    rotate_modules(model, qc.get("rotation"))  # a rotated checkpoint's final norm and MLPs (rotation.py)
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

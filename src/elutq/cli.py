@@ -487,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
-    q.add_argument("--rotate", choices=["none", "residual"], default="none",
-                   help="incoherence rotation fused into the weights, the same network computed (residual: the "
-                   "residual stream by a randomized Hadamard matrix and each head's values; docs/ROTATION.md)")
+    q.add_argument("--rotate", choices=["none", "residual", "full"], default="none",
+                   help="incoherence rotation, the same network computed (residual: the residual stream by a "
+                   "randomized Hadamard matrix and each head's values, fused into the weights; full: also "
+                   "down_proj's input, rotated online by a fast Hadamard transform; docs/RESULTS.md, Rotations)")
     q.add_argument("--rotation-matrix", choices=["hadamard", "block", "random"], default="hadamard",
                    help="with --rotate: the residual stream's matrix (block: block-diagonal Hadamard)")
     c = q.add_argument_group("calibration (GPTQ)")

@@ -62,7 +62,7 @@ from .layerloop import (
     run_layers,
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
-from .modules import HLQEmbedding, HLQLinear, set_module
+from .modules import HLQEmbedding, HLQLinear, rotate_mlps, set_module
 from .pipeline import open_source
 from .rotation import NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, move_into_place, peak_rss_mb
@@ -446,6 +446,7 @@ def finetune_block(
     inp = _open_run(checkpoint, source_model, out, cfg, resume, overwrite, fresh)
     run, ck, config = inp.run, inp.ck, inp.config
     skeleton = meta_model(config)
+    rotate_mlps(skeleton, rotation_from_spec(inp.qc.get("rotation")))
     report = FinetuneReport(resumed_from=run.layers_done)
     modules: dict = inp.qc["modules"]
     dev = torch.device(cfg.device)
@@ -614,6 +615,7 @@ def finetune_e2e(
         )
     if cfg.loss == "kl" and not state["teacher_done"]:
         skeleton = meta_model(inp.config)
+        rotate_mlps(skeleton, rotation_from_spec(inp.qc.get("rotation")))
         pos = position_embeddings(inp.config, cfg.calib.seqlen, dev, skeleton)
         _write_teacher(skeleton, inp.source, chunks, pos, work, dev, progress)
         del skeleton

@@ -1,8 +1,8 @@
 """transformers loads elutq checkpoints: ``AutoModelForCausalLM.from_pretrained(CKPT)`` after ``import elutq``.
 
 The checkpoint's ``quantization_config`` (``quant_method: "hlq"``) selects ``HLQHfQuantizer``: before the
-weights load it puts an ``HLQLinear`` (or ``HLQEmbedding``) wherever ``modules`` names one, and a
-``RotatedNorm`` for a rotated tied model's final norm (``rotation.py``), so the tensors load into them by
+weights load it puts an ``HLQLinear`` (or ``HLQEmbedding``) wherever ``modules`` names one, and the
+modules of a rotated checkpoint (``rotate_modules``: final norm, MLPs), so the tensors load into them by
 name; after, an embedding stored as ``lm_head``'s tensor (``shared_with``) is pointed at it.  The modules
 are the torch reference of the format (dequantize, then matmul), the same the rest of elutq checks its
 kernels against; the native runtime (``elutq.load``) is the fast path.
@@ -20,8 +20,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import EMBED, QUANT_METHOD, SHARED, module_group_size
-from .modules import HLQEmbedding, HLQLinear, rotate_final_norm, set_module
-from .rotation import NORM_MATRIX, rotation_from_spec
+from .modules import HLQEmbedding, HLQLinear, rotate_modules, set_module
 
 
 class HLQConfig(QuantizationConfigMixin):
@@ -46,10 +45,8 @@ class HLQHfQuantizer(HfQuantizer):
         if SHARED in self.quantization_config.modules.get(EMBED, {}):  # its tensors are lm_head's, tied after
             model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []),
                                                      rf"{EMBED}\.(qweight|scales|zeros)"]  # fmt: skip
-        rotation = getattr(self.quantization_config, "rotation", None)
-        rotation_from_spec(rotation)  # one this elutq cannot apply is refused, never run unrotated
-        if isinstance(rotation, dict) and rotation.get(NORM_MATRIX):
-            rotate_final_norm(model)  # model.norm.rotation loads into it by name
+        # A rotated checkpoint's final norm and MLPs (rotation.py); one this elutq cannot apply is refused
+        rotate_modules(model, getattr(self.quantization_config, "rotation", None))
         for name, spec in self.quantization_config.modules.items():
             old = model.get_submodule(name)
             if isinstance(old, nn.Embedding):

@@ -42,6 +42,7 @@ from .layerloop import (
     run_layers,
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
+from .modules import rotate_mlps
 from .rotation import NORM_ROTATION, Rotation
 from .utils import ElutqError
 
@@ -134,6 +135,7 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     # An unfinished measurement of other inputs has nothing worth keeping: start over (it is only a cache).
     run = Run.open(path, fp, fresh, resume and not stale, True, inputs="model or settings")
     skeleton = meta_model(config)
+    rotate_mlps(skeleton, cfg.rotation)
     ids, source_text = calibration_ids(tokenizer, cfg.calib, model=src_dir)
     pos = position_embeddings(config, cfg.calib.seqlen, torch.device("cpu"), skeleton)
     if run.layers_done == 0:

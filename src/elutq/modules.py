@@ -10,6 +10,7 @@ exactly those of the checkpoint format (``checkpoint.py``): ``qweight`` uint8 ``
 from __future__ import annotations
 
 import math
+from functools import cache
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hlq import QuantizedWeight, dequantize, num_groups, unpack_bitplanes
+from .rotation import NORM_MATRIX, Rotation, fast_factors, rotation_from_spec
 
 
 class HLQLinear(nn.Module):
@@ -136,6 +138,61 @@ def rotate_final_norm(model: nn.Module) -> RotatedNorm:
     new = RotatedNorm(old.weight.shape[0], eps).to(old.weight.device)
     model.model.norm = new
     return new
+
+
+class OnlineRotation(nn.Module):
+    """``u ↦ u·T`` over the last dimension, ``T = diag(s)·(A ⊗ Sylvester)/√n`` (``rotation.fast_factors``): a
+    fast Walsh–Hadamard transform on runs of ``b``, then the runs mixed by ``A`` — what the native runtime's
+    ``hadamard_transform`` computes, differentiable (finetuning trains through it)."""
+
+    def __init__(self, n: int, seed: int):
+        super().__init__()
+        signs, a = fast_factors(n, seed)
+        self.n, self.m = n, a.shape[0]
+        # Plain attributes, not buffers: derived from the seed, never in a checkpoint, and untouched by the
+        # layer loop's to_empty/materialize (forward moves them where the input is)
+        self.signs = torch.from_numpy(signs).float()
+        self.a = torch.from_numpy(a).float() / math.sqrt(n)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        m, b = self.m, self.n // self.m
+        v = (u.float() * self.signs.to(u.device)).reshape(-1, m, b)
+        w = 1
+        while w < b:  # the pass of width w pairs elements w apart: (x, y) -> (x + y, x - y)
+            v = v.reshape(-1, m, b // (2 * w), 2, w)
+            v = torch.stack((v[..., 0, :] + v[..., 1, :], v[..., 0, :] - v[..., 1, :]), dim=-2)
+            w *= 2
+        return torch.einsum("ji,njk->nik", self.a.to(u.device), v.reshape(-1, m, b)).reshape(u.shape).to(u.dtype)
+
+
+@cache
+def _rotated_mlp(cls: type) -> type:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.online_rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+    return type(f"Rotated{cls.__name__}", (cls,), {"forward": forward})
+
+
+def rotate_mlps(model: nn.Module, rotation: Rotation | None) -> None:
+    """``--rotate full``: every decoder layer's MLP rotates down_proj's input online (its weights hold the
+    counterpart).  ``model``: a causal LM (or its meta-device skeleton); a no-op for other rotations."""
+    if rotation is None or rotation.kind != "full":
+        return
+    layers = model.model.layers
+    online = OnlineRotation(layers[0].mlp.down_proj.in_features, rotation.seed + 2)
+    for layer in layers:
+        layer.mlp.__class__ = _rotated_mlp(type(layer.mlp))
+        layer.mlp.online_rotation = online
+
+
+def rotate_modules(model: nn.Module, spec: dict[str, Any] | None) -> None:
+    """The modules a checkpoint's ``quantization_config.rotation`` needs, in place (before its tensors load)."""
+    rotation = rotation_from_spec(spec)
+    if rotation is None:
+        return
+    if spec.get(NORM_MATRIX):
+        rotate_final_norm(model)
+    rotate_mlps(model, rotation)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -56,7 +56,7 @@ from .layerloop import (
     run_layers,
 )
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
-from .modules import HLQLinear, set_module
+from .modules import HLQLinear, rotate_mlps, set_module
 from .rotation import NORM_MATRIX, NORM_ROTATION, RotatedSource, Rotation
 from .utils import ElutqError, move_into_place, release_free_memory
 
@@ -329,6 +329,7 @@ def quantize_streaming(
         inputs="model or other settings",
     )
     skeleton = meta_model(config)
+    rotate_mlps(skeleton, cfg.rotation)
     # The counts of the layers done before a resume come from progress.json (a resumed run reports all).
     report = PipelineReport(
         resumed_from=run.layers_done,

@@ -37,6 +37,7 @@ from .utils import ElutqError
 NORM_ROTATION = "model.norm.rotation"  # M = Qᵀ·diag(w)·Q of a tied model's final norm
 NORM_MATRIX = "norm_matrix"  # quantization_config.rotation: whether the checkpoint holds NORM_ROTATION
 MATRICES = ("hadamard", "block", "random")
+KINDS = ("residual", "full")
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ class Rotation:
     the construction of ``Q`` (``hadamard``; ``block``: block-diagonal Hadamard of the largest power of
     two dividing the size; ``random``: a random orthogonal matrix) and the seed of its signs."""
 
-    kind: Literal["residual"] = "residual"
+    kind: Literal["residual", "full"] = "residual"
     matrix: Literal["hadamard", "block", "random"] = "hadamard"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind != "residual":
-            raise ValueError(f"rotation kind must be 'residual' (got {self.kind!r})")
+        if self.kind not in KINDS:
+            raise ValueError(f"rotation kind must be one of {KINDS} (got {self.kind!r})")
         if self.matrix not in MATRICES:
             raise ValueError(f"rotation matrix must be one of {MATRICES} (got {self.matrix!r})")
 
@@ -113,16 +114,38 @@ def _paley(n: int) -> np.ndarray | None:
 
 
 @cache
-def hadamard(n: int) -> np.ndarray | None:
-    """A Hadamard matrix of order ``n`` (±1 entries, ``H·Hᵀ = n·I``) as Paley(m) ⊗ Sylvester(n/m) for the
-    smallest such ``m`` (1: a power of two), or None where no such factorisation exists."""
+def hadamard_factor(n: int) -> np.ndarray | None:
+    """``A`` of the smallest order ``m`` (Paley; ``[1]`` for a power of two) such that ``A ⊗ Sylvester(n/m)``
+    is a Hadamard matrix of order ``n``, or None where no such factorisation exists."""
     for m in range(1, n + 1):
         if n % m or not _is_pow2(n // m):
             continue
         base = np.ones((1, 1)) if m == 1 else _paley(m)
         if base is not None:
-            return np.kron(base, _sylvester(n // m))
+            return base
     return None
+
+
+def hadamard(n: int) -> np.ndarray | None:
+    """A Hadamard matrix of order ``n`` (±1 entries, ``H·Hᵀ = n·I``), ``hadamard_factor(n) ⊗ Sylvester``."""
+    a = hadamard_factor(n)
+    return None if a is None else np.kron(a, _sylvester(n // a.shape[0]))
+
+
+def fast_factors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(signs, A)`` of the online rotation ``T = diag(signs)·(A ⊗ Sylvester)/√n`` (``--rotate full``, down_proj's
+    input): Paley ⊗ Sylvester where one exists, else block-diagonal (``A = I``, the largest power-of-two
+    blocks); what the native transform (csrc/hadamard.h) and ``OnlineRotation`` compute."""
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
+    a = hadamard_factor(n)
+    return signs, np.eye(n // (n & -n)) if a is None else a
+
+
+def fast_matrix(n: int, seed: int) -> torch.Tensor:
+    """``T`` of ``fast_factors`` as a dense float64 matrix."""
+    signs, a = fast_factors(n, seed)
+    b = n // a.shape[0]
+    return torch.from_numpy(signs[:, None] * np.kron(a, _sylvester(b)) / np.sqrt(n))
 
 
 def orthogonal(n: int, matrix: str, seed: int) -> torch.Tensor:
@@ -159,6 +182,7 @@ class RotatedSource:
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.n_heads
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.q = orthogonal(self.hidden, rotation.matrix, rotation.seed)
+        self.t = fast_matrix(config.intermediate_size, rotation.seed + 2) if rotation.kind == "full" else None
         self.hd = orthogonal(self.head_dim, "hadamard" if _is_pow2(self.head_dim) else rotation.matrix,
                              rotation.seed + 1)
         self._embed: torch.Tensor | None = None
@@ -208,5 +232,7 @@ class RotatedSource:
                 return (t @ q).float()
             if lin == "o_proj":
                 t = self._heads(t, 1)
+            elif self.t is not None:  # --rotate full: down_proj's input arrives rotated online (u·T)
+                t = t @ self.t
             return (q.T @ t).float()
         return self.source.get(name)

@@ -52,7 +52,7 @@ from .generation import (
     read_generation_config,
 )
 from .models import check_architecture, resolve_source_dir, rotary_embedding
-from .rotation import NORM_ROTATION
+from .rotation import NORM_ROTATION, fast_factors, rotation_from_spec
 from .utils import ElutqError
 
 # Linear slots of a decoder layer, in the order csrc/runtime.h numbers them.
@@ -464,6 +464,10 @@ def load(
             if kind in ("attn", "mlp") or f"{p}{tensor}.weight" in t:
                 rt.set_norm(i, kind, _f32(t.get(f"{p}{tensor}.weight"), f"{p}{tensor}.weight"))
     rt.set_norm(-1, "final", _f32(t.get("model.norm.weight"), "model.norm.weight"))
+    rotation = rotation_from_spec((qc or {}).get("rotation"))
+    if rotation is not None and rotation.kind == "full":  # down_proj's input rotated online (csrc/hadamard.h)
+        signs, a = fast_factors(arch.inter, rotation.seed + 2)
+        rt.set_down_rotation(signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32))
     if NORM_ROTATION in t:  # a rotated tied model (rotation.py): h ← h·M after the final norm, M symmetric
         rt.set_dense(-1, 1, _fp16_bits(t.get(NORM_ROTATION).T.contiguous(), NORM_ROTATION), no_bias)
     if "lm_head" in modules or "lm_head.weight" in t:

@@ -143,6 +143,24 @@ static void set_dense(Runtime& rt, int layer, int which, CArray<const uint16_t, 
   set_bias(L, bias);
 }
 
+static HadamardSpec make_hadamard(const std::vector<float>& s, const std::vector<float>& a, int m, int m2) {
+  const int n = (int)s.size();
+  if (m < 1 || m != m2 || n % m) throw std::invalid_argument("the Hadamard factor must be square, its order dividing n");
+  const int b = n / m;
+  if (b & (b - 1)) throw std::invalid_argument("n / the Hadamard factor's order must be a power of two");
+  return HadamardSpec{n, m, b, s.data(), a.data()};
+}
+
+// x [N][n] in place (tests check it against the dense matrix).
+static void hadamard_rows(CArray<float, nb::ndim<2>> x, CArray<const float, nb::ndim<1>> s,
+                          CArray<const float, nb::ndim<2>> a) {
+  std::vector<float> sv = to_vec(s), av(a.data(), a.data() + a.size());
+  const HadamardSpec h = make_hadamard(sv, av, (int)a.shape(0), (int)a.shape(1));
+  if ((int)x.shape(1) != h.n) throw std::invalid_argument("x must be [N, n]");
+  std::vector<float> tmp(h.n);
+  for (size_t r = 0; r < x.shape(0); ++r) hadamard_transform(h, x.data() + r * h.n, tmp.data());
+}
+
 static void rt_forward(Runtime& rt, std::vector<KVCache*> caches, std::vector<int> pos, std::vector<int> lens,
                        std::vector<bool> all_logits, CArray<const int32_t, nb::ndim<1>> tokens,
                        CArray<float, nb::ndim<2>> logits) {
@@ -213,6 +231,8 @@ NB_MODULE(_native, m) {
   });
   m.def("default_path", [] { return std::string(path_name(default_path())); },
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
+  m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"),
+        "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester)/sqrt(n) (hadamard.h).");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
   m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
         nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
@@ -298,6 +318,13 @@ NB_MODULE(_native, m) {
            nb::arg("qweight"), nb::arg("scales"), nb::arg("zeros"), nb::arg("group_size"),
            "HLQ embeddings from the checkpoint's tensors (copied): qweight uint8 [bits, vocab, ceil(hidden/8)], "
            "scales / zeros fp16 bits [vocab, groups, bits] / [vocab, groups].")
+      .def("set_down_rotation", [](Runtime& rt, CArray<const float, nb::ndim<1>> s, CArray<const float, nb::ndim<2>> a) {
+             rt.down_rot_s = to_vec(s);
+             rt.down_rot_a.assign(a.data(), a.data() + a.size());
+             rt.down_rot = make_hadamard(rt.down_rot_s, rt.down_rot_a, (int)a.shape(0), (int)a.shape(1));
+             if (rt.down_rot.n != rt.cfg.inter) throw std::invalid_argument("the down_proj rotation must have intermediate_size signs");
+           }, nb::arg("signs"), nb::arg("a"),
+           "--rotate full: down_proj's input u -> u·T, T = diag(signs)·(a ⊗ Sylvester)/sqrt(n) (hadamard.h).")
       .def("set_norm", [](Runtime& rt, int layer, const std::string& which, CArray<const float, nb::ndim<1>> w) {
              const int want = (which == "q" || which == "k") ? rt.cfg.head_dim : rt.cfg.hidden;
              if ((int)w.size() != want) throw std::invalid_argument("norm weight '" + which + "' has the wrong length");

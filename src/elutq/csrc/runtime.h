@@ -23,6 +23,7 @@
 #include <memory>
 #include <vector>
 
+#include "hadamard.h"
 #include "lut_driver.h"
 
 namespace elutq {
@@ -89,6 +90,8 @@ class Runtime {
   AlignedBuf embed;  // fp16 [vocab][H], or (embed_q set) none
   HlqEmbedding embed_q;
   std::vector<float> final_norm;
+  std::vector<float> down_rot_s, down_rot_a;  // --rotate full: down_proj's input u ↦ u·T (hadamard.h)
+  HadamardSpec down_rot;
   RtLinear final_rot;  // optional [H][H] after the final norm: a rotated tied model's M = Qᵀ·diag(w)·Q (rotation.py)
   RtLinear lm_head;
   Path path = Path::Scalar;

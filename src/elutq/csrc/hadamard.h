@@ -1,0 +1,25 @@
+// The online Hadamard transform of `--rotate full` (rotation.py): down_proj's input u is rotated per column
+// by an orthogonal T whose counterpart is fused into down_proj's weights offline — in row-vector terms
+// y = u·Wᵀ = (u·T)·(W·T)ᵀ, the checkpoint storing W·T — with T = diag(s)·(A ⊗ S_b)/√n:
+//   s   f32 [n]     random signs (±1)
+//   A   f32 [m][m]  a small Hadamard matrix (Paley; [1] where n is a power of two)
+//   S_b             the Sylvester Hadamard matrix of order b (a power of two), n = m·b, applied as a
+//                   fast Walsh–Hadamard transform: log2(b) butterfly passes, no matrix stored
+// so out[i·b + k] = Σ_j A[j][i]·FWHT(s ⊙ u)_j[k] / √n, where v_j = elements j·b .. j·b + b − 1.
+// Cost per column: n·log2(b) adds and n·m multiply-adds (1536 = 12·128: 12 per element; Qwen2.5-1.5B's
+// 8960 = 140·64: 140), against down_proj's n·H multiply-adds.
+#pragma once
+
+namespace elutq {
+
+struct HadamardSpec {
+  int n = 0, m = 0, b = 0;
+  const float* s = nullptr;  // [n]
+  const float* a = nullptr;  // [m][m]
+};
+
+// x f32 [n] in place; tmp f32 [n] scratch.  Plain loops (the butterflies and the A-mixing run over
+// contiguous runs of b floats), compiled for each ISA by ELUTQ_CLONES.
+void hadamard_transform(const HadamardSpec& h, float* x, float* tmp);
+
+}  // namespace elutq
