@@ -323,6 +323,7 @@ def _sampling(args: argparse.Namespace) -> dict:
         repetition_penalty=args.repetition_penalty,
         stop=args.stop or None,
         seed=args.seed,
+        speculative=not args.no_speculative,
     )
 
 
@@ -418,6 +419,9 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=V.positive, default=None, help="kernel threads (default: all cores)")
     g.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     g.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
+    g.add_argument("--no-speculative", action="store_true",
+                   help="decode one token per forward (default: greedy replies check prompt-lookup drafts several "
+                   "tokens per forward where that is faster; the same tokens either way)")
 
 
 RESIDUAL_HELP = (

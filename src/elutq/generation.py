@@ -39,6 +39,9 @@ class Timing:
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # after the first generated token
     time_to_first_token: float = 0.0
+    decode_steps: int = 0  # forwards after the first token (speculative decoding: fewer than tokens)
+    drafted_tokens: int = 0  # speculative decoding: draft tokens checked, and accepted
+    accepted_tokens: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -51,11 +54,76 @@ class Timing:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
     def summary(self) -> str:
+        spec = ""
+        if self.drafted_tokens:
+            spec = (f"; speculative: {(self.generated_tokens - 1) / max(self.decode_steps, 1):.2f} tokens per step, "
+                    f"{self.accepted_tokens}/{self.drafted_tokens} drafted accepted")
         return (
             f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), prefill "
             f"{self.prefill_tokens_per_s:.1f} tok/s; generated {self.generated_tokens} tokens, decode "
-            f"{self.decode_tokens_per_s:.1f} tok/s; time to first token {self.time_to_first_token * 1000:.0f} ms"
+            f"{self.decode_tokens_per_s:.1f} tok/s; time to first token {self.time_to_first_token * 1000:.0f} ms{spec}"
         )
+
+
+def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Up to ``k`` draft tokens by prompt lookup: the last ``n`` tokens of ``context`` (``n`` from ``max_ngram``
+    down to ``min_ngram``) are searched for earlier in it, and the tokens that followed their latest earlier
+    occurrence are the draft — free, and strong wherever a reply repeats its input (code editing,
+    summaries, chat with context)."""
+    ctx = np.asarray(context, dtype=np.int64)
+    for n in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # starts s < len - n
+        for s in np.flatnonzero(np.all(windows == ctx[-n:], axis=1))[::-1]:
+            follow = ctx[s + n : s + n + k]
+            if follow.size:
+                return follow.tolist()
+    return []
+
+
+@dataclass
+class DraftPolicy:
+    """How many draft tokens to check next: the ``k`` that maximises expected tokens per second,
+    ``(1 − α^(k+1)) / (1 − α) / cost(1 + k)``, where ``α`` is the measured chance that a draft token is taken
+    (taken / (taken + rejections), decayed so it follows the text) and ``cost(n)`` the measured time of a
+    forward over ``n`` tokens (decayed averages, kept by the model across replies: the machine's, not the
+    text's; an untried ``n`` is assumed to cost ``1 + (n − 1)/4`` plain steps, so it gets tried).
+    ``k = 0`` — plain decoding — wherever no draft pays: on a compute-bound
+    model checking tokens costs nearly their full price, on a memory-bound one little."""
+
+    k_max: int = 8
+    decay: float = 0.9
+    taken: float = 1.0  # prior: α = 1/2
+    rejected: float = 1.0
+    cost: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float:
+        return self.taken / (self.taken + self.rejected)
+
+    def _cost(self, n: int) -> float:
+        one = self.cost.get(1)
+        if n in self.cost:
+            return self.cost[n]
+        return (one or 1.0) * (1 + (n - 1) / 4)
+
+    def length(self, available: int) -> int:
+        if 1 not in self.cost:  # a plain step first: the unit every other cost is compared with
+            return 0
+        a = min(self.alpha, 0.999)
+        best, best_k = 1.0 / self._cost(1), 0
+        for k in range(1, min(available, self.k_max) + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / self._cost(1 + k)
+            if rate > best:
+                best, best_k = rate, k
+        return best_k
+
+    def timed(self, n: int, seconds: float) -> None:
+        old = self.cost.get(n)
+        self.cost[n] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def result(self, drafted: int, taken: int) -> None:
+        self.taken = self.decay * self.taken + taken
+        self.rejected = self.decay * self.rejected + (taken < drafted)
 
 
 @dataclass

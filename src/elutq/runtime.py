@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,13 @@ from .checkpoint import (
 )
 from .generation import (
     Completion,
+    DraftPolicy,
     Generation,
     Sampler,
     TextStream,
     eos_ids,
     generation_defaults,
+    prompt_lookup,
     read_generation_config,
 )
 from .models import check_architecture, resolve_source_dir, rotary_embedding
@@ -248,6 +251,7 @@ class Model:
         self.eos_ids = eos_ids(config, tokenizer, gen) if tokenizer is not None else set()
         self.generation_defaults = generation_defaults(gen)
         self.session = Session(self)
+        self.step_costs: dict[int, float] = {}  # seconds of a decode forward over n tokens (DraftPolicy)
         self._lock = threading.Lock()  # one forward at a time (the runtime owns its scratch buffers)
 
     # -- low level
@@ -357,30 +361,69 @@ class Model:
         stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
         return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops)
 
-    def generate(self, prompt: str | None = None, *, stream: bool = False, **kw: Any) -> Completion | TextStream:
+    def generate(
+        self, prompt: str | None = None, *, stream: bool = False, speculative: bool = True, **kw: Any
+    ) -> Completion | TextStream:
         """Continue ``prompt`` (or answer chat ``messages=``), sampling as the model's
         ``generation_config.json`` says unless told otherwise (greedy when it does not ask to sample).
 
         Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
         repetition_penalty, stop, seed, session``.  The session's KV cache is reused for the longest
-        common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`."""
-        it = self._drive(self.start(prompt, **kw))
+        common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
+        ``speculative``: greedy replies check prompt-lookup drafts several tokens per forward
+        (``prompt_lookup``; :class:`DraftPolicy` decides how many, none where it does not pay): the same tokens
+        as without, fewer passes over the weights."""
+        it = self._drive(self.start(prompt, **kw), speculative)
         if stream:
             return TextStream(it)
         *_, done = it
         assert isinstance(done, Completion)
         return done
 
-    def _drive(self, g: Generation) -> Iterator[str | Completion]:
+    def _drive(self, g: Generation, speculative: bool = True) -> Iterator[str | Completion]:
+        policy = DraftPolicy(cost=self.step_costs) if speculative and g.sampler.temperature == 0 else None
         while not g.done:
             feed = g.pending
             while len(feed) > PREFILL_CHUNK:  # long prompts in chunks: bounded activation memory
                 self.forward(g.session, feed[:PREFILL_CHUNK])
                 feed = feed[PREFILL_CHUNK:]
-            delta = g.advance(self.forward(g.session, feed)[-1])
+            draft: list[int] = []
+            if policy is not None and g.out:
+                # the drafts fit the context and the reply (advance's own checks stop exactly where they would)
+                room = min(g.session.max_ctx - len(g.session.tokens) - len(feed) - 1, g.max_new - len(g.out) - 1)
+                k = policy.length(room)
+                draft = prompt_lookup(g.ids + g.out, k) if k else []
+            decoding = bool(g.out)
+            g.timing.decode_steps += decoding
+            t = time.perf_counter()
+            if not draft:
+                delta = g.advance(self.forward(g.session, feed)[-1])
+            else:
+                delta, taken = self._verify(g, feed, draft)
+                policy.result(len(draft), taken)  # type: ignore[union-attr]
+            if policy is not None and decoding and len(feed) == 1:
+                policy.timed(1 + len(draft), time.perf_counter() - t)
             if delta:
                 yield delta
         yield g.completion()
+
+    def _verify(self, g: Generation, feed: list[int], draft: list[int]) -> tuple[str, int]:
+        """One forward over ``feed + draft``; the reply takes tokens row by row as plain decoding would have
+        (the same sampler on the same logits), for as long as they equal the draft, plus the first that does
+        not.  The KV of drafted tokens not taken is dropped (the session forgets them; later writes reuse
+        their slots).  Returns the new text and how many draft tokens were taken."""
+        base = len(g.session.tokens)
+        logits = self.forward(g.session, feed + draft, all_logits=True)
+        g.timing.drafted_tokens += len(draft)
+        text, taken = "", 0
+        for j in range(len(draft) + 1):
+            text += g.advance(logits[len(feed) - 1 + j])
+            if g.done or j == len(draft) or g.out[-1] != draft[j]:
+                break
+            taken += 1
+        g.timing.accepted_tokens += taken
+        del g.session.tokens[base + len(feed) + taken :]
+        return text, taken
 
 
 def load(
