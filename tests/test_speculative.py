@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 import elutq
 from elutq import runtime
-from elutq.generation import DraftPolicy, prompt_lookup
+from elutq.generation import DraftPolicy, Sampler, prompt_lookup, sample_batch, speculative_pick
 from test_runtime import _quantized
 
 
@@ -92,3 +93,42 @@ def test_speculative_respects_max_tokens_and_context(tmp_path, monkeypatch):
     model.session.reset()
     spec = model.generate(prompt, speculative=True, max_new_tokens=100, temperature=0)
     assert spec.token_ids == plain.token_ids and spec.finish_reason == plain.finish_reason == "length"
+
+
+def test_speculative_pick_keeps_the_distribution():
+    """Whatever the draft, the token taken is distributed as p (5,000 draws per draft, each frequency within 5
+    standard deviations of its probability)."""
+    p = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    n = 5000
+    for draft in (0, 2, 4):
+        rng = np.random.default_rng(draft)
+        counts = np.bincount([speculative_pick(p, draft, rng) for _ in range(n)], minlength=p.size)
+        assert np.all(np.abs(counts / n - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12), (draft, counts)
+
+
+def test_distribution_matches_the_native_sampler():
+    """``Sampler.distribution`` (what speculative sampling accepts by) against the native draws of
+    ``sample_batch`` with the same settings: 4,000 draws, frequencies within 5 standard deviations."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=40).astype(np.float32) * 2
+    for settings in (dict(temperature=0.7), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_p=0.8),
+                     dict(temperature=0.9, top_k=8, top_p=0.9, repetition_penalty=1.3)):  # fmt: skip
+        s = Sampler(**settings, seed=1)
+        history = [1, 2, 3]
+        p = s.distribution(logits, history)
+        assert abs(p.sum() - 1) < 1e-9
+        n = 4000
+        counts = np.bincount(sample_batch(np.tile(logits, (n, 1)), [s] * n, [history] * n), minlength=p.size)
+        assert np.all(np.abs(counts / n - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), settings
+
+
+def test_speculative_sampling_runs_and_respects_the_seed(tmp_path, monkeypatch):
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out, threads=1)
+    monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(3, available))
+    prompt = "the cat sat on the mat. the cat sat on the mat. the cat sat on the"
+    kw = dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=7, speculative=True)
+    a = model.generate(prompt, **kw)
+    model.session.reset()
+    b = model.generate(prompt, **kw)
+    assert a.token_ids == b.token_ids and a.timing.drafted_tokens > 0

@@ -420,8 +420,8 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     g.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
     g.add_argument("--no-speculative", action="store_true",
-                   help="decode one token per forward (default: greedy replies check prompt-lookup drafts several "
-                   "tokens per forward where that is faster; the same tokens either way)")
+                   help="decode one token per forward (default: check prompt-lookup drafts several tokens per "
+                   "forward where that is faster; greedy: the same tokens either way, sampled: the same distribution)")
 
 
 RESIDUAL_HELP = (

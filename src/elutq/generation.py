@@ -188,6 +188,25 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         return sample_batch(np.asarray(logits, dtype=np.float32)[None], [self], [history])[0]
 
+    def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The probabilities (float64 ``[vocab]``) this sampler draws a token from after ``logits`` — the
+        repetition penalty, temperature, top-k, top-p as ``sample_batch`` applies them — for speculative
+        sampling, which must accept a drafted token with exactly that probability.  Not for greedy ones."""
+        x = self.penalized(logits, history).astype(np.float64) / self.temperature
+        x[np.isnan(x)] = -np.inf
+        v = x.size
+        if 0 < self.top_k < v:
+            x[x < np.partition(x, v - self.top_k)[v - self.top_k]] = -np.inf
+        w = np.exp(x - x.max())
+        if self.top_p < 1:  # the largest weights (ties: lower index first) until their mass reaches top_p
+            cand = np.flatnonzero(w > 0)
+            order = cand[np.argsort(-w[cand], kind="stable")]
+            n = int(np.searchsorted(np.cumsum(w[order]), self.top_p * w.sum())) + 1
+            kept = np.zeros_like(w)
+            kept[order[:n]] = w[order[:n]]
+            w = kept
+        return w / w.sum()
+
     def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """``logits`` with the repetition penalty applied to the tokens in ``history`` (a copy), or as is."""
         if self.repetition_penalty == 1.0 or not len(history):
@@ -197,6 +216,18 @@ class Sampler:
         v = x[seen]
         x[seen] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
         return x
+
+
+def speculative_pick(p: np.ndarray, draft: int, rng: np.random.Generator) -> int:
+    """Speculative sampling of one position whose draft is the single token ``draft`` (prompt lookup's drafts
+    are certain, ``q = δ(draft)``): keep it with probability ``p[draft]``, else draw from ``p`` without it —
+    ``(p − q)⁺`` renormalised — so the token taken is distributed exactly as ``p``."""
+    if rng.random() < p[draft]:
+        return draft
+    rest = p.copy()
+    rest[draft] = 0.0
+    total = rest.sum()
+    return draft if total <= 0 else int(rng.choice(rest.size, p=rest / total))
 
 
 def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> list[int]:

@@ -53,6 +53,7 @@ from .generation import (
     generation_defaults,
     prompt_lookup,
     read_generation_config,
+    speculative_pick,
 )
 from .models import check_architecture, resolve_source_dir, rotary_embedding
 from .rotation import NORM_ROTATION, fast_factors, rotation_from_spec
@@ -370,9 +371,9 @@ class Model:
         Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
         repetition_penalty, stop, seed, session``.  The session's KV cache is reused for the longest
         common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
-        ``speculative``: greedy replies check prompt-lookup drafts several tokens per forward
-        (``prompt_lookup``; :class:`DraftPolicy` decides how many, none where it does not pay): the same tokens
-        as without, fewer passes over the weights."""
+        ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_lookup``;
+        :class:`DraftPolicy` decides how many, none where it does not pay): greedy replies are the same tokens
+        as without, sampled ones the same distribution; fewer passes over the weights."""
         it = self._drive(self.start(prompt, **kw), speculative)
         if stream:
             return TextStream(it)
@@ -381,7 +382,7 @@ class Model:
         return done
 
     def _drive(self, g: Generation, speculative: bool = True) -> Iterator[str | Completion]:
-        policy = DraftPolicy(cost=self.step_costs) if speculative and g.sampler.temperature == 0 else None
+        policy = DraftPolicy(cost=self.step_costs) if speculative else None
         while not g.done:
             feed = g.pending
             while len(feed) > PREFILL_CHUNK:  # long prompts in chunks: bounded activation memory
@@ -408,16 +409,22 @@ class Model:
         yield g.completion()
 
     def _verify(self, g: Generation, feed: list[int], draft: list[int]) -> tuple[str, int]:
-        """One forward over ``feed + draft``; the reply takes tokens row by row as plain decoding would have
-        (the same sampler on the same logits), for as long as they equal the draft, plus the first that does
-        not.  The KV of drafted tokens not taken is dropped (the session forgets them; later writes reuse
-        their slots).  Returns the new text and how many draft tokens were taken."""
+        """One forward over ``feed + draft``; the reply takes tokens row by row — greedy: as plain decoding
+        would (the same logits); sampled: by ``speculative_pick``, distributed as plain sampling's — for as
+        long as they equal the draft, plus the first that does not.  The KV of drafted tokens not taken is
+        dropped (the session forgets them; later writes reuse their slots).  Returns the new text and how many
+        draft tokens were taken."""
         base = len(g.session.tokens)
         logits = self.forward(g.session, feed + draft, all_logits=True)
         g.timing.drafted_tokens += len(draft)
         text, taken = "", 0
         for j in range(len(draft) + 1):
-            text += g.advance(logits[len(feed) - 1 + j])
+            row = logits[len(feed) - 1 + j]
+            if j < len(draft) and g.sampler.temperature > 0:  # speculative sampling: distributed as row's
+                tok = speculative_pick(g.sampler.distribution(row, g.history()), draft[j], g.sampler.rng)
+                text += g.advance(None, token=tok)
+            else:  # greedy: the token plain decoding takes; or the last row, sampled as plain decoding does
+                text += g.advance(row)
             if g.done or j == len(draft) or g.out[-1] != draft[j]:
                 break
             taken += 1
