@@ -6,8 +6,9 @@
 //   S_b             the Sylvester Hadamard matrix of order b (a power of two), n = m·b, applied as a
 //                   fast Walsh–Hadamard transform: log2(b) butterfly passes, no matrix stored
 // so out[i·b + k] = Σ_j A[j][i]·FWHT(s ⊙ u)_j[k] / √n, where v_j = elements j·b .. j·b + b − 1.
-// Cost per column: n·log2(b) adds and n·m multiply-adds (1536 = 12·128: 12 per element; Qwen2.5-1.5B's
-// 8960 = 140·64: 140), against down_proj's n·H multiply-adds.
+// Cost per column: n·log2(b) adds and n·m multiply-adds (1536 = 12·128: 12 per element), against
+// down_proj's n·H; where the Paley factor would be large (8960 = 140·64) Python passes A = I (blocks of
+// 256, rotation.fast_factors) and the mixing is skipped.
 #pragma once
 
 namespace elutq {
@@ -16,6 +17,7 @@ struct HadamardSpec {
   int n = 0, m = 0, b = 0;
   const float* s = nullptr;  // [n]
   const float* a = nullptr;  // [m][m]
+  bool identity = false;     // A = I (block-diagonal): the mixing is skipped
 };
 
 // x f32 [n] in place; tmp f32 [n] scratch.  Plain loops (the butterflies and the A-mixing run over

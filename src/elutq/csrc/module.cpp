@@ -148,7 +148,10 @@ static HadamardSpec make_hadamard(const std::vector<float>& s, const std::vector
   if (m < 1 || m != m2 || n % m) throw std::invalid_argument("the Hadamard factor must be square, its order dividing n");
   const int b = n / m;
   if (b & (b - 1)) throw std::invalid_argument("n / the Hadamard factor's order must be a power of two");
-  return HadamardSpec{n, m, b, s.data(), a.data()};
+  bool identity = true;
+  for (int i = 0; i < m && identity; ++i)
+    for (int j = 0; j < m; ++j) identity &= a[(size_t)i * m + j] == (i == j ? 1.0f : 0.0f);
+  return HadamardSpec{n, m, b, s.data(), a.data(), identity};
 }
 
 // x [N][n] in place (tests check it against the dense matrix).
