@@ -141,7 +141,7 @@ def rotate_final_norm(model: nn.Module) -> RotatedNorm:
 
 
 class OnlineRotation(nn.Module):
-    """``u ↦ u·T`` over the last dimension, ``T = diag(s)·(A ⊗ Sylvester)/√n`` (``rotation.fast_factors``): a
+    """``u ↦ u·T`` over the last dimension, ``T = diag(s)·(A ⊗ Sylvester_b)/√b`` (``rotation.fast_factors``): a
     fast Walsh–Hadamard transform on runs of ``b``, then the runs mixed by ``A`` — what the native runtime's
     ``hadamard_transform`` computes, differentiable (finetuning trains through it)."""
 
@@ -152,7 +152,7 @@ class OnlineRotation(nn.Module):
         # Plain attributes, not buffers: derived from the seed, never in a checkpoint, and untouched by the
         # layer loop's to_empty/materialize (forward moves them where the input is)
         self.signs = torch.from_numpy(signs).float()
-        self.a = torch.from_numpy(a).float() / math.sqrt(n)
+        self.a = torch.from_numpy(a).float() / math.sqrt(n // a.shape[0])
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         m, b = self.m, self.n // self.m

@@ -136,21 +136,21 @@ MAX_MIX = 32  # the online transform mixes runs by a Paley factor of at most thi
 
 
 def fast_factors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(signs, A)`` of the online rotation ``T = diag(signs)·(A ⊗ Sylvester)/√n`` (``--rotate full``, down_proj's
-    input): Paley ⊗ Sylvester where the Paley factor's order is at most ``MAX_MIX`` (1536 = 12·128), else
-    block-diagonal (``A = I``: the largest power-of-two blocks, 8960 = 35·256, whose Paley factor would be
-    140 — 140 multiply-adds per element, a fifth of a 2-bit decode step); what the native transform
-    (csrc/hadamard.h) and ``OnlineRotation`` compute."""
+    """``(signs, A)`` of the online rotation ``T = diag(signs)·(A ⊗ Sylvester_b)/√b`` (``--rotate full``,
+    down_proj's input; ``A`` orthonormal): Paley/√m ⊗ Sylvester where the Paley factor's order is at most
+    ``MAX_MIX`` (1536 = 12·128), else block-diagonal (``A = I``: the largest power-of-two blocks, 8960 = 35·256,
+    whose Paley factor would be 140 — 140 multiply-adds per element, a fifth of a 2-bit decode step); what
+    the native transform (csrc/hadamard.h) and ``OnlineRotation`` compute."""
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
     a = hadamard_factor(n)
-    return signs, np.eye(n // (n & -n)) if a is None or a.shape[0] > MAX_MIX else a
+    return signs, np.eye(n // (n & -n)) if a is None or a.shape[0] > MAX_MIX else a / np.sqrt(a.shape[0])
 
 
 def fast_matrix(n: int, seed: int) -> torch.Tensor:
     """``T`` of ``fast_factors`` as a dense float64 matrix."""
     signs, a = fast_factors(n, seed)
     b = n // a.shape[0]
-    return torch.from_numpy(signs[:, None] * np.kron(a, _sylvester(b)) / np.sqrt(n))
+    return torch.from_numpy(signs[:, None] * np.kron(a, _sylvester(b)) / np.sqrt(b))
 
 
 def orthogonal(n: int, matrix: str, seed: int) -> torch.Tensor:

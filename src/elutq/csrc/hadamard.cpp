@@ -28,7 +28,7 @@ ELUTQ_CLONES void hadamard_transform(const HadamardSpec& h, float* x_, float* tm
       }
     }
   // Mix the runs by A: out_i = Σ_j A[j][i]·v_j, scaled to orthonormal; each step an axpy over b floats.
-  const float scale = 1.0f / std::sqrt((float)n);
+  const float scale = 1.0f / std::sqrt((float)b);
   if (h.identity) {  // block-diagonal: nothing to mix
     for (int i = 0; i < n; ++i) x[i] *= scale;
     return;

@@ -235,7 +235,7 @@ NB_MODULE(_native, m) {
   m.def("default_path", [] { return std::string(path_name(default_path())); },
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
   m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"),
-        "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester)/sqrt(n) (hadamard.h).");
+        "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester_b)/sqrt(b) (hadamard.h).");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
   m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
         nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
@@ -327,7 +327,7 @@ NB_MODULE(_native, m) {
              rt.down_rot = make_hadamard(rt.down_rot_s, rt.down_rot_a, (int)a.shape(0), (int)a.shape(1));
              if (rt.down_rot.n != rt.cfg.inter) throw std::invalid_argument("the down_proj rotation must have intermediate_size signs");
            }, nb::arg("signs"), nb::arg("a"),
-           "--rotate full: down_proj's input u -> u·T, T = diag(signs)·(a ⊗ Sylvester)/sqrt(n) (hadamard.h).")
+           "--rotate full: down_proj's input u -> u·T, T = diag(signs)·(a ⊗ Sylvester_b)/sqrt(b) (hadamard.h).")
       .def("set_norm", [](Runtime& rt, int layer, const std::string& which, CArray<const float, nb::ndim<1>> w) {
              const int want = (which == "q" || which == "k") ? rt.cfg.head_dim : rt.cfg.hidden;
              if ((int)w.size() != want) throw std::invalid_argument("norm weight '" + which + "' has the wrong length");
