@@ -195,3 +195,25 @@ def test_online_rotation_equals_the_dense_matrix(n):
     signs, a = fast_factors(n, seed=5)
     _native.hadamard(x, signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32))
     np.testing.assert_allclose(x, want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_cli_rotate_with_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Mixed precision of a rotated model: the measurement is of the rotated network (a measurement of its own,
+    the stored norm matrix counted), the file lands on the target, and it runs."""
+    import elutq
+    from elutq.cli import main
+
+    monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
+    model, path = tiny_llama  # tied, hidden 160 = Paley 20 x 8
+    base = ["quantize", str(path), "--method", "rtn", "--group-size", "128", "--target-bpw", "3.5"]
+    assert main([*base, "-o", str(tmp_path / "a"), "--rotate", "full"]) == 0
+    achieved = float(capsys.readouterr().out.split("target 3.5 bits per weight -> ")[1].split()[0])
+    n_params = sum(p.numel() for p in model.parameters())
+    file_bpw = 8 * sum(f.stat().st_size for f in (tmp_path / "a").glob("*.safetensors")) / n_params
+    assert 3.3 < achieved <= 3.5 and achieved <= file_bpw < achieved + 0.12  # the norm matrix counted
+    measurements = list((tmp_path / "cache" / "measurements").glob("*.json"))
+    assert len(measurements) == 1 and json.loads(measurements[0].read_text())["extra_bits"] == 16 * 160 * 160
+    assert main([*base, "-o", str(tmp_path / "b")]) == 0  # unrotated: measured anew
+    assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 2
+    assert read_quantization_config(tmp_path / "a")["rotation"]["kind"] == "full"
+    assert elutq.load(str(tmp_path / "a"), threads=1).generate("the cat", max_new_tokens=4).token_ids
