@@ -66,7 +66,7 @@ def main() -> None:
         if not (out / "config.json").is_file():
             cmd = elutq_cmd(
                 "quantize", args.model, "-o", str(out), "--overwrite", "--method", "gptq", "--format", "hlq",
-                "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
+                "--rotate", "none", "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
                 "--lm-head-group-size", str(hg), "--calib-dataset", mix, "--calib-samples", str(args.calib_samples),
                 "--calib-seqlen", str(args.calib_seqlen),
             )  # fmt: skip

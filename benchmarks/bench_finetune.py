@@ -71,7 +71,7 @@ def main() -> None:
         key = f"{setting} {args.method}"
         if key not in rows:
             cost = measured(args.method, ["quantize", "default", "-o", str(base), "--method", args.method,
-                                          "--bits", str(bits), "--group-size", str(group)], base)
+                                          "--bits", str(bits), "--group-size", str(group), "--rotate", "none"], base)
             save(key, {**cost, "ppl": eval_ppl(str(base), args.max_tokens)["ppl"]})
         for stage in stages:
             key = f"{setting} {args.method} + {stage}{tag}"

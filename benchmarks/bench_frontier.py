@@ -151,7 +151,7 @@ def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, cali
     cmd = elutq_cmd(
         "quantize", model, "-o", str(out), "--overwrite", "--resume", "--method", method, "--format", fmt, *widths,
         "--calib-text", str(calib), "--calib-samples", str(args.calib_samples),
-        "--calib-seqlen", str(args.calib_seqlen), *(["--rotate", rot] if rot else []),
+        "--calib-seqlen", str(args.calib_seqlen), "--rotate", rot or "none",
     )  # fmt: skip
     print(f"  {shlex.join(cmd[2:])}", flush=True)
     m = run_measured(cmd, log=work / f"{out.name}.log")

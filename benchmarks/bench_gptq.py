@@ -36,7 +36,7 @@ def quantize_and_eval(
     bits, group = parse_setting(setting)
     out = out_root / f"{setting}-{fmt}-{method}-{codes}"
     cmd = elutq_cmd(
-        "quantize", "default", "-o", str(out), "--overwrite", "--method", method, "--format", fmt,
+        "quantize", "default", "-o", str(out), "--overwrite", "--method", method, "--format", fmt, "--rotate", "none",
         "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", "0",
         "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
         "--codes", codes, *(["--device", args.device] if args.device else []),

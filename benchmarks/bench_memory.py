@@ -127,7 +127,7 @@ def run_one(a: argparse.Namespace, n_layers: int, root: Path) -> dict:
         flush=True,
     )
     cmd = elutq_cmd(
-        "quantize", str(model), "-o", str(out), "--method", a.method, "--bits", str(a.bits),
+        "quantize", str(model), "-o", str(out), "--method", a.method, "--bits", str(a.bits), "--rotate", "none",
         "--group-size", str(a.group_size), "--lm-head-bits", str(a.lm_head_bits),
         "--calib-samples", str(a.calib_samples), "--calib-seqlen", str(a.calib_seqlen), *a.extra,
     )  # fmt: skip

@@ -251,7 +251,8 @@ def make_checkpoint(out: Path, bits: int, method: str, iters: int | None) -> Pat
         elutq_cli = Path(sys.executable).with_name("elutq")
         extra = ["--iters", str(iters)] if iters is not None else []
         subprocess.run([str(elutq_cli), "quantize", "default", "-o", str(out), "--method", method, "--bits", str(bits),
-                        "--group-size", "128", "--overwrite", *extra], check=True, stdout=subprocess.DEVNULL)
+                        "--group-size", "128", "--overwrite", "--rotate", "none", *extra],
+                       check=True, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -217,3 +217,26 @@ def test_cli_rotate_with_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 2
     assert read_quantization_config(tmp_path / "a")["rotation"]["kind"] == "full"
     assert elutq.load(str(tmp_path / "a"), threads=1).generate("the cat", max_new_tokens=4).token_ids
+
+
+def test_cli_rotate_auto(tiny_llama, tmp_path, capsys):
+    """``--rotate auto`` (the default): full at 2 bits, none at 3, none with --target-bpw, none where the model's
+    sizes have no Hadamard construction; ``--rotate none`` keeps the plain network."""
+    from elutq.cli import main
+
+    _, path = tiny_llama
+    base = ["quantize", str(path), "--method", "rtn", "--group-size", "32"]
+
+    def rotation(name: str, *extra: str):
+        assert main([*base, "-o", str(tmp_path / name), *extra]) == 0
+        return read_quantization_config(tmp_path / name).get("rotation")
+
+    assert rotation("w2", "--bits", "2")["kind"] == "full"
+    assert rotation("w3", "--bits", "3") is None
+    assert rotation("w2-none", "--bits", "2", "--rotate", "none") is None
+    assert rotation("w2-res", "--bits", "2", "--rotate", "residual")["kind"] == "residual"
+    odd = tmp_path / "odd"  # head_dim 6: no Hadamard matrix of order 6
+    save_tiny_llama(odd, hidden_size=24, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+    assert main(["quantize", str(odd), "--method", "rtn", "--group-size", "32", "--bits", "2", "-o",
+                 str(tmp_path / "odd-q")]) == 0  # fmt: skip
+    assert read_quantization_config(tmp_path / "odd-q").get("rotation") is None

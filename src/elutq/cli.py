@@ -37,7 +37,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .checkpoint import check_output
     from .hlq import QuantConfig
     from .pipeline import PipelineConfig, quantize_streaming
-    from .rotation import Rotation
 
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, format=args.format, iters=args.iters)
     head = None
@@ -72,7 +71,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         offload=args.offload,
         offload_dir=args.offload_dir,
         device=args.device,
-        rotation=None if args.rotate == "none" else Rotation(args.rotate, args.rotation_matrix),
+        rotation=_rotation(args),
     )
     # Refuse an output that cannot be written or must not be replaced now, not after the quantization.
     out = final = check_output(args.output, args.overwrite)
@@ -110,6 +109,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.finetune:
         _run_finetune_stages(args, out, args.model, final, args.finetune.split(","))
         shutil.rmtree(out)
+
+
+def _rotation(args: argparse.Namespace):
+    """``--rotate``: ``auto`` decides from the setting and the model's sizes (``rotation.auto_rotation``)."""
+    from transformers import AutoConfig
+
+    from .models import resolve_source_dir
+    from .rotation import Rotation, auto_rotation
+
+    if args.rotate == "none":
+        return None
+    if args.rotate != "auto":
+        return Rotation(args.rotate, args.rotation_matrix)
+    return auto_rotation(AutoConfig.from_pretrained(resolve_source_dir(args.model)), args.bits,
+                         args.target_bpw is not None)
 
 
 def _finetune_config(args: argparse.Namespace, stage: str):
@@ -491,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
-    q.add_argument("--rotate", choices=["none", "residual", "full"], default="none",
-                   help="incoherence rotation, the same network computed (residual: the residual stream by a "
+    q.add_argument("--rotate", choices=["auto", "none", "residual", "full"], default="auto",
+                   help="incoherence rotation, the same network computed (auto: full at 2 bits, none from 3 bits "
+                   "up or with --target-bpw, as measured; residual: the residual stream by a "
                    "randomized Hadamard matrix and each head's values, fused into the weights; full: also "
                    "down_proj's input, rotated online by a fast Hadamard transform; at 2 bits full lowered the "
                    "default model's perplexity by a third; docs/RESULTS.md, Rotations)")

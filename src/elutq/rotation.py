@@ -60,6 +60,23 @@ class Rotation:
         return asdict(self)
 
 
+def supported(config, matrix: str = "hadamard") -> bool:
+    """Whether ``orthogonal`` has a ``matrix`` construction for the model's hidden size and head size."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    if matrix != "hadamard":
+        return True
+    return hadamard(hidden) is not None and (_is_pow2(head_dim) or hadamard(head_dim) is not None)
+
+
+def auto_rotation(config, bits: int, mixed: bool) -> Rotation | None:
+    """``--rotate auto`` (the default), as measured on the default model (docs/RESULTS.md, Rotations): ``full``
+    for 2-bit (and 1-bit) settings, where it lowered GPTQ-HLQ w2g128's perplexity by a third, none from
+    3 bits up (it cost 1–5% there) or for mixed widths (not measured); none where no Hadamard matrix of the
+    model's sizes is known."""
+    return Rotation("full") if bits <= 2 and not mixed and supported(config) else None
+
+
 def rotation_from_spec(spec: Any) -> Rotation | None:
     """A checkpoint's ``quantization_config.rotation`` (absent: ``None``), validated."""
     if spec is None:
