@@ -274,6 +274,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         validate_checkpoint,
         weight_files,
     )
+    from .rotation import NORM_ROTATION
 
     path = Path(args.checkpoint)
     qc = read_quantization_config(path)
@@ -298,7 +299,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                 qbits += n * elem_bits
                 if k.endswith(".qweight"):
                     qparams += n * 8 // shape[0]
-            else:
+            elif k != NORM_ROTATION:  # the rotation's stored matrix is overhead, not a parameter of the model
                 other += n
     print(f"checkpoint: {path}")
     print(
@@ -308,6 +309,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     for k in ("method", "format", "bits", "group_size", "iters", "source_model", "elutq_version"):
         if k in qc:
             print(f"  {k}: {qc[k]}")
+    if qc.get("rotation"):
+        r = qc["rotation"]
+        print(f"  rotation: {r.get('kind')} ({r.get('matrix')} matrix, seed {r.get('seed')})")
     emb = qc["modules"].get(EMBED)
     print(f"  quantized linears: {len(qc['modules']) - (emb is not None)}")
     widths = sorted({int(v["bits"]) for v in qc["modules"].values()})
