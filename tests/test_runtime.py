@@ -122,6 +122,22 @@ def test_decode_token_by_token_equals_prefill(tmp_path):
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+def test_token_logprobs_across_chunks_equal_log_softmax(tmp_path, monkeypatch):
+    # Chunks of 5 tokens share one reused logits buffer; the in-place log-softmax must match torch's.
+    import elutq.runtime as rt
+
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out)
+    ref = torch.log_softmax(model.logits(IDS).double(), -1)[:-1].gather(1, torch.tensor(IDS[1:])[:, None])[:, 0]
+    monkeypatch.setattr(rt, "PREFILL_CHUNK", 5)
+    got = model.token_logprobs(IDS)
+    assert got.shape == (len(IDS) - 1,)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    s = Session(model)
+    with pytest.raises(ElutqError, match="out must be"):
+        model.forward(s, IDS[:4], all_logits=True, out=np.empty((3, model.arch.vocab), np.float32))
+
+
 def test_ragged_batch_equals_separate_sequences(tmp_path):
     _, out = _quantized(tmp_path, "llama")
     model = elutq.load(out)

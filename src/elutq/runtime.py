@@ -73,6 +73,14 @@ KERNEL_CACHE_DIR = "kernel-cache"
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 
 
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[t, targets[t]]`` for each row, overwriting ``logits`` (no [T, vocab] temporary)."""
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    peak = logits.amax(dim=1)
+    lse = logits.sub_(peak[:, None]).exp_().sum(dim=1).log_()
+    return picked - peak - lse
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -257,8 +265,12 @@ class Model:
 
     # -- low level
 
-    def forward(self, session: Session, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` to ``session``; logits ``[len(tokens) or 1, vocab]`` (float32)."""
+    def forward(
+        self, session: Session, tokens: Sequence[int], all_logits: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Append ``tokens`` to ``session``; logits ``[len(tokens) or 1, vocab]`` (float32), written into the
+        first rows of ``out`` when given (a C-contiguous float32 ``[>= rows, vocab]`` buffer reused across calls:
+        a fresh 100 MB array per prefill chunk costs more in page faults than the lm_head itself)."""
         toks = np.asarray(tokens, dtype=np.int32)
         if toks.size == 0:
             raise ElutqError("nothing to run: the token list is empty")
@@ -270,7 +282,14 @@ class Model:
                 f"context overflow: {pos + toks.size} tokens do not fit the {session.max_ctx}-token context; "
                 "shorten the prompt, lower max_new_tokens, or reset the session"
             )
-        logits = np.empty((toks.size if all_logits else 1, self.arch.vocab), dtype=np.float32)
+        rows = toks.size if all_logits else 1
+        if out is None:
+            logits = np.empty((rows, self.arch.vocab), dtype=np.float32)
+        else:
+            if out.dtype != np.float32 or out.ndim != 2 or out.shape[0] < rows or out.shape[1] != self.arch.vocab \
+                    or not out.flags.c_contiguous:
+                raise ElutqError(f"out must be a C-contiguous float32 array of at least [{rows}, {self.arch.vocab}]")
+            logits = out[:rows]
         with self._lock:
             self.runtime.forward([session.cache], [pos], [int(toks.size)], [all_logits], toks, logits)
         session.tokens.extend(int(t) for t in toks)
@@ -290,12 +309,13 @@ class Model:
         window's full logits over a 150k vocabulary would be 1.2 GB)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         s = Session(self, max_ctx=len(ids))
+        buf = np.empty((min(PREFILL_CHUNK, max(len(ids) - 1, 1)), self.arch.vocab), dtype=np.float32)
         out = []
         for i in range(0, len(ids) - 1, PREFILL_CHUNK):
             chunk = ids[i : i + PREFILL_CHUNK]
             targets = torch.tensor(ids[i + 1 : i + 1 + len(chunk)], dtype=torch.long)
-            logits = torch.from_numpy(self.forward(s, chunk, all_logits=True))[: targets.numel()]
-            out.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0])
+            logits = torch.from_numpy(self.forward(s, chunk, all_logits=True, out=buf))[: targets.numel()]
+            out.append(_target_logprobs(logits, targets))
         return torch.cat(out) if out else torch.zeros(0)
 
     # -- text
