@@ -232,6 +232,8 @@ def _cuda_available() -> bool:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import load_text, perplexity, tokenize
 
+    if args.tasks:
+        return _eval_tasks(args)
     text, source = load_text(args.text, args.dataset, args.split)
     if args.backend == "native":
         from .runtime import load
@@ -252,6 +254,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if qc:
             out.update({k: qc.get(k) for k in ("method", "format", "bits", "group_size")})
         print(json.dumps(out))
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    from .lmeval import evaluate, results_table  # ElutqError naming the extra when lm-eval is missing
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    limit = args.limit if args.limit is None or args.limit >= 1 else float(args.limit)
+    res = evaluate(args.model, tasks, num_fewshot=args.num_fewshot, limit=limit, include_path=args.include_path,
+                   threads=args.threads, max_length=args.seqlen)
+    print(results_table(res))
+    if args.json:
+        print(json.dumps({"model": args.model, "results": res["results"]}, default=float))
     print(f"peak RSS: {peak_rss_mb():.0f} MiB")
 
 
@@ -572,13 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     f.set_defaults(func=cmd_finetune)
 
-    e = sub.add_parser("eval", help="perplexity of a checkpoint or model")
+    e = sub.add_parser("eval", help="perplexity of a checkpoint or model, or lm-evaluation-harness tasks")
     e.add_argument("model", help="checkpoint directory or any model `quantize` accepts")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file")
     src.add_argument(
         "--dataset", help="wikitext2 or python-code (shipped), wikitext2-raw or c4 (from the hub, needs `datasets`)"
     )
+    src.add_argument("--tasks", help="lm-eval tasks, comma-separated (needs `pip install 'elutq[lm-eval]'`)")
+    e.add_argument("--num-fewshot", type=V.non_negative, default=None, help="lm-eval: few-shot examples per item")
+    e.add_argument("--limit", type=V.positive_number, default=None, help="lm-eval: items per task (below 1: a share)")
+    e.add_argument("--include-path", default=None, help="lm-eval: a folder of your own task YAMLs")
     e.add_argument("--split", default="test", choices=["test", "valid"])
     e.add_argument("--seqlen", type=V.context, default=2048, help="window length (capped by the model's context)")
     e.add_argument("--stride", type=V.positive, default=None, help="window step (default: seqlen, non-overlapping)")
