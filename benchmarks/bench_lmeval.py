@@ -63,6 +63,7 @@ def build_tasks(d: Path, items: int, docs: int, seed: int = 0) -> None:
 def worker(backend: str, ckpt: str, d: Path, out: Path) -> None:
     """One backend, both tasks, timed one task at a time; per-item answers to ``out``."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["ELUTQ_HF_KERNELS"] = "off"  # hf: transformers on the dequantized weights (fp32)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

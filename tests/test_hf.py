@@ -21,12 +21,43 @@ def _checkpoint(tiny_llama, tmp_path):
     return save_quantized(model, tiny_tokenizer(), tmp_path / "q", {"method": "rtn", "format": "hlq"})
 
 
-def test_auto_model_matches_elutq(tiny_llama, tmp_path):
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt()).item()
+
+
+def test_auto_model_runs_the_lut_kernels(tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from elutq.hf import use_kernels
+    from elutq.utils import ElutqError
+
+    out = _checkpoint(tiny_llama, tmp_path)
+    ref, _, _ = load_quantized(out)  # elutq's torch reference: dequantized weights
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # default: the int8-table kernels
+    q = hf.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = hf(ids).logits
+        assert q.kernels == "lut" and q._lut is not None and q._cache is None  # no dequantized copy made
+        assert 0 < _rel_err(got, want) < 2e-2
+        use_kernels(hf, "float")  # exact tables: float rounding only
+        assert _rel_err(hf(ids).logits, want) < 1e-5
+    monkeypatch.setenv("ELUTQ_HF_KERNELS", "bogus")
+    try:
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        raise AssertionError("a bad kernel mode was accepted")
+    except ElutqError as e:
+        assert "ELUTQ_HF_KERNELS" in str(e)
+
+
+def test_auto_model_matches_elutq(tiny_llama, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, pipeline
 
     import elutq  # noqa: F401 (registers the "hlq" quantizer with transformers)
 
     out = _checkpoint(tiny_llama, tmp_path)
+    monkeypatch.setenv("ELUTQ_HF_KERNELS", "off")  # the dequantizing modules: equal to elutq's own bit for bit
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # as load_quantized
     ref, tok, _ = load_quantized(out)
     assert type(hf.lm_head).__name__ == "HLQLinear"

@@ -3,9 +3,10 @@
 The checkpoint's ``quantization_config`` (``quant_method: "hlq"``) selects ``HLQHfQuantizer``: before the
 weights load it puts an ``HLQLinear`` (or ``HLQEmbedding``) wherever ``modules`` names one, and the
 modules of a rotated checkpoint (``rotate_modules``: final norm, MLPs), so the tensors load into them by
-name; after, an embedding stored as ``lm_head``'s tensor (``shared_with``) is pointed at it.  The modules
-are the torch reference of the format (dequantize, then matmul), the same the rest of elutq checks its
-kernels against; the native runtime (``elutq.load``) is the fast path.
+name; after, an embedding stored as ``lm_head``'s tensor (``shared_with``) is pointed at it, and the linears
+are set to multiply through the native LUT kernels on CPU (``use_kernels``; ``$ELUTQ_HF_KERNELS=off`` keeps
+the torch reference of the format — dequantize, then matmul — that the rest of elutq checks its kernels
+against; ``float``: exact float tables).  The native runtime (``elutq.load``) is still the fastest path.
 
 ``register()`` runs when transformers is imported after elutq (an import hook set by ``elutq/__init__``), or
 at once if it already was.
@@ -13,6 +14,7 @@ at once if it already was.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -21,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import EMBED, QUANT_METHOD, SHARED, module_group_size
 from .modules import HLQEmbedding, HLQLinear, rotate_modules, set_module
+from .utils import ElutqError
 
 
 class HLQConfig(QuantizationConfigMixin):
@@ -63,6 +66,7 @@ class HLQHfQuantizer(HfQuantizer):
         if shared:
             emb, head = model.get_submodule(EMBED), model.get_submodule(shared)
             emb.qweight, emb.scales, emb.zeros = head.qweight, head.scales, head.zeros
+        use_kernels(model, os.environ.get(KERNELS_ENV, "lut"))
         return model
 
     def update_dtype(self, dtype):
@@ -77,6 +81,20 @@ class HLQHfQuantizer(HfQuantizer):
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return False  # `elutq quantize` and `save_quantized` write checkpoints
+
+
+KERNELS_ENV = "ELUTQ_HF_KERNELS"  # lut (default) | float | off: how from_pretrained's linears multiply
+
+
+def use_kernels(model: nn.Module, mode: str = "lut") -> nn.Module:
+    """Run ``model``'s quantized linears through the LUT kernels (``"lut"``: int8 tables, as the runtime;
+    ``"float"``: exact float tables, slow) or the dequantized weights (``"off"``: elutq's torch reference)."""
+    if mode not in HLQLinear.KERNEL_MODES:
+        raise ElutqError(f"kernel mode must be one of {HLQLinear.KERNEL_MODES} (${KERNELS_ENV}), got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding):
+            m.kernels = mode
+    return model
 
 
 _registered = False

@@ -22,7 +22,12 @@ from .rotation import NORM_MATRIX, Rotation, fast_factors, rotation_from_spec
 
 
 class HLQLinear(nn.Module):
-    """A linear layer stored in HLQ form; ``forward`` uses the dequantized weight."""
+    """A linear layer stored in HLQ form.  ``forward`` multiplies by the dequantized weight, or, with
+    ``kernels`` set to ``"lut"`` (int8 tables, what the runtime runs) or ``"float"`` (exact float tables,
+    slow), through the native LUT kernels straight from the bit-planes — on CPU, for inputs that need no
+    gradient, at a group size the kernels take; anything else takes the dequantizing path."""
+
+    KERNEL_MODES = ("off", "lut", "float")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -34,6 +39,8 @@ class HLQLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._cache: tuple[Any, torch.Tensor] | None = None
+        self.kernels = "off"
+        self._lut: tuple[Any, Any] | None = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> HLQLinear:
@@ -59,8 +66,30 @@ class HLQLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels != "off" and x.device.type == "cpu" and not x.requires_grad:
+            lut = self._kernel()
+            if lut is not None:
+                y = lut(x.reshape(-1, self.in_features).float(), float_tables=self.kernels == "float")
+                y = y.view(*x.shape[:-1], self.out_features)
+                return (y if self.bias is None else y + self.bias).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight(x.dtype), bias)
+
+    def _kernel(self):
+        """The repacked matrix (``kernels.LUTLinear``), rebuilt when the packed tensors change; None where
+        the kernels do not take this group size."""
+        from .kernels import LUTLinear, kernel_group_size
+
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), self.scales._version)
+        if self._lut is None or self._lut[0] != key:
+            try:
+                kernel_group_size(self.in_features, self.group_size)
+            except ValueError:
+                self._lut = (key, None)
+            else:
+                lut = LUTLinear.from_packed(self.qweight, self.scales, self.zeros, self.in_features, self.group_size)
+                self._lut = (key, lut)
+        return self._lut[1]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
