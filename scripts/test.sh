@@ -7,4 +7,6 @@ bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
 # The NEON kernels: cross-compiled for AArch64 and run under qemu-user against the scalar reference.
 bash scripts/test_neon.sh
+# The chat page's tests run in a real headless browser.
+bash scripts/setup_browser.sh
 .venv/bin/python -m pytest -q "$@"

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +47,8 @@ PREFILL_BUDGET = 256  # prompt tokens per step: bounds how long a new prompt sta
 MIN_SHARED_PREFIX = 8  # copy another request's KV only for a prefix longer than this (else recompute)
 log = logging.getLogger("elutq.server")
 MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets 413 (a prompt far beyond any context)
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # served at /
+OPEN_ROUTES = ("/health", "/")  # no API key needed
 MAX_SEED = 2**63 - 1
 
 
@@ -391,7 +393,8 @@ class _BodyLimit:
 
 class _Gate:
     """ASGI middleware for every route: the API key (``Authorization: Bearer KEY``, compared in constant time;
-    ``/health`` stays open for load balancers), then one log line and the request counters per request.
+    ``/health`` stays open for load balancers, ``/`` — the chat page, which holds no data and asks for the key —
+    for browsers), then one log line and the request counters per request.
     Prompts are never logged."""
 
     def __init__(self, app, api_key: str | None, metrics: _Metrics):
@@ -408,7 +411,7 @@ class _Gate:
             await send(message)
 
         try:
-            if self.key and path != "/health" and not self._authorized(scope):
+            if self.key and path not in OPEN_ROUTES and not self._authorized(scope):
                 status[0] = 401
                 err = APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                "invalid_request_error", code="invalid_api_key")
@@ -431,7 +434,7 @@ class _Gate:
 class _Metrics:
     """Request counters and latencies, exposed with the engine's own counters at ``/metrics``."""
 
-    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -536,10 +539,23 @@ def create_app(
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.text(engine, model_name), media_type="text/plain; version=0.0.4")
 
+    qc = model.qconfig or {}
+    about = {k: qc[k] for k in ("method", "format", "bits", "group_size") if k in qc}
+    for key in ("bits", "group_size"):  # a mixed-precision checkpoint: the range over its modules
+        seen = sorted({m[key] for m in qc.get("modules", {}).values() if key in m})
+        if key not in about and seen:
+            about[key] = seen[0] if len(seen) == 1 else f"{seen[0]}-{seen[-1]}"
+    if model.path is not None:
+        about["size_mib"] = round(sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 2**20, 1)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "elutq"}
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "elutq", "elutq": about}
         return {"object": "list", "data": [card]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     def check_model(name: str) -> None:
         if name != model_name:
