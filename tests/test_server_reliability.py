@@ -127,17 +127,17 @@ def test_health_tells_the_truth_when_the_engine_thread_is_gone(checkpoint):  # n
 
 
 def _slow_steps(srv, monkeypatch, seconds: float) -> None:
-    """Each engine step takes ``seconds``; end-of-sequence is never sampled (a request runs its max_tokens)."""
-    forward = srv.model.forward_batch
+    """Each engine step takes ``seconds``; end-of-sequence is never sampled (a request runs its max_tokens).
+    Both forwards: a batch's (``forward_batch``) and a request's decoding alone (``Model.step`` → ``forward``)."""
     eos = sorted(srv.model.eos_ids)
+    for name in ("forward_batch", "forward"):
+        def slow(*a, _real=getattr(srv.model, name), **kw):
+            time.sleep(seconds)
+            logits = _real(*a, **kw)
+            logits[:, eos] = -np.inf
+            return logits
 
-    def slow(*a, **kw):
-        time.sleep(seconds)
-        logits = forward(*a, **kw)
-        logits[:, eos] = -np.inf
-        return logits
-
-    monkeypatch.setattr(srv.model, "forward_batch", slow)
+        monkeypatch.setattr(srv.model, name, slow)
 
 
 def test_non_streaming_client_that_disconnects_frees_its_slot(checkpoint, monkeypatch):  # noqa: F811

@@ -12,6 +12,7 @@ import elutq
 from elutq import runtime
 from elutq.generation import DraftPolicy, Sampler, prompt_lookup, sample_batch, speculative_pick
 from test_runtime import _quantized
+from test_server import NAME, Server, checkpoint  # noqa: F401 (checkpoint: a fixture)
 
 
 def test_prompt_lookup_takes_what_followed_the_latest_match():
@@ -132,3 +133,41 @@ def test_speculative_sampling_runs_and_respects_the_seed(tmp_path, monkeypatch):
     model.session.reset()
     b = model.generate(prompt, **kw)
     assert a.token_ids == b.token_ids and a.timing.drafted_tokens > 0
+
+
+def test_server_request_alone_checks_drafts_and_replies_the_same(monkeypatch, checkpoint):  # noqa: F811
+    """Through the server: a request decoding alone checks drafts (here the plain reply's next tokens, every other
+    draft's second one wrong) in fewer engine steps than tokens, and gets the plain greedy reply; with
+    ``speculative=False`` every step decodes one token."""
+    import httpx
+
+    ckpt = checkpoint
+    prompt, n = "The quick brown", 24
+    body = {"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    off = Server(ckpt, max_batch=2, max_queue=2, speculative=False)
+    try:
+        want = httpx.post(off.url + "/v1/completions", json=body, timeout=60).json()
+        assert off.engine.stats()["steps"] == n  # one prompt step, then one per token after the first
+        ids = off.model.encode(prompt)
+    finally:
+        off.stop()
+    srv = Server(ckpt, max_batch=2, max_queue=2)
+    try:
+        reply_ids = srv.model.encode(prompt + want["choices"][0]["text"])[len(ids):]
+        calls = itertools.count()
+
+        def drafter(context, k):
+            d = list(reply_ids[len(context) - len(ids) :][:k])
+            if next(calls) % 2 and len(d) > 1:
+                d[1] = (d[1] + 1) % 256
+            return d
+
+        monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(3, available))
+        monkeypatch.setattr(runtime, "prompt_lookup", drafter)
+        got = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got["usage"] == want["usage"]
+        stats = srv.engine.stats()
+        assert stats["sampled_tokens"] == n and stats["steps"] < n - 2, stats
+    finally:
+        srv.stop()

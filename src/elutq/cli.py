@@ -435,7 +435,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
           max_queue=args.max_queue, threads=args.threads, model_name=args.model_name,
           residual_tables=args.residual_tables, api_key=args.api_key or os.environ.get("ELUTQ_API_KEY") or None,
-          request_timeout=args.request_timeout)
+          request_timeout=args.request_timeout, speculative=not args.no_speculative)
 
 
 def _add_sampling_args(g: argparse.ArgumentParser) -> None:
@@ -662,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=V.positive, default=None, help="kernel threads (default: all cores)")
     sv.add_argument("--force-threads", action="store_true", help=FORCE_THREADS_HELP)
     sv.add_argument("--residual-tables", action="store_true", help=RESIDUAL_HELP)
+    sv.add_argument("--no-speculative", action="store_true",
+                    help="a request decoding alone checks no prompt-lookup drafts (default: it does where that is "
+                    "faster; batches of several always decode one token per request per step)")
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
     sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
                     "(default: $ELUTQ_API_KEY; none: open, fine on 127.0.0.1)")

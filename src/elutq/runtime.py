@@ -401,29 +401,40 @@ class Model:
         assert isinstance(done, Completion)
         return done
 
+    def draft_policy(self) -> DraftPolicy:
+        """A draft-length policy sharing this model's measured step costs (:class:`DraftPolicy`)."""
+        return DraftPolicy(cost=self.step_costs)
+
+    def step(self, g: Generation, policy: DraftPolicy | None = None) -> str:
+        """Advance ``g`` by one pass over the weights (after its prompt's earlier chunks): what is pending,
+        plus — with ``policy`` and where it pays — prompt-lookup drafts checked in the same forward
+        (:meth:`_verify`).  Returns the new text (possibly empty)."""
+        feed = g.pending
+        while len(feed) > PREFILL_CHUNK:  # long prompts in chunks: bounded activation memory
+            self.forward(g.session, feed[:PREFILL_CHUNK])
+            feed = feed[PREFILL_CHUNK:]
+        draft: list[int] = []
+        if policy is not None and g.out:
+            # the drafts fit the context and the reply (advance's own checks stop exactly where they would)
+            room = min(g.session.max_ctx - len(g.session.tokens) - len(feed) - 1, g.max_new - len(g.out) - 1)
+            k = policy.length(room)
+            draft = prompt_lookup(g.ids + g.out, k) if k else []
+        decoding = bool(g.out)
+        g.timing.decode_steps += decoding
+        t = time.perf_counter()
+        if not draft:
+            delta = g.advance(self.forward(g.session, feed)[-1])
+        else:
+            delta, taken = self._verify(g, feed, draft)
+            policy.result(len(draft), taken)  # type: ignore[union-attr]
+        if policy is not None and decoding and len(feed) == 1:
+            policy.timed(1 + len(draft), time.perf_counter() - t)
+        return delta
+
     def _drive(self, g: Generation, speculative: bool = True) -> Iterator[str | Completion]:
-        policy = DraftPolicy(cost=self.step_costs) if speculative else None
+        policy = self.draft_policy() if speculative else None
         while not g.done:
-            feed = g.pending
-            while len(feed) > PREFILL_CHUNK:  # long prompts in chunks: bounded activation memory
-                self.forward(g.session, feed[:PREFILL_CHUNK])
-                feed = feed[PREFILL_CHUNK:]
-            draft: list[int] = []
-            if policy is not None and g.out:
-                # the drafts fit the context and the reply (advance's own checks stop exactly where they would)
-                room = min(g.session.max_ctx - len(g.session.tokens) - len(feed) - 1, g.max_new - len(g.out) - 1)
-                k = policy.length(room)
-                draft = prompt_lookup(g.ids + g.out, k) if k else []
-            decoding = bool(g.out)
-            g.timing.decode_steps += decoding
-            t = time.perf_counter()
-            if not draft:
-                delta = g.advance(self.forward(g.session, feed)[-1])
-            else:
-                delta, taken = self._verify(g, feed, draft)
-                policy.result(len(draft), taken)  # type: ignore[union-attr]
-            if policy is not None and decoding and len(feed) == 1:
-                policy.timed(1 + len(draft), time.perf_counter() - t)
+            delta = self.step(g, policy)
             if delta:
                 yield delta
         yield g.completion()

@@ -83,10 +83,15 @@ class _Job:
 class Engine:
     """Runs every admitted request in one batched step after another, on its own thread."""
 
-    def __init__(self, model: Model, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None):
+    def __init__(
+        self, model: Model, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None, speculative: bool = True
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ElutqError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        # A request decoding alone checks prompt-lookup drafts (Model.step) where they pay; a batch of
+        # several already shares each pass over the weights, and decodes one token per request per step.
+        self.policy = model.draft_policy() if speculative else None
         self.ctx = min(ctx or model.max_ctx, model.max_ctx)
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []
@@ -244,6 +249,8 @@ class Engine:
             self._release(job)
 
     def _step(self, batch: list[_Job]) -> None:
+        if self.policy is not None and len(batch) == 1 and batch[0].gen.out and len(batch[0].gen.pending) == 1:
+            return self._step_alone(batch[0])
         budget = PREFILL_BUDGET
         jobs, feeds = [], []
         for job in batch:
@@ -300,6 +307,30 @@ class Engine:
                 if job.gen.done:
                     out.append((job, job.gen.completion()))
                     self._release(job)
+        _deliver(out)
+
+
+    def _step_alone(self, job: _Job) -> None:
+        """One decoding request on its own: one ``Model.step`` (drafts checked where they pay)."""
+        g, before, t0 = job.gen, len(job.gen.out), time.perf_counter()
+        try:
+            piece = self.model.step(g, self.policy)
+        except Exception as e:  # noqa: BLE001 (as a batched step: this request fails, the engine goes on)
+            with self._cv:
+                self._fail([job], e)
+            return
+        self.steps += 1
+        self.forward_seconds += time.perf_counter() - t0
+        self.sampled += len(g.out) - before
+        out: list[tuple[_Job, Any]] = []
+        with self._cv:
+            if job.cancelled:
+                return
+            if piece:
+                out.append((job, piece))
+            if g.done:
+                out.append((job, g.completion()))
+                self._release(job)
         _deliver(out)
 
 
@@ -742,6 +773,7 @@ def serve(
     residual_tables: bool = False,
     api_key: str | None = None,
     request_timeout: float | None = None,
+    speculative: bool = True,
 ) -> None:
     import uvicorn
 
@@ -749,7 +781,7 @@ def serve(
 
     model = load(checkpoint, max_ctx=ctx, threads=threads, residual_tables=residual_tables)
     name = model_name or Path(str(checkpoint)).name
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, speculative=speculative)
     # Everything loaded so far (torch, transformers, the model) lives as long as the server: keep it
     # out of the cyclic collector's full passes, which would otherwise walk it between decode steps.
     gc.collect()
