@@ -229,6 +229,74 @@ def test_e2e_reduces_the_loss_and_writes_a_normal_checkpoint(tiny_ckpt, tmp_path
     assert not (tmp_path / "ft.partial").exists()
 
 
+def test_chunked_loss_equals_the_whole_vocabulary_loss(tiny_ckpt, monkeypatch):
+    # The loss in slices of 5 positions (recomputed in the backward pass) against one [B, T, vocab] formula:
+    # the same value and the same gradients, for the KL (whole teacher) and the causal-LM loss.
+    from elutq import finetune as ft
+    from elutq.models import load_model
+
+    src, q, _ = tiny_ckpt
+    ids = torch.randint(0, 200, (2, 13), generator=torch.Generator().manual_seed(0))
+    fp, _ = load_model(str(src))
+    with torch.no_grad():
+        logp = fp(ids).logits.float().log_softmax(-1).half().float()  # as the teacher files store it
+    for loss in ("kl", "ce"):
+        grads = []
+        for rows in (5, None):
+            model, _, _ = load_quantized(q)
+            views = trainable_views(model)
+            if rows is None:  # the reference: whole logits, one formula
+                logits = model(input_ids=ids).logits.float()
+                if loss == "kl":
+                    value = (logp.exp() * (logp - logits.log_softmax(-1))).sum(-1).mean()
+                else:
+                    value = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            else:
+                monkeypatch.setattr(ft, "LOSS_ROWS", rows)
+                value = ft._e2e_loss(model, ids, {"logp": logp} if loss == "kl" else None)
+            value.backward()
+            grads.append((value.item(), [views[n].s.grad.clone() for n in sorted(views)]))
+        (a, ga), (b, gb) = grads
+        assert a == pytest.approx(b, rel=1e-5), loss
+        for x, y in zip(ga, gb, strict=True):
+            torch.testing.assert_close(x, y, rtol=2e-3, atol=1e-6)
+
+
+def test_topk_teacher_kl_is_a_bound_that_is_exact_at_full_width():
+    from elutq.finetune import _kl_rows, _teacher_record
+
+    g = torch.Generator().manual_seed(0)
+    logp = (3 * torch.randn(6, 50, generator=g)).log_softmax(-1)
+    student = torch.randn(6, 50, generator=g)
+    full = _kl_rows(student, _teacher_record(logp, 0))
+    assert "logp" in _teacher_record(logp, 50)  # k >= vocab: the whole distribution
+    exact = _kl_rows(student, _teacher_record(logp, 49))  # one token left in the rest: the same partition
+    assert exact.item() == pytest.approx(full.item(), rel=1e-3)  # (the whole teacher is stored in fp16)
+    for k in (1, 4, 16):
+        rec = _teacher_record(logp, k)
+        assert rec["top_index"].shape == (6, k) and rec["rest_logp"].shape == (6,)
+        assert torch.allclose((rec["top_logp"].exp().sum(-1) + rec["rest_logp"].exp()), torch.ones(6), atol=1e-5)
+        assert 0 <= _kl_rows(student, rec).item() <= full.item() * (1 + 1e-3)  # coarser bins: never more
+
+
+def test_e2e_with_a_topk_teacher(tiny_ckpt, tmp_path, monkeypatch):
+    from elutq import finetune as ft
+
+    src, q, calib = tiny_ckpt
+    kept = []
+    real = ft._teacher_record
+    monkeypatch.setattr(ft, "_teacher_record", lambda logp, k: kept.append(real(logp, k)) or kept[-1])
+    report = finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(calib, teacher_topk=8), progress=False)
+    assert kept and all(set(r) == {"top_logp", "top_index", "rest_logp"} and r["top_index"].shape[-1] == 8
+                        for r in kept)  # fmt: skip
+    r = report.e2e
+    assert r["best_step"] > 0 and r["best_val"] < 0.9 * r["start_val"], r
+    _, _, qc = load_quantized(tmp_path / "ft")
+    assert qc["finetune"][-1]["settings"]["teacher_topk"] == 8
+    with pytest.raises(ValueError, match="teacher_topk"):
+        FinetuneConfig(stage="e2e", teacher_topk=-1)
+
+
 def test_e2e_never_returns_a_worse_state(tiny_ckpt, tmp_path):
     src, q, calib = tiny_ckpt
     report = finetune_e2e(q, str(src), tmp_path / "ft", e2e_cfg(calib, lr=5.0, epochs=1), progress=False)

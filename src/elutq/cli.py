@@ -149,6 +149,7 @@ def _finetune_config(args: argparse.Namespace, stage: str):
         patience=args.patience,
         seed=args.seed,
         loss=args.loss,
+        teacher_topk=args.teacher_topk,
         reassign_codes=args.reassign_codes and stage == "block",
         device=args.ft_device or ("cuda" if _cuda_available() else "cpu"),
     )
@@ -476,6 +477,9 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
 
     opt("loss", choices=["kl", "ce"], default="kl",
         help="e2e loss: KL to the source model's next-token distribution, or the causal-LM loss")
+    opt("teacher-topk", type=V.non_negative, default=0,
+        help="e2e KL: keep the source model's K likeliest tokens per position and the rest's mass, not the whole "
+             "distribution (0, the default: all; K=64 keeps a 150k-vocabulary teacher to a few MB)")
     opt("val-fraction", type=V.fraction, default=0.125, help="held-out share of the samples")
     opt("batch-size", type=V.positive, default=4, help="samples per step")
     opt("epochs", type=V.positive, default=4, help="passes over the training samples (per layer for block)")

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from .calibration import CalibConfig, calibration_ids
@@ -95,6 +96,7 @@ class FinetuneConfig:
     patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
     seed: int = 0
     loss: Literal["kl", "ce"] = "kl"  # e2e: KL to the fp model's next-token distribution, or causal-LM loss
+    teacher_topk: int = 0  # e2e KL: keep the teacher's k most likely tokens per position and the rest's mass (0: all)
     reassign_codes: bool = False  # block: between epochs, re-assign codes to the fp weights' nearest level
     device: str = "cpu"
 
@@ -109,11 +111,15 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
             raise ValueError("batch_size >= 1, epochs >= 0 and lr > 0 are required")
+        if self.teacher_topk < 0:
+            raise ValueError(f"teacher_topk must be >= 0 (0: the whole distribution), got {self.teacher_topk}")
 
     def settings(self) -> dict[str, Any]:
         """What determines the result (and so the resume fingerprint); the device is left out."""
         d = asdict(self)
         d.pop("device")
+        if self.stage != "e2e" or self.loss != "kl" or not self.teacher_topk:
+            d.pop("teacher_topk")  # only a top-k teacher changes a run (older runs keep their fingerprint)
         if self.stage == "block":
             d.pop("loss")  # block reconstruction always fits the fp block's output (MSE)
         else:
@@ -546,9 +552,11 @@ class E2EResult:
 
 
 @torch.no_grad()
-def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor], pos, work: Path, dev, progress):
-    """The fp model's next-token log-probabilities on each chunk of calibration ids, written as fp16
-    files.  Streamed one decoder layer at a time, so the teacher is never resident."""
+def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor], pos, work: Path, dev, progress,
+                   topk: int = 0):
+    """The fp model's next-token log-probabilities on each chunk of calibration ids (all of them in fp16, or the
+    top ``topk`` and the rest's mass: ``_teacher_record``), one file per chunk.  Streamed one decoder layer at a
+    time, so the teacher is never resident."""
     emb = source.get("model.embed_tokens.weight").to(torch.float32)
     hs = [emb[c] for c in chunks]
     head = source.get("lm_head.weight").to(torch.float32) if "lm_head.weight" in source else emb
@@ -564,17 +572,75 @@ def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor],
         norm = nn.Sequential(norm, nn.Linear(rot.shape[0], rot.shape[0], bias=False, device=dev))
         norm[1].weight.data = rot.T.contiguous()
     (work / TEACHER_DIR).mkdir(exist_ok=True)
+    head = head.to(dev)
     for k, h in enumerate(hs):
-        logp = (norm(h.to(dev)) @ head.to(dev).T).log_softmax(-1)
-        atomic_save({"logp": logp.half().cpu().contiguous()}, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
+        h = norm(h.to(dev)).flatten(0, 1)  # [B·T, H]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for r in range(0, h.shape[0], LOSS_ROWS):  # one slice of the vocabulary projection at a time
+            logp = (h[r : r + LOSS_ROWS] @ head.T).log_softmax(-1)
+            for name, t in _teacher_record(logp, topk).items():
+                parts.setdefault(name, []).append(t.cpu())
+        b, n = hs[k].shape[:2]
+        rec = {name: torch.cat(ts).reshape(b, n, *ts[0].shape[1:]).contiguous() for name, ts in parts.items()}
+        atomic_save(rec, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
 
 
-def _e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    if teacher is None:  # causal-LM loss on the calibration text
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    logp = teacher.float()
-    return (logp.exp() * (logp - logits.log_softmax(-1))).sum(-1).mean()  # KL(teacher || student) per token
+LOSS_ROWS = 256  # positions whose logits over the vocabulary exist at once (teacher and student alike)
+
+
+def _teacher_record(logp: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
+    """What is kept of the teacher's log-probabilities ``logp [rows, V]``: all of them (fp16), or the ``topk``
+    largest with their token ids and the log of the mass left over (fp32: a few numbers per position)."""
+    if not topk or topk >= logp.shape[-1]:
+        return {"logp": logp.half()}
+    values, index = logp.topk(topk, dim=-1)
+    rest = logp.scatter(-1, index, float("-inf")).logsumexp(-1)
+    return {"top_logp": values.float(), "top_index": index.int(), "rest_logp": rest.float()}
+
+
+def _kl_rows(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ over rows of KL(teacher ‖ student) for student ``logits [rows, V]``: over the whole vocabulary, or, for
+    a top-k teacher, over its k tokens plus one bin holding everything else (a lower bound that is exact when
+    the rest has no mass)."""
+    logq = logits.float().log_softmax(-1)
+    if "logp" in teacher:
+        logp = teacher["logp"].float()
+        return (logp.exp() * (logp - logq)).sum()
+    logp, index, rest = teacher["top_logp"], teacher["top_index"].long(), teacher["rest_logp"]
+    q_top = logq.gather(-1, index)
+    q_rest = logq.scatter(-1, index, float("-inf")).logsumexp(-1)
+    kl = (logp.exp() * (logp - q_top)).sum(-1) + rest.exp() * (rest - q_rest)
+    return kl.sum()
+
+
+def _e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The loss per position; the vocabulary projection and the loss go ``LOSS_ROWS`` positions at a time, each
+    slice recomputed in the backward pass (activation checkpointing), so no ``[B, T, vocab]`` tensor exists."""
+    h = model.model(input_ids=ids, use_cache=False).last_hidden_state.flatten(0, 1)  # [B·T, H]
+    if teacher is None:  # causal-LM loss on the calibration text: position t predicts t + 1
+        rows = torch.arange(h.shape[0], device=h.device).reshape(ids.shape)[:, :-1].flatten()
+        h, targets = h[rows], ids[:, 1:].flatten()
+    else:
+        teacher = {k: v.flatten(0, 1) for k, v in teacher.items()}
+    # The head's weight is decoded once per step (a trainable view decodes it from its scales on every call),
+    # outside the recomputed slices: they keep a reference to it, not a copy.
+    head = model.lm_head
+    w = head.weight() if callable(head.weight) else head.weight
+    bias = head.bias
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for r in range(0, h.shape[0], LOSS_ROWS):
+        part = slice(r, r + LOSS_ROWS)
+        if teacher is None:
+            fn = lambda x, t: nn.functional.cross_entropy(logits(x).float(), t, reduction="sum")  # noqa: E731
+            total = total + recompute(fn, h[part], targets[part], use_reentrant=False)
+        else:
+            t = {k: v[part] for k, v in teacher.items()}
+            total = total + recompute(lambda x, t=t: _kl_rows(logits(x), t), h[part], use_reentrant=False)
+    return total / h.shape[0]
 
 
 def finetune_e2e(
@@ -617,14 +683,14 @@ def finetune_e2e(
         skeleton = meta_model(inp.config)
         rotate_mlps(skeleton, rotation_from_spec(inp.qc.get("rotation")))
         pos = position_embeddings(inp.config, cfg.calib.seqlen, dev, skeleton)
-        _write_teacher(skeleton, inp.source, chunks, pos, work, dev, progress)
+        _write_teacher(skeleton, inp.source, chunks, pos, work, dev, progress, cfg.teacher_topk)
         del skeleton
         run.save(teacher_done=True)
 
-    def teacher(k: int) -> torch.Tensor | None:
+    def teacher(k: int) -> dict[str, torch.Tensor] | None:
         if cfg.loss != "kl":
             return None
-        return load_file(str(work / TEACHER_DIR / f"chunk-{k:05d}.safetensors"))["logp"].to(dev)
+        return {n: t.to(dev) for n, t in load_file(str(work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")).items()}
 
     model, _, _ = load_quantized(inp.ckpt)
     for p in model.parameters():
