@@ -129,10 +129,11 @@ def test_token_logprobs_across_chunks_equal_log_softmax(tmp_path, monkeypatch):
     _, out = _quantized(tmp_path, "llama")
     model = elutq.load(out)
     ref = torch.log_softmax(model.logits(IDS).double(), -1)[:-1].gather(1, torch.tensor(IDS[1:])[:, None])[:, 0]
-    monkeypatch.setattr(rt, "PREFILL_CHUNK", 5)
-    got = model.token_logprobs(IDS)
-    assert got.shape == (len(IDS) - 1,)
-    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    for chunk in (5, 64):  # several chunks, and one chunk longer than the window
+        monkeypatch.setattr(rt, "PREFILL_CHUNK", chunk)
+        got = model.token_logprobs(IDS)
+        assert got.shape == (len(IDS) - 1,)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
     s = Session(model)
     with pytest.raises(ElutqError, match="out must be"):
         model.forward(s, IDS[:4], all_logits=True, out=np.empty((3, model.arch.vocab), np.float32))

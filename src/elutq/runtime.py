@@ -309,7 +309,7 @@ class Model:
         window's full logits over a 150k vocabulary would be 1.2 GB)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         s = Session(self, max_ctx=len(ids))
-        buf = np.empty((min(PREFILL_CHUNK, max(len(ids) - 1, 1)), self.arch.vocab), dtype=np.float32)
+        buf = np.empty((min(PREFILL_CHUNK, len(ids)), self.arch.vocab), dtype=np.float32)
         out = []
         for i in range(0, len(ids) - 1, PREFILL_CHUNK):
             chunk = ids[i : i + PREFILL_CHUNK]
