@@ -80,12 +80,15 @@ def test_code_blocks_are_rendered_and_text_escaped(server, browser):
 
 
 def test_stop_cancels_the_reply_on_the_server(server, browser, monkeypatch):
-    for name in ("forward_batch", "forward"):  # a decode step slow enough to press Stop in the middle of a reply
-        def slow(*a, _real=getattr(server.model, name), **kw):
+    def slowed(real):  # a decode step slow enough to press Stop in the middle of a reply
+        def slow(*a, **kw):
             time.sleep(0.1)
-            return _real(*a, **kw)
+            return real(*a, **kw)
 
-        monkeypatch.setattr(server.model, name, slow)
+        return slow
+
+    for name in ("forward_batch", "forward"):
+        monkeypatch.setattr(server.model, name, slowed(getattr(server.model, name)))
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.ID, "model").text == NAME)

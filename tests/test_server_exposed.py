@@ -73,12 +73,15 @@ def test_request_timeout_stops_the_request_and_frees_its_slot(checkpoint):  # no
     import time
 
     srv = Server(checkpoint, app_kw={"request_timeout": 0.2}, max_batch=2, max_queue=4)
-    for name in ("forward_batch", "forward"):  # 20 ms a step: 60 tokens take over a second, well past the limit
-        def slow(*a, _real=getattr(srv.model, name), **kw):
+    def slowed(real):  # 20 ms a step: 60 tokens take over a second, well past the limit
+        def slow(*a, **kw):
             time.sleep(0.02)
-            return _real(*a, **kw)
+            return real(*a, **kw)
 
-        setattr(srv.model, name, slow)
+        return slow
+
+    for name in ("forward_batch", "forward"):
+        setattr(srv.model, name, slowed(getattr(srv.model, name)))
     try:
         body = {"model": NAME, "prompt": "fox", "max_tokens": 60, "temperature": 1.0, "ignore_eos": True}
         r = httpx.post(srv.url + COMP, json=body, timeout=60)

@@ -130,14 +130,18 @@ def _slow_steps(srv, monkeypatch, seconds: float) -> None:
     """Each engine step takes ``seconds``; end-of-sequence is never sampled (a request runs its max_tokens).
     Both forwards: a batch's (``forward_batch``) and a request's decoding alone (``Model.step`` → ``forward``)."""
     eos = sorted(srv.model.eos_ids)
-    for name in ("forward_batch", "forward"):
-        def slow(*a, _real=getattr(srv.model, name), **kw):
+
+    def slowed(real):
+        def slow(*a, **kw):
             time.sleep(seconds)
-            logits = _real(*a, **kw)
+            logits = real(*a, **kw)
             logits[:, eos] = -np.inf
             return logits
 
-        monkeypatch.setattr(srv.model, name, slow)
+        return slow
+
+    for name in ("forward_batch", "forward"):
+        monkeypatch.setattr(srv.model, name, slowed(getattr(srv.model, name)))
 
 
 def test_non_streaming_client_that_disconnects_frees_its_slot(checkpoint, monkeypatch):  # noqa: F811
