@@ -76,3 +76,14 @@ def eval_ppl(
 def fmt_int(x: float) -> str:
     """Perplexities span 19 to 10^6: thousands separators above 1000, two decimals below."""
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
+
+
+def default_w4_checkpoint() -> str:
+    """RTN HLQ w4g128 of the default model in ``out/bench-eval-w4`` (quantized once: a few seconds), the checkpoint
+    bench_eval.py and bench_lmeval.py use without ``--checkpoint``."""
+    ckpt = str(ROOT / "out" / "bench-eval-w4")
+    if not (Path(ckpt) / "config.json").exists():
+        m = run_measured(elutq_cmd("quantize", "default", "-o", ckpt, "--method", "rtn", "--bits", "4"))
+        if m.returncode != 0:
+            raise SystemExit("quantizing the default model failed")
+    return ckpt

@@ -11,9 +11,8 @@ time, its peak RSS, the speed ratio and the two perplexities' relative differenc
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from _common import ROOT, elutq_cmd, eval_ppl, run_measured
+from _common import default_w4_checkpoint, eval_ppl
 
 
 def main() -> None:
@@ -23,13 +22,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="wikitext2")
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = str(ROOT / "out" / "bench-eval-w4")
-        if not (Path(ckpt) / "config.json").exists():
-            m = run_measured(elutq_cmd("quantize", "default", "-o", ckpt, "--method", "rtn", "--bits", "4"))
-            if m.returncode != 0:
-                raise SystemExit("quantizing the default model failed")
+    ckpt = args.checkpoint or default_w4_checkpoint()
     runs: dict[str, list[dict]] = {"native": [], "torch": []}
     for _ in range(args.rounds):
         for backend in runs:

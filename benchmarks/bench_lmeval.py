@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, elutq_cmd, run_measured
+from _common import ROOT, default_w4_checkpoint, run_measured
 
 
 def build_tasks(d: Path, items: int, docs: int, seed: int = 0) -> None:
@@ -101,13 +101,7 @@ def main() -> None:
     work = Path(args.work)
     if args.worker:
         return worker(args.worker, args.checkpoint, work, work / f"{args.worker}.json")
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = str(ROOT / "out" / "bench-eval-w4")
-        if not (Path(ckpt) / "config.json").exists():
-            m = run_measured(elutq_cmd("quantize", "default", "-o", ckpt, "--method", "rtn", "--bits", "4"))
-            if m.returncode != 0:
-                raise SystemExit("quantizing the default model failed")
+    ckpt = args.checkpoint or default_w4_checkpoint()
     work.mkdir(parents=True, exist_ok=True)
     build_tasks(work, args.items, args.docs)
     runs = {}

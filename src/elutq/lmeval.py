@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .generation import common_prefix
 from .runtime import PREFILL_CHUNK, Model, Session, load
 from .utils import ElutqError
 
@@ -27,14 +28,6 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ElutqError("the lm-eval backend needs lm-evaluation-harness: `pip install 'elutq[lm-eval]'`") from e
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @register_model("elutq")
@@ -93,7 +86,7 @@ class ElutqLM(TemplateLM):
         if n == 0:
             return 0.0, True
         s = self.session
-        keep = min(_common_prefix(s.tokens, inp), len(inp) - n)
+        keep = min(common_prefix(s.tokens, inp), len(inp) - n)
         s.tokens = s.tokens[:keep]  # positions past `keep` are overwritten by the next forward
         head, tail = inp[keep : len(inp) - n], inp[len(inp) - n :]
         for i in range(0, len(head), PREFILL_CHUNK):
