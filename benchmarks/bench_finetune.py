@@ -8,8 +8,9 @@ Every stage runs as its own `elutq` process, measured alone (wall seconds, CPU s
 from the OS via ``os.wait4``): `elutq quantize` (the baseline, GPTQ on WikiText-2 `valid` by default),
 then `elutq finetune --stage S` from that baseline for each S in --stages (`block`, `e2e`, or the
 chain `block,e2e` written `block+e2e`), all calibrated and trained on WikiText-2 `valid`; and
-`elutq eval` on the first --max-tokens tokens of WikiText-2 `test` for each checkpoint.  Prints a
-markdown table (the README's).  With --json, every finished row is saved there and a rerun skips
+`elutq eval` on the first --max-tokens tokens of WikiText-2 `test` and of python-code `test` (text of
+another domain, never trained on) for each checkpoint.  Prints a markdown table.
+With --json, every finished row is saved there and a rerun skips
 the rows it holds (checkpoints already in --work are reused, their times not measured again).
 ``--variant NAME`` labels the finetuned rows and checkpoints (``... + block [NAME]``), so runs with
 other finetune options share the baseline and the json, e.g. ``--variant reassign -- --reassign-codes``.
@@ -63,8 +64,12 @@ def main() -> None:
             raise SystemExit(f"{kind} failed (log: {args.work / f'{out.name}.log'}):\n{m.output[-3000:]}")
         return {"wall_s": m.seconds, "cpu_s": m.cpu_seconds, "rss_mb": m.peak_rss_mb}
 
+    def scores(model: str) -> dict:
+        return {"ppl": eval_ppl(model, args.max_tokens)["ppl"],
+                "ppl_code": eval_ppl(model, args.max_tokens, dataset="python-code")["ppl"]}
+
     if "fp" not in rows:
-        save("fp", {"ppl": eval_ppl("default", args.max_tokens)["ppl"]})
+        save("fp", scores("default"))
     for setting in args.settings.split(","):
         bits, group = parse_setting(setting)
         base = args.work / f"{args.method}-{setting}"
@@ -72,7 +77,7 @@ def main() -> None:
         if key not in rows:
             cost = measured(args.method, ["quantize", "default", "-o", str(base), "--method", args.method,
                                           "--bits", str(bits), "--group-size", str(group), "--rotate", "none"], base)
-            save(key, {**cost, "ppl": eval_ppl(str(base), args.max_tokens)["ppl"]})
+            save(key, {**cost, **scores(str(base))})
         for stage in stages:
             key = f"{setting} {args.method} + {stage}{tag}"
             if key in rows:
@@ -80,14 +85,17 @@ def main() -> None:
             ft = args.work / f"{args.method}-{setting}-{stage}{dir_tag}"
             cost = measured(stage, ["finetune", str(base), "--source", "default", "-o", str(ft),
                                     *stage_args(stage), *args.finetune_args], ft)
-            save(key, {**cost, "ppl": eval_ppl(str(ft), args.max_tokens)["ppl"]})
+            save(key, {**cost, **scores(str(ft))})
 
     def t(x: float | None) -> str:
         return "reused" if x is None else f"{x:,.0f}"
 
-    print(f"\nWikiText-2 test, first {args.max_tokens} tokens; fp32 ppl {rows['fp']['ppl']:.2f}\n")
-    print("| setting | checkpoint | ppl | vs baseline | wall (s) | CPU (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    fp = rows["fp"]
+    print(f"\nfirst {args.max_tokens} tokens of each test text; unquantized: WikiText-2 {fp['ppl']:.2f}, "
+          f"python-code {fp['ppl_code']:.2f}\n")
+    print("| setting | checkpoint | WikiText-2 | vs baseline | python-code | vs baseline | wall (s) | CPU (s) "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings.split(","):
         base = rows.get(f"{setting} {args.method}")
         if not base:
@@ -96,9 +104,10 @@ def main() -> None:
             r = rows.get(f"{setting} {args.method}" + (f" + {stage}{tag}" if stage else ""))
             if not r:
                 continue
-            change = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if stage else ""
+            change = [f"{100 * (r[k] / base[k] - 1):+.1f}%" if stage else "" for k in ("ppl", "ppl_code")]
             print(f"| {setting} | {args.method.upper()}{' + ' + stage + tag if stage else ''} | {fmt_int(r['ppl'])} | "
-                  f"{change} | {t(r['wall_s'])} | {t(r['cpu_s'])} | {t(r['rss_mb'])} |")
+                  f"{change[0]} | {fmt_int(r['ppl_code'])} | {change[1]} | {t(r['wall_s'])} | {t(r['cpu_s'])} "
+                  f"| {t(r['rss_mb'])} |")
 
 
 if __name__ == "__main__":

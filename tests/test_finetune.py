@@ -12,7 +12,14 @@ import torch
 from conftest import save_tiny_llama
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import load_quantized, read_quantization_config, read_tensors
-from elutq.finetune import FinetuneConfig, TrainableHLQ, finetune_block, finetune_e2e, trainable_views
+from elutq.finetune import (
+    FinetuneConfig,
+    TrainableHLQ,
+    block_error,
+    finetune_block,
+    finetune_e2e,
+    trainable_views,
+)
 from elutq.hlq import QuantConfig, levels, quantize_weight
 from elutq.modules import HLQLinear
 from elutq.pipeline import PipelineConfig, quantize_streaming
@@ -93,6 +100,34 @@ def test_block_reconstruction_reduces_error_and_loads(tiny_ckpt, tmp_path):
     assert (ref - target).pow(2).mean() < err_q
 
 
+def test_block_error_sees_the_stream_as_the_next_norm_does():
+    """Each token counts by its own scale (a sink token 1000x larger weighs as much as any other), a channel
+    the next norm zeroes counts for nothing, and the error is the normed outputs' to first order."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 6, 16, generator=g)
+    y[:, 0] *= 1000.0  # attention sinks
+    d = 1e-3 * torch.randn(2, 6, 16, generator=g)
+    w = torch.rand(16, generator=g) + 0.5
+    w[3] = 0.0
+    e = block_error(y + d, y, w)
+    scaled = block_error(7.0 * (y + d), 7.0 * y, w)
+    torch.testing.assert_close(e, scaled)
+    d2 = d.clone()
+    d2[..., 3] += 5.0  # only on the channel the norm drops
+    torch.testing.assert_close(block_error(y + d2, y, w), e)
+    mse = block_error(y + 1000.0 * d * (y.abs() > 100), y, None)  # plain MSE: the sinks' error swamps the rest
+    assert mse[:, 0].sum() > 1e3 * mse[:, 1:].sum()
+
+    def normed(t: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True)) * w
+
+    # For an error orthogonal to the token's own stream, the norm's scale is unchanged to first order.
+    y, d, w = y.double(), d.double(), w.double()
+    d_perp = d - (d * y).sum(-1, keepdim=True) / y.pow(2).sum(-1, keepdim=True) * y
+    first_order = (normed(y + d_perp) - normed(y)).pow(2).sum(-1) / normed(y).pow(2).sum(-1)
+    torch.testing.assert_close(block_error(y + d_perp, y, w), first_order, rtol=1e-2, atol=0)
+
+
 def test_never_returns_a_worse_state(tiny_ckpt, tmp_path):
     """A learning rate that wrecks training must leave the input parameters exactly as they were."""
     src, q, calib = tiny_ckpt
@@ -147,7 +182,7 @@ def test_crash_then_resume_gives_the_same_checkpoint(tiny_ckpt, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     done = run_cli(ft_args(src, q, full, text))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "held-out relative block MSE" in done.stdout
+    assert "held-out block error" in done.stdout
     crashed = run_cli(ft_args(src, q, resumed, text), env={"ELUTQ_TEST_CRASH_AFTER_LAYER": "1"})
     assert crashed.returncode == 17 and not resumed.exists()
     assert json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())["layers_done"] == 2

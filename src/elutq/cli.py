@@ -151,6 +151,7 @@ def _finetune_config(args: argparse.Namespace, stage: str):
         loss=args.loss,
         teacher_topk=args.teacher_topk,
         reassign_codes=args.reassign_codes and stage == "block",
+        block_loss=args.block_loss,
         device=args.ft_device or ("cuda" if _cuda_available() else "cpu"),
     )
 
@@ -210,7 +211,8 @@ def _print_finetune(report, stage: str, ckpt: str | Path, source: str, out: Path
         start = [r["start_val"] for r in report.layers]
         best = [r["best_val"] for r in report.layers]
         print(
-            f"  held-out relative block MSE: mean {sum(start) / len(start):.3e} -> {sum(best) / len(best):.3e}, "
+            f"  held-out block error ({cfg.block_loss}): mean {sum(start) / len(start):.3e} -> "
+            f"{sum(best) / len(best):.3e}, "
             f"last layer {start[-1]:.3e} -> {best[-1]:.3e}"
         )
     else:
@@ -465,8 +467,8 @@ RESIDUAL_HELP = (
 FORCE_THREADS_HELP = "allow --threads above the cores available (oversubscribed threads wait on each other)"
 FINETUNE_STAGES = ["block", "e2e", "block,e2e"]
 FINETUNE_STAGE_HELP = (
-    "block: per-layer reconstruction (MSE to the fp layer); e2e: the whole model against the fp model's "
-    "outputs; block,e2e: one after the other"
+    "block: per-layer reconstruction (each layer's output to the fp layer's); e2e: the whole model against the "
+    "fp model's outputs; block,e2e: one after the other"
 )
 
 
@@ -489,6 +491,9 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
     opt("eval-every", type=V.non_negative, default=0, help="steps between held-out checks (0: every epoch)")
     opt("patience", type=V.non_negative, default=0, help="stop a layer after N checks without gain (0: off)")
     opt("seed", type=V.seed, default=0)
+    opt("block-loss", choices=["normed", "mse"], default="normed",
+        help="block: each token's error as the next RMSNorm sees it (normed, the default), or plain MSE over the "
+             "residual stream, which a few attention-sink tokens dominate")
     opt("reassign-codes", action="store_true",
         help="block: between epochs, re-assign each weight's code to the level nearest its fp value "
              "(after GPTQ it undoes GPTQ's error compensation: w2g128 ppl 59 -> 89, README)")
