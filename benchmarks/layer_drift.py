@@ -14,7 +14,12 @@ With ``--energy`` it also prints, for the source model, the share of the stream'
 that the first positions and the four largest channels hold at each layer: why a plain MSE over the
 stream (the block stage's former objective) fits the sink token and a few channels, and why a rotation,
 which spreads those channels over every input of the next linears, can hurt a quantizer that does not see
-activations (RTN).
+activations (RTN).  ``--linear L [L ...]`` shows it on those layers' q_proj: its output error over the
+tokens after the first, relative to the unquantized output, and the input norm's squared weight averaged
+over the channels and over the normed stream's energy.  An error spread evenly over the inputs (what
+rotation makes of a quantizer's error) is seen through the first, the unrotated linear's through the
+second: where the energy sits on channels the norm shrinks (second below first), rotation costs their
+ratio before it gains anything from the smaller weight error.
 """
 
 from __future__ import annotations
@@ -40,6 +45,27 @@ def drift(h: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return e[:, 1:].mean().item(), e[:, 0].mean().item()
 
 
+def q_proj_error(fp, model, x: torch.Tensor, layer: int, q: torch.Tensor | None) -> str:
+    """Layer ``layer``'s q_proj in ``model`` against ``fp``'s on the unquantized stream ``x`` entering it
+    (tokens after each window's first): relative output error; the norm weight's squared mean, plain and
+    weighted by the normed stream's energy per channel."""
+    x = x[:, 1:].reshape(-1, x.shape[-1])
+    fl = fp.model.layers[layer]
+    w, eps = fl.input_layernorm.weight.detach(), fp.config.rms_norm_eps
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # the norm without its weight
+    ref_w = fl.self_attn.q_proj.weight.detach()
+    y = (xn * w) @ ref_w.T
+    got_w = model.model.layers[layer].self_attn.q_proj.weight().detach().float()
+    # The checkpoint's basis: unrotated, the norm keeps its weight; rotated, it is folded in and the input is xn·Q.
+    basis = (lambda t: t @ q) if q is not None else (lambda t: t * w)
+    delta = got_w - (basis(ref_w * w) if q is not None else ref_w)
+    e = xn.pow(2).mean(0)
+    with torch.no_grad():
+        total = (basis(xn) @ delta.T).pow(2).sum() / y.pow(2).sum()
+    return (f"\n  layer {layer} q_proj: output error {total:.4f}; input norm weight² mean {w.pow(2).mean():.4f}, "
+            f"energy-weighted {(e * w.pow(2)).sum() / e.sum():.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="*")
@@ -49,6 +75,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="print every N-th layer")
     ap.add_argument("--split", choices=["valid", "test"], default="valid")
     ap.add_argument("--energy", action="store_true", help="also the source stream's energy shares")
+    ap.add_argument("--linear", type=int, nargs="*", default=[], help="also these layers' q_proj output error")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -71,6 +98,7 @@ def main() -> None:
         rot = rotation_from_spec(qc.get("rotation"))
         q = orthogonal(fp.config.hidden_size, rot.matrix, rot.seed).float() if rot else None
         hs = hidden_states(model, ids)
+        lin = "".join(q_proj_error(fp, model, ref[i], i, q) for i in args.linear)
         del model
         cells = []
         for i in layers:
@@ -78,7 +106,7 @@ def main() -> None:
             cells.append(f"{i}: {a:.3f}/{b:.3f}")
         what = f"{qc['method']} {qc['format']} w{qc['bits']}g{qc['group_size']}"
         what += f" rotate {rot.kind}" if rot else ""
-        print(f"\n{path} ({what})\n  " + "  ".join(cells))
+        print(f"\n{path} ({what})\n  " + "  ".join(cells) + lin)
 
 
 if __name__ == "__main__":
