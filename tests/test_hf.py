@@ -79,3 +79,40 @@ def test_registered_when_transformers_is_imported_after_elutq(tiny_llama, tmp_pa
             f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m.lm_head).__name__)")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("HLQLinear"), r.stderr[-2000:]
+
+
+def test_importing_elutq_hf_first_registers_it(tiny_llama, tmp_path):
+    """`from elutq.hf import ...` before transformers is loaded (the import hook then fires while elutq.hf is
+    half-initialized) works and registers the quantizer."""
+    out = _checkpoint(tiny_llama, tmp_path)
+    code = ("import sys; from elutq.hf import use_kernels; assert 'transformers' in sys.modules; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = use_kernels(AutoModelForCausalLM.from_pretrained({str(out)!r}), 'off'); "
+            "print(m.lm_head.kernels)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("off"), r.stderr[-2000:]
+
+
+def test_save_pretrained_writes_a_checkpoint_elutq_reads(tiny_llama, tmp_path):
+    """from_pretrained → save_pretrained gives back the same tensors (the shared head/embedding once), which
+    elutq's own loaders and the native runtime read, with the same logits; `elutq info --verify` says no
+    checksums were recorded rather than calling the new files corrupt."""
+    from transformers import AutoModelForCausalLM
+
+    import elutq
+    from elutq.checkpoint import read_tensors
+    from test_pipeline import run_cli
+
+    out = _checkpoint(tiny_llama, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    _, tok, _ = load_quantized(out)
+    hf.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    a, b = read_tensors(out), read_tensors(tmp_path / "saved")
+    assert a.keys() == b.keys() and not any(k.startswith("model.embed_tokens.") for k in b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    want = elutq.load(str(out), threads=1).logits(ids)
+    torch.testing.assert_close(elutq.load(str(tmp_path / "saved"), threads=1).logits(ids), want, atol=0, rtol=0)
+    r = run_cli(["info", str(tmp_path / "saved"), "--verify"])
+    assert r.returncode == 0 and "records no checksums" in r.stdout, r.stdout + r.stderr

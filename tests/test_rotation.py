@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_llama, save_tiny_model
-from elutq.checkpoint import SafetensorsDir, load_quantized, read_quantization_config
+from elutq.checkpoint import SafetensorsDir, load_quantized, read_quantization_config, read_tensors
 from elutq.hlq import QuantConfig, quantize_weight
 from elutq.modules import rotate_final_norm, rotate_mlps
 from elutq.pipeline import PipelineConfig, quantize_streaming
@@ -130,6 +130,12 @@ def test_rotated_checkpoint_through_every_reader(tmp_path, kind, monkeypatch):
         torch.testing.assert_close(hf(ids).logits[0], got, atol=0, rtol=0)
     native = elutq.load(str(ckpt), threads=1, residual_tables=True).logits(ids[0])
     torch.testing.assert_close(native, got, atol=2e-3 * got.abs().max().item(), rtol=0)
+    hf.save_pretrained(tmp_path / "saved")  # transformers writes back the rotated checkpoint elutq reads
+    assert read_tensors(tmp_path / "saved").keys() == read_tensors(ckpt).keys()
+    again, _, qc2 = load_quantized(tmp_path / "saved")
+    assert qc2["rotation"] == qc["rotation"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits[0], got, atol=0, rtol=0)
 
 
 def test_unrotated_checkpoint_is_version_1(tiny_llama, tmp_path):

@@ -15,16 +15,16 @@ def __getattr__(name: str):
 def _register_with_transformers() -> None:
     """``AutoModelForCausalLM.from_pretrained(CKPT)`` of an elutq checkpoint (``elutq/hf.py``): registered now if
     transformers is loaded, else when it is (an import hook: ``import elutq`` stays light)."""
+    import contextlib
     import importlib.util
     import sys
 
     def register() -> None:
-        try:
-            from . import hf
-
-            hf.register()
-        except ImportError:  # a transformers without custom quantizers: elutq's own loaders still work
-            pass
+        # hf registers itself when it is first imported: `from elutq.hf import ...` before transformers gets
+        # here with elutq.hf half-initialized, and its own last line does the registration.  ImportError: a
+        # transformers without custom quantizers (elutq's own loaders still work).
+        with contextlib.suppress(ImportError):
+            from . import hf  # noqa: F401
 
     if "transformers" in sys.modules:
         register()

@@ -120,9 +120,10 @@ def quantization_config(modules: dict[str, dict[str, Any]], info: dict[str, Any]
     }
 
 
-def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write ``model`` (with ``HLQLinear`` modules) as a checkpoint directory, atomically."""
-    out = check_output(out, overwrite)
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The tensors a checkpoint of ``model`` (with ``HLQLinear`` modules) stores, and its 16-bit float type:
+    a tied lm_head and a shared embedding's tensors left out (stored once), plain floats in 16 bits
+    (bf16 if they all are, or where fp16 would overflow), HLQ codes and fp16 scales as they are."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and not isinstance(
         getattr(model, "lm_head", None), HLQLinear
     )
@@ -139,6 +140,13 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any],
         k: (t.to(storage_dtype(t, prefer)) if _is_plain_float(k, t) else t).detach().contiguous().cpu()
         for k, t in state.items()
     }
+    return tensors, prefer
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path, info: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``model`` (with ``HLQLinear`` modules) as a checkpoint directory, atomically."""
+    out = check_output(out, overwrite)
+    tensors, prefer = checkpoint_tensors(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = str(prefer).removeprefix("torch.")

@@ -302,10 +302,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         digests = validate_checkpoint(path, qc, config, full=True, remember=False)
         recorded = qc.get(SHARDS_KEY) or {}
         for name, digest in digests.items():
-            what = "matches the recorded sha256" if name in recorded else "no checksum recorded (older elutq)"
+            what = "matches the recorded sha256" if name in recorded else "no checksum recorded"
             print(f"  {name}: sha256 {digest[:16]}... {what}")
         if not recorded:
-            print("  (the checkpoint records no checksums: only its structure could be verified)")
+            print("  (the checkpoint records no checksums — written by an older elutq or transformers' "
+                  "save_pretrained: only its structure could be verified)")
     qbits = qparams = other = 0
     for file in weight_files(path):
         for k, (dtype, shape) in read_header(file).items():

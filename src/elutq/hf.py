@@ -6,7 +6,8 @@ modules of a rotated checkpoint (``rotate_modules``: final norm, MLPs), so the t
 name; after, an embedding stored as ``lm_head``'s tensor (``shared_with``) is pointed at it, and the linears
 are set to multiply through the native LUT kernels on CPU (``use_kernels``; ``$ELUTQ_HF_KERNELS=off`` keeps
 the torch reference of the format — dequantize, then matmul — that the rest of elutq checks its kernels
-against; ``float``: exact float tables).  The native runtime (``elutq.load``) is still the fastest path.
+against; ``float``: exact float tables).  ``save_pretrained`` writes the same tensors back, a checkpoint every
+elutq loader reads.  The native runtime (``elutq.load``) is still the fastest path.
 
 ``register()`` runs when transformers is imported after elutq (an import hook set by ``elutq/__init__``), or
 at once if it already was.
@@ -21,7 +22,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import EMBED, QUANT_METHOD, SHARED, module_group_size
+from .checkpoint import EMBED, QUANT_METHOD, SHARDS_KEY, SHARED, checkpoint_tensors, module_group_size
 from .modules import HLQEmbedding, HLQLinear, rotate_modules, set_module
 from .utils import ElutqError
 
@@ -34,6 +35,13 @@ class HLQConfig(QuantizationConfigMixin):
         self.modules = modules or {}
         for k, v in kwargs.items():
             setattr(self, k, v)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``save_pretrained`` writes: everything but the shards' checksums, which describe the files this
+        config was read with, not the ones being written."""
+        d = super().to_dict()
+        d.pop(SHARDS_KEY, None)
+        return d
 
 
 class HLQHfQuantizer(HfQuantizer):
@@ -80,7 +88,12 @@ class HLQHfQuantizer(HfQuantizer):
         return False
 
     def is_serializable(self, **kwargs: Any) -> bool:
-        return False  # `elutq quantize` and `save_quantized` write checkpoints
+        return True  # save_pretrained writes a checkpoint elutq reads (without shard checksums: see to_dict)
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+        """The tensors ``save_quantized`` would write (a shared embedding's stored once, as lm_head's; plain
+        floats back in 16 bits, whatever dtype the model was loaded in)."""
+        return checkpoint_tensors(model)[0], {}
 
 
 KERNELS_ENV = "ELUTQ_HF_KERNELS"  # lut (default) | float | off: how from_pretrained's linears multiply
@@ -107,3 +120,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(HLQConfig)
         register_quantizer(QUANT_METHOD)(HLQHfQuantizer)
         _registered = True
+
+
+register()
