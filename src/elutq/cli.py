@@ -487,7 +487,7 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
     opt("batch-size", type=V.positive, default=4, help="samples per step")
     opt("epochs", type=V.positive, default=4, help="passes over the training samples (per layer for block)")
     opt("lr", type=V.positive_number, default=None,
-        help="AdamW learning rate, cosine schedule (default: 1e-2 block, 1e-4 e2e)")
+        help="AdamW learning rate, cosine schedule (default: 3e-3 block, 1e-4 e2e)")
     opt("weight-decay", type=V.non_negative_number, default=0.0)
     opt("eval-every", type=V.non_negative, default=0, help="steps between held-out checks (0: every epoch)")
     opt("patience", type=V.non_negative, default=0, help="stop a layer after N checks without gain (0: off)")

@@ -68,7 +68,7 @@ from .pipeline import open_source
 from .rotation import NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
-DEFAULT_LR = {"block": 1e-2, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
+DEFAULT_LR = {"block": 3e-3, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
 HIDDEN_FP, HIDDEN_Q = "hidden-fp", "hidden-q"  # the layer loop's activation streams: fp model, quantized model
 # Config fields that must agree between the checkpoint and the source model.
 _SHAPE_FIELDS = (
@@ -89,7 +89,7 @@ class FinetuneConfig:
     val_fraction: float = 0.125  # held-out calibration samples (early stopping / best state)
     batch_size: int = 4  # samples per step (and per activation chunk)
     epochs: int = 4  # passes over the training samples per layer
-    lr: float | None = None  # None: DEFAULT_LR of the stage (block: best of 1e-4..1e-2 on layers 0, 4 at w2g128)
+    lr: float | None = None  # None: DEFAULT_LR of the stage (block: best of 1e-2..1e-5, layers 5, 20, w2g128, w3g128)
     weight_decay: float = 0.0  # decay would pull scales towards 0, not towards their fitted values
     warmup_frac: float = 0.0
     eval_every: int = 0  # steps between held-out evaluations (0: once per epoch... and at the end)
