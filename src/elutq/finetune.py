@@ -250,7 +250,7 @@ def _check_source_matches(
         raise ElutqError(f"the source model {src} does not match the checkpoint {ckpt}: the embeddings differ; {fix}")
 
 
-def _materialize_quantized(layer: nn.Module, ck: SafetensorsDir, prefix: str, modules: dict) -> nn.Module:
+def materialize_quantized(layer: nn.Module, ck: SafetensorsDir, prefix: str, modules: dict) -> nn.Module:
     """A meta-device layer filled from the checkpoint: ``HLQLinear`` where it is quantized, fp32 elsewhere."""
     for name, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
         spec = modules.get(prefix + name)
@@ -509,7 +509,7 @@ def finetune_block(
         fp_w = ({n: m.weight.detach() for n, m in fp_layer.named_modules() if isinstance(m, nn.Linear)}
                 if cfg.reassign_codes else None)
         del fp_layer
-        q_layer = _materialize_quantized(layer, ck, prefix, modules)
+        q_layer = materialize_quantized(layer, ck, prefix, modules)
         hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
         views = trainable_views(q_layer)
         q_layer.to(dev)
