@@ -497,7 +497,7 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
              "residual stream, which a few attention-sink tokens dominate")
     opt("reassign-codes", action="store_true",
         help="block: between epochs, re-assign each weight's code to the level nearest its fp value "
-             "(after GPTQ it undoes GPTQ's error compensation: w2g128 ppl 59 -> 89, README)")
+             "(after GPTQ it undoes GPTQ's error compensation: w2g128 ppl 59 -> 89, docs/RESULTS.md)")
     g.add_argument(f"--{prefix}device", dest="ft_device", default=None,
                    help="cpu or cuda (default: cuda when available)")
 
