@@ -371,6 +371,8 @@ def test_e2e_bad_settings_are_refused_and_write_nothing(tiny_ckpt, tmp_path):
         FinetuneConfig(stage="layers")
     with pytest.raises(ValueError, match="loss must be"):
         FinetuneConfig(stage="e2e", loss="mse")
+    with pytest.raises(ValueError, match="block_loss must be"):
+        FinetuneConfig(block_loss="l1")
     with pytest.raises(ValueError, match="stage='e2e'"):
         finetune_e2e(q, str(src), tmp_path / "ft", FinetuneConfig(calib=calib), progress=False)
     few = CalibConfig(n_samples=2, seqlen=32, dataset=None, text=calib.text)  # one chunk: none left to train on
