@@ -20,7 +20,7 @@ import torch
 
 from elutq.calibration import calibration_ids
 from elutq.checkpoint import SafetensorsDir, read_quantization_config
-from elutq.finetune import FinetuneConfig, materialize_quantized, train_layer, trainable_views
+from elutq.finetune import FinetuneConfig, materialize_quantized, next_norm, train_layer, trainable_views
 from elutq.layerloop import layer_prefix, run_layer
 from elutq.models import load_model, meta_model, position_embeddings
 
@@ -48,8 +48,7 @@ def main() -> None:
         xs = [h[i][j : j + b] for h in hs for j in range(0, h[i].shape[0], b)]
         with torch.no_grad():
             ys = [run_layer(fp.model.layers[i], x, pos) for x in xs]
-        nxt = fp.model.layers[i + 1].input_layernorm if i + 1 < n_layers else fp.model.norm
-        norm_w = nxt.weight.detach().float() if args.loss == "normed" else None
+        norm_w = ck.get(next_norm(i, n_layers)).float() if args.loss == "normed" else None
         for lr in [float(v) for v in args.lrs.split(",")]:
             q = materialize_quantized(copy.deepcopy(skeleton.model.layers[i]), ck, layer_prefix(i), qc["modules"])
             cfg = FinetuneConfig(lr=lr, block_loss=args.loss)

@@ -305,6 +305,11 @@ def block_error(yq: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor | None) 
     return (d * norm_w).pow(2).sum(-1) / (y * norm_w).pow(2).sum(-1).clamp_min(1e-20)
 
 
+def next_norm(layer: int, n_layers: int) -> str:
+    """The RMSNorm weight that reads decoder layer ``layer``'s output: the next layer's input norm, or the final one."""
+    return f"{layer_prefix(layer + 1)}input_layernorm.weight" if layer + 1 < n_layers else "model.norm.weight"
+
+
 def _loss(yq: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor | None) -> torch.Tensor:
     """The training objective: mean ``block_error``; plain MSE relative to the stream's mean square."""
     e = block_error(yq, y, norm_w).mean()
@@ -514,10 +519,7 @@ def finetune_block(
         hlq = {n: m for n, m in q_layer.named_modules() if isinstance(m, HLQLinear)}
         views = trainable_views(q_layer)
         q_layer.to(dev)
-        norm_w = None
-        if cfg.block_loss == "normed":  # the norm that reads this layer's output: the next layer's, or the final one
-            norm = f"{layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < n_layers else "model.norm.weight"
-            norm_w = ck.get(norm).to(dev, torch.float32)
+        norm_w = ck.get(next_norm(i, n_layers)).to(dev, torch.float32) if cfg.block_loss == "normed" else None
         res = train_layer(q_layer, views, acts[HIDDEN_Q].chunks, y_fp.chunks, pos, cfg, i, progress, fp_w, norm_w)
         del fp_w
         x_q = acts[HIDDEN_Q].map(lambda x: run_layer(q_layer, x, pos), None)  # the written (fp16) parameters
