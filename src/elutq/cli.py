@@ -185,7 +185,7 @@ def _mixed_precision(args: argparse.Namespace, cfg, calib):
     from .mixed import MeasureConfig, allocate, default_measurement_path, measure, summary
 
     mcfg = MeasureConfig(group_size=args.group_size, format=args.format, iters=args.iters, calib=calib,
-                         rotation=cfg.rotation)
+                         rotation=cfg.rotation, weighting=args.measure_weighting)
     path = Path(args.measurement) if args.measurement else default_measurement_path(args.model, mcfg)
     print(f"mixed precision: measuring each module at {list(range(1, 5))} bits ({path})")
     m = measure(args.model, path, mcfg)
@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
+    q.add_argument("--measure-weighting", choices=["loss", "none"], default="loss",
+                   help="with --target-bpw: each module's output error weighted by the loss's gradient there "
+                   "(loss, default: sees how errors grow through the layers) or unweighted (none)")
     q.add_argument("--rotate", choices=["auto", "none", "residual", "full"], default="auto",
                    help="incoherence rotation, the same network computed (auto: full at 2 bits, none from 3 bits "
                    "up or with --target-bpw, as measured; residual: the residual stream by a "

@@ -1,10 +1,17 @@
 """Mixed precision to a target size (``elutq quantize --target-bpw``): measure, allocate, then quantize.
 
 ``measure``: streamed through the layer loop like GPTQ.  For every decoder linear and ``lm_head``, and each
-candidate bit width, the error RTN at that width adds to the layer's output on calibration text,
-``tr(E·H·Eᵀ)`` with ``E = W − RTN_b(W)`` and ``H = XᵀX`` of the unquantized model's inputs: the quantity
-GPTQ minimises, before its compensation.  The measurement is a JSON file (reused for any target; keyed by
-the model and the settings that change it), its run resumable like a quantization.
+candidate bit width, what RTN's error at that width costs the model's loss on calibration text.  A layer's
+output error alone (``tr(E·H·Eᵀ)``, ``E = W − RTN_b(W)``, ``H = XᵀX`` of the unquantized inputs: what GPTQ
+minimises) ranks modules badly: it cannot see that an error in layer 3 grows through 27 more layers while
+one in the last layer is mostly normed away, nor that the attention-sink tokens, whose inputs dominate
+``H``, barely move the loss.  So each output error is weighted by the loss's gradient there (the diagonal
+Fisher of BRECQ, ``Σ_t Σ_o g_to²·δ_to²`` for output ``o`` at token ``t``; ``δ = E·x``), factored as
+``g_to² ≈ w_t·c_o``: ``cost = Σ_o c_o·(E·H_w·Eᵀ)_oo`` with ``H_w = Σ_t w_t·x_t x_tᵀ``, ``w_t = Σ_o g_to²``
+and ``c_o = Σ_t g_to² / Σ_t w_t`` (``loss_gradients``: one backward pass of the unquantized model per
+calibration sample; ``MeasureConfig.weighting = "none"`` keeps the plain output error).  The measurement is
+a JSON file (reused for any target; keyed by the model and the settings that change it), its run
+resumable like a quantization.
 
 ``allocate``: one width (2-4 bits) per module minimising the summed error subject to the whole file's size
 (``target × the source's parameters`` bits, 16-bit tensors included): a Lagrangian sweep (each module picks
@@ -24,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from .calibration import CalibConfig, calibration_ids
 from .checkpoint import EMBED, SafetensorsDir, read_header
@@ -35,6 +44,7 @@ from .layerloop import (
     LayerStep,
     Run,
     atomic_json,
+    atomic_save,
     fingerprint,
     layer_prefix,
     materialize,
@@ -50,6 +60,8 @@ CANDIDATE_BITS = (1, 2, 3, 4)  # measured
 ALLOCATED_BITS = (2, 3, 4)  # chosen from: 1-bit linears that the proxy deems cheap wreck the model (2.5 bpw on
 # the default model with 1-bit allowed: WikiText-2 ppl 2,454, against 189 for 2-bit everywhere at 2.49)
 HIDDEN = "hidden"
+WEIGHTINGS = ("loss", "none")
+GRADIENTS = "gradients.safetensors"  # loss_gradients' result in the run directory, kept for a resume
 HEAD_ROWS = 8192  # lm_head rows quantized at a time
 
 
@@ -61,19 +73,29 @@ class MeasureConfig:
     calib: CalibConfig = CalibConfig(n_samples=32)
     batch_size: int = 8
     rotation: Rotation | None = None  # measure the rotated model (rotation.py) that --rotate quantizes
+    weighting: str = "loss"  # "loss": output errors weighted by the loss's gradient (module docstring); "none"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         if self.rotation is None:
             d.pop("rotation")  # measurements from before the option keep their fingerprint
+        if self.weighting == "none":
+            d.pop("weighting")  # as before the option
         return d
 
     def quant(self, bits: int) -> QuantConfig:
         return QuantConfig(bits=bits, group_size=self.group_size, format=self.format, iters=self.iters)  # type: ignore[arg-type]
 
 
-def _costs(w: torch.Tensor, h: torch.Tensor, cfg: MeasureConfig) -> dict[str, list[float]]:
-    """``{bits: [tr(E H Eᵀ), storage bits]}`` for one weight ``[out, in]`` (rows in slices: a wide head)."""
+def _costs(
+    w: torch.Tensor, h: torch.Tensor, cfg: MeasureConfig, rows: torch.Tensor | None = None
+) -> dict[str, list[float]]:
+    """``{bits: [Σ_o rows_o·(E H Eᵀ)_oo, storage bits]}`` for one weight ``[out, in]`` (``rows``: the channel
+    weights ``c``, default 1: ``tr(E H Eᵀ)``); rows in slices, for a wide head."""
     out: dict[str, list[float]] = {}
     h = h.float()
     for b in CANDIDATE_BITS:
@@ -81,9 +103,82 @@ def _costs(w: torch.Tensor, h: torch.Tensor, cfg: MeasureConfig) -> dict[str, li
         for r in range(0, w.shape[0], HEAD_ROWS):
             qw = quantize_weight(w[r : r + HEAD_ROWS].float(), cfg.quant(b))
             e = w[r : r + HEAD_ROWS].float() - qw.dequantize()
-            cost += float(((e @ h) * e).sum())
+            per_row = ((e @ h) * e).sum(1)
+            cost += float(per_row.sum() if rows is None else per_row @ rows[r : r + HEAD_ROWS].float())
             bits += qw.storage_bits()
         out[str(b)] = [cost, bits]
+    return out
+
+
+def _head_input(norm: nn.Module, rot: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """What ``lm_head`` reads: the final norm of ``x`` (in the rotated basis for a rotated tied model)."""
+    return norm(x) if rot is None else norm(x) @ rot
+
+
+def _final_norm(skeleton: nn.Module, source, config) -> tuple[nn.Module, torch.Tensor | None]:
+    norm = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
+    norm.weight.data = source.get("model.norm.weight").float()
+    norm.weight.requires_grad_(False)
+    return norm, (source.get(NORM_ROTATION).float() if NORM_ROTATION in source else None)
+
+
+def _head_weight(source, config) -> torch.Tensor:
+    # Tied as the quantizer decides it (pipeline.shares_embedding): then one tensor serves both in the file.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return source.get("lm_head.weight" if "lm_head.weight" in source and not tied else f"{EMBED}.weight")
+
+
+def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor, pos, progress: bool = True
+                   ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The loss's gradient at every decoder linear's and ``lm_head``'s output, from the unquantized model on
+    the calibration samples ``ids [N, T]`` (next-token cross-entropy, one sample per backward pass, so the
+    activations held are one sample's): ``{name + ".tokens": w [N, T], name + ".channels": c [out]}``,
+    ``w_t = Σ_o g_to²`` and ``c_o = Σ_t g_to² / Σ_t w_t`` (the module docstring's factors).  Holds the whole
+    model in fp32."""
+    skeleton = meta_model(config)
+    rotate_mlps(skeleton, rotation)
+    layers = [materialize(layer, source, layer_prefix(i)) for i, layer in enumerate(skeleton.model.layers)]
+    norm, rot = _final_norm(skeleton, source, config)
+    emb, head = source.get(f"{EMBED}.weight").float(), _head_weight(source, config).float()
+    tokens: dict[str, torch.Tensor] = {}
+    channels: dict[str, torch.Tensor] = {}
+    sample = 0
+
+    def record(name: str, g: torch.Tensor) -> None:
+        g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
+        if name not in tokens:
+            tokens[name] = torch.zeros(ids.shape)
+            channels[name] = torch.zeros(g2.shape[1], dtype=torch.float64)
+        tokens[name][sample] = g2.sum(1)
+        channels[name] += g2.sum(0)
+
+    def watch(name: str):
+        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output stays as it is
+            out.register_hook(lambda g: record(name, g))
+
+        return hook
+
+    linears = [(layer_prefix(i) + n, m) for i, layer in enumerate(layers) for n, m in layer.named_modules()
+               if isinstance(m, nn.Linear)]  # fmt: skip
+    hooks = [m.register_forward_hook(watch(n)) for n, m in linears]
+    try:
+        with torch.enable_grad():
+            for sample in tqdm(range(ids.shape[0]), desc="loss gradients", unit="sample", disable=not progress,
+                               leave=False):  # fmt: skip
+                x = emb[ids[sample : sample + 1]].requires_grad_(True)
+                for layer in layers:
+                    out = layer(x, attention_mask=None, position_embeddings=pos)
+                    x = out[0] if isinstance(out, tuple) else out
+                logits = _head_input(norm, rot, x) @ head.T
+                logits.register_hook(lambda g: record("lm_head", g))
+                nn.functional.cross_entropy(logits[0, :-1], ids[sample, 1:]).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tokens.items():
+        out[f"{name}.tokens"] = w
+        out[f"{name}.channels"] = (channels[name] / channels[name].sum().clamp_min(1e-30)).float()
     return out
 
 
@@ -138,6 +233,13 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     rotate_mlps(skeleton, cfg.rotation)
     ids, source_text = calibration_ids(tokenizer, cfg.calib, model=src_dir)
     pos = position_embeddings(config, cfg.calib.seqlen, torch.device("cpu"), skeleton)
+    grads: dict[str, torch.Tensor] = {}
+    if cfg.weighting == "loss":
+        if (run.work / GRADIENTS).is_file():
+            grads = load_file(str(run.work / GRADIENTS))
+        else:
+            grads = loss_gradients(config, source, cfg.rotation, ids, pos, progress)
+            atomic_save(grads, run.work / GRADIENTS)
     if run.layers_done == 0:
         emb = source.get(f"{EMBED}.weight").float()
         acts = {HIDDEN: Activations([emb[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)])}
@@ -145,34 +247,49 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     else:
         acts = run.activations()
 
+    def weighted_add(h: Hessian, name: str, x: torch.Tensor, first: int) -> None:
+        """``h += x`` of samples ``first..`` (each token's row scaled by √w_t: ``H_w``)."""
+        if grads:
+            x = x * grads[f"{name}.tokens"][first : first + x.shape[0]].sqrt().unsqueeze(-1)
+        h.add(x)
+
+    def rows(name: str) -> torch.Tensor | None:
+        return grads.get(f"{name}.channels")
+
     def step(i: int, layer: nn.Module, acts: dict[str, Activations]) -> LayerStep:
         layer = materialize(layer, source, layer_prefix(i))
-        linears = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        linears = [(layer_prefix(i) + n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         hess = {n: Hessian(m.in_features) for n, m in linears}
-        hooks = [m.register_forward_pre_hook(lambda _m, a, h=hess[n]: h.add(a[0])) for n, m in linears]
+        first = [0]  # the first sample of the batch being run
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = run_layer(layer, x, pos)
+            first[0] += x.shape[0]
+            return y
+
+        hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: weighted_add(hess[n], n, a[0], first[0]))
+                 for n, m in linears]  # fmt: skip
         try:
-            new = acts[HIDDEN].map(lambda x: run_layer(layer, x, pos), None)  # the unquantized model's stream
+            new = acts[HIDDEN].map(forward, None)  # the unquantized model's stream
         finally:
             for h in hooks:
                 h.remove()
-        entry = {layer_prefix(i) + n: {"params": m.weight.numel(), "bits": _costs(m.weight, hess[n].h, cfg)}
-                 for n, m in linears}  # fmt: skip
+        entry = {n: {"params": m.weight.numel(), "bits": _costs(m.weight, hess[n].h, cfg, rows(n))} for n, m in linears}
         return LayerStep({}, {HIDDEN: new}, entry, {})
 
     acts = run_layers(run, skeleton.model.layers, step, acts, progress)
     modules: dict[str, Any] = {}
     for entry in run.entries:
         modules.update(entry)
-    norm = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
-    norm.weight.data = source.get("model.norm.weight").float()
+    norm, rot = _final_norm(skeleton, source, config)  # rot: stored 16-bit, counted in extra_bits
     h = Hessian(config.hidden_size)
-    rot = source.get(NORM_ROTATION).float() if NORM_ROTATION in source else None  # stored 16-bit: extra_bits
+    first = 0
     for x in acts[HIDDEN]:
-        h.add(norm(x) if rot is None else norm(x) @ rot)
-    # Tied as the quantizer decides it (pipeline.shares_embedding): then one tensor serves both in the file.
+        weighted_add(h, "lm_head", _head_input(norm, rot, x), first)
+        first += x.shape[0]
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    head = source.get("lm_head.weight" if "lm_head.weight" in source and not tied else f"{EMBED}.weight")
-    modules["lm_head"] = {"params": head.numel(), "bits": _costs(head, h.h, cfg)}
+    head = _head_weight(source, config)
+    modules["lm_head"] = {"params": head.numel(), "bits": _costs(head, h.h, cfg, rows("lm_head"))}
     shapes = {k: shape for f in sorted(set(source.weight_map.values())) for k, (_, shape) in
               read_header(source.dir / f).items()}  # fmt: skip
     n_params = sum(math.prod(shape) for k, shape in shapes.items() if not (tied and k == "lm_head.weight"))
@@ -257,5 +374,3 @@ def summary(choice: dict[str, int]) -> str:
     """``"2-bit: 120, 3-bit: 80, 4-bit: 11"``: how many modules got each width."""
     counts = {b: sum(1 for v in choice.values() if v == b) for b in CANDIDATE_BITS}
     return ", ".join(f"{b}-bit: {c}" for b, c in counts.items() if c)
-
-
