@@ -53,7 +53,8 @@ import bench_runtime as br  # noqa: E402  (its workers: speed, perplexity; file 
 
 SETTINGS = ("w2g64", "w2g128", "w3g128", "w4g128")  # each may end in a ROTATIONS suffix: rotated
 ROTATIONS = {"+rot": "residual", "+full": "full"}  # setting suffix: --rotate
-PLAIN = "+plain"  # after mixed-T (and any rotation suffix): --measure-weighting none
+# After mixed-T (and any rotation suffix): the measurement's --measure-weighting and --mixed-group-sizes.
+PROXIES = {"+g128": ("loss", "128"), "+plain": ("none", "128")}
 TARGETS = ("2.25", "2.5", "2.75", "3.0", "3.5")
 FORMATS = ("hlq", "uniform")
 METHODS = ("rtn", "gptq")
@@ -133,18 +134,19 @@ def source_params(src_dir: Path) -> int:
 def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
     """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says) or ``mixed-T`` (``--target-bpw
     T``, groups of 128: every width chosen by the allocator, head and embeddings included); ``+rot`` after
-    either: ``--rotate residual`` (``+full``: ``--rotate full``); ``+plain`` after ``mixed-T``: the measurement
-    unweighted (``--measure-weighting none``)."""
+    either: ``--rotate residual`` (``+full``: ``--rotate full``); after ``mixed-T``, ``+g128``: groups of 128 only
+    (``--mixed-group-sizes 128``), ``+plain``: that and the measurement unweighted (``--measure-weighting none``)."""
     out = work / f"elutq-{method}-{fmt}-{setting}"
-    plain = setting.endswith(PLAIN)
-    setting = setting.removesuffix(PLAIN)
+    proxy = next((k for k in PROXIES if setting.endswith(k)), "")
+    setting = setting.removesuffix(proxy)
     suffix = next((k for k in ROTATIONS if setting.endswith(k)), "")
     setting, rot = setting.removesuffix(suffix), ROTATIONS.get(suffix)
     if setting.startswith("mixed-"):
         info: dict = {"head": "mixed"}
-        name = f"measurement-{fmt}{'-' + rot if rot else ''}{'' if plain else '-loss'}.json"
-        widths = ["--target-bpw", setting.removeprefix("mixed-"), "--group-size", "128", "--measurement",
-                  str(work / name), "--measure-weighting", "none" if plain else "loss"]  # fmt: skip
+        weighting, groups = PROXIES.get(proxy, ("loss", "-1,32,64,128"))
+        name = f"measurement-{fmt}{'-' + rot if rot else ''}-{weighting}-g{groups}.json"
+        widths = ["--target-bpw", setting.removeprefix("mixed-"), "--measurement", str(work / name),
+                  "--measure-weighting", weighting, "--mixed-group-sizes", groups]  # fmt: skip
     else:
         bits, group = parse_setting(setting)
         hb, hg = head_for(bits)
@@ -512,8 +514,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS),
                     help="wBgG; +rot after it (also after a --targets value): --rotate residual, +full: --rotate full")
     ap.add_argument("--targets", nargs="*", default=list(TARGETS),
-                    help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw); "
-                    "+plain after one: the measurement unweighted (--measure-weighting none)")
+                    help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw); after one, "
+                    "+g128: groups of 128 only, +plain: also the measurement unweighted")
     ap.add_argument("--peer-types", nargs="+", default=list(PEER_TYPES))
     ap.add_argument("--order", choices=["cheap-first", "as-listed"], default="cheap-first")
     ap.add_argument("--max-tokens", type=int, default=16384, help="perplexity over the first N tokens of each text")

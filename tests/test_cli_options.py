@@ -17,6 +17,7 @@ TOO_MANY = str(available_cores() + 1)
 
 CASES = [
     (Q, "--lm-head-bits", "5"), (Q, "--bits", "0"), (Q, "--bits", "5"), (Q, "--group-size", "48"),
+    (Q, "--mixed-group-sizes", "64,48"), (Q, "--mixed-group-sizes", "64,64"),
     (Q, "--embed-bits", "7"), (Q, "--iters", "-1"), (Q, "--calib-samples", "0"), (Q, "--calib-seqlen", "0"),
     (Q, "--calib-seed", "-1"), (Q, "--damp", "0"), (Q, "--damp", "nan"), (Q, "--ft-calib-seqlen", "0"),
     (Q, "--ft-val-fraction", "1.5"), (Q, "--ft-epochs", "0"), (Q, "--ft-lr", "nan"), (Q, "--ft-seed", "-1"),

@@ -13,34 +13,42 @@ from elutq.calibration import CalibConfig
 from elutq.checkpoint import load_quantized, read_quantization_config
 from elutq.cli import main
 from elutq.hlq import QuantConfig, quantize_weight
-from elutq.mixed import CANDIDATE_BITS, MeasureConfig, allocate, measure
+from elutq.mixed import CANDIDATE_BITS, MeasureConfig, allocate, measure, option
 from elutq.pipeline import PipelineConfig, quantize_streaming
 from elutq.utils import ElutqError
 
 
 def _synthetic(n_mods: int = 40, params: int = 10_000) -> dict:
-    """A measurement whose module k loses (k+1)·4^-b at b bits, b·params bits of storage."""
-    mods = {f"m{k}": {"params": params, "bits": {str(b): [(k + 1) * 4.0**-b, b * params] for b in CANDIDATE_BITS}}
-            for k in range(n_mods)}  # fmt: skip
-    mods["lm_head"] = {"params": params, "bits": {str(b): [50 * 4.0**-b, b * params] for b in CANDIDATE_BITS}}
+    """A measurement whose module k loses (k+1)·4^-b at b bits in groups of 128, b·params bits of storage, and
+    1.5·(k+1)·4^-b with one group per row, (b - 0.25)·params bits."""
+
+    def options(scale: float) -> dict:
+        return {**{option(b, 128): [scale * 4.0**-b, b * params] for b in CANDIDATE_BITS},
+                **{option(b, -1): [1.5 * scale * 4.0**-b, (b - 0.25) * params] for b in CANDIDATE_BITS}}  # fmt: skip
+
+    mods = {f"m{k}": {"params": params, "options": options(k + 1)} for k in range(n_mods)}
+    mods["lm_head"] = {"params": params, "options": options(50)}
     n = (n_mods + 1) * params
     return {"modules": mods, "tied": True, "embedding_params": params, "n_params": n + 1000}
 
 
 def test_allocation_fills_the_target_and_favours_costly_modules():
     m = _synthetic()
-    for target in (2.5, 2.75, 3.0, 3.5):
+    for target in (2.25, 2.5, 2.75, 3.0, 3.5):
         choice, bpw = allocate(m, target)
         assert target - 0.03 < bpw <= target, (target, bpw)
-        assert choice["m39"] >= choice["m0"]  # the module that loses most gets at least as many bits
+        assert choice["m39"][0] >= choice["m0"][0]  # the module that loses most gets at least as many bits
     choice, _ = allocate(m, 2.5)
-    total = sum(m["modules"][n]["bits"][str(b)][0] for n, b in choice.items())
-    flat = sum(v["bits"]["2"][0] for v in m["modules"].values())  # the uniform 2-bit model is smaller...
+    assert {g for _, g in choice.values()} == {-1, 128}  # cheap modules pay for costly ones with their groups
+    total = sum(m["modules"][n]["options"][option(*v)][0] for n, v in choice.items())
+    flat = sum(v["options"]["2g128"][0] for v in m["modules"].values())  # the uniform 2-bit model is smaller...
     assert total < flat  # ...and still loses more
-    with pytest.raises(ElutqError, match="below what 2-bit everywhere reaches"):
+    choice, bpw = allocate(m, 3.0, groups=(128,))
+    assert {g for _, g in choice.values()} == {128} and 2.97 < bpw <= 3.0
+    with pytest.raises(ElutqError, match="below what the smallest setting everywhere reaches"):
         allocate(m, 1.5)
-    choice, bpw = allocate(m, 1.5, widths=CANDIDATE_BITS)  # 1-bit only when asked for
-    assert 1.45 < bpw <= 1.5 and min(choice.values()) == 1
+    with pytest.raises(ElutqError, match="no setting of"):
+        allocate(m, 3.0, groups=(32,))
 
 
 def test_untied_embedding_counts_as_a_copy_of_the_head():
@@ -49,24 +57,28 @@ def test_untied_embedding_counts_as_a_copy_of_the_head():
     choice, bpw = allocate(m, 3.0)
     mods = m["modules"]
     quantized = sum(v["params"] for v in mods.values()) + m["embedding_params"]
-    stored = sum(mods[n]["bits"][str(b)][1] for n, b in choice.items())
-    stored += mods["lm_head"]["bits"][str(choice["lm_head"])][1]
+    stored = sum(mods[n]["options"][option(*v)][1] for n, v in choice.items())
+    stored += mods["lm_head"]["options"][option(*choice["lm_head"])][1]
     assert bpw == pytest.approx((stored + 16 * (m["n_params"] - quantized)) / m["n_params"])  # the head twice
     assert 2.95 < bpw <= 3.0
 
 
 def test_measure_is_streamed_reused_and_refused_for_other_inputs(tiny_llama, tmp_path):
     _, path = tiny_llama
-    cfg = MeasureConfig(group_size=32, calib=CalibConfig(n_samples=4, seqlen=16), weighting="none")
+    cfg = MeasureConfig(group_sizes=(-1, 32), calib=CalibConfig(n_samples=4, seqlen=16), weighting="none")
     f = tmp_path / "m.json"
     m = measure(str(path), f, cfg, progress=False)
     assert f.is_file() and not (tmp_path / "m.json.partial").exists()
     layer0 = {k: v for k, v in m["modules"].items() if k.startswith("model.layers.0.")}
     assert len(layer0) == 7 and "lm_head" in m["modules"]
-    for v in m["modules"].values():  # more bits, less error and more storage
-        costs = [v["bits"][str(b)][0] for b in CANDIDATE_BITS]
-        sizes = [v["bits"][str(b)][1] for b in CANDIDATE_BITS]
-        assert costs == sorted(costs, reverse=True) and sizes == sorted(sizes)
+    for v in m["modules"].values():  # more bits (or smaller groups): less error and more storage
+        for g in cfg.group_sizes:
+            costs = [v["options"][option(b, g)][0] for b in CANDIDATE_BITS]
+            sizes = [v["options"][option(b, g)][1] for b in CANDIDATE_BITS]
+            assert costs == sorted(costs, reverse=True) and sizes == sorted(sizes)
+        for b in CANDIDATE_BITS:
+            assert v["options"][option(b, 32)][0] < v["options"][option(b, -1)][0]
+            assert v["options"][option(b, 32)][1] > v["options"][option(b, -1)][1]
     # The cost is tr(E H Eᵀ), H = 2/n·XᵀX of the unquantized model's inputs: one against a direct computation.
     from elutq.calibration import calibration_ids
     from elutq.models import load_model
@@ -81,21 +93,22 @@ def test_measure_is_streamed_reused_and_refused_for_other_inputs(tiny_llama, tmp
     x = torch.cat(xs)
     h = 2 * x.T @ x / x.shape[0]
     w = q.weight.detach().float()
-    for b in (1, 3):
-        e = w - quantize_weight(w, QuantConfig(b, 32)).dequantize()
+    for b, g in ((2, 32), (3, -1)):
+        e = w - quantize_weight(w, QuantConfig(b, g)).dequantize()
         want = ((e @ h) * e).sum().item()
-        assert m["modules"]["model.layers.1.self_attn.q_proj"]["bits"][str(b)][0] == pytest.approx(want, rel=1e-3)
+        got = m["modules"]["model.layers.1.self_attn.q_proj"]["options"][option(b, g)][0]
+        assert got == pytest.approx(want, rel=1e-3)
     assert m["n_params"] == sum(p.numel() for p in model.parameters())  # a tied table once
     assert measure(str(path), f, cfg, progress=False) == m  # read back, not measured again
     with pytest.raises(ElutqError, match="measures another model or other settings"):
-        measure(str(path), f, MeasureConfig(group_size=64, calib=cfg.calib), progress=False)
+        measure(str(path), f, MeasureConfig(group_sizes=(64,), calib=cfg.calib), progress=False)
 
 
 def test_loss_weighted_cost_against_autograd(tiny_llama, tmp_path):
     """The default cost, Σ_o c_o·(E H_w Eᵀ)_oo, against its definition computed here with autograd on the whole
     model: g = ∂loss/∂(module output) per token, w_t = Σ_o g², c_o = Σ_t g² / Σ w, H_w = 2/n·Σ_t w_t x_t x_tᵀ."""
     _, path = tiny_llama
-    cfg = MeasureConfig(group_size=32, calib=CalibConfig(n_samples=3, seqlen=16), batch_size=2)
+    cfg = MeasureConfig(group_sizes=(32,), calib=CalibConfig(n_samples=3, seqlen=16), batch_size=2)
     m = measure(str(path), tmp_path / "m.json", cfg, progress=False)
     from elutq.calibration import calibration_ids
     from elutq.models import load_model
@@ -123,28 +136,30 @@ def test_loss_weighted_cost_against_autograd(tiny_llama, tmp_path):
         w_t, c = g2.sum(1), g2.sum(0) / g2.sum()
         h = 2 * (x * w_t[:, None]).T @ x / x.shape[0]
         w = mod.weight.detach().float()
-        for b in (1, 3):
+        for b in (2, 3):
             e = (w - quantize_weight(w, QuantConfig(b, 32)).dequantize()).double()
             want = (((e @ h) * e).sum(1) @ c).item()
-            assert m["modules"][n]["bits"][str(b)][0] == pytest.approx(want, rel=2e-3), (n, b)
+            assert m["modules"][n]["options"][option(b, 32)][0] == pytest.approx(want, rel=2e-3), (n, b)
     # The weighting ranks modules as the loss does: the plain output error says otherwise for some pair.
-    plain = measure(str(path), tmp_path / "p.json", MeasureConfig(group_size=32, calib=cfg.calib, weighting="none"),
+    plain = measure(str(path), tmp_path / "p.json", MeasureConfig(group_sizes=(32,), calib=cfg.calib, weighting="none"),
                     progress=False)  # fmt: skip
-    ratio = [m["modules"][k]["bits"]["2"][0] / plain["modules"][k]["bits"]["2"][0] for k in m["modules"]]
+    ratio = [m["modules"][k]["options"]["2g32"][0] / plain["modules"][k]["options"]["2g32"][0] for k in m["modules"]]
     assert max(ratio) > 3 * min(ratio)
     with pytest.raises(ValueError, match="weighting"):
         MeasureConfig(weighting="fisher")
 
 
-def test_per_module_widths_through_pipeline_torch_and_runtime(tiny_llama, tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])  # GPTQ: q/k/v read one input with three group sizes
+def test_per_module_settings_through_pipeline_torch_and_runtime(tiny_llama, tmp_path, method):
     _, path = tiny_llama
-    bits = (("model.layers.0.mlp.down_proj", 4), ("model.layers.0.self_attn.q_proj", 1),
-            ("model.layers.1.self_attn.v_proj", 3))  # fmt: skip
-    cfg = PipelineConfig(quant=QuantConfig(2, 32), method="rtn", lm_head=QuantConfig(3, 32), bits_map=bits)
+    mods = (("model.layers.0.mlp.down_proj", 4, 32), ("model.layers.0.self_attn.q_proj", 1, 32),
+            ("model.layers.1.self_attn.v_proj", 3, 64), ("model.layers.1.self_attn.k_proj", 2, -1))  # fmt: skip
+    cfg = PipelineConfig(quant=QuantConfig(2, 32), method=method, lm_head=QuantConfig(3, 32), module_quant=mods,
+                         calib=CalibConfig(n_samples=4, seqlen=16))  # fmt: skip
     quantize_streaming(str(path), tmp_path / "q", cfg, progress=False)
     qc = read_quantization_config(tmp_path / "q")
-    for name, b in bits:
-        assert qc["modules"][name] == {"bits": b, "group_size": 32}
+    for name, b, g in mods:
+        assert qc["modules"][name] == {"bits": b, "group_size": g}
     assert qc["modules"]["model.layers.1.mlp.up_proj"]["bits"] == 2 and qc["modules"]["lm_head"]["bits"] == 3
     model, _, _ = load_quantized(tmp_path / "q", fp16_kv=True)
     assert model.model.layers[0].mlp.down_proj.bits == 4
@@ -176,10 +191,10 @@ def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
         main([*base, "-o", str(tmp_path / "c"), "--target-bpw", "17"])
     assert e.value.code == 2 and "--target-bpw" in capsys.readouterr().err
     assert main([*base, "-o", str(tmp_path / "d"), "--target-bpw", "1.5"]) == 2
-    assert "below what 2-bit everywhere reaches" in capsys.readouterr().err
+    assert "below what the smallest setting everywhere reaches" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
     assert main(["info", str(tmp_path / "a")]) == 0
-    assert "widths (mixed precision): " in capsys.readouterr().out
+    assert "settings (mixed precision): " in capsys.readouterr().out
     mods = read_quantization_config(tmp_path / "a")["modules"]
-    assert len({v["bits"] for v in mods.values()}) > 1  # a mix, not one width
+    assert len({(v["bits"], v["group_size"]) for v in mods.values()}) > 1  # a mix, not one setting
     json.dumps(mods)

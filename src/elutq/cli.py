@@ -91,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     kind = "relative output MSE" if args.method == "gptq" else "weight MSE"
     print(
         f"\nquantized {args.model} with {args.method}/{args.format} "
-        f"{'mixed ' if cfg.bits_map else f'w{args.bits}'}g{args.group_size}"
+        f"{'mixed precision' if cfg.module_quant else f'w{args.bits}g{args.group_size}'}"
         f" (lm_head: {f'w{head.bits}g{head.group_size}' if head else '16-bit'},"
         f" embeddings: {f'w{embed.bits}g{embed.group_size}' if embed else '16-bit'})"
     )
@@ -182,19 +182,21 @@ def _mixed_precision(args: argparse.Namespace, cfg, calib):
     from dataclasses import replace
 
     from .hlq import QuantConfig
-    from .mixed import MeasureConfig, allocate, default_measurement_path, measure, summary
+    from .mixed import CANDIDATE_BITS, MeasureConfig, allocate, default_measurement_path, measure, setting_name, summary
 
-    mcfg = MeasureConfig(group_size=args.group_size, format=args.format, iters=args.iters, calib=calib,
+    mcfg = MeasureConfig(group_sizes=tuple(args.mixed_group_sizes), format=args.format, iters=args.iters, calib=calib,
                          rotation=cfg.rotation, weighting=args.measure_weighting)
     path = Path(args.measurement) if args.measurement else default_measurement_path(args.model, mcfg)
-    print(f"mixed precision: measuring each module at {list(range(1, 5))} bits ({path})")
+    print(f"mixed precision: measuring each module at {list(CANDIDATE_BITS)} bits, group sizes "
+          f"{list(mcfg.group_sizes)} ({path})")
     m = measure(args.model, path, mcfg)
     choice, bpw = allocate(m, args.target_bpw)
-    hb = choice.pop("lm_head")
-    head = QuantConfig(bits=hb, group_size=args.group_size, format=args.format, iters=args.iters)
+    hb, hg = choice.pop("lm_head")
+    head = QuantConfig(bits=hb, group_size=hg, format=args.format, iters=args.iters)
     print(f"  target {args.target_bpw} bits per weight -> {bpw:.3f} (whole file): decoder linears {summary(choice)}; "
-          f"lm_head and embeddings {hb}-bit")
-    return replace(cfg, bits_map=tuple(sorted(choice.items())), lm_head=head, embed=head)
+          f"lm_head and embeddings {setting_name(hb, hg)}")
+    return replace(cfg, module_quant=tuple(sorted((n, b, g) for n, (b, g) in choice.items())), lm_head=head,
+                   embed=head)  # fmt: skip
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -333,10 +335,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  rotation: {r.get('kind')} ({r.get('matrix')} matrix, seed {r.get('seed')})")
     emb = qc["modules"].get(EMBED)
     print(f"  quantized linears: {len(qc['modules']) - (emb is not None)}")
-    widths = sorted({int(v["bits"]) for v in qc["modules"].values()})
-    if len(widths) > 1:  # mixed precision: how many modules have each width
-        counts = {b: sum(1 for v in qc["modules"].values() if v["bits"] == b) for b in widths}
-        print("  widths (mixed precision): " + ", ".join(f"{b}-bit: {n}" for b, n in counts.items()))
+    settings = sorted({(int(v["bits"]), int(v["group_size"])) for v in qc["modules"].values()})
+    if len(settings) > 1:  # mixed precision: how many modules have each setting
+        counts = {s: sum(1 for v in qc["modules"].values() if (v["bits"], v["group_size"]) == s) for s in settings}
+        print("  settings (mixed precision): " + ", ".join(f"w{b}g{g}: {n}" for (b, g), n in counts.items()))
     emb_kind = f"w{emb['bits']}g{emb['group_size']}" if emb else "16-bit"
     if emb and SHARED in emb:
         emb_kind += f" (one tensor with {emb[SHARED]}, as the source ties them)"
@@ -529,11 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--target-bpw",
         type=V.number(lo=0, hi=16, lo_open=True),
-        help="mixed precision: the whole file's bits per weight; every module's width (2-4 bits; lm_head's and "
-        "the embeddings' too) is chosen from a measurement of each module's error (--bits is then unused)",
+        help="mixed precision: the whole file's bits per weight; every module's width (2-4 bits) and group size "
+        "(lm_head's and the embeddings' too) is chosen from a measurement of each module's error (--bits and "
+        "--group-size are then unused)",
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
+    q.add_argument("--mixed-group-sizes", type=V.group_sizes, default=[-1, 32, 64, 128],
+                   help="with --target-bpw: the group sizes each module may get (default -1,32,64,128; -1: one group "
+                   "per row)")
     q.add_argument("--measure-weighting", choices=["loss", "none"], default="loss",
                    help="with --target-bpw: each module's output error weighted by the loss's gradient there "
                    "(loss, default: sees how errors grow through the layers) or unweighted (none)")

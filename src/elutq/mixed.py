@@ -56,18 +56,31 @@ from .modules import rotate_mlps
 from .rotation import NORM_ROTATION, Rotation
 from .utils import ElutqError
 
-CANDIDATE_BITS = (1, 2, 3, 4)  # measured
-ALLOCATED_BITS = (2, 3, 4)  # chosen from: 1-bit linears that the proxy deems cheap wreck the model (2.5 bpw on
-# the default model with 1-bit allowed: WikiText-2 ppl 2,454, against 189 for 2-bit everywhere at 2.49)
+CANDIDATE_BITS = (2, 3, 4)  # measured and chosen from: 1-bit linears that the (unweighted) proxy deemed cheap
+# wrecked the model (2.5 bpw on the default model with 1-bit allowed: WikiText-2 ppl 2,454, against 189 for
+# 2-bit everywhere at 2.49); 2-bit with one group per row (2.03 bits on 4096-wide rows) is the cheap option now
+GROUP_SIZES = (-1, 32, 64, 128)  # measured and chosen from (-1: one group per row)
 HIDDEN = "hidden"
+FORMAT = 2  # of the measurement file: 2 keys each module's candidates as "options" ("2g128": [cost, bits])
 WEIGHTINGS = ("loss", "none")
 GRADIENTS = "gradients.safetensors"  # loss_gradients' result in the run directory, kept for a resume
 HEAD_ROWS = 8192  # lm_head rows quantized at a time
 
 
+def option(bits: int, group_size: int) -> str:
+    """A candidate setting's key in a measurement: ``"2g128"``, ``"2g-1"`` (one group per row)."""
+    return f"{bits}g{group_size}"
+
+
+def parse_option(key: str) -> tuple[int, int]:
+    """``"2g128"`` → ``(2, 128)``."""
+    bits, group = key.split("g")
+    return int(bits), int(group)
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
-    group_size: int = 128
+    group_sizes: tuple[int, ...] = GROUP_SIZES
     format: str = "hlq"
     iters: int = 20
     calib: CalibConfig = CalibConfig(n_samples=32)
@@ -81,32 +94,36 @@ class MeasureConfig:
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
+        d["group_sizes"] = list(self.group_sizes)  # as JSON reads it back
         if self.rotation is None:
             d.pop("rotation")  # measurements from before the option keep their fingerprint
         if self.weighting == "none":
             d.pop("weighting")  # as before the option
         return d
 
-    def quant(self, bits: int) -> QuantConfig:
-        return QuantConfig(bits=bits, group_size=self.group_size, format=self.format, iters=self.iters)  # type: ignore[arg-type]
+    def quant(self, bits: int, group_size: int) -> QuantConfig:
+        return QuantConfig(bits=bits, group_size=group_size, format=self.format, iters=self.iters)  # type: ignore[arg-type]
+
+    def options(self) -> list[tuple[int, int]]:
+        return [(b, g) for b in CANDIDATE_BITS for g in self.group_sizes]
 
 
 def _costs(
     w: torch.Tensor, h: torch.Tensor, cfg: MeasureConfig, rows: torch.Tensor | None = None
 ) -> dict[str, list[float]]:
-    """``{bits: [Σ_o rows_o·(E H Eᵀ)_oo, storage bits]}`` for one weight ``[out, in]`` (``rows``: the channel
-    weights ``c``, default 1: ``tr(E H Eᵀ)``); rows in slices, for a wide head."""
+    """``{option: [Σ_o rows_o·(E H Eᵀ)_oo, storage bits]}`` for one weight ``[out, in]`` and each candidate
+    setting (``rows``: the channel weights ``c``, default 1: ``tr(E H Eᵀ)``); rows in slices, for a wide head."""
     out: dict[str, list[float]] = {}
     h = h.float()
-    for b in CANDIDATE_BITS:
+    for b, g in cfg.options():
         cost, bits = 0.0, 0
         for r in range(0, w.shape[0], HEAD_ROWS):
-            qw = quantize_weight(w[r : r + HEAD_ROWS].float(), cfg.quant(b))
+            qw = quantize_weight(w[r : r + HEAD_ROWS].float(), cfg.quant(b, g))
             e = w[r : r + HEAD_ROWS].float() - qw.dequantize()
             per_row = ((e @ h) * e).sum(1)
             cost += float(per_row.sum() if rows is None else per_row @ rows[r : r + HEAD_ROWS].float())
             bits += qw.storage_bits()
-        out[str(b)] = [cost, bits]
+        out[option(b, g)] = [cost, bits]
     return out
 
 
@@ -188,7 +205,7 @@ def default_measurement_path(model: str, cfg: MeasureConfig) -> Path:
     from .models import cache_dir
 
     src = resolve_source_dir(model)
-    inputs = [SafetensorsDir(src).fingerprint(), cfg.settings(), CANDIDATE_BITS, __version__]
+    inputs = [SafetensorsDir(src).fingerprint(), cfg.settings(), CANDIDATE_BITS, FORMAT, __version__]
     key = hashlib.sha256(json.dumps(inputs, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "measurements" / f"{key}.json"
 
@@ -204,7 +221,8 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
     src_dir = resolve_source_dir(model)
     config = AutoConfig.from_pretrained(src_dir)
     source = open_source(src_dir, config, cfg.rotation)
-    fp = fingerprint({"model": source.fingerprint(), "settings": cfg.settings(), "candidates": CANDIDATE_BITS})
+    fp = fingerprint({"model": source.fingerprint(), "settings": cfg.settings(), "candidates": CANDIDATE_BITS,
+                      "format": FORMAT})  # fmt: skip
     path = Path(path)
     if path.is_file():
         try:
@@ -274,7 +292,8 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
         finally:
             for h in hooks:
                 h.remove()
-        entry = {n: {"params": m.weight.numel(), "bits": _costs(m.weight, hess[n].h, cfg, rows(n))} for n, m in linears}
+        entry = {n: {"params": m.weight.numel(), "options": _costs(m.weight, hess[n].h, cfg, rows(n))}
+                 for n, m in linears}  # fmt: skip
         return LayerStep({}, {HIDDEN: new}, entry, {})
 
     acts = run_layers(run, skeleton.model.layers, step, acts, progress)
@@ -289,7 +308,7 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
         first += x.shape[0]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head = _head_weight(source, config)
-    modules["lm_head"] = {"params": head.numel(), "bits": _costs(head, h.h, cfg, rows("lm_head"))}
+    modules["lm_head"] = {"params": head.numel(), "options": _costs(head, h.h, cfg, rows("lm_head"))}
     shapes = {k: shape for f in sorted(set(source.weight_map.values())) for k, (_, shape) in
               read_header(source.dir / f).items()}  # fmt: skip
     n_params = sum(math.prod(shape) for k, shape in shapes.items() if not (tied and k == "lm_head.weight"))
@@ -314,38 +333,43 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
 
 
 def allocate(
-    m: dict[str, Any], target_bpw: float, widths: tuple[int, ...] = ALLOCATED_BITS
-) -> tuple[dict[str, int], float]:
-    """One width of ``widths`` per module (``lm_head``'s also the embeddings') minimising the summed measured
-    error with the whole file at most ``target_bpw`` bits per source parameter.  Returns ``(bits by module,
-    achieved bpw)``."""
+    m: dict[str, Any],
+    target_bpw: float,
+    widths: tuple[int, ...] = CANDIDATE_BITS,
+    groups: tuple[int, ...] | None = None,
+) -> tuple[dict[str, tuple[int, int]], float]:
+    """One setting (bits in ``widths``, group size in ``groups``, default all measured) per module (``lm_head``'s
+    also the embeddings') minimising the summed measured error with the whole file at most ``target_bpw`` bits
+    per source parameter.  Returns ``({module: (bits, group size)}, achieved bpw)``."""
     mods = m["modules"]
     quantized = sum(v["params"] for v in mods.values()) + (0 if m["tied"] else m["embedding_params"])
     other_bits = 16 * (m["n_params"] - quantized) + m.get("extra_bits", 0)  # norms, biases: 16-bit
     emb_scale = 0.0 if m["tied"] else m["embedding_params"] / mods["lm_head"]["params"]
+    allowed = [k for k in next(iter(mods.values()))["options"]
+               if parse_option(k)[0] in widths and (groups is None or parse_option(k)[1] in groups)]  # fmt: skip
+    if not allowed:
+        raise ElutqError(f"the measurement has no setting of {widths} bits with group sizes {groups}")
 
-    def option(name: str, b: int) -> tuple[float, float]:
-        cost, bits = mods[name]["bits"][str(b)]
+    def option(name: str, k: str) -> tuple[float, float]:
+        cost, bits = mods[name]["options"][k]
         return cost, bits * (1 + emb_scale) if name == "lm_head" else bits  # an untied embedding copies the head
 
+    def size(choice: dict[str, str]) -> float:
+        return sum(option(n, k)[1] for n, k in choice.items())
+
     budget = target_bpw * m["n_params"] - other_bits
-    lo_bits = sum(option(n, min(widths))[1] for n in mods)
-    hi_bits = sum(option(n, max(widths))[1] for n in mods)
-    if budget < lo_bits:
+    smallest = {n: min(allowed, key=lambda k, n=n: option(n, k)[1]) for n in mods}
+    if budget < size(smallest):
         raise ElutqError(
-            f"--target-bpw {target_bpw} is below what {min(widths)}-bit everywhere reaches "
-            f"({(lo_bits + other_bits) / m['n_params']:.3f}); pass a larger target"
+            f"--target-bpw {target_bpw} is below what the smallest setting everywhere reaches "
+            f"({(size(smallest) + other_bits) / m['n_params']:.3f}); pass a larger target"
         )
 
-    def pick(lam: float) -> dict[str, int]:
-        return {n: min(widths, key=lambda b, n=n: option(n, b)[0] + lam * option(n, b)[1]) for n in mods}
+    def pick(lam: float) -> dict[str, str]:
+        return {n: min(allowed, key=lambda k, n=n: option(n, k)[0] + lam * option(n, k)[1]) for n in mods}
 
-    def size(choice: dict[str, int]) -> float:
-        return sum(option(n, b)[1] for n, b in choice.items())
-
-    if budget >= hi_bits:
-        choice = {n: max(widths) for n in mods}
-    else:
+    choice = pick(0.0)
+    if size(choice) > budget:
         lo, hi = 0.0, 1.0
         while size(pick(hi)) > budget:  # λ large enough to fit
             hi *= 4
@@ -353,24 +377,29 @@ def allocate(
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if size(pick(mid)) <= budget else (mid, hi)
         choice = pick(hi)
-        while True:  # spend what is left: the upgrade that buys the most error per bit, while it fits
+        while True:  # spend what is left: the change that buys the most error per bit, while it fits
             room = budget - size(choice)
             best = None
-            for n, b in choice.items():
-                for nb in widths:
-                    if nb <= b:
-                        continue
-                    dc = option(n, b)[0] - option(n, nb)[0]
-                    db = option(n, nb)[1] - option(n, b)[1]
-                    if db <= room and dc > 0 and (best is None or dc / db > best[0]):
-                        best = (dc / db, n, nb)
+            for n, k in choice.items():
+                c, b = option(n, k)
+                for nk in allowed:
+                    dc, db = c - option(n, nk)[0], option(n, nk)[1] - b
+                    if 0 < db <= room and dc > 0 and (best is None or dc / db > best[0]):
+                        best = (dc / db, n, nk)
             if best is None:
                 break
             choice[best[1]] = best[2]
-    return choice, (size(choice) + other_bits) / m["n_params"]
+    return {n: parse_option(k) for n, k in choice.items()}, (size(choice) + other_bits) / m["n_params"]
 
 
-def summary(choice: dict[str, int]) -> str:
-    """``"2-bit: 120, 3-bit: 80, 4-bit: 11"``: how many modules got each width."""
-    counts = {b: sum(1 for v in choice.values() if v == b) for b in CANDIDATE_BITS}
-    return ", ".join(f"{b}-bit: {c}" for b, c in counts.items() if c)
+def setting_name(bits: int, group_size: int) -> str:
+    """``w2g128``; ``w2`` for one group per row."""
+    return f"w{bits}" + (f"g{group_size}" if group_size != -1 else " per-row")
+
+
+def summary(choice: dict[str, tuple[int, int]]) -> str:
+    """``"w2g128: 120, w3g64: 80, w4g128: 11"``: how many modules got each setting."""
+    counts: dict[tuple[int, int], int] = {}
+    for v in choice.values():
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{setting_name(*k)}: {c}" for k, c in sorted(counts.items()))

@@ -88,7 +88,8 @@ class PipelineConfig:
     offload: Literal["auto", "always", "never"] = "auto"
     offload_dir: str | None = None
     device: str = "auto"  # where GPTQ's layer forwards and math run: "cpu", "cuda[:N]" or "auto"
-    bits_map: tuple[tuple[str, int], ...] = ()  # per-module bits (mixed precision: mixed.allocate); others: quant
+    # Per-module (name, bits, group size) (mixed precision: mixed.allocate); the others: quant.
+    module_quant: tuple[tuple[str, int, int], ...] = ()
     rotation: Rotation | None = None  # incoherence rotation fused into the weights (rotation.py); None: none
 
     def __post_init__(self) -> None:
@@ -98,9 +99,11 @@ class PipelineConfig:
             raise ValueError(f"damp must be in (0, 1) (got {self.damp})")
 
     def quant_for(self, name: str) -> QuantConfig:
-        """The setting of decoder linear ``name`` (its full name): ``quant``, at its own width in ``bits_map``."""
-        bits = dict(self.bits_map).get(name)
-        return self.quant if bits is None else replace(self.quant, bits=bits)
+        """The setting of decoder linear ``name`` (its full name): ``quant``, or its own in ``module_quant``."""
+        for n, bits, group in self.module_quant:
+            if n == name:
+                return replace(self.quant, bits=bits, group_size=group)
+        return self.quant
 
     def settings(self) -> dict[str, Any]:
         """What determines the result (and so the resume fingerprint)."""
@@ -110,8 +113,8 @@ class PipelineConfig:
         d.pop("device")  # same result up to fp noise: a run may resume on another device
         if self.embed is None:
             d.pop("embed")  # runs from before the option keep their fingerprint
-        if not self.bits_map:
-            d.pop("bits_map")
+        if not self.module_quant:
+            d.pop("module_quant")
         if self.rotation is None:
             d.pop("rotation")
         if self.method == "rtn":
@@ -211,21 +214,25 @@ def quantize_layer_gptq(
         del hook, hess  # the hooks' closures must not keep a Hessian alive past its plan
         for group in pass_groups:
             h = hessians.pop(group[0]).h
-            g = cfg.quant.group_for(h.shape[0])
-            # One factorization per input, shared by the group; it consumes (frees) the Hessian.
-            plan = gptq_plan(h, g, damp=cfg.damp, act_order=cfg.act_order, consume=True)
+            quants = {name: cfg.quant_for(prefix + name) for name in group}
+            sizes = sorted({q.group_for(h.shape[0]) for q in quants.values()})
+            # One factorization per input and group size, shared by the group; the last consumes (frees) the
+            # Hessian (mixed precision may give the linears reading one input different group sizes).
+            plans = {g: gptq_plan(h, g, damp=cfg.damp, act_order=cfg.act_order, consume=g == sizes[-1])
+                     for g in sizes}  # fmt: skip
             del h
             release_free_memory()
             for name in group:
                 linear = layer.get_submodule(name)
-                quant = cfg.quant_for(prefix + name)  # the group size (and so the plan) is the same for all
+                quant = quants[name]
+                plan = plans[quant.group_for(linear.in_features)]
                 qw = gptq_quantize_weight(linear.weight, None, quant, codes=cfg.codes, plan=plan)
                 bias = None if linear.bias is None else linear.bias.cpu()
                 module = HLQLinear.from_quantized(qw, bias).to(dev)
                 set_module(layer, name, module)
                 # The caller only needs the shape: a meta-device shell frees the fp32 weight now.
                 replaced[name] = (linear.to("meta"), module)
-            del plan
+            del plans, plan
             release_free_memory()
     return replaced, fp_first
 
@@ -507,11 +514,10 @@ def _finish(
     work = run.work
     names = [k for f in sorted(work.glob("*.safetensors")) for k in read_header(f)]
     modules = {
-        k.removesuffix(".qweight"): {"bits": cfg.quant_for(k.removesuffix(".qweight")).bits,
-                                     "group_size": cfg.quant.group_size}
+        k.removesuffix(".qweight"): {"bits": q.bits, "group_size": q.group_size}
         for k in names
-        if k.endswith(".qweight")
-    }  # fmt: skip
+        if k.endswith(".qweight") and (q := cfg.quant_for(k.removesuffix(".qweight")))
+    }
     if cfg.lm_head is not None:
         modules["lm_head"] = {"bits": cfg.lm_head.bits, "group_size": cfg.lm_head.group_size}
     if cfg.embed is not None:
@@ -524,7 +530,7 @@ def _finish(
     info = {
         "method": cfg.method,
         "format": cfg.quant.format,
-        "bits": "mixed" if cfg.bits_map else cfg.quant.bits,  # per module in "modules"
+        "bits": "mixed" if cfg.module_quant else cfg.quant.bits,  # per module in "modules"
         "group_size": cfg.quant.group_size,
         "iters": cfg.quant.iters,
         "settings": cfg.settings(),
@@ -533,6 +539,7 @@ def _finish(
     if cfg.rotation is not None:
         info["rotation"] = {**cfg.rotation.spec(), NORM_MATRIX: NORM_ROTATION in SafetensorsDir(work)}
     cfg_dict["quantization_config"] = quantization_config(modules, info)
+
     def close() -> None:
         run.close()
         shutil.rmtree(work / "activations", ignore_errors=True)

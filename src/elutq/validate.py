@@ -36,8 +36,13 @@ def integer(lo: int | None = None, hi: int | None = None, what: str | None = Non
     return parse
 
 
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-           what: str | None = None) -> Callable[[str], float]:
+def number(
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    what: str | None = None,
+) -> Callable[[str], float]:
     """A finite float in the interval from ``lo`` to ``hi`` (open ends with ``lo_open`` / ``hi_open``)."""
     if what is None:
         parts = []
@@ -83,6 +88,14 @@ def group_size(text: str) -> int:
     if v not in (32, 64, 128, -1):
         raise argparse.ArgumentTypeError(f"must be 32, 64, 128 or -1 (one group per row), got {text!r}")
     return v
+
+
+def group_sizes(text: str) -> list[int]:
+    """A comma-separated list of group sizes (``-1,64,128``), each as ``group_size`` checks it, none twice."""
+    values = [group_size(t.strip()) for t in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"names a group size twice: {text!r}")
+    return values
 
 
 def check_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
