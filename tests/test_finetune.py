@@ -71,6 +71,11 @@ def test_block_reconstruction_reduces_error_and_loads(tiny_ckpt, tmp_path):
     bests = [r["best_val"] for r in report.layers]
     assert len(report.layers) == 3 and all(b <= s for s, b in zip(starts, bests, strict=True)), report.layers
     assert sum(bests) < 0.8 * sum(starts), report.layers  # a real reduction, not a tie
+    for r in report.layers:  # the held-out curve: the start, every evaluation, and the best state among them
+        assert r["curve"][0] == [0, r["start_val"]] and r["curve"][-1][0] == r["steps"] and len(r["curve"]) == 5
+        assert min(v for _, v in r["curve"]) == r["best_val"] and [r["best_step"], r["best_val"]] in r["curve"]
+    hist = read_quantization_config(tmp_path / "ft")["finetune"][-1]
+    assert hist["held_out_curves"] == [r["curve"] for r in report.layers]
 
     before, after = read_tensors(q), read_tensors(tmp_path / "ft")
     assert before.keys() == after.keys()
@@ -248,6 +253,8 @@ def test_e2e_reduces_the_loss_and_writes_a_normal_checkpoint(tiny_ckpt, tmp_path
     r = report.e2e
     assert r["loss"] == loss and r["steps"] == 3 * 7 and r["best_step"] > 0
     assert r["best_val"] < (0.9 if loss == "kl" else 0.99) * r["start_val"], r
+    assert r["curve"][0] == [0, r["start_val"]] and r["curve"][-1][0] == r["steps"]
+    assert min(v for _, v in r["curve"]) == r["best_val"] and [r["best_step"], r["best_val"]] in r["curve"]
 
     before, after = read_tensors(q), read_tensors(tmp_path / "ft")
     assert before.keys() == after.keys()
@@ -355,6 +362,9 @@ def test_e2e_crash_then_resume_and_block_then_e2e(tiny_ckpt, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed after step 8" in done.stdout and not (tmp_path / "resumed.partial").exists()
     assert_same_checkpoint(full, resumed)
+    curves = [read_quantization_config(d)["finetune"][-1]["held_out_curve"] for d in (full, resumed)]
+    assert curves[0] == curves[1] and [k for k, _ in curves[0]][:3] == [0, 4, 8]  # the resumed run kept its start
+    assert "held-out curve (step: loss): 0: " in done.stdout
 
     both = tmp_path / "both"
     done = run_cli(ft_args(src, q, both, text, "--stage", "block,e2e"))

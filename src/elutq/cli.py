@@ -217,6 +217,9 @@ def _print_finetune(report, stage: str, ckpt: str | Path, source: str, out: Path
             f"{sum(best) / len(best):.3e}, "
             f"last layer {start[-1]:.3e} -> {best[-1]:.3e}"
         )
+        last = sum(1 for r in report.layers if r["curve"] and r["best_step"] == r["curve"][-1][0] > 0)
+        print(f"  best state at the last evaluation in {last} of {len(report.layers)} layers"
+              + (" (more epochs may pay)" if last > len(report.layers) // 2 else ""))
     else:
         if report.resumed_from:
             print(f"  resumed after step {report.resumed_from}")
@@ -224,6 +227,7 @@ def _print_finetune(report, stage: str, ckpt: str | Path, source: str, out: Path
         name = "KL to the source model" if r["loss"] == "kl" else "cross-entropy"
         print(f"  held-out {name} per token: {r['start_val']:.4f} -> {r['best_val']:.4f} "
               f"(best at step {r['best_step']} of {r['steps']})")
+        print("  held-out curve (step: loss): " + ", ".join(f"{int(k)}: {v:.4f}" for k, v in r["curve"]))
     print(f"  checkpoint: {out}  ({dir_size_mb(out):.1f} MiB on disk)")
     print(f"  time: {report.seconds:.1f}s   peak RSS: {peak_rss_mb():.0f} MiB")
 

@@ -283,6 +283,7 @@ class LayerResult:
     best_val: float  # held-out relative MSE of the state written (fp16 parameters)
     steps: int
     best_step: int
+    curve: list[list[float]] = field(default_factory=list)  # [step, held-out error] at each evaluation
 
 
 def _forward(layer: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
@@ -368,9 +369,10 @@ def train_layer(
 
     start = best = _val_error(layer, xv, yv, pos, dev, norm_w)
     best_state, best_step = snapshot(), 0
+    curve = [[0, start]]
     total = cfg.epochs * len(train_idx)
     if total == 0 or not params:
-        return LayerResult(start, best, 0, 0)
+        return LayerResult(start, best, 0, 0, curve)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = int(cfg.warmup_frac * total)
 
@@ -400,6 +402,7 @@ def train_layer(
             for v in views.values():
                 v.round_()
             val = _val_error(layer, xv, yv, pos, dev, norm_w)
+            curve.append([step, val])
             if val < best:
                 best, best_state, best_step, bad_evals = val, snapshot(), step, 0
             else:
@@ -419,7 +422,7 @@ def train_layer(
     with torch.no_grad():
         for p, t in zip(state, best_state, strict=True):
             p.copy_(t)
-    return LayerResult(start, best, step, best_step)
+    return LayerResult(start, best, step, best_step, curve)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -558,6 +561,7 @@ def _write_rest(inp: _Inputs, n_layers: int, cfg: FinetuneConfig, report: Finetu
         "calibration_text": report.calib_source,
         # per layer [before, after]: "normed" block_error per token, or the relative MSE ("mse")
         "held_out_block_error": [[r["start_val"], r["best_val"]] for r in report.layers],
+        "held_out_curves": [r["curve"] for r in report.layers],  # per layer: [step, error] at each evaluation
     }
     _write_config(inp.ckpt, work, inp.qc, entry, inp.tokenizer, index=True, close=inp.run.close)
 
@@ -589,6 +593,7 @@ class E2EResult:
     best_val: float  # held-out loss of the state written (fp16 parameters)
     steps: int
     best_step: int
+    curve: list[list[float]] = field(default_factory=list)  # [step, held-out loss] at each evaluation
 
 
 @torch.no_grad()
@@ -771,6 +776,7 @@ def finetune_e2e(
     if step == 0:
         best = start = val_loss()
         best_state, best_step = [p.detach().clone() for p in params], 0
+        curve = [[0, start]]
     else:  # resume: parameters, optimizer moments and the best state as saved after an evaluation
         saved = load_file(str(work / E2E_STATE_FILE))
         with torch.no_grad():
@@ -780,6 +786,7 @@ def finetune_e2e(
                                 "exp_avg_sq": saved[f"exp_avg_sq.{i}"].to(dev)}  # fmt: skip
         best_state = [saved[f"best.{i}"].to(dev) for i in range(len(params))]
         start, best, best_step = state["start_val"], state["best_val"], state["best_step"]
+        curve = state.get("curve") or [[0, start]]
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="e2e", unit="step", disable=not progress)
@@ -803,6 +810,7 @@ def finetune_e2e(
         for v in views.values():
             v.round_()
         val = val_loss()
+        curve.append([step, val])
         if val < best:
             best, best_state, best_step = val, [p.detach().clone() for p in params], step
         with torch.no_grad():
@@ -814,7 +822,7 @@ def finetune_e2e(
             tensors[f"param.{i}"], tensors[f"best.{i}"] = p.detach().cpu(), best_state[i].cpu()
             tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"] = st["exp_avg"].cpu(), st["exp_avg_sq"].cpu()
         atomic_save({k: t.contiguous() for k, t in tensors.items()}, work / E2E_STATE_FILE)
-        run.save(step=step, start_val=start, best_val=best, best_step=best_step)
+        run.save(step=step, start_val=start, best_val=best, best_step=best_step, curve=curve)
         bar.set_postfix(loss=f"{running:.4f}", val=f"{val:.4f}", best=f"{best:.4f}")
         _maybe_stop_for_test_at(step)
     bar.close()
@@ -826,7 +834,7 @@ def finetune_e2e(
     for n in names:
         updated[f"{n}.scales"] = views[n].s.detach().half().cpu().contiguous()
         updated[f"{n}.zeros"] = views[n].z.detach().half().cpu().contiguous()
-    report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step))
+    report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step, curve))
     tensors = {k: updated.get(k, inp.ck.get(k)).contiguous() for k in inp.ck.weight_map}
     atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
     history_entry = {
@@ -834,6 +842,7 @@ def finetune_e2e(
         "settings": cfg.settings(),
         "calibration_text": report.calib_source,
         "held_out_loss": [start, best],
+        "held_out_curve": curve,  # [step, loss] at each evaluation
     }
 
     def close() -> None:
