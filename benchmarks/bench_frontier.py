@@ -146,7 +146,7 @@ def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, cali
         weighting, groups = PROXIES.get(proxy, ("loss", "-1,32,64,128"))
         name = f"measurement-{fmt}{'-' + rot if rot else ''}-{weighting}-g{groups}.json"
         widths = ["--target-bpw", setting.removeprefix("mixed-"), "--measurement", str(work / name),
-                  "--measure-weighting", weighting, "--mixed-group-sizes", groups]  # fmt: skip
+                  "--measure-weighting", weighting, f"--mixed-group-sizes={groups}"]  # fmt: skip (-1 is no option)
     else:
         bits, group = parse_setting(setting)
         hb, hg = head_for(bits)

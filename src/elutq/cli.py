@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings in the cache, reused by any target)")
     q.add_argument("--mixed-group-sizes", type=V.group_sizes, default=[-1, 32, 64, 128],
                    help="with --target-bpw: the group sizes each module may get (default -1,32,64,128; -1: one group "
-                   "per row)")
+                   "per row; write --mixed-group-sizes=-1,128 when the list starts with -1)")
     q.add_argument("--measure-weighting", choices=["loss", "none"], default="loss",
                    help="with --target-bpw: each module's output error weighted by the loss's gradient there "
                    "(loss, default: sees how errors grow through the layers) or unweighted (none)")
