@@ -350,15 +350,15 @@ def allocate(
     if not allowed:
         raise ElutqError(f"the measurement has no setting of {widths} bits with group sizes {groups}")
 
-    def option(name: str, k: str) -> tuple[float, float]:
+    def cost_size(name: str, k: str) -> tuple[float, float]:
         cost, bits = mods[name]["options"][k]
         return cost, bits * (1 + emb_scale) if name == "lm_head" else bits  # an untied embedding copies the head
 
     def size(choice: dict[str, str]) -> float:
-        return sum(option(n, k)[1] for n, k in choice.items())
+        return sum(cost_size(n, k)[1] for n, k in choice.items())
 
     budget = target_bpw * m["n_params"] - other_bits
-    smallest = {n: min(allowed, key=lambda k, n=n: option(n, k)[1]) for n in mods}
+    smallest = {n: min(allowed, key=lambda k, n=n: cost_size(n, k)[1]) for n in mods}
     if budget < size(smallest):
         raise ElutqError(
             f"--target-bpw {target_bpw} is below what the smallest setting everywhere reaches "
@@ -366,7 +366,7 @@ def allocate(
         )
 
     def pick(lam: float) -> dict[str, str]:
-        return {n: min(allowed, key=lambda k, n=n: option(n, k)[0] + lam * option(n, k)[1]) for n in mods}
+        return {n: min(allowed, key=lambda k, n=n: cost_size(n, k)[0] + lam * cost_size(n, k)[1]) for n in mods}
 
     choice = pick(0.0)
     if size(choice) > budget:
@@ -381,9 +381,9 @@ def allocate(
             room = budget - size(choice)
             best = None
             for n, k in choice.items():
-                c, b = option(n, k)
+                c, b = cost_size(n, k)
                 for nk in allowed:
-                    dc, db = c - option(n, nk)[0], option(n, nk)[1] - b
+                    dc, db = c - cost_size(n, nk)[0], cost_size(n, nk)[1] - b
                     if 0 < db <= room and dc > 0 and (best is None or dc / db > best[0]):
                         best = (dc / db, n, nk)
             if best is None:
