@@ -39,7 +39,7 @@ from torch import nn
 
 from . import __version__
 from .hlq import dequantize, num_groups, unpack_bitplanes
-from .models import check_architecture
+from .models import check_architecture, meta_model, rotary_embedding
 from .modules import HLQEmbedding, HLQLinear, rotate_modules, set_module
 from .rotation import NORM_MATRIX, NORM_ROTATION, rotation_from_spec
 from .utils import ElutqError, atomic_dir
@@ -398,22 +398,30 @@ class SafetensorsDir:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _info(self, name: str) -> tuple[str, int, dict[str, Any]]:
+        """(file, data start, header entry) of tensor ``name``."""
         if name not in self.weight_map:
             raise ElutqError(
                 f"tensor {name} is not in the weights at {self.dir}; the model's layers cannot be "
                 "walked (is it a llama-family model with standard tensor names, and does its config.json match?)"
             )
-        # Plain reads, not safe_open's memory map: mapped pages a process has touched count towards its
-        # RSS for as long as the file stays mapped, so reading a whole model through one map makes the
-        # quantizer's RSS grow by every layer it has read.
         f = self.weight_map[name]
         if f not in self._headers:
             with open(self.dir / f, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 self._headers[f] = (8 + n, json.loads(fh.read(n)))
         start, header = self._headers[f]
-        info = header[name]
+        return f, start, header[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape, from the file's header (nothing read)."""
+        return tuple(self._info(name)[2]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        # Plain reads, not safe_open's memory map: mapped pages a process has touched count towards its
+        # RSS for as long as the file stays mapped, so reading a whole model through one map makes the
+        # quantizer's RSS grow by every layer it has read.
+        f, start, info = self._info(name)
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ElutqError(f"tensor {name} in {self.dir / f} has dtype {info['dtype']}, which elutq cannot read")
@@ -791,14 +799,15 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
 
     ``fp16_kv``: attend over fp16-rounded keys and values (:func:`attend_with_fp16_kv`), i.e. compute what
     the native runtime computes."""
-    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qc = read_quantization_config(path)
     config = load_config(path)
     check_architecture(config)
     validate_checkpoint(path, qc, config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # The module tree on the meta device: a 1.5B model's random init would cost 7 GB of fp32 for a moment;
+    # the quantized modules replace their linears and every other tensor is assigned from the checkpoint.
+    model = meta_model(config, dtype)
     state = read_tensors(path)
     for key, t in state.items():
         check_finite(key, t)
@@ -859,6 +868,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, fp16_kv
                 "the embeddings unties the head); re-run `elutq quantize`"
             )
         model.tie_weights()
+    # Non-persistent buffers are computed, not stored: the rotary embedding's inv_freq, rebuilt for real.
+    model.model.rotary_emb = rotary_embedding(config, model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ElutqError(f"{path}: tensors {left[:5]} are neither in the checkpoint nor computed; the checkpoint "
+                         f"does not match its config.json: re-run `elutq quantize`")
     model.eval()
     if fp16_kv:
         attend_with_fp16_kv(model)

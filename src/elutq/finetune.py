@@ -65,7 +65,7 @@ from .layerloop import (
 from .models import check_architecture, meta_model, position_embeddings, resolve_source_dir
 from .modules import HLQEmbedding, HLQLinear, rotate_mlps, set_module
 from .pipeline import open_source
-from .rotation import NORM_ROTATION, rotation_from_spec
+from .rotation import NORM_ROTATION, RotatedSource, rotation_from_spec
 from .utils import ElutqError, move_into_place, peak_rss_mb
 
 DEFAULT_LR = {"block": 3e-3, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
@@ -136,25 +136,70 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------- the trainable view
 
 
+DECODE_ROWS = 1024  # rows of a matrix decoded (or differentiated) at a time: temporaries the size of the block
+
+
+class _Decode(torch.autograd.Function):
+    """The weight ``[out, in]`` from packed bit-planes ``qweight [bits, out, ⌈in/8⌉]`` and ``s``, ``z``, as
+    ``hlq.dequantize`` decodes it, unpacking a block of rows at a time.  The backward unpacks the codes again
+    instead of keeping what autograd would (gather's int64 index, 8 bytes per weight: 1.9 GB for a
+    151,936 × 1536 head):  ``∂L/∂z[o, G] = Σ_{j∈G} ∂L/∂w[o, j]``,
+    ``∂L/∂s[o, G, i] = Σ_{j∈G} ∂L/∂w[o, j]·bit_i(code[o, j])``."""
+
+    @staticmethod
+    def forward(ctx, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+        ctx.save_for_backward(qweight)
+        ctx.group_size, ctx.n = group_size, n
+        w = torch.empty(qweight.shape[1], n, dtype=torch.float32, device=qweight.device)
+        for r in range(0, w.shape[0], DECODE_ROWS):
+            rs = slice(r, r + DECODE_ROWS)
+            w[rs] = dequantize(unpack_bitplanes(qweight[:, rs], n), s[rs].detach(), z[rs].detach(), group_size)
+        return w
+
+    @staticmethod
+    def backward(ctx, gw: torch.Tensor):
+        (qweight,) = ctx.saved_tensors
+        bits, out, _ = qweight.shape
+        g, n = ctx.group_size, ctx.n
+        ng = -(-n // g)
+        gs = gw.new_empty(out, ng, bits, dtype=torch.float32)
+        gz = gw.new_empty(out, ng, dtype=torch.float32)
+        pad = (0, ng * g - n)
+        for r in range(0, out, DECODE_ROWS):
+            rs = slice(r, r + DECODE_ROWS)
+            gb = nn.functional.pad(gw[rs].float(), pad).view(-1, ng, g)
+            cb = nn.functional.pad(unpack_bitplanes(qweight[:, rs], n), pad).view(-1, ng, g)
+            gz[rs] = gb.sum(-1)
+            for i in range(bits):
+                gs[rs, :, i] = (gb * ((cb >> i) & 1)).sum(-1)
+        return None, gs, gz, None, None
+
+
 class TrainableHLQ(nn.Module):
     """An ``HLQLinear`` with fp32 trainable scales ``s`` [out, ng, bits] and offsets ``z`` [out, ng].
 
-    Codes are a frozen buffer.  The forward dequantizes with the same function as ``HLQLinear``, so
-    before training (``s``, ``z`` = the fp16 values) the outputs are bit-identical.
+    Codes are a frozen buffer, kept packed as the checkpoint stores them (``qweight``: 2 bits per weight
+    at 2 bits, where unpacked codes would take 8).  The forward dequantizes with the same function as
+    ``HLQLinear``, so before training (``s``, ``z`` = the fp16 values) the outputs are bit-identical.
     """
 
     def __init__(self, m: HLQLinear):
         super().__init__()
         self.in_features, self.out_features = m.in_features, m.out_features
         self.bits, self.group_size = m.bits, m.group_size
-        self.register_buffer("codes", unpack_bitplanes(m.qweight.cpu(), m.in_features).to(m.scales.device))
+        self.register_buffer("qweight", m.qweight.detach().clone())
         self.s = nn.Parameter(m.scales.detach().float().clone())
         self.z = nn.Parameter(m.zeros.detach().float().clone())
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
-        self.reassigned = False  # set by reassign_: write_back then repacks the codes
+        self.reassigned = False  # set by reassign_: write_back then stores the new codes
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The codes ``[out, in]``, unpacked (a copy)."""
+        return unpack_bitplanes(self.qweight, self.in_features)
 
     def weight(self) -> torch.Tensor:
-        return dequantize(self.codes, self.s, self.z, self.group_size)
+        return _Decode.apply(self.qweight, self.s, self.z, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -171,7 +216,7 @@ class TrainableHLQ(nn.Module):
         under the current ``s``, ``z``; returns how many codes changed."""
         codes = nearest_codes(w_fp, self.s.detach(), self.z.detach(), self.group_size)
         changed = int((codes != self.codes).sum().item())
-        self.codes.copy_(codes)
+        self.qweight.copy_(pack_bitplanes(codes, self.bits))
         self.reassigned = True
         return changed
 
@@ -181,7 +226,7 @@ class TrainableHLQ(nn.Module):
         m.scales.copy_(self.s.half().cpu())
         m.zeros.copy_(self.z.half().cpu())
         if self.reassigned:  # otherwise m.qweight already holds these codes
-            m.qweight.copy_(pack_bitplanes(self.codes.cpu(), self.bits))
+            m.qweight.copy_(self.qweight.cpu())
 
 
 class TrainableTiedRows(nn.Module):
@@ -194,7 +239,7 @@ class TrainableTiedRows(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h, flat = self.head, ids.reshape(-1)
-        rows = dequantize(h.codes[flat], h.s[flat], h.z[flat], h.group_size)
+        rows = _Decode.apply(h.qweight[:, flat], h.s[flat], h.z[flat], h.group_size, h.in_features)
         return rows.to(self.dtype).view(*ids.shape, h.in_features)
 
 
@@ -236,14 +281,13 @@ def _check_source_matches(
     # 16-bit embeddings in the checkpoint: the source's, rounded, must be the same tensor (quantized ones
     # only the same vocabulary; the shape fields above already match).
     name = "model.embed_tokens.weight"
-    orig = source.get(name)
-    if name not in ck:
-        if ck.get(f"{embedding_prefix(qc)}.qweight").shape[1] != orig.shape[0]:
+    if name not in ck:  # shapes from the headers: a rotated source would rotate the whole table to compare
+        if ck.shape(f"{embedding_prefix(qc)}.qweight")[1] != source.shape(name)[0]:
             raise ElutqError(
                 f"the source model {src} does not match the checkpoint {ckpt}: the vocabularies differ; {fix}"
             )
         return
-    stored = ck.get(name)
+    orig, stored = source.get(name), ck.get(name)
     if stored.shape != orig.shape or not torch.allclose(
         stored.float(), orig.to(stored.dtype).float(), atol=1e-3, rtol=1e-2
     ):
@@ -360,7 +404,7 @@ def train_layer(
     train_idx, val_idx = list(range(len(x_q) - n_val)), list(range(len(x_q) - n_val, len(x_q)))
     xv, yv = [x_q[k] for k in val_idx], [y_fp[k] for k in val_idx]
     params = [p for v in views.values() for p in (v.s, v.z)]
-    state = params + ([v.codes for v in views.values()] if fp_weights else [])
+    state = params + ([v.qweight for v in views.values()] if fp_weights else [])
     for v in views.values():
         v.round_()
 
@@ -446,7 +490,7 @@ class _Inputs:
     qc: dict
     config: Any
     ck: SafetensorsDir
-    source: SafetensorsDir
+    source: SafetensorsDir | RotatedSource
     tokenizer: Any
     run: Run
 
@@ -731,6 +775,8 @@ def finetune_e2e(
         _write_teacher(skeleton, inp.source, chunks, pos, work, dev, progress, cfg.teacher_topk)
         del skeleton
         run.save(teacher_done=True)
+    if isinstance(inp.source, RotatedSource):
+        inp.source.release()  # training reads no source tensor
 
     def teacher(k: int) -> dict[str, torch.Tensor] | None:
         if cfg.loss != "kl":

@@ -386,12 +386,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def meta_model(config) -> nn.Module:
+def meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The model's module tree on the meta device: its structure, with no memory behind the tensors."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
 
 
 def rotary_embedding(config, model: nn.Module | None = None) -> nn.Module:

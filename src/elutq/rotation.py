@@ -192,6 +192,9 @@ def orthogonal(n: int, matrix: str, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the rotated source
 
 
+ROTATE_ROWS = 4096  # rows of a vocabulary-sized tensor rotated at a time (float64 temporaries of that size)
+
+
 class RotatedSource:
     """A source model's tensors (``.get(name)``, ``in``, ``.fingerprint()``: what ``SafetensorsDir`` offers)
     with ``rotation`` fused in, in float32; see the module docstring for each tensor's rule."""
@@ -212,11 +215,27 @@ class RotatedSource:
     def __contains__(self, name: str) -> bool:
         return name in self.source or (name == NORM_ROTATION and self.tied)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return (self.hidden, self.hidden) if name == NORM_ROTATION else self.source.shape(name)
+
+    def release(self) -> None:
+        """Drop the rotated embedding kept for a second read (a 151,936-row table is 0.9 GB)."""
+        self._embed = None
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps([self.source.fingerprint(), self.rotation.spec()]).encode()).hexdigest()
 
     def _f64(self, name: str) -> torch.Tensor:
         return self.source.get(name).to(torch.float64)
+
+    def _rows_rotated(self, name: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(W·diag(scale)) @ Q`` for a vocabulary-sized ``W``, in float64 a block of rows at a time and
+        written over W's own float32 copy: a whole-table float64 product would need 4× the table."""
+        w = self.source.get(name).float()  # a fresh tensor (SafetensorsDir reads a copy), so ours to overwrite
+        for r in range(0, w.shape[0], ROTATE_ROWS):
+            blk = w[r : r + ROTATE_ROWS].double()
+            w[r : r + ROTATE_ROWS] = ((blk if scale is None else blk * scale) @ self.q).float()
+        return w
 
     def _heads(self, w: torch.Tensor, dim: int) -> torch.Tensor:
         """``w`` with its head slices along ``dim`` (head_dim each) multiplied by ``Hd`` from the right."""
@@ -236,10 +255,10 @@ class RotatedSource:
         q = self.q
         if name == "model.embed_tokens.weight":
             if self._embed is None:  # read twice (calibration, head): kept once
-                self._embed = (self._f64(name) @ q).float()
+                self._embed = self._rows_rotated(name)
             return self._embed
         if name == "lm_head.weight":
-            return (self._f64(name) * self._f64("model.norm.weight") @ q).float()
+            return self._rows_rotated(name, self._f64("model.norm.weight"))
         if lin in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             if leaf != "weight":
                 t = self._f64(name)
