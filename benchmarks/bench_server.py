@@ -6,7 +6,8 @@ Starts the server as a subprocess (default checkpoint: the default model, RTN HL
 under out/), then for each concurrency level runs that many clients, each sending ``--requests``
 chat requests one after another (a bounded count).  Prints aggregate decode tokens/s, time to
 first token (p50/p99), per-token latency (p50/p99), failures, the server's peak RSS, and the
-aggregate speed-up over a single client, measured in the same run; from the server's /health
+aggregate speed-up over a single client, measured in the same run (``--speculative both``: a server with
+speculative decoding off, then one with it on, and the ratio per level); from the server's /health
 counters: batched steps, tokens sampled per step, prompt tokens actually computed (shared prefixes
 are not), and the share of wall time spent in the model's forward.
 """
@@ -103,17 +104,8 @@ def server_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="run the levels this many times against one server; the summary takes each level's median")
-    args = ap.parse_args()
-    ckpt = args.checkpoint or default_checkpoint()
+def measure(ckpt: Path, args: argparse.Namespace, speculative: bool) -> dict[int, float]:
+    """Start a server, run the levels ``args.rounds`` times, print each; returns each level's median tok/s."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -121,6 +113,8 @@ def main() -> None:
            "--max-batch", str(max(args.clients)), "--ctx", "1024"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if not speculative:
+        cmd += ["--no-speculative"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -134,7 +128,8 @@ def main() -> None:
             if proc.poll() is not None or time.time() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        print(f"checkpoint: {ckpt}\n{args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
+        print(f"\ncheckpoint: {ckpt}, speculative decoding {'on' if speculative else 'off'}\n"
+              f"{args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
         print(f"{'clients':>7} {'ok':>4} {'fail':>4} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
               f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11} {'steps':>6} {'rows/step':>9} {'prompt tok':>10} "
               f"{'in forward':>10}")
@@ -161,12 +156,34 @@ def main() -> None:
                       f"{fwd:>9.0%}", flush=True)
         med = {c: float(np.median(v)) for c, v in agg.items()}
         c0 = args.clients[0]
-        print(f"\nmedian of {args.rounds} rounds: " + ", ".join(
+        print(f"median of {args.rounds} rounds: " + ", ".join(
             f"{c} clients {med[c]:.1f} tok/s ({med[c] / med[c0]:.2f}x)" for c in args.clients) + f"; {fails} failed")
         print(f"server peak RSS: {server_rss_mb(proc.pid):.0f} MiB")
+        return med
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run the levels this many times against one server; the summary takes each level's median")
+    ap.add_argument("--speculative", choices=["on", "off", "both"], default="on",
+                    help="the server's speculative decoding; both: one server each, then the ratio per level")
+    args = ap.parse_args()
+    ckpt = args.checkpoint or default_checkpoint()
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.speculative]
+    med = {m: measure(ckpt, args, m) for m in modes}
+    if len(med) == 2:
+        print("\nspeculative on against off (median aggregate tok/s): " + ", ".join(
+            f"{c} clients {med[True][c]:.1f} / {med[False][c]:.1f} = {med[True][c] / med[False][c]:.2f}x"
+            for c in args.clients))
 
 
 if __name__ == "__main__":
