@@ -4,12 +4,13 @@
 
 Starts the server as a subprocess (default checkpoint: the default model, RTN HLQ w4g128, made once
 under out/), then for each concurrency level runs that many clients, each sending ``--requests``
-chat requests one after another (a bounded count).  Prints aggregate decode tokens/s, time to
-first token (p50/p99), per-token latency (p50/p99), failures, the server's peak RSS, and the
-aggregate speed-up over a single client, measured in the same run (``--speculative both``: a server with
-speculative decoding off, then one with it on, and the ratio per level); from the server's /health
-counters: batched steps, tokens sampled per step, prompt tokens actually computed (shared prefixes
-are not), and the share of wall time spent in the model's forward.
+chat requests one after another (a bounded count), each ``--max-tokens`` long (``ignore_eos``).
+Prints aggregate decode tokens/s, time to first token (p50/p99), per-token latency (p50/p99),
+failures, the server's peak RSS, and the aggregate speed-up over a single client, measured in the
+same run (``--speculative both``: a server with speculative decoding off, then one with it on, and
+the ratio per level); from the server's /health counters: batched steps, tokens sampled per step,
+prompt tokens actually computed (shared prefixes are not), and the share of wall time spent in the
+model's forward.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ async def one_client(client: httpx.AsyncClient, url: str, n: int, max_tokens: in
             "max_tokens": max_tokens,
             "temperature": 0.7,
             "seed": idx * 1000 + r,
+            "ignore_eos": True,  # every reply max_tokens long: the same work whatever is sampled
             "stream": True,
             "stream_options": {"include_usage": True},
         }

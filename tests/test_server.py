@@ -69,6 +69,19 @@ def server(checkpoint):
     srv.stop()
 
 
+def test_ignore_eos_runs_to_max_tokens(server):
+    eos = server.model.eos_ids
+    server.model.eos_ids = set(range(server.model.arch.vocab))  # every token ends a reply
+    try:
+        body = {"model": NAME, "prompt": "fox", "max_tokens": 7, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert r["usage"]["completion_tokens"] == 0 and r["choices"][0]["finish_reason"] == "stop"
+        r = httpx.post(server.url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=60).json()
+        assert r["usage"]["completion_tokens"] == 7 and r["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.model.eos_ids = eos
+
+
 def test_openai_client_completions_and_chat(server):
     c = server.client
     assert [m.id for m in c.models.list().data] == [NAME]

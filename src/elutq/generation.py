@@ -292,7 +292,8 @@ class Generation:
     token) and passes the last row of logits to :meth:`advance`, which returns the new text."""
 
     def __init__(
-        self, model: Model, session: Session, ids: list[int], max_new: int, sampler: Sampler, stops: list[str]
+        self, model: Model, session: Session, ids: list[int], max_new: int, sampler: Sampler, stops: list[str],
+        ignore_eos: bool = False,
     ):
         if max_new < 1:
             raise ElutqError(f"max_new_tokens must be >= 1, got {max_new}")
@@ -303,6 +304,7 @@ class Generation:
             )
         self.model, self.session, self.ids, self.max_new = model, session, ids, max_new
         self.sampler, self.stops = sampler, stops
+        self.eos_ids = set() if ignore_eos else model.eos_ids  # ignore_eos: always max_new tokens (load tests)
         self.t0 = time.perf_counter()
         keep = min(common_prefix(session.tokens, ids), len(ids) - 1)  # the last prompt token always runs
         del session.tokens[keep:]
@@ -330,7 +332,7 @@ class Generation:
         if not self._t_first:
             self._t_first = time.perf_counter()
             self.timing.time_to_first_token = self._t_first - self.t0
-        if tok in self.model.eos_ids:
+        if tok in self.eos_ids:
             return self._finish("stop")
         self.out.append(tok)
         new = self._decoder.push(tok)

@@ -370,17 +370,19 @@ class Model:
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         session: Session | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
         """A reply in the making, for a driver that feeds ``pending`` tokens and calls ``advance``
         (``generate`` does it for one request; the server does it for many in one batch).  Sampling
-        settings left ``None`` come from :attr:`generation_defaults`."""
+        settings left ``None`` come from :attr:`generation_defaults`; ``ignore_eos`` goes on past an
+        end-of-text token to ``max_new_tokens`` (a stop string or the context still ends it)."""
         given = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         settings = {**self.generation_defaults, **{k: v for k, v in given.items() if v is not None}}
         sampler = Sampler(**settings, seed=seed)
         if ids is None:
             ids = self.encode(prompt, messages)
         stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
-        return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops)
+        return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops, ignore_eos)
 
     def generate(
         self, prompt: str | None = None, *, stream: bool = False, speculative: bool = True, **kw: Any
@@ -389,8 +391,8 @@ class Model:
         ``generation_config.json`` says unless told otherwise (greedy when it does not ask to sample).
 
         Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, stop, seed, session``.  The session's KV cache is reused for the longest
-        common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
+        repetition_penalty, stop, seed, session, ignore_eos``.  The session's KV cache is reused for the
+        longest common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
         ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_lookup``;
         :class:`DraftPolicy` decides how many, none where it does not pay): greedy replies are the same tokens
         as without, sampled ones the same distribution; fewer passes over the weights."""

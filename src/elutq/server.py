@@ -369,6 +369,7 @@ class _Base(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)
     truncate: bool = False  # extension: drop the oldest prompt tokens that do not fit the context
+    ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens tokens past end-of-text (load tests)
 
 
 class CompletionRequest(_Base):
@@ -615,7 +616,7 @@ def create_app(
 
     def sampling(req: _Base, max_tokens: int) -> dict[str, Any]:
         return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                    repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed)
+                    repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed, ignore_eos=req.ignore_eos)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
