@@ -66,7 +66,7 @@ from .models import check_architecture, meta_model, position_embeddings, resolve
 from .modules import HLQEmbedding, HLQLinear, rotate_mlps, set_module
 from .pipeline import open_source
 from .rotation import NORM_ROTATION, RotatedSource, rotation_from_spec
-from .utils import ElutqError, move_into_place, peak_rss_mb
+from .utils import ElutqError, move_into_place, peak_rss_mb, release_free_memory
 
 DEFAULT_LR = {"block": 3e-3, "e2e": 1e-4}  # AdamW learning rates (cosine schedule) per stage
 HIDDEN_FP, HIDDEN_Q = "hidden-fp", "hidden-q"  # the layer loop's activation streams: fp model, quantized model
@@ -674,7 +674,7 @@ def _write_teacher(skeleton, source: SafetensorsDir, chunks: list[torch.Tensor],
         atomic_save(rec, work / TEACHER_DIR / f"chunk-{k:05d}.safetensors")
 
 
-LOSS_ROWS = 256  # positions whose logits over the vocabulary exist at once (teacher and student alike)
+LOSS_ROWS = 128  # positions whose logits over the vocabulary exist at once (teacher and student alike)
 
 
 def _teacher_record(logp: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
@@ -799,7 +799,7 @@ def finetune_e2e(
     for v in views.values():
         v.round_()
 
-    def val_loss() -> float:
+    def val_loss(model: nn.Module) -> float:
         model.eval()
         with torch.no_grad():
             loss = sum(_e2e_loss(model, chunks[k].to(dev), teacher(k)).item() for k in val_idx) / len(val_idx)
@@ -820,7 +820,7 @@ def finetune_e2e(
 
     step = state["step"]
     if step == 0:
-        best = start = val_loss()
+        best = start = val_loss(model)
         best_state, best_step = [p.detach().clone() for p in params], 0
         curve = [[0, start]]
     else:  # resume: parameters, optimizer moments and the best state as saved after an evaluation
@@ -845,6 +845,7 @@ def finetune_e2e(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        release_free_memory()  # the step's freed temporaries, so the next one starts from an unfragmented heap
         step += 1
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         bar.update(1)
@@ -855,13 +856,14 @@ def finetune_e2e(
         fp32 = [p.detach().clone() for p in params]
         for v in views.values():
             v.round_()
-        val = val_loss()
+        val = val_loss(model)
         curve.append([step, val])
         if val < best:
             best, best_state, best_step = val, [p.detach().clone() for p in params], step
         with torch.no_grad():
             for p, t in zip(params, fp32, strict=True):
                 p.copy_(t)
+        del fp32
         tensors = {}
         for i, p in enumerate(params):
             st = opt.state[p]
@@ -880,6 +882,9 @@ def finetune_e2e(
     for n in names:
         updated[f"{n}.scales"] = views[n].s.detach().half().cpu().contiguous()
         updated[f"{n}.zeros"] = views[n].z.detach().half().cpu().contiguous()
+    # The model and the optimizer go before the checkpoint's tensors are read for the output.
+    del model, views, params, opt, best_state
+    release_free_memory()
     report.e2e = asdict(E2EResult(cfg.loss, start, best, step, best_step, curve))
     tensors = {k: updated.get(k, inp.ck.get(k)).contiguous() for k in inp.ck.weight_map}
     atomic_save(tensors, work / WEIGHTS_FILE, {"format": "pt"})
