@@ -5,7 +5,7 @@
 (b) GEMV at LLaMA shapes, 2/3/4 bits g128: GB/s of packed weights+scales streamed, as a fraction of
     the read bandwidth measured just before (and of the best roofline of the run); the weights
     rotate over copies totalling --cold-mb so every call streams from memory;
-(c) GEMV / GEMM (N = 1, 8, 32, 128) against torch fp32 matmul with pre-dequantized weights and
+(c) GEMV / GEMM (N = 1, 8, 32, 128; ``--ns``) against torch fp32 matmul with pre-dequantized weights and
     against dequantize-then-matmul (elutq.hlq.dequantize each call).
 
     .venv/bin/python benchmarks/bench_kernels.py            # everything (~5 min on 2 cores)
@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096 (out x in)")
     ap.add_argument("--cold-mb", type=int, default=None, help="MiB of rotating weight copies (default 1024)")
     ap.add_argument("--skip", default="", help="sections to skip, e.g. 'c' or 'b,c'")
+    ap.add_argument("--ns", default="1,8,32,128", help="(c): tokens per call, e.g. 2048 for a prefill window")
     args = ap.parse_args()
 
     threads = [int(t) for t in args.threads.split(",")]
@@ -185,9 +186,10 @@ def main() -> None:
     if "b" not in skip:
         section_gemv(shapes, bits_list, threads, cold_mb, bw_mb, reps, roof)
     if "c" not in skip:
-        ns = [1, 8, 32, 128]
-        tshapes = shapes[:1] if args.quick else shapes[:2]
-        section_torch(tshapes, [2] if args.quick else [2, 4], ns, max(threads), cold_mb, reps)
+        ns = [int(n) for n in args.ns.split(",")]
+        tshapes = shapes if args.shapes else shapes[:1] if args.quick else shapes[:2]
+        tbits = bits_list if args.bits else [2] if args.quick else [2, 4]
+        section_torch(tshapes, tbits, ns, max(threads), cold_mb, reps)
     print(f"\nbest read bandwidth seen: {', '.join(f'{t} thr {b:.1f} GB/s' for t, b in roof.items())}")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
