@@ -48,6 +48,15 @@ def test_round_trip_is_bit_exact(quantized):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 
+def test_a_tensor_neither_stored_nor_computed_is_an_error(quantized, monkeypatch):
+    """The model is built on the meta device; a tensor nothing fills (here: the rotary buffers, left on meta)
+    is refused by name, never run."""
+    _, out = quantized
+    monkeypatch.setattr(checkpoint, "rotary_embedding", lambda config, model: model.model.rotary_emb)
+    with pytest.raises(ElutqError, match=r"inv_freq.*neither in the checkpoint nor computed"):
+        load_quantized(out)
+
+
 def test_quantized_lm_head_round_trip(tiny_llama, tmp_path):
     model, _ = tiny_llama
     quantize(model, QuantConfig(2, 64), lm_head=QuantConfig(4, 32), progress=False)
