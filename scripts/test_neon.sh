@@ -36,11 +36,29 @@ out="$(qemu-aarch64 -L "$QEMU_LD_PREFIX" "$OUT/lut_selftest_aarch64")"
 echo "$out"
 echo "$out" | grep -q "neon" || { echo "NEON path was not exercised"; exit 1; }
 
+CXX="${CXX:-g++}"
+AVX2_FLAGS=(-mavx2 -mfma -mf16c)  # as CMakeLists.txt compiles these files
+AVX512_FLAGS=(-mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx512vnni -mfma -mf16c)
+if [ "$(uname -m)" = "x86_64" ]; then
+  # Code built with ISA flags may run only after the run-time dispatch has checked the CPU: a file
+  # compiled with them must hold no constructor run at load time (.init_array: the import itself would
+  # die with SIGILL on a CPU without those instructions) and no weak (inline or template) function the
+  # linker could pick for the other files' calls.
+  echo "== x86-64 ISA files: nothing runs before dispatch"
+  for f in "$SRC"/*_avx2.cpp "$SRC"/*_avx512.cpp; do
+    flags=("${AVX2_FLAGS[@]}"); [[ "$f" == *_avx512.cpp ]] && flags=("${AVX512_FLAGS[@]}")
+    o="$OUT/isa_$(basename "$f" .cpp).o"
+    "$CXX" -O3 -std=c++17 -fPIC -c "$f" "${flags[@]}" -o "$o"
+    if objdump -h "$o" | grep -qE '\.(init_array|ctors)'; then
+      echo "$(basename "$f"): a static constructor compiled with ${flags[0]} runs when the library loads"; exit 1
+    fi
+    weak="$(nm -C "$o" | grep -E ' [WVu] ' || true)"
+    [ -z "$weak" ] || { echo "$(basename "$f"): weak symbols compiled with ${flags[0]}:"; echo "$weak"; exit 1; }
+  done
+fi
+
 if [ "${HOST:-0}" = "1" ] && [ "$(uname -m)" = "x86_64" ]; then
   echo "== host build (x86-64, runtime-dispatched AVX2/AVX-512)"
-  CXX="${CXX:-g++}"
-  AVX2_FLAGS=(-mavx2 -mfma -mf16c)
-  AVX512_FLAGS=(-mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx512vnni -mfma -mf16c)
   for f in lut_avx2 attention_avx2; do "$CXX" -O2 -std=c++17 -c "$SRC/$f.cpp" "${AVX2_FLAGS[@]}" -o "$OUT/$f.o"; done
   for f in lut_avx512 attention_avx512; do "$CXX" -O2 -std=c++17 -c "$SRC/$f.cpp" "${AVX512_FLAGS[@]}" -o "$OUT/$f.o"; done
   "$CXX" -O2 -std=c++17 -pthread -o "$OUT/lut_selftest_host" "$SRC/lut_selftest.cpp" "$SRC/lut.cpp" \

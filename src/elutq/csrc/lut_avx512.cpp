@@ -345,11 +345,13 @@ constexpr int kRunLane[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 
 // run in lane f sits in Z_{m/4} at byte 16·(f/4) + 4·(m%4) + f%4.  Output zmm b (runs 4b..4b+3,
 // 16 entries each) takes m < 8 from (Z0, Z1) and m >= 8 from (Z2, Z3) with one two-source permute
 // each and a blend.
+// Built at compile time (constexpr): a constructor run when the library loads would be compiled with
+// this file's AVX-512 flags and kill the import on a CPU without them.
 struct TablePerm {
-  alignas(64) uint8_t idx[4][64];
-  uint64_t hi_mask;
-  alignas(64) int32_t run_lane[16];  // lane of run r (its own inverse: also the run in lane f)
-  TablePerm() : hi_mask(0) {
+  alignas(64) uint8_t idx[4][64] = {};
+  uint64_t hi_mask = 0;
+  alignas(64) int32_t run_lane[16] = {};  // lane of run r (its own inverse: also the run in lane f)
+  constexpr TablePerm() {
     for (int b = 0; b < 4; ++b)
       for (int rho = 0; rho < 4; ++rho)
         for (int m = 0; m < 16; ++m) {
@@ -361,7 +363,7 @@ struct TablePerm {
     for (int r = 0; r < 16; ++r) run_lane[r] = kRunLane[r];
   }
 };
-const TablePerm kTablePerm;
+constexpr TablePerm kTablePerm;
 
 inline void transpose4_lanes(__m512& a, __m512& b, __m512& c, __m512& d) {  // 4×4 in every 128-bit lane
   const __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
