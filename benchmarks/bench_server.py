@@ -7,8 +7,8 @@ under out/), then for each concurrency level runs that many clients, each sendin
 chat requests one after another (a bounded count), each ``--max-tokens`` long (``ignore_eos``).
 Prints aggregate decode tokens/s, time to first token (p50/p99), per-token latency (p50/p99),
 failures, the server's peak RSS, and the aggregate speed-up over a single client, measured in the
-same run (``--speculative both``: a server with speculative decoding off, then one with it on, and
-the ratio per level); from the server's /health counters: batched steps, tokens sampled per step,
+same run (``--speculative both``: a server with speculative decoding off and one with it on, taking turns
+level by level so that the machine's slow spells fall on both, and the ratio per level); from the server's /health counters: batched steps, tokens sampled per step,
 prompt tokens actually computed (shared prefixes are not), and the share of wall time spent in the
 model's forward.
 """
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -106,8 +108,9 @@ def server_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def measure(ckpt: Path, args: argparse.Namespace, speculative: bool) -> dict[int, float]:
-    """Start a server, run the levels ``args.rounds`` times, print each; returns each level's median tok/s."""
+@contextlib.contextmanager
+def server(ckpt: Path, args: argparse.Namespace, speculative: bool) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A server subprocess on a free loopback port, up and healthy: ``(process, url)``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -130,16 +133,26 @@ def measure(ckpt: Path, args: argparse.Namespace, speculative: bool) -> dict[int
             if proc.poll() is not None or time.time() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        print(f"\ncheckpoint: {ckpt}, speculative decoding {'on' if speculative else 'off'}\n"
-              f"{args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
-        print(f"{'clients':>7} {'ok':>4} {'fail':>4} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11} {'steps':>6} {'rows/step':>9} {'prompt tok':>10} "
-              f"{'in forward':>10}")
-        base = None
-        agg: dict[int, list[float]] = {c: [] for c in args.clients}
-        fails = 0
-        for _round in range(args.rounds):
-            for c in args.clients:
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def measure(servers: dict[bool, tuple[subprocess.Popen, str]], ckpt: Path, args: argparse.Namespace
+            ) -> dict[bool, dict[int, float]]:
+    """Run the levels ``args.rounds`` times against each server — the servers take turns level by level, so a
+    slow spell of the machine falls on both alike — printing each; returns each server's median tok/s per level."""
+    print(f"\ncheckpoint: {ckpt}, {args.requests} requests per client, max_tokens {args.max_tokens}, loopback")
+    print(f"{'spec':>4} {'clients':>7} {'ok':>4} {'fail':>4} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'vs 1 client':>11} {'steps':>6} {'rows/step':>9} "
+          f"{'prompt tok':>10} {'in forward':>10}")
+    agg = {m: {c: [] for c in args.clients} for m in servers}
+    base: dict[bool, float] = {}
+    fails = 0
+    for _round in range(args.rounds):
+        for c in args.clients:
+            for m, (_proc, url) in servers.items():
                 h0 = httpx.get(url + "/health").json()
                 st = asyncio.run(level(url, c, args.requests, args.max_tokens))
                 h1 = httpx.get(url + "/health").json()
@@ -148,23 +161,23 @@ def measure(ckpt: Path, args: argparse.Namespace, speculative: bool) -> dict[int
                 fwd = (h1["forward_seconds"] - h0["forward_seconds"]) / st["seconds"]
                 prompt = h1["prompt_tokens_computed"] - h0["prompt_tokens_computed"]
                 tps = st["tokens"] / st["seconds"]
-                agg[c].append(tps)
+                agg[m][c].append(tps)
                 fails += st["failed"]
-                base = tps if c == args.clients[0] else base
+                if c == args.clients[0]:
+                    base[m] = tps
                 q = lambda xs, p: 1000 * float(np.percentile(xs, p)) if xs else float("nan")  # noqa: E731
-                print(f"{c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} {tps:>10.1f} "
-                      f"{q(st['ttft'], 50):>7.0f}ms {q(st['ttft'], 99):>7.0f}ms {q(st['itl'], 50):>6.1f}ms "
-                      f"{q(st['itl'], 99):>6.1f}ms {tps / base:>10.2f}x {steps:>6} {rows:>9.1f} {prompt:>10} "
-                      f"{fwd:>9.0%}", flush=True)
-        med = {c: float(np.median(v)) for c, v in agg.items()}
-        c0 = args.clients[0]
-        print(f"median of {args.rounds} rounds: " + ", ".join(
-            f"{c} clients {med[c]:.1f} tok/s ({med[c] / med[c0]:.2f}x)" for c in args.clients) + f"; {fails} failed")
-        print(f"server peak RSS: {server_rss_mb(proc.pid):.0f} MiB")
-        return med
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+                print(f"{'on' if m else 'off':>4} {c:>7} {st['ok']:>4} {st['failed']:>4} {st['tokens']:>7} "
+                      f"{tps:>10.1f} {q(st['ttft'], 50):>7.0f}ms {q(st['ttft'], 99):>7.0f}ms "
+                      f"{q(st['itl'], 50):>6.1f}ms {q(st['itl'], 99):>6.1f}ms {tps / base[m]:>10.2f}x {steps:>6} "
+                      f"{rows:>9.1f} {prompt:>10} {fwd:>9.0%}", flush=True)
+    med = {m: {c: float(np.median(v)) for c, v in per.items()} for m, per in agg.items()}
+    c0 = args.clients[0]
+    for m, (proc, _url) in servers.items():
+        print(f"speculative {'on' if m else 'off'}: median of {args.rounds} rounds: " + ", ".join(
+            f"{c} clients {med[m][c]:.1f} tok/s ({med[m][c] / med[m][c0]:.2f}x)" for c in args.clients)
+            + f"; server peak RSS {server_rss_mb(proc.pid):.0f} MiB")
+    print(f"{fails} requests failed")
+    return med
 
 
 def main() -> None:
@@ -175,13 +188,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3,
-                    help="run the levels this many times against one server; the summary takes each level's median")
+                    help="run the levels this many times against each server; the summary takes each level's median")
     ap.add_argument("--speculative", choices=["on", "off", "both"], default="on",
-                    help="the server's speculative decoding; both: one server each, then the ratio per level")
+                    help="the server's speculative decoding; both: one server each, taking turns, then the ratio "
+                         "per level")
     args = ap.parse_args()
     ckpt = args.checkpoint or default_checkpoint()
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.speculative]
-    med = {m: measure(ckpt, args, m) for m in modes}
+    with contextlib.ExitStack() as stack:
+        servers = {m: stack.enter_context(server(ckpt, args, m)) for m in modes}
+        med = measure(servers, ckpt, args)
     if len(med) == 2:
         print("\nspeculative on against off (median aggregate tok/s): " + ", ".join(
             f"{c} clients {med[True][c]:.1f} / {med[False][c]:.1f} = {med[True][c] / med[False][c]:.2f}x"

@@ -40,6 +40,17 @@ def test_draft_policy_drafts_only_where_it_pays():
     assert p.alpha > 0.9 and p.length(8) == 8
 
 
+def test_draft_policy_extrapolates_untried_lengths_from_measured_ones():
+    p = DraftPolicy()
+    p.timed(1, 1.0)
+    assert p.length(8) >= 1  # only a plain step measured: a draft is assumed cheap, so it gets tried
+    p.timed(2, 1.9)  # compute-bound: the checked token cost 0.9 of a step
+    assert p._cost(5) == pytest.approx(1.9 + 3 * 0.9)
+    assert p.length(8) == 0  # no longer draft is tried at that price (at α = 1/2)
+    p.cost[2] = 1.05  # memory-bound: checking is nearly free
+    assert p._cost(5) == pytest.approx(1.05 + 3 * 0.05) and p.length(8) > 1
+
+
 @pytest.mark.parametrize("forced", [False, True])
 def test_speculative_gives_the_plain_tokens(tmp_path, monkeypatch, forced):
     """A repetitive prompt (drafts to find) through a tiny model: the same tokens, the same session state, and

@@ -86,7 +86,10 @@ class DraftPolicy:
     ``(1 − α^(k+1)) / (1 − α) / cost(1 + k)``, where ``α`` is the measured chance that a draft token is taken
     (taken / (taken + rejections), decayed so it follows the text) and ``cost(n)`` the measured time of a
     forward over ``n`` tokens (decayed averages, kept by the model across replies: the machine's, not the
-    text's; an untried ``n`` is assumed to cost ``1 + (n − 1)/4`` plain steps, so it gets tried).
+    text's).  An untried ``n`` is extrapolated from the longest measured one below it, at the slope per
+    token measured up to there — ``1/4`` of a plain step while only a plain step is measured, so a draft
+    gets tried; on a compute-bound model, where the first try shows each checked token costing nearly a
+    whole step, longer drafts are then never tried at that price.
     ``k = 0`` — plain decoding — wherever no draft pays: on a compute-bound
     model checking tokens costs nearly their full price, on a memory-bound one little."""
 
@@ -101,10 +104,12 @@ class DraftPolicy:
         return self.taken / (self.taken + self.rejected)
 
     def _cost(self, n: int) -> float:
-        one = self.cost.get(1)
         if n in self.cost:
             return self.cost[n]
-        return (one or 1.0) * (1 + (n - 1) / 4)
+        one = self.cost.get(1, 1.0)
+        m = max((k for k in self.cost if 1 < k < n), default=1)
+        slope = (self.cost[m] - one) / (m - 1) if m > 1 else one / 4
+        return self.cost.get(m, one) + (n - m) * max(slope, 0.0)
 
     def length(self, available: int) -> int:
         if 1 not in self.cost:  # a plain step first: the unit every other cost is compared with
