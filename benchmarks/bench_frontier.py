@@ -309,15 +309,25 @@ def run(args) -> Results:
         jobs += [("elutq", ("gptq", "hlq", f"mixed-{t}")) for t in args.targets]
     if "llama" in args.only:
         jobs += [("llama", t) for t in args.peer_types]
+    if args.speed_only:  # every point already made and scored but not timed, whatever the selection says
+        jobs = []
+        for key, p in res.data["points"].items():
+            if not p.get("ppl") or "speed" in p or p.get("failed") or not key.startswith(("elutq", "llama.cpp")):
+                continue
+            if p["engine"] == "llama.cpp":
+                jobs.append(("llama", p["format"]))
+            elif p["setting"] == "fp16":
+                if args.baseline_speed:
+                    jobs.append(("baseline", None))
+            elif (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file():
+                jobs.append(("elutq", (p["method"], p["format"], p["setting"])))
+            else:
+                print(f"{key}: its checkpoint is not under {work} (rerun without --speed-only to make it): "
+                      "not timed", flush=True)
     if args.order == "cheap-first":  # RTN before GPTQ, llama.cpp between them
         rank = {"baseline": 0, "llama": 2}
         jobs.sort(key=lambda j: rank.get(j[0], 1 if j[0] == "elutq" and j[1][0] == "rtn" else 3))
     for kind, spec in jobs:
-        if args.speed_only:  # only points already made and scored
-            key = ("elutq 16-bit (baseline)" if kind == "baseline" else
-                   f"elutq {' '.join(spec)}" if kind == "elutq" else f"llama.cpp {spec}")  # fmt: skip
-            if not res.data["points"].get(key, {}).get("ppl"):
-                continue
         try:
             if kind == "baseline":
                 key = "elutq 16-bit (baseline)"
@@ -529,7 +539,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true",
                     help="make and score points, leave their timing to a later run on a quiet machine")
     ap.add_argument("--speed-only", action="store_true",
-                    help="time the points already made and scored; make nothing new")
+                    help="time every point already scored but not timed (elutq's where its checkpoint is still on "
+                         "disk); make nothing new")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()
