@@ -7,10 +7,10 @@ under out/), then for each concurrency level runs that many clients, each sendin
 chat requests one after another (a bounded count), each ``--max-tokens`` long (``ignore_eos``).
 Prints aggregate decode tokens/s, time to first token (p50/p99), per-token latency (p50/p99),
 failures, the server's peak RSS, and the aggregate speed-up over a single client, measured in the
-same run (``--speculative both``: a server with speculative decoding off and one with it on, taking turns
-level by level so that the machine's slow spells fall on both, and the ratio per level); from the server's /health counters: batched steps, tokens sampled per step,
-prompt tokens actually computed (shared prefixes are not), and the share of wall time spent in the
-model's forward.
+same run (``--speculative both``: a server with speculative decoding off and one with it on, taking
+turns level by level so that the machine's slow spells fall on both, and the ratio per level); from the
+server's /health counters: batched steps, tokens sampled per step, prompt tokens actually computed
+(shared prefixes are not), and the share of wall time spent in the model's forward.
 """
 
 from __future__ import annotations

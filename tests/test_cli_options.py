@@ -27,6 +27,7 @@ CASES = [
     (G, "--threads", "0"), (G, "--threads", TOO_MANY), (G, "--seed", "-1"), (G, "--temperature", "-1"),
     (G, "--temperature", "nan"), (G, "--top-p", "0"), (G, "--top-p", "1.5"), (G, "--top-k", "-1"),
     (G, "--max-new-tokens", "0"), (G, "--ctx", "1"), (G, "--repetition-penalty", "0"), (G, "--seed", "x"),
+    (G, "--max-draft", "0"), (G, "--max-draft", "65"), (S, "--max-draft", "0"),
     (B, "--repeats", "0"), (B, "--prompt-tokens", "0"), (B, "--gen-tokens", "0"),
     (S, "--port", "70000"), (S, "--port", "0"), (S, "--max-batch", "0"), (S, "--max-queue", "-1"),
     (S, "--threads", TOO_MANY), (S, "--ctx", "1"),

@@ -11,6 +11,7 @@ import pytest
 import elutq
 from elutq import runtime
 from elutq.generation import DraftPolicy, Sampler, prompt_lookup, sample_batch, speculative_pick
+from elutq.utils import ElutqError
 from test_runtime import _quantized
 from test_server import NAME, Server, checkpoint  # noqa: F401 (checkpoint: a fixture)
 
@@ -38,6 +39,17 @@ def test_draft_policy_drafts_only_where_it_pays():
     for _ in range(30):
         p.result(4, 4)
     assert p.alpha > 0.9 and p.length(8) == 8
+
+
+def test_draft_policy_caps_drafts_at_max_draft_and_refuses_absurd_caps():
+    p = DraftPolicy(k_max=2)
+    p.cost.update({n: 1 + 0.02 * (n - 1) for n in range(1, 10)})
+    for _ in range(30):
+        p.result(4, 4)
+    assert p.length(8) == 2
+    for bad in (0, -1, 65, 2.5, True):
+        with pytest.raises(ElutqError, match="max_draft must be an integer from 1 to 64"):
+            DraftPolicy(k_max=bad)
 
 
 def test_draft_policy_extrapolates_untried_lengths_from_measured_ones():
@@ -105,6 +117,8 @@ def test_speculative_respects_max_tokens_and_context(tmp_path, monkeypatch):
     model.session.reset()
     spec = model.generate(prompt, speculative=True, max_new_tokens=100, temperature=0)
     assert spec.token_ids == plain.token_ids and spec.finish_reason == plain.finish_reason == "length"
+    with pytest.raises(ElutqError, match="max_draft"):  # refused before any work
+        model.generate(prompt, max_draft=0)
 
 
 def test_speculative_pick_keeps_the_distribution():

@@ -367,6 +367,7 @@ def _sampling(args: argparse.Namespace) -> dict:
         stop=args.stop or None,
         seed=args.seed,
         speculative=not args.no_speculative,
+        max_draft=args.max_draft,
     )
 
 
@@ -445,7 +446,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
           max_queue=args.max_queue, threads=args.threads, model_name=args.model_name,
           residual_tables=args.residual_tables, api_key=args.api_key or os.environ.get("ELUTQ_API_KEY") or None,
-          request_timeout=args.request_timeout, speculative=not args.no_speculative)
+          request_timeout=args.request_timeout, speculative=not args.no_speculative,
+          max_draft=args.max_draft)
 
 
 def _add_sampling_args(g: argparse.ArgumentParser) -> None:
@@ -465,8 +467,11 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speculative", action="store_true",
                    help="decode one token per forward (default: check prompt-lookup drafts several tokens per "
                    "forward where that is faster; greedy: the same tokens either way, sampled: the same distribution)")
+    g.add_argument("--max-draft", type=MAX_DRAFT_ARG, default=8, help=MAX_DRAFT_HELP)
 
 
+MAX_DRAFT_ARG = V.integer(1, 64, "from 1 to 64 (to check no drafts, pass --no-speculative)")
+MAX_DRAFT_HELP = "at most this many draft tokens checked per forward (default 8; how many pays is measured)"
 RESIDUAL_HELP = (
     "int8 tables plus int8 tables of their rounding error, looked up at the same indices: logits ~250x "
     "closer to float, twice the lookups (about free where decode is memory-bound, half-speed prefill)"
@@ -688,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-speculative", action="store_true",
                     help="a request decoding alone checks no prompt-lookup drafts (default: it does where that is "
                     "faster; batches of several always decode one token per request per step)")
+    sv.add_argument("--max-draft", type=MAX_DRAFT_ARG, default=8, help=MAX_DRAFT_HELP)
     sv.add_argument("--model-name", help="the id clients pass as `model` (default: the checkpoint's folder name)")
     sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
                     "(default: $ELUTQ_API_KEY; none: open, fine on 127.0.0.1)")

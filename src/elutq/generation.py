@@ -80,6 +80,9 @@ def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram:
     return []
 
 
+MAX_DRAFT = 64  # more draft tokens than this per forward never pay (and would make a prefill of each step)
+
+
 @dataclass
 class DraftPolicy:
     """How many draft tokens to check next: the ``k`` that maximises expected tokens per second,
@@ -93,11 +96,17 @@ class DraftPolicy:
     ``k = 0`` — plain decoding — wherever no draft pays: on a compute-bound
     model checking tokens costs nearly their full price, on a memory-bound one little."""
 
-    k_max: int = 8
+    k_max: int = 8  # at most this many draft tokens per forward (``max_draft``)
     decay: float = 0.9
     taken: float = 1.0  # prior: α = 1/2
     rejected: float = 1.0
     cost: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = self.k_max
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
+            raise ElutqError(f"max_draft must be an integer from 1 to {MAX_DRAFT} draft tokens per forward, got "
+                             f"{k!r}; to check no drafts at all, turn speculative decoding off (--no-speculative)")
 
     @property
     def alpha(self) -> float:

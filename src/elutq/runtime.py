@@ -385,7 +385,8 @@ class Model:
         return Generation(self, session or self.session, list(ids), max_new_tokens, sampler, stops, ignore_eos)
 
     def generate(
-        self, prompt: str | None = None, *, stream: bool = False, speculative: bool = True, **kw: Any
+        self, prompt: str | None = None, *, stream: bool = False, speculative: bool = True, max_draft: int = 8,
+        **kw: Any,
     ) -> Completion | TextStream:
         """Continue ``prompt`` (or answer chat ``messages=``), sampling as the model's
         ``generation_config.json`` says unless told otherwise (greedy when it does not ask to sample).
@@ -395,17 +396,20 @@ class Model:
         longest common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
         ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_lookup``;
         :class:`DraftPolicy` decides how many, none where it does not pay): greedy replies are the same tokens
-        as without, sampled ones the same distribution; fewer passes over the weights."""
-        it = self._drive(self.start(prompt, **kw), speculative)
+        as without, sampled ones the same distribution; fewer passes over the weights), at most ``max_draft``
+        (1–64) draft tokens per forward."""
+        policy = self.draft_policy(max_draft) if speculative else None
+        it = self._drive(self.start(prompt, **kw), policy)
         if stream:
             return TextStream(it)
         *_, done = it
         assert isinstance(done, Completion)
         return done
 
-    def draft_policy(self) -> DraftPolicy:
-        """A draft-length policy sharing this model's measured step costs (:class:`DraftPolicy`)."""
-        return DraftPolicy(cost=self.step_costs)
+    def draft_policy(self, max_draft: int = 8) -> DraftPolicy:
+        """A draft-length policy sharing this model's measured step costs (:class:`DraftPolicy`), checking at
+        most ``max_draft`` draft tokens per forward."""
+        return DraftPolicy(k_max=max_draft, cost=self.step_costs)
 
     def step(self, g: Generation, policy: DraftPolicy | None = None) -> str:
         """Advance ``g`` by one pass over the weights (after its prompt's earlier chunks): what is pending,
@@ -433,8 +437,7 @@ class Model:
             policy.timed(1 + len(draft), time.perf_counter() - t)
         return delta
 
-    def _drive(self, g: Generation, speculative: bool = True) -> Iterator[str | Completion]:
-        policy = self.draft_policy() if speculative else None
+    def _drive(self, g: Generation, policy: DraftPolicy | None) -> Iterator[str | Completion]:
         while not g.done:
             delta = self.step(g, policy)
             if delta:

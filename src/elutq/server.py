@@ -84,14 +84,15 @@ class Engine:
     """Runs every admitted request in one batched step after another, on its own thread."""
 
     def __init__(
-        self, model: Model, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None, speculative: bool = True
+        self, model: Model, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None, speculative: bool = True,
+        max_draft: int = 8,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ElutqError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         # A request decoding alone checks prompt-lookup drafts (Model.step) where they pay; a batch of
         # several already shares each pass over the weights, and decodes one token per request per step.
-        self.policy = model.draft_policy() if speculative else None
+        self.policy = model.draft_policy(max_draft) if speculative else None
         self.ctx = min(ctx or model.max_ctx, model.max_ctx)
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []
@@ -775,6 +776,7 @@ def serve(
     api_key: str | None = None,
     request_timeout: float | None = None,
     speculative: bool = True,
+    max_draft: int = 8,
 ) -> None:
     import uvicorn
 
@@ -782,7 +784,7 @@ def serve(
 
     model = load(checkpoint, max_ctx=ctx, threads=threads, residual_tables=residual_tables)
     name = model_name or Path(str(checkpoint)).name
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, speculative=speculative)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, speculative=speculative, max_draft=max_draft)
     # Everything loaded so far (torch, transformers, the model) lives as long as the server: keep it
     # out of the cyclic collector's full passes, which would otherwise walk it between decode steps.
     gc.collect()
