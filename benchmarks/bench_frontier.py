@@ -309,21 +309,26 @@ def run(args) -> Results:
         jobs += [("elutq", ("gptq", "hlq", f"mixed-{t}")) for t in args.targets]
     if "llama" in args.only:
         jobs += [("llama", t) for t in args.peer_types]
-    if args.speed_only:  # every point already made and scored but not timed, whatever the selection says
+    if args.speed_only:  # every point of the --only engines already made and scored but not timed
         jobs = []
         for key, p in res.data["points"].items():
-            if not p.get("ppl") or "speed" in p or p.get("failed") or not key.startswith(("elutq", "llama.cpp")):
+            if not all(t in p.get("ppl", {}) for t in TEXTS) or "speed" in p or p.get("failed"):
                 continue
             if p["engine"] == "llama.cpp":
-                jobs.append(("llama", p["format"]))
+                made = (work / f"llama-{p['format']}.gguf").is_file()
+                job = ("llama", p["format"])
             elif p["setting"] == "fp16":
-                if args.baseline_speed:
-                    jobs.append(("baseline", None))
-            elif (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file():
-                jobs.append(("elutq", (p["method"], p["format"], p["setting"])))
+                made, job = True, ("baseline", None)
             else:
-                print(f"{key}: its checkpoint is not under {work} (rerun without --speed-only to make it): "
-                      "not timed", flush=True)
+                made = (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file()
+                job = ("elutq", (p["method"], p["format"], p["setting"]))
+            if job[0] not in args.only or (job[0] == "baseline" and not args.baseline_speed):
+                continue
+            if made:
+                jobs.append(job)
+            else:
+                print(f"{key}: its file is not under {work} (rerun without --speed-only to make it): not timed",
+                      flush=True)
     if args.order == "cheap-first":  # RTN before GPTQ, llama.cpp between them
         rank = {"baseline": 0, "llama": 2}
         jobs.sort(key=lambda j: rank.get(j[0], 1 if j[0] == "elutq" and j[1][0] == "rtn" else 3))
@@ -539,8 +544,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true",
                     help="make and score points, leave their timing to a later run on a quiet machine")
     ap.add_argument("--speed-only", action="store_true",
-                    help="time every point already scored but not timed (elutq's where its checkpoint is still on "
-                         "disk); make nothing new")
+                    help="time every point of the --only engines already scored but not timed, whatever "
+                         "--settings/--targets say, where its file is still on disk; make nothing new")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()

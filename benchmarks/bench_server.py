@@ -150,9 +150,10 @@ def measure(servers: dict[bool, tuple[subprocess.Popen, str]], ckpt: Path, args:
     agg = {m: {c: [] for c in args.clients} for m in servers}
     base: dict[bool, float] = {}
     fails = 0
-    for _round in range(args.rounds):
+    for rnd in range(args.rounds):
         for c in args.clients:
-            for m, (_proc, url) in servers.items():
+            turns = list(servers.items())
+            for m, (_proc, url) in turns[::-1] if rnd % 2 else turns:  # neither always goes first
                 h0 = httpx.get(url + "/health").json()
                 st = asyncio.run(level(url, c, args.requests, args.max_tokens))
                 h1 = httpx.get(url + "/health").json()

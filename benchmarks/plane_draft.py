@@ -3,19 +3,22 @@
     .venv/bin/python benchmarks/plane_draft.py --checkpoint DIR [--keep 1 2 3] [--max-new-tokens 128]
     .venv/bin/python benchmarks/plane_draft.py --checkpoint DIR --draft SMALLER_DIR   # a separate draft
 
-HLQ's planes are nested: dropping plane ``i`` of a group (``s_i = 0``, ``z += s_i/2``: the dropped bit
-replaced by its mean, exactly what the int8-table kernel computes when it skips that plane) leaves a coarser
-model of the same network that a bit-serial kernel would read at ``keep/bits`` of the weight bytes.  As a
-speculative draft it pays only if it agrees with the full model often enough.  For each prompt of
+Dropping plane ``i`` of every group of a matrix (``s_i = 0``, ``z += s_i/2``: the dropped bit replaced by
+its mean, exactly what the int8-table kernel computes when it skips that plane) leaves a coarser model of
+the same network that a bit-serial kernel would read at about ``keep/bits`` of the weight bytes.  The planes
+are not fitted to be nested (HLQ does not even order a group's scales), so the planes dropped are those of
+smallest mean |scale| over the matrix: what a kernel skipping whole planes can do, not the best per group.
+As a speculative draft it pays only if it agrees with the full model often enough.  For each prompt of
 ``bench_speculative.py`` the full model (torch, dequantized) answers greedily; the truncated model (every
-decoder linear keeps its ``keep`` planes of largest mean |scale|; embeddings and head untouched, or
-truncated too with ``--truncate-head``) then reads the same tokens, and the script prints how often its
-greedy choice equals the full model's (``α``, teacher-forced: the per-token acceptance of a greedy draft)
-and the speed-up that acceptance allows at best — draft length ``k`` chosen, a draft step costing
-``keep/bits`` of a plain step, verification costing one plain step whatever ``k`` (memory-bound decode,
-the most favourable case):  ``max_k (1 − α^(k+1)) / (1 − α) / (1 + k·keep/bits)``.  With ``--draft`` the
-same for a separate checkpoint sharing the tokenizer (e.g. a 2-bit file of the same model), its cost the
-ratio of the two files' quantized weight bytes.
+decoder linear keeps its ``keep`` planes; embeddings and head untouched, or the head truncated too with
+``--truncate-head``; ``keep = bits`` is printed as a control: it must agree on every token) then reads the
+same tokens, and the script prints how often its greedy choice equals the full model's (``α``,
+teacher-forced: the per-token acceptance of a greedy draft) and the speed-up that acceptance allows at
+best — draft length ``k`` chosen, a draft step costing ``keep/bits`` of a plain step (less than it would:
+the head is read whole), verification costing one plain step whatever ``k`` (memory-bound decode, the most
+favourable case):  ``max_k (1 − α^(k+1)) / (1 − α) / (1 + k·keep/bits)``.  With ``--draft`` the same for a
+separate checkpoint sharing the tokenizer (e.g. a 2-bit file of the same model), its cost the ratio of the
+two files' quantized linear bytes (the tied head counted once, embedding lookups not at all).
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def restore(model: torch.nn.Module, saved: dict) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, HLQLinear)
-               for b in (m.qweight, m.scales, m.zeros))
+    """Bytes a decode step reads: every quantized linear once (a tied head's tensors are the embedding's too;
+    an embedding lookup reads one row, so embeddings are left out)."""
+    seen = {b.data_ptr(): b.numel() * b.element_size() for m in model.modules()
+            if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding) for b in (m.qweight, m.scales, m.zeros)}
+    return sum(seen.values())
 
 
 def best_speedup(alpha: float, cost: float, k_max: int = 8) -> tuple[float, int]:
@@ -80,7 +86,9 @@ def main() -> None:
     model.eval()
     bits = max(m.bits for m in model.modules() if isinstance(m, HLQLinear) and not isinstance(m, HLQEmbedding))
     print(f"checkpoint: {ckpt} ({bits} bits), greedy replies of {args.max_new_tokens} tokens, torch reference")
-    drafts: list[tuple[str, float, object]] = [(f"keep {k}", k / bits, k) for k in args.keep if k < bits]
+    if any(not 1 <= k <= bits for k in args.keep):
+        ap.error(f"--keep takes plane counts from 1 to {bits}")
+    drafts: list[tuple[str, float, object]] = [(f"keep {k}", k / bits, k) for k in sorted({*args.keep, bits})]
     if args.draft:
         draft, _, _ = load_quantized(args.draft)
         drafts = [(args.draft.name, weight_bytes(draft) / weight_bytes(model), draft.eval())]

@@ -48,11 +48,14 @@ if [ "$(uname -m)" = "x86_64" ]; then
   for f in "$SRC"/*_avx2.cpp "$SRC"/*_avx512.cpp; do
     flags=("${AVX2_FLAGS[@]}"); [[ "$f" == *_avx512.cpp ]] && flags=("${AVX512_FLAGS[@]}")
     o="$OUT/isa_$(basename "$f" .cpp).o"
-    "$CXX" -O3 -std=c++17 -fPIC -c "$f" "${flags[@]}" -o "$o"
-    if objdump -h "$o" | grep -qE '\.(init_array|ctors)'; then
+    "$CXX" -O3 -DNDEBUG -std=gnu++17 -fPIC -fvisibility=hidden -ffunction-sections -fdata-sections -c "$f" \
+      "${flags[@]}" -o "$o"  # as the extension's build (CMake) compiles it
+    sections="$(objdump -h "$o")"  # (whole, not piped into grep -q: no SIGPIPE under pipefail)
+    if grep -qE '\.(init_array|ctors)' <<<"$sections"; then
       echo "$(basename "$f"): a static constructor compiled with ${flags[0]} runs when the library loads"; exit 1
     fi
-    weak="$(nm -C "$o" | grep -E ' [WVu] ' || true)"
+    symbols="$(nm -P "$o")"
+    weak="$(awk '$2 ~ /^[WVu]$/' <<<"$symbols")"
     [ -z "$weak" ] || { echo "$(basename "$f"): weak symbols compiled with ${flags[0]}:"; echo "$weak"; exit 1; }
   done
 fi

@@ -52,7 +52,7 @@ def test_draft_policy_caps_drafts_at_max_draft_and_refuses_absurd_caps():
             DraftPolicy(k_max=bad)
 
 
-def test_draft_policy_extrapolates_untried_lengths_from_measured_ones():
+def test_draft_policy_estimates_untried_lengths_from_measured_ones():
     p = DraftPolicy()
     p.timed(1, 1.0)
     assert p.length(8) >= 1  # only a plain step measured: a draft is assumed cheap, so it gets tried
@@ -61,6 +61,33 @@ def test_draft_policy_extrapolates_untried_lengths_from_measured_ones():
     assert p.length(8) == 0  # no longer draft is tried at that price (at α = 1/2)
     p.cost[2] = 1.05  # memory-bound: checking is nearly free
     assert p._cost(5) == pytest.approx(1.05 + 3 * 0.05) and p.length(8) > 1
+    p.cost[9] = 9.0  # between two measured lengths: interpolated
+    assert p._cost(5) == pytest.approx(1.05 + 3 * (9.0 - 1.05) / 7)
+    q = DraftPolicy(cost={1: 1.0, 2: 0.98})  # a 2-token forward timed faster than a plain one: noise, not a slope
+    assert q._cost(5) == pytest.approx(0.98 + 3 * 0.25)
+    q.cost[4] = 0.9  # and never cheaper than a shorter measured length
+    assert q._cost(3) == pytest.approx(0.98)
+
+
+def test_draft_policy_averages_first_timings_and_probes_again():
+    p = DraftPolicy()
+    p.timed(1, 1.0)
+    p.timed(2, 1.9)  # one slow first sample of a memory-bound model's 2-token forward
+    steps = [p.length(8) for _ in range(DraftPolicy.PROBE_EVERY)]
+    assert steps[:-1] == [0] * (DraftPolicy.PROBE_EVERY - 1) and steps[-1] == 1  # one probe per PROBE_EVERY
+    assert p.length(8) == 0
+    p.timed(2, 1.02)
+    assert p.cost[2] == pytest.approx((1.9 + 1.02) / 2)  # the mean of the first samples, not 90% of the first
+
+
+def test_generate_checks_at_most_max_draft_tokens(tmp_path, monkeypatch):
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out, threads=1)
+    model.step_costs.update({1: 1.0, 2: 1.01, 3: 1.02})  # memory-bound: drafts pay
+    asked = []
+    monkeypatch.setattr(runtime, "prompt_lookup", lambda ctx, k: asked.append(k) or [0] * k)
+    model.generate("the cat sat on the mat", max_new_tokens=12, temperature=0, max_draft=2)
+    assert asked and max(asked) == 2
 
 
 @pytest.mark.parametrize("forced", [False, True])
@@ -176,23 +203,26 @@ def test_server_request_alone_checks_drafts_and_replies_the_same(monkeypatch, ch
         ids = off.model.encode(prompt)
     finally:
         off.stop()
-    srv = Server(ckpt, max_batch=2, max_queue=2)
+    srv = Server(ckpt, max_batch=2, max_queue=2, max_draft=2)
     try:
         reply_ids = srv.model.encode(prompt + want["choices"][0]["text"])[len(ids):]
         calls = itertools.count()
+        asked = []
 
         def drafter(context, k):
+            asked.append(k)
             d = list(reply_ids[len(context) - len(ids) :][:k])
             if next(calls) % 2 and len(d) > 1:
                 d[1] = (d[1] + 1) % 256
             return d
 
-        monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(3, available))
+        monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(self.k_max, available))
         monkeypatch.setattr(runtime, "prompt_lookup", drafter)
         got = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
         assert got["choices"][0]["text"] == want["choices"][0]["text"]
         assert got["usage"] == want["usage"]
         stats = srv.engine.stats()
         assert stats["sampled_tokens"] == n and stats["steps"] < n - 2, stats
+        assert max(asked) == 2  # the engine's max_draft
     finally:
         srv.stop()

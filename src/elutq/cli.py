@@ -470,6 +470,7 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--max-draft", type=MAX_DRAFT_ARG, default=8, help=MAX_DRAFT_HELP)
 
 
+# 64 = generation.MAX_DRAFT (not imported: `elutq --help` stays free of the native library)
 MAX_DRAFT_ARG = V.integer(1, 64, "from 1 to 64 (to check no drafts, pass --no-speculative)")
 MAX_DRAFT_HELP = "at most this many draft tokens checked per forward (default 8; how many pays is measured)"
 RESIDUAL_HELP = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,25 +89,32 @@ class DraftPolicy:
     """How many draft tokens to check next: the ``k`` that maximises expected tokens per second,
     ``(1 − α^(k+1)) / (1 − α) / cost(1 + k)``, where ``α`` is the measured chance that a draft token is taken
     (taken / (taken + rejections), decayed so it follows the text) and ``cost(n)`` the measured time of a
-    forward over ``n`` tokens (decayed averages, kept by the model across replies: the machine's, not the
-    text's).  An untried ``n`` is extrapolated from the longest measured one below it, at the slope per
-    token measured up to there — ``1/4`` of a plain step while only a plain step is measured, so a draft
-    gets tried; on a compute-bound model, where the first try shows each checked token costing nearly a
-    whole step, longer drafts are then never tried at that price.
-    ``k = 0`` — plain decoding — wherever no draft pays: on a compute-bound
-    model checking tokens costs nearly their full price, on a memory-bound one little."""
+    forward over ``n`` tokens (kept by the model across replies: the machine's, not the text's; the mean of
+    the first samples, then a decayed average).  An untried ``n`` is interpolated between the nearest measured
+    lengths around it, or extrapolated at the slope per token measured up to the longest one below it —
+    ``1/4`` of a plain step while nothing but a plain step is measured (or the slope measured is not
+    positive), so a draft gets tried; on a compute-bound model, where that try shows each checked token
+    costing nearly a whole step, longer drafts are not tried at that price.  ``k = 0`` — plain decoding —
+    wherever no draft pays; after ``PROBE_EVERY`` plain steps one 1-token draft is checked again, so one slow
+    early sample (or a text that changed) does not stop drafting for good."""
+
+    PROBE_EVERY = 128  # one probe per this many plain steps: well under 1% of the time where drafts never pay
 
     k_max: int = 8  # at most this many draft tokens per forward (``max_draft``)
     decay: float = 0.9
     taken: float = 1.0  # prior: α = 1/2
     rejected: float = 1.0
     cost: dict[int, float] = field(default_factory=dict)
+    samples: dict[int, int] = field(default_factory=dict)  # how many timings each cost averages
+    plain_steps: int = 0  # plain steps chosen since the last draft
 
     def __post_init__(self) -> None:
         k = self.k_max
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_DRAFT:
             raise ElutqError(f"max_draft must be an integer from 1 to {MAX_DRAFT} draft tokens per forward, got "
-                             f"{k!r}; to check no drafts at all, turn speculative decoding off (--no-speculative)")
+                             f"{k!r}; to check no drafts at all, turn speculative decoding off (speculative=False, "
+                             "--no-speculative)")
+        self.k_max = int(k)
 
     @property
     def alpha(self) -> float:
@@ -116,9 +124,13 @@ class DraftPolicy:
         if n in self.cost:
             return self.cost[n]
         one = self.cost.get(1, 1.0)
-        m = max((k for k in self.cost if 1 < k < n), default=1)
-        slope = (self.cost[m] - one) / (m - 1) if m > 1 else one / 4
-        return self.cost.get(m, one) + (n - m) * max(slope, 0.0)
+        lo = max((k for k in self.cost if k < n), default=1)
+        c_lo = self.cost.get(lo, one)
+        hi = min((k for k in self.cost if k > n), default=None)
+        if hi is not None:  # between two measured lengths; never cheaper than the shorter one
+            return c_lo + (n - lo) * max(self.cost[hi] - c_lo, 0.0) / (hi - lo)
+        slope = (c_lo - one) / (lo - 1) if lo > 1 else 0.0
+        return c_lo + (n - lo) * (slope if slope > 0 else one / 4)
 
     def length(self, available: int) -> int:
         if 1 not in self.cost:  # a plain step first: the unit every other cost is compared with
@@ -129,11 +141,19 @@ class DraftPolicy:
             rate = (1 - a ** (k + 1)) / (1 - a) / self._cost(1 + k)
             if rate > best:
                 best, best_k = rate, k
+        if best_k == 0 and available >= 1:
+            self.plain_steps += 1
+            if self.plain_steps >= self.PROBE_EVERY:
+                best_k = 1
+        if best_k:
+            self.plain_steps = 0
         return best_k
 
     def timed(self, n: int, seconds: float) -> None:
-        old = self.cost.get(n)
-        self.cost[n] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        count = self.samples.get(n, 0) + 1
+        self.samples[n] = count
+        old = self.cost.get(n, seconds)
+        self.cost[n] = old + max(1 / count, 1 - self.decay) * (seconds - old)
 
     def result(self, drafted: int, taken: int) -> None:
         self.taken = self.decay * self.taken + taken

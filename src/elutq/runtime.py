@@ -261,6 +261,7 @@ class Model:
         self.generation_defaults = generation_defaults(gen)
         self.session = Session(self)
         self.step_costs: dict[int, float] = {}  # seconds of a decode forward over n tokens (DraftPolicy)
+        self.step_samples: dict[int, int] = {}  # how many timings each of them averages
         self._lock = threading.Lock()  # one forward at a time (the runtime owns its scratch buffers)
 
     # -- low level
@@ -396,10 +397,10 @@ class Model:
         longest common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
         ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_lookup``;
         :class:`DraftPolicy` decides how many, none where it does not pay): greedy replies are the same tokens
-        as without, sampled ones the same distribution; fewer passes over the weights), at most ``max_draft``
+        as without, sampled ones the same distribution; fewer passes over the weights; at most ``max_draft``
         (1–64) draft tokens per forward."""
-        policy = self.draft_policy(max_draft) if speculative else None
-        it = self._drive(self.start(prompt, **kw), policy)
+        policy = self.draft_policy(max_draft)  # checked even when unused: a bad value is an error either way
+        it = self._drive(self.start(prompt, **kw), policy if speculative else None)
         if stream:
             return TextStream(it)
         *_, done = it
@@ -409,7 +410,7 @@ class Model:
     def draft_policy(self, max_draft: int = 8) -> DraftPolicy:
         """A draft-length policy sharing this model's measured step costs (:class:`DraftPolicy`), checking at
         most ``max_draft`` draft tokens per forward."""
-        return DraftPolicy(k_max=max_draft, cost=self.step_costs)
+        return DraftPolicy(k_max=max_draft, cost=self.step_costs, samples=self.step_samples)
 
     def step(self, g: Generation, policy: DraftPolicy | None = None) -> str:
         """Advance ``g`` by one pass over the weights (after its prompt's earlier chunks): what is pending,
