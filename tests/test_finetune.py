@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_llama
+from elutq import finetune
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import load_quantized, read_quantization_config, read_tensors
 from elutq.finetune import (
@@ -47,10 +48,29 @@ def test_trainable_view_reproduces_hlqlinear_exactly(minilm_weights):
     assert torch.equal(v(x), m(x))
 
 
-def test_trainable_view_gradient_equals_autograd_through_the_decode(minilm_weights):
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "g"), [(352, 128), (349, 32), (349, 64), (349, -1)])
+def test_native_decode_equals_the_torch_decode(minilm_weights, bits, n, g):
+    """The native decode and its gradient (what training on the CPU runs) against ``hlq.dequantize`` and
+    autograd through it: every width 1–4, rows that end mid-byte, one group a row."""
+    w = minilm_weights["encoder.layer.0.intermediate.dense.weight"][:37, :n]
+    v = TrainableHLQ(HLQLinear.from_quantized(quantize_weight(w, QuantConfig(bits, g)), None))
+    g = v.group_size  # -1: one group a row
+    assert torch.equal(v.weight(), dequantize(v.codes, v.s, v.z, g))
+    upstream = torch.randn(37, n)
+    (v.weight() * upstream).sum().backward()
+    s, z = v.s.detach().clone().requires_grad_(), v.z.detach().clone().requires_grad_()
+    (dequantize(v.codes, s, z, g) * upstream).sum().backward()
+    torch.testing.assert_close(v.s.grad, s.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.z.grad, z.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_trainable_view_gradient_equals_autograd_through_the_decode(minilm_weights, native, monkeypatch):
     """The view's own backward (codes re-read, nothing per weight saved) against autograd through
     ``hlq.dequantize``'s gather, on real weights with a short last group, for the head's path (``weight``)
-    and the tied embedding's (rows looked up)."""
+    and the tied embedding's (rows looked up); the native decode and the torch one (what CUDA runs)."""
+    monkeypatch.setattr(finetune, "NATIVE_DECODE", native)
     w = minilm_weights["encoder.layer.0.intermediate.dense.weight"][:40, :352]
     v = TrainableHLQ(HLQLinear.from_quantized(quantize_weight(w, QuantConfig(3, 128)), None))
     upstream = torch.randn(40, 352)

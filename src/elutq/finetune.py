@@ -50,7 +50,8 @@ from .checkpoint import (
     shares_head,
     stored_embedding,
 )
-from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
+from .hlq import dequantize, levels, nearest_codes, pack_bitplanes, unpack_bitplanes
+from .kernels import decode_planes, decode_planes_grad
 from .layerloop import (
     Activations,
     LayerStep,
@@ -137,6 +138,7 @@ class FinetuneConfig:
 
 
 DECODE_ROWS = 1024  # rows of a matrix decoded (or differentiated) at a time: temporaries the size of the block
+NATIVE_DECODE = True  # CPU tensors decode in native code (kernels.decode_planes); tests turn it off for the torch path
 
 
 class _Decode(torch.autograd.Function):
@@ -150,6 +152,10 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
         ctx.save_for_backward(qweight)
         ctx.group_size, ctx.n = group_size, n
+        if NATIVE_DECODE and qweight.device.type == "cpu":  # no unpacked codes, no gather index, ~10× faster
+            bits = qweight.shape[0]
+            lv = levels(s.detach().float().reshape(-1, bits), z.detach().float().reshape(-1))
+            return decode_planes(qweight, lv.view(*z.shape, 1 << bits), n, group_size)
         w = torch.empty(qweight.shape[1], n, dtype=torch.float32, device=qweight.device)
         for r in range(0, w.shape[0], DECODE_ROWS):
             rs = slice(r, r + DECODE_ROWS)
@@ -161,6 +167,8 @@ class _Decode(torch.autograd.Function):
         (qweight,) = ctx.saved_tensors
         bits, out, _ = qweight.shape
         g, n = ctx.group_size, ctx.n
+        if NATIVE_DECODE and qweight.device.type == "cpu":
+            return None, *decode_planes_grad(qweight, gw, g), None, None
         ng = -(-n // g)
         gs = gw.new_empty(out, ng, bits, dtype=torch.float32)
         gz = gw.new_empty(out, ng, dtype=torch.float32)

@@ -219,6 +219,28 @@ def multi_linear(
     return [torch.from_numpy(r) for r in res] if is_torch else res
 
 
+def decode_planes(qweight: torch.Tensor, lv: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` from packed bit-planes ``qweight [bits, out, ⌈in/8⌉]`` and each
+    group's levels ``lv [out, ng, 2^bits]`` (``hlq.levels``): the values ``hlq.dequantize`` gives, bit for
+    bit, without unpacking the codes (``csrc/decode.h``; CPU tensors)."""
+    w = torch.empty(qweight.shape[1], in_features, dtype=torch.float32)
+    _native.hlq_decode(qweight.contiguous().numpy(), lv.detach().float().contiguous().numpy(), in_features,
+                       group_size, w.numpy())
+    return w
+
+
+def decode_planes_grad(qweight: torch.Tensor, grad: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``w = decode(qweight, s, z)`` and ``grad = ∂L/∂w [out, in]``: ``(∂L/∂s [out, ng, bits], ∂L/∂z
+    [out, ng])``, summed in float64 per group (``csrc/decode.h``; CPU tensors)."""
+    bits, out, _ = qweight.shape
+    ng = -(-grad.shape[1] // group_size)
+    gs = torch.empty(out, ng, bits, dtype=torch.float32)
+    gz = torch.empty(out, ng, dtype=torch.float32)
+    _native.hlq_decode_grad(qweight.contiguous().numpy(), grad.detach().float().contiguous().numpy(), group_size,
+                            gs.numpy(), gz.numpy())
+    return gs, gz
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -259,6 +281,8 @@ __all__ = [
     "LUTLinear",
     "active_path",
     "available_paths",
+    "decode_planes",
+    "decode_planes_grad",
     "get_num_threads",
     "kernel_group_size",
     "multi_linear",

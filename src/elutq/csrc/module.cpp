@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "decode.h"
 #include "lut_driver.h"
 #include "runtime.h"
 
@@ -164,6 +165,35 @@ static void hadamard_rows(CArray<float, nb::ndim<2>> x, CArray<const float, nb::
   for (size_t r = 0; r < x.shape(0); ++r) hadamard_transform(h, x.data() + r * h.n, tmp.data());
 }
 
+// Shapes: decode.h.  Both release the GIL and use the kernel thread pool.
+static void check_planes(const CArray<const uint8_t, nb::ndim<3>>& q, int in, int g) {
+  if (q.shape(0) < 1 || q.shape(0) > 8 || in < 1 || g < 1 || (int)q.shape(2) != (in + 7) / 8)
+    throw std::invalid_argument("qweight must be [bits 1..8, out, ceil(in/8)] and group_size >= 1");
+}
+
+static void hlq_decode_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<3>> lv, int in, int g,
+                          CArray<float, nb::ndim<2>> w) {
+  check_planes(q, in, g);
+  const int bits = (int)q.shape(0), out = (int)q.shape(1);
+  if ((int)lv.shape(0) != out || (int)lv.shape(1) != (in + g - 1) / g || (int)lv.shape(2) != 1 << bits)
+    throw std::invalid_argument("levels must be [out, ceil(in/group_size), 2^bits]");
+  if ((int)w.shape(0) != out || (int)w.shape(1) != in) throw std::invalid_argument("w must be [out, in]");
+  nb::gil_scoped_release release;
+  hlq_decode(q.data(), lv.data(), bits, out, in, g, w.data(), pool().size());
+}
+
+static void hlq_decode_grad_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<2>> gw, int g,
+                               CArray<float, nb::ndim<3>> gs, CArray<float, nb::ndim<2>> gz) {
+  const int in = (int)gw.shape(1), bits = (int)q.shape(0), out = (int)q.shape(1), ng = (in + g - 1) / g;
+  check_planes(q, in, g);
+  if ((int)gw.shape(0) != out) throw std::invalid_argument("grad must be [out, in]");
+  if ((int)gs.shape(0) != out || (int)gs.shape(1) != ng || (int)gs.shape(2) != bits || (int)gz.shape(0) != out ||
+      (int)gz.shape(1) != ng)
+    throw std::invalid_argument("grad_scales must be [out, ng, bits] and grad_zeros [out, ng]");
+  nb::gil_scoped_release release;
+  hlq_decode_grad(q.data(), gw.data(), bits, out, in, g, gs.data(), gz.data(), pool().size());
+}
+
 static void rt_forward(Runtime& rt, std::vector<KVCache*> caches, std::vector<int> pos, std::vector<int> lens,
                        std::vector<bool> all_logits, CArray<const int32_t, nb::ndim<1>> tokens,
                        CArray<float, nb::ndim<2>> logits) {
@@ -236,6 +266,10 @@ NB_MODULE(_native, m) {
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
   m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"),
         "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester_b)/sqrt(b) (hadamard.h).");
+  m.def("hlq_decode", &hlq_decode_py, nb::arg("qweight"), nb::arg("levels"), nb::arg("in_features"),
+        nb::arg("group_size"), nb::arg("out"), "Weight [out, in] from packed bit-planes and levels (decode.h).");
+  m.def("hlq_decode_grad", &hlq_decode_grad_py, nb::arg("qweight"), nb::arg("grad"), nb::arg("group_size"),
+        nb::arg("grad_scales"), nb::arg("grad_zeros"), "Gradients of scales and offsets from the weight's (decode.h).");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
   m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
         nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
