@@ -337,7 +337,7 @@ def test_chunked_loss_equals_the_whole_vocabulary_loss(tiny_ckpt, monkeypatch):
                     value = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             else:
                 monkeypatch.setattr(ft, "LOSS_ROWS", rows)
-                value = ft._e2e_loss(model, ids, {"logp": logp} if loss == "kl" else None)
+                value = ft.e2e_loss(model, ids, {"logp": logp} if loss == "kl" else None)
             value.backward()
             grads.append((value.item(), [views[n].s.grad.clone() for n in sorted(views)]))
         (a, ga), (b, gb) = grads

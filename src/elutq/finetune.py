@@ -50,7 +50,7 @@ from .checkpoint import (
     shares_head,
     stored_embedding,
 )
-from .hlq import dequantize, levels, nearest_codes, pack_bitplanes, unpack_bitplanes
+from .hlq import dequantize, nearest_codes, pack_bitplanes, unpack_bitplanes
 from .kernels import decode_planes, decode_planes_grad
 from .layerloop import (
     Activations,
@@ -153,9 +153,7 @@ class _Decode(torch.autograd.Function):
         ctx.save_for_backward(qweight)
         ctx.group_size, ctx.n = group_size, n
         if NATIVE_DECODE and qweight.device.type == "cpu":  # no unpacked codes, no gather index, ~10× faster
-            bits = qweight.shape[0]
-            lv = levels(s.detach().float().reshape(-1, bits), z.detach().float().reshape(-1))
-            return decode_planes(qweight, lv.view(*z.shape, 1 << bits), n, group_size)
+            return decode_planes(qweight, s, z, n, group_size)
         w = torch.empty(qweight.shape[1], n, dtype=torch.float32, device=qweight.device)
         for r in range(0, w.shape[0], DECODE_ROWS):
             rs = slice(r, r + DECODE_ROWS)
@@ -710,7 +708,7 @@ def _kl_rows(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Te
     return kl.sum()
 
 
-def _e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
+def e2e_loss(model: nn.Module, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """The loss per position; the vocabulary projection and the loss go ``LOSS_ROWS`` positions at a time, each
     slice recomputed in the backward pass (activation checkpointing), so no ``[B, T, vocab]`` tensor exists."""
     h = model.model(input_ids=ids, use_cache=False).last_hidden_state.flatten(0, 1)  # [B·T, H]
@@ -810,7 +808,7 @@ def finetune_e2e(
     def val_loss(model: nn.Module) -> float:
         model.eval()
         with torch.no_grad():
-            loss = sum(_e2e_loss(model, chunks[k].to(dev), teacher(k)).item() for k in val_idx) / len(val_idx)
+            loss = sum(e2e_loss(model, chunks[k].to(dev), teacher(k)).item() for k in val_idx) / len(val_idx)
         model.train()
         return loss
 
@@ -849,7 +847,7 @@ def finetune_e2e(
         k = order[step]
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = _e2e_loss(model, chunks[k].to(dev), teacher(k))
+        loss = e2e_loss(model, chunks[k].to(dev), teacher(k))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

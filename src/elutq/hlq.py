@@ -138,8 +138,15 @@ def plane_bits(bits: int, dtype: torch.dtype = torch.float32, device: torch.devi
 
 
 def levels(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """All ``2^bits`` reconstruction levels: ``[..., bits]``, ``[...]`` → ``[..., 2^bits]``."""
-    return zeros.unsqueeze(-1) + scales @ plane_bits(scales.shape[-1], scales.dtype, scales.device).T
+    """All ``2^bits`` reconstruction levels: ``[..., bits]``, ``[...]`` → ``[..., 2^bits]``.
+
+    Summed plane by plane in order, then the offset added (not a matmul, whose order a BLAS picks), so the
+    native decode (``csrc/decode.cpp``) computes the same floats."""
+    pb = plane_bits(scales.shape[-1], scales.dtype, scales.device)  # [2^bits, bits]
+    acc = torch.zeros(*scales.shape[:-1], pb.shape[0], dtype=scales.dtype, device=scales.device)
+    for i in range(pb.shape[1]):
+        acc = acc + scales[..., i, None] * pb[:, i]
+    return zeros.unsqueeze(-1) + acc
 
 
 def assign_nearest(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

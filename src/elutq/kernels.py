@@ -219,13 +219,15 @@ def multi_linear(
     return [torch.from_numpy(r) for r in res] if is_torch else res
 
 
-def decode_planes(qweight: torch.Tensor, lv: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """The float32 weight ``[out, in]`` from packed bit-planes ``qweight [bits, out, ⌈in/8⌉]`` and each
-    group's levels ``lv [out, ng, 2^bits]`` (``hlq.levels``): the values ``hlq.dequantize`` gives, bit for
-    bit, without unpacking the codes (``csrc/decode.h``; CPU tensors)."""
+def decode_planes(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int, group_size: int
+) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` from packed bit-planes ``qweight [bits, out, ⌈in/8⌉]``, ``scales
+    [out, ng, bits]`` and ``zeros [out, ng]``: ``hlq.dequantize``'s values, bit for bit, without unpacking
+    the codes (``csrc/decode.h``; CPU tensors)."""
     w = torch.empty(qweight.shape[1], in_features, dtype=torch.float32)
-    _native.hlq_decode(qweight.contiguous().numpy(), lv.detach().float().contiguous().numpy(), in_features,
-                       group_size, w.numpy())
+    _native.hlq_decode(qweight.contiguous().numpy(), scales.detach().float().contiguous().numpy(),
+                       zeros.detach().float().contiguous().numpy(), in_features, group_size, w.numpy())
     return w
 
 

@@ -1,76 +1,101 @@
-// See decode.h.
+// See decode.h.  Groups are walked whole (no division per weight); inside a group, 8 weights a byte.
 #include "decode.h"
 
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "lut_driver.h"
 
 namespace elutq {
 
 namespace {
 
-// spread[v]: byte k of the result = bit k of v, so the 8 codes of a byte position are Σ_i spread[q_i] << i.
-struct Spread {
-  uint64_t t[256];
-  constexpr Spread() : t() {
-    for (int v = 0; v < 256; ++v) {
-      uint64_t r = 0;
-      for (int k = 0; k < 8; ++k) r |= (uint64_t)((v >> k) & 1) << (8 * k);
-      t[v] = r;
-    }
+// kSpread[v]: byte k = bit k of v, so the 8 codes at a byte position are Σ_i kSpread[q_i] << i.
+// kBits[v][k]: bit k of v as a float (the gradient's mask).
+struct Tables {
+  uint64_t spread[256];
+  float bits[256][8];
+  constexpr Tables() : spread(), bits() {
+    for (int v = 0; v < 256; ++v)
+      for (int k = 0; k < 8; ++k) {
+        spread[v] |= (uint64_t)((v >> k) & 1) << (8 * k);
+        bits[v][k] = (float)((v >> k) & 1);
+      }
   }
 };
-constexpr Spread kSpread;
+constexpr Tables kT;
 
-// The codes of weights 8b .. 8b + 7 of row o, one per byte.
-inline uint64_t codes8(const uint8_t* q, int bits, size_t plane, size_t off) {
+// The codes of weights 8b .. 8b + 7 of a row, one per byte (q: the row's first byte in plane 0).
+inline uint64_t codes8(const uint8_t* q, int bits, size_t plane, int b) {
   uint64_t c = 0;
-  for (int i = 0; i < bits; ++i) c |= kSpread.t[q[i * plane + off]] << i;
+  for (int i = 0; i < bits; ++i) c |= kT.spread[q[i * plane + b]] << i;
   return c;
 }
 
-void decode_row(const uint8_t* q, size_t plane, const float* lv, int bits, int in, int g, float* w) {
+inline int code_at(const uint8_t* q, int bits, size_t plane, int j) {
+  int c = 0;
+  for (int i = 0; i < bits; ++i) c |= ((q[i * plane + (j >> 3)] >> (j & 7)) & 1) << i;
+  return c;
+}
+
+void decode_row(const uint8_t* q, size_t plane, const float* s, const float* z, int bits, int in, int g, float* w) {
   const int L = 1 << bits;
-  for (int j0 = 0; j0 < in; j0 += 8) {
-    const uint64_t c = codes8(q, bits, plane, (size_t)(j0 >> 3));
-    const int n = in - j0 < 8 ? in - j0 : 8;
-    for (int k = 0; k < n; ++k) {
-      const int j = j0 + k;
-      w[j] = lv[(size_t)(j / g) * L + ((c >> (8 * k)) & 0xff)];
+  float lv[256];
+  for (int j0 = 0, G = 0; j0 < in; j0 += g, ++G) {
+    for (int c = 0; c < L; ++c) {
+      float acc = 0.0f;
+      for (int i = 0; i < bits; ++i) acc = acc + s[G * bits + i] * (float)((c >> i) & 1);
+      lv[c] = z[G] + acc;
     }
+    const int j1 = j0 + g < in ? j0 + g : in;
+    int j = j0;
+    if (j0 % 8 == 0)
+      for (; j + 8 <= j1; j += 8) {
+        const uint64_t c = codes8(q, bits, plane, j >> 3);
+        for (int k = 0; k < 8; ++k) w[j + k] = lv[(c >> (8 * k)) & 0xff];
+      }
+    for (; j < j1; ++j) w[j] = lv[code_at(q, bits, plane, j)];  // a group's tail that ends mid-byte
   }
 }
 
-// acc: [ng][bits + 1] doubles of scratch (the sums of gs, then of gz, per group).
-void grad_row(const uint8_t* q, size_t plane, const float* gw, int bits, int in, int g, double* acc, float* gs,
-              float* gz) {
-  const int ng = (in + g - 1) / g, B = bits + 1;
-  std::memset(acc, 0, sizeof(double) * ng * B);
-  for (int j0 = 0; j0 < in; j0 += 8) {
-    const uint64_t c = codes8(q, bits, plane, (size_t)(j0 >> 3));
-    const int n = in - j0 < 8 ? in - j0 : 8;
-    for (int k = 0; k < n; ++k) {
-      const int j = j0 + k, code = (int)((c >> (8 * k)) & 0xff);
-      const double x = gw[j];
-      double* a = acc + (size_t)(j / g) * B;
-      for (int i = 0; i < bits; ++i) a[i] += ((code >> i) & 1) ? x : 0.0;
-      a[bits] += x;
+// Per group: 8 float lanes per plane (and one for the plain sum) over its bytes, then summed in double.
+ELUTQ_CLONES void grad_row(const uint8_t* q, size_t plane, const float* gw, int bits, int in, int g, float* gs,
+                           float* gz) {
+  for (int j0 = 0, G = 0; j0 < in; j0 += g, ++G) {
+    const int j1 = j0 + g < in ? j0 + g : in;
+    float lane[9][8] = {};
+    double acc[9] = {};
+    int j = j0;
+    if (j0 % 8 == 0)
+      for (; j + 8 <= j1; j += 8) {
+        const float* x = gw + j;
+        for (int k = 0; k < 8; ++k) lane[bits][k] += x[k];
+        for (int i = 0; i < bits; ++i) {
+          const float* m = kT.bits[q[i * plane + (j >> 3)]];
+          for (int k = 0; k < 8; ++k) lane[i][k] += x[k] * m[k];
+        }
+      }
+    for (; j < j1; ++j) {
+      const int c = code_at(q, bits, plane, j);
+      acc[bits] += gw[j];
+      for (int i = 0; i < bits; ++i) acc[i] += ((c >> i) & 1) ? gw[j] : 0.0;
     }
-  }
-  for (int G = 0; G < ng; ++G) {
-    for (int i = 0; i < bits; ++i) gs[(size_t)G * bits + i] = (float)acc[(size_t)G * B + i];
-    gz[G] = (float)acc[(size_t)G * B + bits];
+    for (int i = 0; i <= bits; ++i)
+      for (int k = 0; k < 8; ++k) acc[i] += lane[i][k];
+    for (int i = 0; i < bits; ++i) gs[(size_t)G * bits + i] = (float)acc[i];
+    gz[G] = (float)acc[bits];
   }
 }
 
 }  // namespace
 
-void hlq_decode(const uint8_t* q, const float* lv, int bits, int out, int in, int g, float* w, int threads) {
+void hlq_decode(const uint8_t* q, const float* s, const float* z, int bits, int out, int in, int g, float* w,
+                int threads) {
   const size_t nb = (size_t)(in + 7) / 8, ng = (size_t)(in + g - 1) / g, plane = (size_t)out * nb;
   parallel_for(threads, out, 16, [&](int r0, int r1) {
     for (int o = r0; o < r1; ++o)
-      decode_row(q + o * nb, plane, lv + o * ng * ((size_t)1 << bits), bits, in, g, w + (size_t)o * in);
+      decode_row(q + o * nb, plane, s + o * ng * bits, z + o * ng, bits, in, g, w + (size_t)o * in);
   });
 }
 
@@ -78,9 +103,8 @@ void hlq_decode_grad(const uint8_t* q, const float* gw, int bits, int out, int i
                      int threads) {
   const size_t nb = (size_t)(in + 7) / 8, ng = (size_t)(in + g - 1) / g, plane = (size_t)out * nb;
   parallel_for(threads, out, 16, [&](int r0, int r1) {
-    std::vector<double> acc(ng * (bits + 1));
     for (int o = r0; o < r1; ++o)
-      grad_row(q + o * nb, plane, gw + (size_t)o * in, bits, in, g, acc.data(), gs + o * ng * bits, gz + o * ng);
+      grad_row(q + o * nb, plane, gw + (size_t)o * in, bits, in, g, gs + o * ng * bits, gz + o * ng);
   });
 }
 

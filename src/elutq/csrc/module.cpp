@@ -171,15 +171,16 @@ static void check_planes(const CArray<const uint8_t, nb::ndim<3>>& q, int in, in
     throw std::invalid_argument("qweight must be [bits 1..8, out, ceil(in/8)] and group_size >= 1");
 }
 
-static void hlq_decode_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<3>> lv, int in, int g,
-                          CArray<float, nb::ndim<2>> w) {
+static void hlq_decode_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<3>> s,
+                          CArray<const float, nb::ndim<2>> z, int in, int g, CArray<float, nb::ndim<2>> w) {
   check_planes(q, in, g);
-  const int bits = (int)q.shape(0), out = (int)q.shape(1);
-  if ((int)lv.shape(0) != out || (int)lv.shape(1) != (in + g - 1) / g || (int)lv.shape(2) != 1 << bits)
-    throw std::invalid_argument("levels must be [out, ceil(in/group_size), 2^bits]");
+  const int bits = (int)q.shape(0), out = (int)q.shape(1), ng = (in + g - 1) / g;
+  if ((int)s.shape(0) != out || (int)s.shape(1) != ng || (int)s.shape(2) != bits || (int)z.shape(0) != out ||
+      (int)z.shape(1) != ng)
+    throw std::invalid_argument("scales must be [out, ceil(in/group_size), bits] and zeros [out, ceil(in/group_size)]");
   if ((int)w.shape(0) != out || (int)w.shape(1) != in) throw std::invalid_argument("w must be [out, in]");
   nb::gil_scoped_release release;
-  hlq_decode(q.data(), lv.data(), bits, out, in, g, w.data(), pool().size());
+  hlq_decode(q.data(), s.data(), z.data(), bits, out, in, g, w.data(), pool().size());
 }
 
 static void hlq_decode_grad_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<2>> gw, int g,
@@ -266,8 +267,8 @@ NB_MODULE(_native, m) {
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
   m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"),
         "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester_b)/sqrt(b) (hadamard.h).");
-  m.def("hlq_decode", &hlq_decode_py, nb::arg("qweight"), nb::arg("levels"), nb::arg("in_features"),
-        nb::arg("group_size"), nb::arg("out"), "Weight [out, in] from packed bit-planes and levels (decode.h).");
+  m.def("hlq_decode", &hlq_decode_py, nb::arg("qweight"), nb::arg("scales"), nb::arg("zeros"), nb::arg("in_features"),
+        nb::arg("group_size"), nb::arg("out"), "Weight [out, in] from packed bit-planes, scales, zeros (decode.h).");
   m.def("hlq_decode_grad", &hlq_decode_grad_py, nb::arg("qweight"), nb::arg("grad"), nb::arg("group_size"),
         nb::arg("grad_scales"), nb::arg("grad_zeros"), "Gradients of scales and offsets from the weight's (decode.h).");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
