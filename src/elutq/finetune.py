@@ -152,7 +152,7 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
         ctx.save_for_backward(qweight)
         ctx.group_size, ctx.n = group_size, n
-        if NATIVE_DECODE and qweight.device.type == "cpu":  # no unpacked codes, no gather index, ~10× faster
+        if NATIVE_DECODE and qweight.device.type == "cpu":  # no unpacked codes, no gather index
             return decode_planes(qweight, s, z, n, group_size)
         w = torch.empty(qweight.shape[1], n, dtype=torch.float32, device=qweight.device)
         for r in range(0, w.shape[0], DECODE_ROWS):
