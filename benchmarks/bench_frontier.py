@@ -39,9 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +271,7 @@ def measure(res: Results, key: str, engine: str, path: Path, ids: dict[str, Path
                           repeats=args.repeats)
         p["speed"] = {str(row["threads"]): {"prefill": row["prefill"], "decode": row["decode"]} for row in r["rows"]}
         p["rss_mb"] = r["rss_mb"]
+        p["speed_cpu"] = cpu_label()
         res.save()
         print(f"    {key}: decode " + ", ".join(f"{t}t {v['decode']:.1f}" for t, v in p["speed"].items())
               + f" tok/s, peak RSS {r['rss_mb']:.0f} MiB", flush=True)
@@ -398,6 +401,15 @@ def done_points(res: dict) -> list[tuple[str, dict]]:
     return [(k, p) for k, p in res["points"].items() if "bpw_file" in p and p.get("ppl")]
 
 
+def cpu_label() -> str:
+    """This machine's CPU as a speed figure needs it: model name, widest vector ISA, cores."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return f"{name or platform.processor() or 'unknown CPU'}, {isa}, {os.cpu_count()} cores"
+
+
 def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [
@@ -415,11 +427,15 @@ def markdown(res: dict) -> str:
     ]
     rows = done_points(res)
     rows.sort(key=lambda kp: (kp[1]["engine"] != "elutq" or kp[1].get("setting") != "fp16", kp[1]["bpw_file"]))
+    # Speeds compare only within one CPU: each CPU the points were timed on gets a mark (the most used none).
+    cpus = Counter(p.get("speed_cpu", "not recorded") for _, p in rows if p.get("speed"))
+    marks = {c: "" if i == 0 else "abcdefgh"[i - 1] for i, (c, _) in enumerate(cpus.most_common())}
     for key, p in rows:
         sp = p.get("speed", {})
+        mark = marks.get(p.get("speed_cpu", "not recorded"), "") if sp else ""
 
-        def s(t: str, what: str, sp=sp) -> str:
-            return f"{sp[t][what]:.1f}" if t in sp else "–"
+        def s(t: str, what: str, sp=sp, mark=mark) -> str:
+            return f"{sp[t][what]:.1f}{f' ({mark})' if mark else ''}" if t in sp else "–"
 
         ppl = {t: fmt_int(p["ppl"][t]["ppl"]) if t in p["ppl"] else "–" for t in TEXTS}
         head = p.get("head") or p.get("emb_out", "")
@@ -430,6 +446,9 @@ def markdown(res: dict) -> str:
             f"{p['file_bytes'] / 2**20:.1f} | {ppl['wikitext2']} | {ppl['python-code']} | {s('1', 'decode')} | "
             f"{s('2', 'decode')} | {s('1', 'prefill')} | {s('2', 'prefill')} | {rss} |"
         )
+    if len(cpus) > 1:
+        lines += ["", "Timed on: " + "; ".join(f"{f'({m}) ' if m else 'unmarked: '}{c}" for c, m in marks.items())
+                  + ". Compare speeds only between points with the same mark."]
     failed = [k for k, p in res["points"].items() if p.get("failed")]
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{k} ({res['points'][k]['failed'][-200:]!r})" for k in failed)]
