@@ -11,8 +11,8 @@ namespace elutq {
 
 namespace {
 
-// kSpread[v]: byte k = bit k of v, so the 8 codes at a byte position are Σ_i kSpread[q_i] << i.
-// kBits[v][k]: bit k of v as a float (the gradient's mask).
+// spread[v]: byte k = bit k of v, so the 8 codes at a byte position are Σ_i spread[q_i] << i.
+// bits[v][k]: bit k of v as a float (the gradient's mask).
 struct Tables {
   uint64_t spread[256];
   float bits[256][8];
