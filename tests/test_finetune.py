@@ -505,3 +505,16 @@ def test_e2e_trains_a_shared_head_and_embedding_as_one_tensor(tiny_ckpt, tmp_pat
     assert not torch.equal(before_t["lm_head.scales"], after_t["lm_head.scales"])
     assert read_quantization_config(tmp_path / "ft")["modules"]["model.embed_tokens"]["shared_with"] == "lm_head"
     assert elutq.load(str(tmp_path / "ft"), threads=1).generate("The lazy", max_new_tokens=4).token_ids
+
+
+def test_native_decode_refuses_mismatched_shapes():
+    """The binding checks every shape against the bit-planes before touching memory."""
+    from elutq.kernels import decode_planes, decode_planes_grad
+
+    q = torch.zeros(2, 4, 2, dtype=torch.uint8)  # 2 bits, 4 rows, 16 columns
+    with pytest.raises(ValueError, match="scales must be"):
+        decode_planes(q, torch.zeros(4, 2, 3), torch.zeros(4, 2), 16, 8)  # 3 scales a group for 2 planes
+    with pytest.raises(ValueError, match="qweight must be"):
+        decode_planes(q, torch.zeros(4, 1, 2), torch.zeros(4, 1), 32, 32)  # 32 columns need 4 bytes a row
+    with pytest.raises(ValueError, match="grad must be"):
+        decode_planes_grad(q, torch.zeros(5, 16), 8)
