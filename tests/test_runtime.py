@@ -189,12 +189,14 @@ def test_native_quantized_embedding_shapes_are_checked():
             call(**kw)
 
 
-def test_kernel_cache_is_reused_and_survives_damage(tmp_path):
+def test_kernel_cache_is_reused_and_survives_damage(tmp_path, monkeypatch):
     _, out = _quantized(tmp_path, "llama")
     first = elutq.load(out).logits(IDS)
     (index,) = (out / KERNEL_CACHE_DIR).glob("*/index.json")
     assert json.loads(index.read_text())  # written, with every quantized matrix
-    assert torch.equal(elutq.load(out).logits(IDS), first)  # from the cache
+    with monkeypatch.context() as m:  # from the cache: nothing repacked (a miss would call repack)
+        m.setattr(elutq.kernels, "repack", lambda *a, **k: pytest.fail("the kernel cache was not used"))
+        assert torch.equal(elutq.load(out).logits(IDS), first)
     for f in index.parent.glob("*.w.npy"):
         f.write_bytes(b"garbage")
     assert torch.equal(elutq.load(out).logits(IDS), first)  # damaged entries are repacked

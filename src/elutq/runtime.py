@@ -144,16 +144,16 @@ class _KernelCache:
     def packed(self, t: SafetensorsDir, name: str, spec: dict, in_f: int, avx2_order: bool) -> Any:
         """``_native.PackedWeight`` of quantized linear ``name``, from the cache or repacked now (the
         cache holds the standard order; ``avx2_order`` is applied when the matrix is copied in)."""
-        q = t.get(f"{name}.qweight")
-        bits, out = int(q.shape[0]), int(q.shape[1])
+        bits, out = (int(d) for d in t.shape(f"{name}.qweight")[:2])  # the header: a hit reads no weights
         hit = self._cached(name)
         if hit is not None:
             w, sz = hit
-            if w.dtype == np.uint8 and sz.dtype == np.float32 and w.ndim == sz.ndim == 1:  # (shapes: PackedWeight)
+            if w.dtype == np.uint8 and sz.dtype == np.uint16 and w.ndim == sz.ndim == 1:  # (shapes: PackedWeight)
                 try:
                     return _native.PackedWeight(w, sz, out, in_f, bits, self.index[name]["group"], avx2_order)
                 except (ValueError, TypeError, RuntimeError):
                     pass
+        q = t.get(f"{name}.qweight")
         scales = check_finite(f"{name}.scales", t.get(f"{name}.scales"))
         zeros = check_finite(f"{name}.zeros", t.get(f"{name}.zeros"))
         try:
