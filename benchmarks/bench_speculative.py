@@ -9,12 +9,17 @@ decode tokens/s (after the first token), its ratio, forwards per token and draft
 process's peak RSS.  The model's step costs (``Model.step_costs``: the machine's, learnt while drafting)
 start empty in each thread count and are learnt by the first rounds, as a fresh server's would be.
 Default checkpoint: the one ``benchmarks/bench_server.py`` serves (default model, RTN HLQ w4g128).
+
+``--peer GGUF`` adds llama.cpp (the peer build of ``scripts/setup_peer.sh``) on the same prompt token ids (the
+checkpoint's chat template) in the same process: plain greedy decoding against llama-cpp-python's prompt-lookup
+draft (``LlamaPromptLookupDecoding``, ``--peer-draft`` tokens per draft), alternating rounds likewise.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import time
 from pathlib import Path
 
 import elutq
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--peer", type=Path, help="a llama.cpp GGUF to time the same way, with and without prompt lookup")
+    ap.add_argument("--peer-draft", type=int, default=10, help="llama.cpp prompt lookup: tokens per draft")
     args = ap.parse_args()
     ckpt = args.checkpoint or default_checkpoint()
     print(f"checkpoint: {ckpt}")
@@ -78,7 +85,42 @@ def main() -> None:
             steps = (t.generated_tokens - 1) / max(t.decode_steps, 1)
             print(f"{threads:>7} {kind:<13} {p:>11.1f} {s:>10.1f} {s / p:>5.2f}x {steps:>11.2f} "
                   f"{t.accepted_tokens:>4}/{t.drafted_tokens:<4} {str(fast.token_ids == plain.token_ids):>5}")
+    if args.peer:
+        ids = {kind: model.encode(messages=[{"role": "user", "content": text}]) for kind, text in PROMPTS.items()}
+        peer_rows(args, ids, set(model.eos_ids))
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def peer_rows(args, prompt_ids: dict[str, list[int]], stops: set[int]) -> None:
+    """llama.cpp greedy decode tokens/s without and with its prompt-lookup draft, on elutq's prompt token ids,
+    stopping at elutq's end-of-sequence ids (the same tokenizer)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    print(f"llama.cpp: {args.peer} (prompt lookup: {args.peer_draft} tokens per draft)")
+    for threads in args.threads:
+        common = dict(model_path=str(args.peer), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        engines = {False: Llama(**common), True: Llama(**common, draft_model=LlamaPromptLookupDecoding(
+            num_pred_tokens=args.peer_draft))}  # fmt: skip
+        for kind, ids in prompt_ids.items():
+            best: dict[bool, tuple[float, list[int]]] = {}
+            for _ in range(args.rounds):
+                for spec, llm in engines.items():
+                    out: list[int] = []
+                    t_first = 0.0
+                    for t in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
+                        if not out:
+                            t_first = time.perf_counter()
+                        out.append(t)
+                        if t in stops or len(out) >= args.max_new_tokens:
+                            break
+                    rate = (len(out) - 1) / max(time.perf_counter() - t_first, 1e-9)
+                    if spec not in best or rate > best[spec][0]:
+                        best[spec] = (rate, out)
+            (p, plain), (s, fast) = best[False], best[True]
+            print(f"{threads:>7} {kind:<13} {p:>11.1f} {s:>10.1f} {s / p:>5.2f}x {'':>11} {'':>9} "
+                  f"{str(plain == fast):>5}   llama.cpp ({len(plain)} tokens)")
+        del engines
 
 
 if __name__ == "__main__":
