@@ -265,16 +265,64 @@ def measure(res: Results, key: str, engine: str, path: Path, ids: dict[str, Path
             res.save()
             print(f"    {key}: {text} ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, "
                   f"{time.perf_counter() - t0:.0f}s)", flush=True)
-    if speed and not args.skip_speed and "speed" not in p:
-        worker = "elutq_speed" if engine == "elutq" else "llama_speed"
-        r = br.run_worker(worker, model=str(path), threads=list(args.threads), prompt=args.prompt, gen=args.gen,
-                          repeats=args.repeats)
-        p["speed"] = {str(row["threads"]): {"prefill": row["prefill"], "decode": row["decode"]} for row in r["rows"]}
-        p["rss_mb"] = r["rss_mb"]
-        p["speed_cpu"] = cpu_label()
-        res.save()
-        print(f"    {key}: decode " + ", ".join(f"{t}t {v['decode']:.1f}" for t, v in p["speed"].items())
-              + f" tok/s, peak RSS {r['rss_mb']:.0f} MiB", flush=True)
+    if speed and not args.skip_speed:
+        time_point(res, key, engine, path, args)
+
+
+def time_point(res: Results, key: str, engine: str, path: Path, args) -> None:
+    """Prefill and decode tokens/s of ``path`` at each thread count, into point ``key`` — unless it was timed on
+    this CPU already.  A speed from another CPU is kept under ``speed_other`` (nothing measured is dropped)."""
+    p = res.data["points"][key]
+    if "speed" in p:
+        if p.get("speed_cpu") == cpu_label():
+            return
+        p.setdefault("speed_other", []).append({k: p.pop(k) for k in ("speed", "rss_mb", "speed_cpu", "speed_file")
+                                                if k in p})
+    worker = "elutq_speed" if engine == "elutq" else "llama_speed"
+    r = br.run_worker(worker, model=str(path), threads=list(args.threads), prompt=args.prompt, gen=args.gen,
+                      repeats=args.repeats)
+    p["speed"] = {str(row["threads"]): {"prefill": row["prefill"], "decode": row["decode"]} for row in r["rows"]}
+    p["rss_mb"] = r["rss_mb"]
+    p["speed_cpu"] = cpu_label()
+    if path.name != f"elutq-{p.get('method')}-{p.get('format')}-{p.get('setting')}" and engine == "elutq" \
+            and p.get("setting") != "fp16":
+        p["speed_file"] = path.name
+    res.save()
+    print(f"    {key}: decode " + ", ".join(f"{t}t {v['decode']:.1f}" for t, v in p["speed"].items())
+          + f" tok/s, peak RSS {r['rss_mb']:.0f} MiB" + (f" ({path.name})" if "speed_file" in p else ""), flush=True)
+
+
+def speed_jobs(res: Results, work: Path, args) -> list[tuple[str, object]]:
+    """--speed-only: every scored point of the --only engines not yet timed whose file is on disk.  --retime: every
+    scored point not timed on this CPU; a llama.cpp or RTN file is remade if gone (cheap) and a GPTQ
+    point whose checkpoint is gone is timed on the RTN checkpoint of the same format and setting (made if
+    missing; the decode kernels read only the layout, which the two share: checked by size)."""
+    jobs: list[tuple[str, object]] = []
+    for key, p in res.data["points"].items():
+        if not all(t in p.get("ppl", {}) for t in TEXTS) or p.get("failed"):
+            continue
+        if "speed" in p and (not args.retime or p.get("speed_cpu") == cpu_label()):
+            continue
+        if p["engine"] == "llama.cpp":
+            made = args.retime or (work / f"llama-{p['format']}.gguf").is_file()
+            job: tuple[str, object] = ("llama", p["format"])
+        elif p["setting"] == "fp16":
+            made, job = True, ("baseline", None)
+        else:
+            spec = (p["method"], p["format"], p["setting"])
+            made = (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file()
+            job = ("elutq", spec)
+            if not made and args.retime and p["method"] == "rtn":
+                made = True  # RTN is cheap to remake (and deterministic)
+            if not made and args.retime and p["method"] == "gptq" and not p["setting"].startswith("mixed-"):
+                made, job = True, ("twin", (key, spec))
+        if job[0].replace("twin", "elutq") not in args.only or (job[0] == "baseline" and not args.baseline_speed):
+            continue
+        if made:
+            jobs.append(job)
+        else:
+            print(f"{key}: its file is not under {work} (rerun without --speed-only to make it): not timed", flush=True)
+    return jobs
 
 
 def run(args) -> Results:
@@ -312,28 +360,10 @@ def run(args) -> Results:
         jobs += [("elutq", ("gptq", "hlq", f"mixed-{t}")) for t in args.targets]
     if "llama" in args.only:
         jobs += [("llama", t) for t in args.peer_types]
-    if args.speed_only:  # every point of the --only engines already made and scored but not timed
-        jobs = []
-        for key, p in res.data["points"].items():
-            if not all(t in p.get("ppl", {}) for t in TEXTS) or "speed" in p or p.get("failed"):
-                continue
-            if p["engine"] == "llama.cpp":
-                made = (work / f"llama-{p['format']}.gguf").is_file()
-                job = ("llama", p["format"])
-            elif p["setting"] == "fp16":
-                made, job = True, ("baseline", None)
-            else:
-                made = (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file()
-                job = ("elutq", (p["method"], p["format"], p["setting"]))
-            if job[0] not in args.only or (job[0] == "baseline" and not args.baseline_speed):
-                continue
-            if made:
-                jobs.append(job)
-            else:
-                print(f"{key}: its file is not under {work} (rerun without --speed-only to make it): not timed",
-                      flush=True)
+    if args.speed_only or args.retime:
+        jobs = speed_jobs(res, work, args)
     if args.order == "cheap-first":  # RTN before GPTQ, llama.cpp between them
-        rank = {"baseline": 0, "llama": 2}
+        rank = {"baseline": 0, "llama": 2, "twin": 1}
         jobs.sort(key=lambda j: rank.get(j[0], 1 if j[0] == "elutq" and j[1][0] == "rtn" else 3))
     for kind, spec in jobs:
         try:
@@ -342,6 +372,15 @@ def run(args) -> Results:
                 p = res.point(key, engine="elutq", method="-", format="-", setting="fp16")
                 p.update(elutq_sizes_fp(src_dir, n_params))
                 measure(res, key, "elutq", src_dir, ids, args, speed=args.baseline_speed)
+            elif kind == "twin":  # time a GPTQ point on the RTN file of its setting (same layout and bytes)
+                key, (_, fmt, setting) = spec
+                print(f"{key}: timed on the RTN file of {setting} (its own file is not under {work})", flush=True)
+                path, _ = make_elutq(work, args.model, "rtn", fmt, setting, calib, args)
+                size = elutq_sizes(path, n_params)["file_bytes"]
+                if size != res.data["points"][key]["file_bytes"]:
+                    raise RuntimeError(f"{path.name} holds {size} bytes, {key} {res.data['points'][key]['file_bytes']}:"
+                                       " not the same layout, not timed")
+                time_point(res, key, "elutq", path, args)
             elif kind == "elutq":
                 method, fmt, setting = spec
                 key = f"elutq {method} {fmt} {setting}"
@@ -434,8 +473,10 @@ def markdown(res: dict) -> str:
         sp = p.get("speed", {})
         mark = marks.get(p.get("speed_cpu", "not recorded"), "") if sp else ""
 
-        def s(t: str, what: str, sp=sp, mark=mark) -> str:
-            return f"{sp[t][what]:.1f}{f' ({mark})' if mark else ''}" if t in sp else "–"
+        twin = "†" if p.get("speed_file") else ""
+
+        def s(t: str, what: str, sp=sp, mark=mark, twin=twin) -> str:
+            return f"{sp[t][what]:.1f}{twin}{f' ({mark})' if mark else ''}" if t in sp else "–"
 
         ppl = {t: fmt_int(p["ppl"][t]["ppl"]) if t in p["ppl"] else "–" for t in TEXTS}
         head = p.get("head") or p.get("emb_out", "")
@@ -449,6 +490,11 @@ def markdown(res: dict) -> str:
     if len(cpus) > 1:
         lines += ["", "Timed on: " + "; ".join(f"{f'({m}) ' if m else 'unmarked: '}{c}" for c, m in marks.items())
                   + ". Compare speeds only between points with the same mark."]
+    if any(p.get("speed_file") for _, p in rows):
+        lines += ["", "†: timed on the RTN checkpoint of the same format and setting (`speed_file` in the JSON), the "
+                  "point's own checkpoint being gone: the kernels read only the layout, which the two share (same "
+                  "bytes, checked)."]
+    lines += nearest_speed_table(rows)
     failed = [k for k, p in res["points"].items() if p.get("failed")]
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{k} ({res['points'][k]['failed'][-200:]!r})" for k in failed)]
@@ -460,6 +506,31 @@ def markdown(res: dict) -> str:
             front = ", ".join(f"{n.split(' ', 1)[1]} ({x:.2f}, {fmt_int(y)})" for x, y, n in pareto(pts))
             lines.append(f"- {text}, {engine}: {front or '–'}")
     return "\n".join(lines) + "\n"
+
+
+def nearest_speed_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """The issue's speed goal per elutq point: its decode tokens/s over that of the llama.cpp point of nearest
+    WikiText-2 perplexity (nearest in log ppl) timed on the same CPU, at each thread count."""
+    timed = [(k, p) for k, p in rows if p.get("speed") and "wikitext2" in p["ppl"] and p.get("setting") != "fp16"]
+    out = ["", "Decode against the llama.cpp point of nearest WikiText-2 perplexity timed on the same CPU "
+           "(the issue's goal: at least 1.5×):", "",
+           "| elutq point | ppl | nearest llama.cpp | its ppl | decode 1t | decode 2t |", "|---|---|---|---|---|---|"]
+    n = 0
+    for key, p in timed:
+        if p["engine"] != "elutq":
+            continue
+        peers = [(k, q) for k, q in timed if q["engine"] == "llama.cpp" and q.get("speed_cpu") == p.get("speed_cpu")]
+        if not peers:
+            continue
+        ppl = p["ppl"]["wikitext2"]["ppl"]
+        pk, q = min(peers, key=lambda kq: abs(np.log(kq[1]["ppl"]["wikitext2"]["ppl"] / ppl)))
+        ratio = {t: p["speed"][t]["decode"] / q["speed"][t]["decode"] for t in p["speed"] if t in q["speed"]}
+        cells = [f"{ratio[t]:.2f}×" + ("" if ratio[t] >= 1.5 else " (short of 1.5×)") if t in ratio else "–"
+                 for t in ("1", "2")]
+        out.append(f"| {key.removeprefix('elutq ')} | {fmt_int(ppl)} | {pk.removeprefix('llama.cpp ')} | "
+                   f"{fmt_int(q['ppl']['wikitext2']['ppl'])} | {cells[0]} | {cells[1]} |")
+        n += 1
+    return out if n else []
 
 
 def write_section(md: Path, model: str, table: str) -> None:
@@ -565,6 +636,10 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true",
                     help="time every point of the --only engines already scored but not timed, whatever "
                          "--settings/--targets say, where its file is still on disk; make nothing new")
+    ap.add_argument("--retime", action="store_true",
+                    help="time every scored point not yet timed on this CPU, so one CPU times them all (earlier "
+                         "figures are kept under speed_other); remakes a missing llama.cpp file and times a GPTQ "
+                         "point whose checkpoint is gone on the RTN checkpoint of its setting (same layout)")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()
