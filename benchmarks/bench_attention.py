@@ -13,9 +13,10 @@ blocks; each column attends to its own prefix), µs per column on each SIMD path
 
 A third table (``--cold-mb``, 0 to skip) is what a decode step sees: K and V stream from memory (the
 weights between two layers evict them).  Each call gets the next of many head-major [length][head_dim]
-K/V copies totalling ``--cold-mb`` MiB (huge pages advised, as the runtime's KV cache), and the table
+K/V copies totalling ``--cold-mb`` MiB (4 KiB pages, as the runtime's KV cache), and the table
 gives µs per call, GB/s of K+V read, and that as a fraction of the one-thread read bandwidth measured
-just before.
+just before; then the widest path again on copies in transparent huge pages (what the runtime's KV cache
+used until a one-token chat made 2 MiB resident per layer and head), and the ratio.
 """
 
 from __future__ import annotations
@@ -96,42 +97,55 @@ def columns(path: str, lengths: list[int], repeats: int, rng: np.random.Generato
                   + f" | {per[1] / per[8]:.2f}× |", flush=True)
 
 
-def _huge_fp16(n: int) -> np.ndarray:
-    """n fp16 bit patterns in an anonymous mapping advised for transparent huge pages."""
+def _kv_fp16(n: int, huge: bool) -> np.ndarray:
+    """n fp16 bit patterns in an anonymous mapping advised for (or against) transparent huge pages."""
     buf = mmap.mmap(-1, 2 * n)
-    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
+    if hasattr(buf, "madvise") and advice is not None:
+        buf.madvise(advice)
     return np.frombuffer(buf, dtype=np.uint16, count=n)
+
+
+def _cold_call_s(p: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, d: int) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(k.shape[0]):
+            _native.attention(q, k[i], v[i], 0, d**-0.5, out, path=p)
+        best = min(best, (time.perf_counter() - t0) / k.shape[0])
+    return best
 
 
 def cold(paths: list[str], lengths: list[int], cold_mb: int, rng: np.random.Generator) -> None:
     print(f"\nK/V from memory: µs per call over K/V copies totalling {cold_mb} MiB (best of 3 passes), GB/s of "
-          "K+V read, fraction of the 1-thread read bandwidth measured just before\n")
-    print("| shape | positions | read BW | " + " | ".join(f"{p} µs (GB/s, frac)" for p in paths) + " |")
-    print("|---" * (3 + len(paths)) + "|")
+          "K+V read, fraction of the 1-thread read bandwidth measured just before; in 4 KiB pages, as the "
+          f"runtime's KV cache, and the {paths[-1]} path again in 2 MiB (transparent huge) pages\n")
+    print("| shape | positions | read BW | " + " | ".join(f"{p} µs (GB/s, frac)" for p in paths)
+          + f" | {paths[-1]} huge pages µs | 4 KiB / huge |")
+    print("|---" * (5 + len(paths)) + "|")
     for name, d, grp in SHAPES:
         for length in lengths:
             per = length * d  # fp16 values per K (or V) copy
             copies = max(1, (cold_mb << 20) // (4 * per))
-            k = _huge_fp16(copies * per).reshape(copies, length, d)
-            v = _huge_fp16(copies * per).reshape(copies, length, d)
-            k[:] = rng.normal(size=(length, d)).astype(np.float16).view(np.uint16)  # every copy the same rows
-            v[:] = k[:, ::-1]
             q = rng.normal(size=(grp, d)).astype(np.float32)
             out = np.empty_like(q)
+            kv = {}
+            for huge in (False, True):
+                k = _kv_fp16(copies * per, huge).reshape(copies, length, d)
+                v = _kv_fp16(copies * per, huge).reshape(copies, length, d)
+                k[:] = rng.normal(size=(length, d)).astype(np.float16).view(np.uint16)  # every copy the same rows
+                v[:] = k[:, ::-1]
+                kv[huge] = (k, v)
             bw = sustained_read_bandwidth(1)
             cells = []
             for p in paths:
-                best = float("inf")
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    for i in range(copies):
-                        _native.attention(q, k[i], v[i], 0, d**-0.5, out, path=p)
-                    best = min(best, (time.perf_counter() - t0) / copies)
-                gbs = 4 * per / best / 1e9
-                cells.append(f"{best * 1e6:.1f} ({gbs:.1f}, {gbs / bw:.0%})")
-            print(f"| {name} ({d} × {grp}) | {length} | {bw:.1f} GB/s | " + " | ".join(cells) + " |", flush=True)
-            del k, v
+                t = _cold_call_s(p, q, *kv[False], out, d)
+                gbs = 4 * per / t / 1e9
+                cells.append(f"{t * 1e6:.1f} ({gbs:.1f}, {gbs / bw:.0%})")
+            small, huge_t = t, _cold_call_s(paths[-1], q, *kv[True], out, d)
+            print(f"| {name} ({d} × {grp}) | {length} | {bw:.1f} GB/s | " + " | ".join(cells)
+                  + f" | {huge_t * 1e6:.1f} | {small / huge_t:.2f}× |", flush=True)
+            del kv
 
 
 if __name__ == "__main__":

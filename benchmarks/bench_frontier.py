@@ -37,6 +37,7 @@ decode tokens/s vs perplexity).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -134,7 +135,8 @@ def source_params(src_dir: Path) -> int:
 
 
 def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
-    """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says) or ``mixed-T`` (``--target-bpw
+    """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says, or as ``+hBgG`` after it
+    says) or ``mixed-T`` (``--target-bpw
     T``, groups of 128: every width chosen by the allocator, head and embeddings included); ``+rot`` after
     either: ``--rotate residual`` (``+full``: ``--rotate full``); after ``mixed-T``, ``+g128``: groups of 128 only
     (``--mixed-group-sizes 128``), ``+plain``: that and the measurement unweighted (``--measure-weighting none``)."""
@@ -150,8 +152,9 @@ def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, cali
         widths = ["--target-bpw", setting.removeprefix("mixed-"), "--measurement", str(work / name),
                   "--measure-weighting", weighting, f"--mixed-group-sizes={groups}"]  # fmt: skip (-1 is no option)
     else:
+        setting, _, head = setting.partition("+h")  # wBgG+hBgG: the head and embeddings at that setting
         bits, group = parse_setting(setting)
-        hb, hg = head_for(bits)
+        hb, hg = parse_setting(f"w{head}") if head else head_for(bits)
         info = {"head": f"w{hb}g{hg}"}
         widths = ["--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
                   "--lm-head-group-size", str(hg), "--embed-bits", str(hb), "--embed-group-size", str(hg)]  # fmt: skip
@@ -240,6 +243,7 @@ class Results:
                 "deleted: its results cannot be recomputed under these settings)"
             )
         self.data["config"] = {**config, **old}
+        self.loaded = {k: json.dumps(v, sort_keys=True) for k, v in self.data["points"].items()}
 
     def point(self, key: str, **fields) -> dict:
         p = self.data["points"].setdefault(key, {})
@@ -248,9 +252,22 @@ class Results:
         return p
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        """Replace the JSON atomically, point by point: a point this run changed is written as it has it, any
+        other as the file now holds it — so two runs adding different points to one JSON lose nothing."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                disk = json.loads(self.path.read_text())["points"]
+                mine = self.data["points"]
+                for key in disk.keys() - mine.keys():
+                    mine[key] = disk[key]
+                for key in disk.keys() & mine.keys():
+                    if json.dumps(mine[key], sort_keys=True) == self.loaded.get(key):
+                        mine[key] = disk[key]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
+        self.loaded = {k: json.dumps(v, sort_keys=True) for k, v in self.data["points"].items()}
 
 
 def measure(res: Results, key: str, engine: str, path: Path, ids: dict[str, Path], args, speed: bool = True) -> None:
@@ -617,7 +634,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS),
-                    help="wBgG; +rot after it (also after a --targets value): --rotate residual, +full: --rotate full")
+                    help="wBgG; +hBgG after it: head and embeddings at that setting; +rot after those (also "
+                         "after a --targets value): --rotate residual, +full: --rotate full")
     ap.add_argument("--targets", nargs="*", default=list(TARGETS),
                     help="mixed precision: GPTQ-HLQ at these whole-file bits per weight (--target-bpw); after one, "
                     "+g128: groups of 128 only, +plain: also the measurement unweighted")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,33 @@ def test_kv_cache_of_another_shape_is_rejected(tmp_path):
             _native.KVCache(a.n_layers, 16, a.n_kv_heads, a.head_dim).copy_prefix(bad, 1)
     with pytest.raises(ValueError, match="positive"):
         _native.KVCache(a.n_layers, 16, 0, a.head_dim)
+
+
+def _rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_long_kv_cache_costs_only_the_positions_used(tmp_path):
+    """One token in a 64k-position cache makes a few KiB per layer and head resident, not a 2 MiB huge page
+    each (before: 224 MiB for Qwen2.5-1.5B's 32k context after one token, on machines with transparent huge
+    pages)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages here, so the test cannot tell")
+    _, out = _quantized(tmp_path, "llama")
+    model = elutq.load(out)
+    a = model.arch
+    cache = _native.KVCache(a.n_layers, 1 << 16, a.n_kv_heads, a.head_dim)  # 4 MiB per layer, head and K/V
+    logits = np.empty((1, a.vocab), dtype=np.float32)
+    model.runtime.forward([cache], [0], [1], [False], np.array([1], dtype=np.int32), logits)  # scratch, once
+    cache = _native.KVCache(a.n_layers, 1 << 16, a.n_kv_heads, a.head_dim)
+    before = _rss_anon_kib()
+    model.runtime.forward([cache], [0], [1], [False], np.array([2], dtype=np.int32), logits)
+    grown = _rss_anon_kib() - before
+    huge = a.n_layers * a.n_kv_heads * 2 * 2048  # KiB, had each (layer, head) row faulted in a 2 MiB page
+    assert grown < huge / 4, f"one token made {grown} KiB resident (huge pages would be {huge})"
 
 
 def test_native_quantized_embedding_shapes_are_checked():

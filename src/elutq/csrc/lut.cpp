@@ -262,7 +262,7 @@ int get_num_threads() { return pool().size(); }
 // Large buffers (weights, big tables) are 2 MiB-aligned and asked for transparent huge pages:
 // a GEMV streams them once per call, and 4 KiB pages cost a TLB walk (and a hardware-prefetch
 // restart) every 4 KiB.
-void AlignedBuf::resize(size_t bytes) {
+void AlignedBuf::resize(size_t bytes, bool huge_pages) {
   if (bytes <= cap) return;
   std::free(p);
   constexpr size_t kHuge = 2u << 20;
@@ -271,7 +271,7 @@ void AlignedBuf::resize(size_t bytes) {
   p = std::aligned_alloc(align, cap);
   if (!p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (align == kHuge) madvise(p, cap, MADV_HUGEPAGE);
+  if (align == kHuge) madvise(p, cap, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
 #endif
 }
 

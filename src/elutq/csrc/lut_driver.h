@@ -66,7 +66,9 @@ int get_num_threads();
 struct AlignedBuf {
   void* p = nullptr;
   size_t cap = 0;
-  void resize(size_t bytes);
+  // huge_pages: back a buffer of 2 MiB or more with huge pages (fewer TLB misses streaming weights); false
+  // for one touched sparsely, such as a KV cache, where each touch would make a whole 2 MiB page resident.
+  void resize(size_t bytes, bool huge_pages = true);
   AlignedBuf() = default;
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
