@@ -367,6 +367,37 @@ def test_avx2_byte_order_gives_identical_results() -> None:
             _native.matmul([avx2], x, [b], "avx512", False)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("avx2_order", [False, True])
+def test_row_decoded_from_the_kernel_layout_is_the_dequantized_row(bits: int, avx2_order: bool) -> None:
+    """``PackedWeight.row`` (an embedding looked up in a tied head's matrix) returns exactly the rows the
+    format dequantizes to, in either chunk order, for partial groups and one group per row too."""
+    for out, inf, g in SHAPES:
+        qw = random_qw(out, inf, bits, g, seed=bits)
+        w, sz, gk = K.repack(qw.pack(), qw.scales, qw.zeros, inf, g)
+        pw = _native.PackedWeight(w, sz, out, inf, bits, gk, avx2_order=avx2_order)
+        ref = qw.dequantize().float().numpy()
+        for r in {0, out // 2, out - 1}:
+            np.testing.assert_array_equal(pw.row(r), ref[r])
+        with pytest.raises(ValueError, match="out of range"):
+            pw.row(out)
+
+
+def test_a_runtime_takes_the_packed_weight_it_is_given() -> None:
+    """``Runtime.set_lut`` moves the matrix's memory into the runtime (no second copy at load): the
+    PackedWeight is empty afterwards, and using it again is refused, not a read of freed memory."""
+    qw = random_qw(32, 32, 2, 32, seed=3)
+    pw = _native.PackedWeight(*K.repack(qw.pack(), qw.scales, qw.zeros, 32, 32)[:2], 32, 32, 2, 32)
+    rt = _native.Runtime(1, 32, 64, 2, 2, 16, 100, 1e-5, np.ones(8, np.float32), 1.0)
+    no_bias = np.zeros(0, np.float32)
+    rt.set_lut(0, 0, pw, no_bias)
+    assert pw.out_features == 0
+    with pytest.raises(ValueError, match="already handed"):
+        rt.set_lut(0, 3, pw, no_bias)
+    with pytest.raises(ValueError, match="expects 0"):
+        _native.matmul([pw], np.ones((1, 32), np.float32), [np.empty((1, 32), np.float32)])
+
+
 def test_from_packed_equals_constructor() -> None:
     qw = random_qw(40, 160, 2, 32, seed=13)
     a = K.LUTLinear(qw)

@@ -57,7 +57,7 @@ from .generation import (
 )
 from .models import check_architecture, resolve_source_dir, rotary_embedding
 from .rotation import NORM_ROTATION, fast_factors, rotation_from_spec
-from .utils import ElutqError
+from .utils import ElutqError, release_free_memory
 
 # Linear slots of a decoder layer, in the order csrc/runtime.h numbers them.
 LAYER_LINEARS = (
@@ -504,6 +504,10 @@ def load(
     if threads is not None:
         kernels.set_num_threads(threads)
     inv_freq, rope_scale = _rope(config)
+    # Before the weights: parsing a 151k-token tokenizer.json takes ~170 MB for a moment, which on top of
+    # the weights would set the process's peak.
+    tokenizer = load_tokenizer(ckpt)
+    release_free_memory()
     rt = _native.Runtime(
         arch.n_layers, arch.hidden, arch.inter, arch.n_heads, arch.n_kv_heads, arch.head_dim, arch.vocab,
         arch.rms_eps, inv_freq, rope_scale,
@@ -532,8 +536,13 @@ def load(
         else:
             rt.set_dense(layer, slot, _fp16_bits(t.get(f"{name}.weight"), name), bias)
 
-    if EMBED in modules:
-        emb = embedding_prefix(qc or {})  # the head's tensors where the two share one
+    emb = embedding_prefix(qc or {})
+    # One tensor for a tied head and embeddings: rows are looked up in the head's kernel matrix (below),
+    # not held a second time.
+    in_head = EMBED in modules and emb == "lm_head" and "lm_head" in modules
+    if in_head:
+        pass
+    elif EMBED in modules:
         rt.set_embedding_hlq(
             np.ascontiguousarray(t.get(f"{emb}.qweight").numpy()),
             _fp16_bits(t.get(f"{emb}.scales"), f"{emb}.scales"),
@@ -559,6 +568,8 @@ def load(
         rt.set_dense(-1, 1, _fp16_bits(t.get(NORM_ROTATION).T.contiguous(), NORM_ROTATION), no_bias)
     if "lm_head" in modules or "lm_head.weight" in t:
         put_linear(-1, 0, "lm_head")
+        if in_head:
+            rt.embed_from_lm_head()
     elif arch.tied and EMBED in modules:
         raise ElutqError(
             f"{ckpt}: config.json ties lm_head to quantized embeddings, which elutq never writes; "
@@ -569,7 +580,6 @@ def load(
     else:
         raise ElutqError(f"{ckpt} has no lm_head and its config does not tie embeddings; re-run `elutq quantize`")
     cache.finish()
-    tokenizer = load_tokenizer(ckpt)
     return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
 
 

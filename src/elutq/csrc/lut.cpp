@@ -314,6 +314,29 @@ LutMatrix::LutMatrix(const uint8_t* w, size_t w_bytes, const uint16_t* sz, size_
 
 // ---------------------------------------------------------------------------------- driver
 
+void lut_row(const LutWeight& W, int r, float* x) {
+  const int rb = r / kRowBlock, m = r % kRowBlock, nl = W.g / 32;
+  for (int G = 0; G < W.ng; ++G) {
+    const uint8_t* wg = W.w + (size_t)rb * W.w_bytes_per_rb() + (size_t)G * W.bits * nl * kChunkBytes;
+    const uint16_t* sg = W.sz + (size_t)rb * W.sz_elems_per_rb() + (size_t)G * (W.bits + 1) * kRowBlock;
+    float level[16];  // z + Σ_i s_i·bit_i(code), summed as hlq.levels sums it: the scales, then z
+    for (int code = 0; code < (1 << W.bits); ++code) {
+      float acc = 0.0f;
+      for (int i = 0; i < W.bits; ++i)
+        if (code >> i & 1) acc += fp16_to_float(sg[i * kRowBlock + m]);
+      level[code] = fp16_to_float(sg[W.bits * kRowBlock + m]) + acc;
+    }
+    for (int c = G * W.g; c < std::min(W.in, (G + 1) * W.g); ++c) {
+      const int local = c - G * W.g, L = local / 32, run = local % 32 / 4, t = local % 4;
+      const int byte = chunk_byte(W.avx2_order, m, run % 4), shift = run < 4 ? t : 4 + t;
+      int code = 0;
+      for (int i = 0; i < W.bits; ++i) code |= (wg[((size_t)i * nl + L) * kChunkBytes + byte] >> shift & 1) << i;
+      x[c] = level[code];
+    }
+  }
+}
+
+
 void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride, float* ls,
                   float* xs) {
   switch (p) {

@@ -72,6 +72,7 @@ struct AlignedBuf {
   AlignedBuf() = default;
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
+  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p), cap(o.cap) { o.p = nullptr, o.cap = 0; }
   ~AlignedBuf();
 };
 
@@ -86,6 +87,11 @@ struct LutMatrix {
             bool avx2_order = false);
   size_t nbytes() const { return (size_t)view.nrb() * (view.w_bytes_per_rb() + 2 * view.sz_elems_per_rb()); }
 };
+
+// Row r of W as floats, x[0 .. in): the weights the kernels multiply by (w = z + Σ_i s_i·b_i, summed as
+// hlq.levels sums it), read from the kernel layout in either chunk order.  A tied model looks its
+// embeddings up here, in the head's matrix, rather than holding the table twice.
+void lut_row(const LutWeight& W, int r, float* x);
 
 void build_tables(Path p, const float* x, int in, int g, int ng, int8_t* tq, uint8_t* tm, size_t gstride,
                   float* lut_scale, float* xsum);

@@ -120,14 +120,15 @@ static void set_bias(RtLinear& L, CArray<const float, nb::ndim<1>> bias) {
   L.bias = to_vec(bias);
 }
 
-static void set_lut(Runtime& rt, int layer, int which, const PackedWeight& pw, CArray<const float, nb::ndim<1>> bias) {
+// Takes pw's buffers (a second copy of every matrix at load would cost its size in peak memory and time):
+// pw is empty afterwards, and a matmul with it is refused for its shape.
+static void set_lut(Runtime& rt, int layer, int which, PackedWeight& pw, CArray<const float, nb::ndim<1>> bias) {
   RtLinear& L = linear_slot(rt, layer, which);
-  const LutWeight& v = pw.view;
-  L.lut = std::make_unique<LutMatrix>(v.w, (size_t)v.nrb() * v.w_bytes_per_rb(), v.sz, (size_t)v.nrb() * v.sz_elems_per_rb(),
-                                      v.out, v.in, v.bits, v.g);
-  L.lut->view.avx2_order = v.avx2_order;  // the bytes were copied as they are, already in that order
-  L.out = v.out;
-  L.in = v.in;
+  if (!pw.view.w) throw std::invalid_argument("this packed weight was already handed to a runtime");
+  L.lut = std::make_unique<LutMatrix>(std::move(static_cast<LutMatrix&>(pw)));
+  pw.view = LutWeight{};
+  L.out = L.lut->view.out;
+  L.in = L.lut->view.in;
   L.w16 = nullptr;
   set_bias(L, bias);
 }
@@ -248,7 +249,14 @@ NB_MODULE(_native, m) {
       .def_prop_ro("in_features", [](const PackedWeight& p) { return p.view.in; })
       .def_prop_ro("bits", [](const PackedWeight& p) { return p.view.bits; })
       .def_prop_ro("group_size", [](const PackedWeight& p) { return p.view.g; })
-      .def_prop_ro("nbytes", [](const PackedWeight& p) { return p.nbytes(); }, "bytes of packed weights + scales streamed per call");
+      .def_prop_ro("nbytes", [](const PackedWeight& p) { return p.nbytes(); }, "bytes of packed weights + scales streamed per call")
+      .def("row", [](const PackedWeight& p, int r) {
+             if (r < 0 || r >= p.view.out) throw std::invalid_argument("row out of range");
+             auto* x = new float[p.view.in];
+             lut_row(p.view, r, x);
+             nb::capsule owner(x, [](void* q) noexcept { delete[] (float*)q; });
+             return nb::ndarray<nb::numpy, float, nb::ndim<1>>(x, {(size_t)p.view.in}, owner);
+           }, nb::arg("r"), "Row r decoded from the kernel layout (what an embedding lookup in this matrix returns).");
 
   m.def("matmul", &matmul, nb::arg("weights"), nb::arg("x"), nb::arg("outs"), nb::arg("path") = "",
         nb::arg("float_tables") = false, nb::arg("max_threads") = 0, nb::arg("residual_tables") = false,
@@ -314,7 +322,7 @@ NB_MODULE(_native, m) {
            nb::arg("head_dim"), nb::arg("vocab"), nb::arg("rms_eps"), nb::arg("inv_freq"), nb::arg("rope_scale"))
       .def("set_lut", &set_lut, nb::arg("layer"), nb::arg("which"), nb::arg("weight"), nb::arg("bias"),
            "Linear `which` (0..6: q k v o gate up down) of `layer` (-1: lm_head 0, final norm's rotation 1) from a "
-           "PackedWeight (copied).")
+           "PackedWeight, whose memory it takes (the PackedWeight is empty afterwards).")
       .def("set_dense", &set_dense, nb::arg("layer"), nb::arg("which"), nb::arg("w"), nb::arg("bias"),
            "The same, from dense fp16 bits [out, in] (copied).")
       .def("tie_lm_head", [](Runtime& rt) {
@@ -325,6 +333,13 @@ NB_MODULE(_native, m) {
              rt.lm_head.w16 = (const uint16_t*)rt.embed.p;
              rt.lm_head.bias.clear();
            }, "lm_head reads the embedding matrix (tied embeddings).")
+      .def("embed_from_lm_head", [](Runtime& rt) {
+             const RtLinear& h = rt.lm_head;
+             if (!h.lut || h.out != rt.cfg.vocab || h.in != rt.cfg.hidden)
+               throw std::invalid_argument("set a quantized lm_head [vocab, hidden] first");
+             rt.embed_from_head = true;
+           }, "Embeddings are lm_head's rows, decoded from its LUT matrix at lookup (one stored tensor for a tied "
+              "model's head and embeddings).")
       .def("set_embedding", [](Runtime& rt, CArray<const uint16_t, nb::ndim<2>> e) {
              if ((int)e.shape(0) != rt.cfg.vocab || (int)e.shape(1) != rt.cfg.hidden)
                throw std::invalid_argument("embedding must be fp16 bits [vocab, hidden]");

@@ -103,7 +103,7 @@ void Runtime::check_complete() const {
     for (int i = 0; i < kNumLinears; ++i) need(L.lin[i].set(), "linear " + std::to_string(i) + " of layer " + std::to_string(l));
     need(!L.attn_norm.empty() && !L.mlp_norm.empty(), "norms of layer " + std::to_string(l));
   }
-  need(embed.p != nullptr || embed_q.set(), "the embedding");
+  need(embed.p != nullptr || embed_q.set() || (embed_from_head && lm_head.lut), "the embedding");
   need(!final_norm.empty(), "the final norm");
   need(lm_head.set(), "lm_head");
   if (final_rot.set() && (final_rot.out != cfg.hidden || final_rot.in != cfg.hidden))
@@ -237,7 +237,9 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
   };
   const uint16_t* E = (const uint16_t*)embed.p;
   columns([&](int c) {
-    if (embed_q.set()) {
+    if (embed_from_head) {
+      lut_row(lm_head.lut->view, tokens[c], x + (size_t)c * H);
+    } else if (embed_q.set()) {
       embed_q.row(tokens[c], x + (size_t)c * H, H);
     } else {
       const uint16_t* e = E + (size_t)tokens[c] * H;

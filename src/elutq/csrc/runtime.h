@@ -87,8 +87,9 @@ class Runtime {
   explicit Runtime(RtConfig cfg);
   RtConfig cfg;
   std::vector<RtLayer> layers;
-  AlignedBuf embed;  // fp16 [vocab][H], or (embed_q set) none
+  AlignedBuf embed;  // fp16 [vocab][H], or (embed_q set, or embed_from_head) none
   HlqEmbedding embed_q;
+  bool embed_from_head = false;  // a token's row is decoded from lm_head's LUT matrix (one tied table; first)
   std::vector<float> final_norm;
   std::vector<float> down_rot_s, down_rot_a;  // --rotate full: down_proj's input u ↦ u·T (hadamard.h)
   HadamardSpec down_rot;
