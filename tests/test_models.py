@@ -132,3 +132,25 @@ def test_real_parts_are_not_needed_for_the_suite():
     m = named_model("qwen2.5-coder-1.5b")
     assert m is not None and m.parts == 22 and m.size == 1_117_320_768 and len(m.sha256) == 64
     assert not any(name.startswith(m.module) for name in sys.modules)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "yarn", "linear"])
+def test_rope_frequencies_equal_the_model_classes_own(arch):
+    """The runtime's RoPE frequencies, computed without importing the modeling code, equal what each model
+    family's rotary class computes (default, llama3, yarn and linear scaling; head_dim != hidden / heads)."""
+    import torch
+    import transformers
+
+    from conftest import TINY_ARCHS
+    from elutq.models import rope_frequencies, rotary_embedding
+
+    scaled = {"yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+              "linear": {"rope_type": "linear", "factor": 2.0}}
+    cls_name, extra = TINY_ARCHS.get(arch, ("Qwen2Config", {"rope_scaling": scaled.get(arch)}))
+    sizes = dict(vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    config = getattr(transformers, cls_name)(**sizes, **extra)
+    inv_freq, scaling = rope_frequencies(config)
+    rotary = rotary_embedding(config)
+    assert torch.equal(inv_freq, rotary.inv_freq)
+    assert scaling == float(getattr(rotary, "attention_scaling", 1.0))

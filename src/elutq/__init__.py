@@ -14,7 +14,9 @@ def __getattr__(name: str):
 
 def _register_with_transformers() -> None:
     """``AutoModelForCausalLM.from_pretrained(CKPT)`` of an elutq checkpoint (``elutq/hf.py``): registered now if
-    transformers is loaded, else when it is (an import hook: ``import elutq`` stays light)."""
+    transformers' quantizers are loaded, else when they are (an import hook: ``import elutq`` stays light, and so
+    does elutq's own use of transformers for configs and tokenizers; ``from_pretrained`` imports the quantizers
+    before it reads a checkpoint's ``quantization_config``)."""
     import contextlib
     import importlib.util
     import sys
@@ -26,13 +28,14 @@ def _register_with_transformers() -> None:
         with contextlib.suppress(ImportError):
             from . import hf  # noqa: F401
 
-    if "transformers" in sys.modules:
+    target_name = "transformers.quantizers"
+    if target_name in sys.modules:
         register()
         return
 
     class Hook:  # a meta path finder (the protocol; importlib.abc would cost the import time of elutq)
         def find_spec(self, name, path, target=None):
-            if name != "transformers":
+            if name != target_name:
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)

@@ -401,6 +401,25 @@ def rotary_embedding(config, model: nn.Module | None = None) -> nn.Module:
     return type(model.model.rotary_emb)(config=config)
 
 
+def rope_frequencies(config) -> tuple[torch.Tensor, float]:
+    """``inv_freq`` and the attention scaling of the model's rotary embedding, computed as transformers' rotary
+    classes compute them (``rope_parameters``: the default formula, or its ``rope_type``'s function) without
+    importing the model's modeling code — seconds of imports that loading the runtime does not otherwise need.
+    A config without ``rope_parameters`` (older transformers) takes the model's own class instead."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or "rope_theta" not in params or "partial_rotary_factor" in params:
+        rotary = rotary_embedding(config)
+        return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv_freq, float(scaling)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
 def position_embeddings(
     config, seqlen: int, device: torch.device | str = "cpu", model: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

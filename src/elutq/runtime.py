@@ -55,7 +55,7 @@ from .generation import (
     read_generation_config,
     speculative_pick,
 )
-from .models import check_architecture, resolve_source_dir, rotary_embedding
+from .models import check_architecture, resolve_source_dir, rope_frequencies
 from .rotation import NORM_ROTATION, fast_factors, rotation_from_spec
 from .utils import ElutqError, release_free_memory
 
@@ -223,8 +223,8 @@ def _arch(config) -> Arch:
 
 def _rope(config) -> tuple[np.ndarray, float]:
     """``inv_freq`` and attention scaling exactly as the model's own rotary embedding computes them."""
-    rotary = rotary_embedding(config)
-    return _f32(rotary.inv_freq), float(getattr(rotary, "attention_scaling", 1.0))
+    inv_freq, scaling = rope_frequencies(config)
+    return _f32(inv_freq), scaling
 
 
 # ----------------------------------------------------------------------------- the model
@@ -504,6 +504,14 @@ def load(
     if threads is not None:
         kernels.set_num_threads(threads)
     inv_freq, rope_scale = _rope(config)
+    t = SafetensorsDir(ckpt)
+    modules = (qc or {}).get("modules", {})
+    has_head = "lm_head" in modules or "lm_head.weight" in t
+    if not has_head and arch.tied and EMBED in modules:
+        raise ElutqError(f"{ckpt}: config.json ties lm_head to quantized embeddings, which elutq never writes; "
+                         "re-run `elutq quantize`")
+    if not has_head and not arch.tied:
+        raise ElutqError(f"{ckpt} has no lm_head and its config does not tie embeddings; re-run `elutq quantize`")
     # Before the weights: parsing a 151k-token tokenizer.json takes ~170 MB for a moment, which on top of
     # the weights would set the process's peak.
     tokenizer = load_tokenizer(ckpt)
@@ -518,8 +526,6 @@ def load(
         rt.set_path(kernel)
     rt.float_tables = float_tables
     rt.residual_tables = residual_tables
-    t = SafetensorsDir(ckpt)
-    modules = (qc or {}).get("modules", {})
     key = hashlib.sha256(json.dumps([t.fingerprint() if digests is None else sorted(digests.items()),
                                      __version__]).encode()).hexdigest()[:16]
     cache = _KernelCache(ckpt, key)
@@ -566,19 +572,12 @@ def load(
         rt.set_down_rotation(signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32))
     if NORM_ROTATION in t:  # a rotated tied model (rotation.py): h ← h·M after the final norm, M symmetric
         rt.set_dense(-1, 1, _fp16_bits(t.get(NORM_ROTATION).T.contiguous(), NORM_ROTATION), no_bias)
-    if "lm_head" in modules or "lm_head.weight" in t:
+    if has_head:
         put_linear(-1, 0, "lm_head")
         if in_head:
             rt.embed_from_lm_head()
-    elif arch.tied and EMBED in modules:
-        raise ElutqError(
-            f"{ckpt}: config.json ties lm_head to quantized embeddings, which elutq never writes; "
-            "re-run `elutq quantize`"
-        )
-    elif arch.tied:
-        rt.tie_lm_head()
     else:
-        raise ElutqError(f"{ckpt} has no lm_head and its config does not tie embeddings; re-run `elutq quantize`")
+        rt.tie_lm_head()  # a tied 16-bit table (checked above)
     cache.finish()
     return Model(rt, config, tokenizer, arch, ckpt, qc, arch.max_ctx)
 
