@@ -134,30 +134,37 @@ def source_params(src_dir: Path) -> int:
 # ----------------------------------------------------------------------------- artifacts
 
 
-def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
-    """``setting``: ``wBgG`` (one width, head and embeddings as ``head_for`` says, or as ``+hBgG`` after it
-    says) or ``mixed-T`` (``--target-bpw
-    T``, groups of 128: every width chosen by the allocator, head and embeddings included); ``+rot`` after
-    either: ``--rotate residual`` (``+full``: ``--rotate full``); after ``mixed-T``, ``+g128``: groups of 128 only
-    (``--mixed-group-sizes 128``), ``+plain``: that and the measurement unweighted (``--measure-weighting none``)."""
-    out = work / f"elutq-{method}-{fmt}-{setting}"
+def quantize_args(setting: str, fmt: str, work: Path) -> tuple[dict, list[str], str | None]:
+    """The point's facts, ``elutq quantize``'s width options and its ``--rotate`` for ``setting``: ``wBgG`` (one
+    width, head and embeddings as ``head_for`` says, or as ``+hBgG`` after it says) or ``mixed-T``
+    (``--target-bpw T``, groups of 128: every width chosen by the allocator, head and embeddings included);
+    ``+rot`` after either: ``--rotate residual`` (``+full``: ``--rotate full``); after ``mixed-T``, ``+g128``:
+    groups of 128 only (``--mixed-group-sizes 128``), ``+plain``: that and the measurement unweighted
+    (``--measure-weighting none``).  ValueError for a setting it cannot read."""
     proxy = next((k for k in PROXIES if setting.endswith(k)), "")
     setting = setting.removesuffix(proxy)
     suffix = next((k for k in ROTATIONS if setting.endswith(k)), "")
     setting, rot = setting.removesuffix(suffix), ROTATIONS.get(suffix)
     if setting.startswith("mixed-"):
-        info: dict = {"head": "mixed"}
         weighting, groups = PROXIES.get(proxy, ("loss", "-1,32,64,128"))
         name = f"measurement-{fmt}{'-' + rot if rot else ''}-{weighting}-g{groups}.json"
-        widths = ["--target-bpw", setting.removeprefix("mixed-"), "--measurement", str(work / name),
-                  "--measure-weighting", weighting, f"--mixed-group-sizes={groups}"]  # fmt: skip (-1 is no option)
-    else:
-        setting, _, head = setting.partition("+h")  # wBgG+hBgG: the head and embeddings at that setting
-        bits, group = parse_setting(setting)
-        hb, hg = parse_setting(f"w{head}") if head else head_for(bits)
-        info = {"head": f"w{hb}g{hg}"}
-        widths = ["--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
-                  "--lm-head-group-size", str(hg), "--embed-bits", str(hb), "--embed-group-size", str(hg)]  # fmt: skip
+        float(setting.removeprefix("mixed-"))
+        return {"head": "mixed"}, ["--target-bpw", setting.removeprefix("mixed-"), "--measurement", str(work / name),
+                                   "--measure-weighting", weighting, f"--mixed-group-sizes={groups}"], rot
+    if proxy:
+        raise ValueError(f"{proxy} goes after a mixed-T setting only")
+    setting, _, head = setting.partition("+h")  # wBgG+hBgG: the head and embeddings at that setting
+    bits, group = parse_setting(setting)
+    hb, hg = parse_setting(f"w{head}") if head else head_for(bits)
+    widths = ["--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
+              "--lm-head-group-size", str(hg), "--embed-bits", str(hb), "--embed-group-size", str(hg)]  # fmt: skip
+    return {"head": f"w{hb}g{hg}"}, widths, rot
+
+
+def make_elutq(work: Path, model: str, method: str, fmt: str, setting: str, calib: Path, args) -> tuple[Path, dict]:
+    """The checkpoint of one point (``quantize_args`` reads ``setting``), made unless it is there."""
+    out = work / f"elutq-{method}-{fmt}-{setting}"
+    info, widths, rot = quantize_args(setting, fmt, work)
     if (out / "config.json").is_file():
         return out, info
     cmd = elutq_cmd(
@@ -253,17 +260,21 @@ class Results:
 
     def save(self) -> None:
         """Replace the JSON atomically, point by point: a point this run changed is written as it has it, any
-        other as the file now holds it — so two runs adding different points to one JSON lose nothing."""
+        other as the file now holds it — so two runs adding different points to one JSON lose nothing (two runs
+        changing the same point: the last one's version stays)."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
-                disk = json.loads(self.path.read_text())["points"]
-                mine = self.data["points"]
+                on_disk = json.loads(self.path.read_text())
+                for k, v in on_disk.items():  # e.g. another run's importance-matrix facts
+                    self.data.setdefault(k, v)
+                disk, mine = on_disk["points"], self.data["points"]
                 for key in disk.keys() - mine.keys():
                     mine[key] = disk[key]
                 for key in disk.keys() & mine.keys():
                     if json.dumps(mine[key], sort_keys=True) == self.loaded.get(key):
-                        mine[key] = disk[key]
+                        mine[key].clear()  # in place: a caller may hold this point's dict
+                        mine[key].update(disk[key])
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.data, indent=1))
             os.replace(tmp, self.path)
@@ -661,6 +672,11 @@ def main() -> None:
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()
+    for setting in [*args.settings, *(f"mixed-{t}" for t in args.targets)]:
+        try:
+            quantize_args(setting, "hlq", Path("."))
+        except ValueError as e:
+            ap.error(f"cannot read the setting {setting!r} ({e}); see --settings and --targets in --help")
     stem = args.model.replace("/", "_")
     args.json = args.json or ROOT / "docs" / f"frontier-{stem}.json"
     args.md = args.md or ROOT / "docs" / "FRONTIER.md"

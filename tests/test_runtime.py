@@ -18,10 +18,10 @@ import torch
 
 import elutq
 from conftest import TINY_ARCHS, save_tiny_model
-from elutq import _native
+from elutq import _native, kernels
 from elutq.checkpoint import attend_with_fp16_kv, load_quantized, save_quantized
 from elutq.generation import IncrementalDecoder, Sampler, sample_batch
-from elutq.hlq import QuantConfig
+from elutq.hlq import QuantConfig, quantize_weight
 from elutq.quantize import quantize
 from elutq.runtime import KERNEL_CACHE_DIR, Session
 from elutq.utils import ElutqError
@@ -195,6 +195,23 @@ def test_a_long_kv_cache_costs_only_the_positions_used(tmp_path):
     grown = _rss_anon_kib() - before
     huge = a.n_layers * a.n_kv_heads * 2 * 2048  # KiB, had each (layer, head) row faulted in a 2 MiB page
     assert grown < huge / 4, f"one token made {grown} KiB resident (huge pages would be {huge})"
+
+
+def test_embeddings_looked_up_in_the_head_follow_the_head(tmp_path):
+    """A tied table is looked up in the head's kernel matrix; replacing the head drops that, and the runtime
+    refuses to run without an embedding rather than read a matrix it no longer has."""
+    _, out = _quantized(tmp_path, "llama", head_bits=4, embed=QuantConfig(4, 32))  # one shared tensor
+    model = elutq.load(out)
+    a = model.arch
+    logits = np.empty((1, a.vocab), dtype=np.float32)
+    toks = np.array([1], dtype=np.int32)
+    model.runtime.forward([_native.KVCache(a.n_layers, 8, a.n_kv_heads, a.head_dim)], [0], [1], [False], toks, logits)
+    q = quantize_weight(torch.randn(a.vocab, a.hidden), QuantConfig(4, 32))
+    w, sz, gk = kernels.repack(q.pack(), q.scales, q.zeros, a.hidden, 32)
+    model.runtime.set_lut(-1, 0, _native.PackedWeight(w, sz, a.vocab, a.hidden, 4, gk), np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="missing the embedding"):
+        model.runtime.forward([_native.KVCache(a.n_layers, 8, a.n_kv_heads, a.head_dim)], [0], [1], [False], toks,
+                              logits)
 
 
 def test_native_quantized_embedding_shapes_are_checked():

@@ -267,9 +267,11 @@ void AlignedBuf::resize(size_t bytes, bool huge_pages) {
   std::free(p);
   constexpr size_t kHuge = 2u << 20;
   const size_t align = bytes >= kHuge ? kHuge : 64;
-  cap = (bytes + align - 1) / align * align;
-  p = std::aligned_alloc(align, cap);
+  p = nullptr, cap = 0;  // (a failed allocation leaves an empty buffer, not a stale capacity)
+  const size_t want = (bytes + align - 1) / align * align;
+  p = std::aligned_alloc(align, want);
   if (!p) throw std::bad_alloc();
+  cap = want;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (align == kHuge) madvise(p, cap, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
 #endif

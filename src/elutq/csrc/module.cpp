@@ -106,6 +106,7 @@ static void tables(CArray<const float, nb::ndim<1>> x, int g, CArray<int8_t> tq,
 static RtLinear& linear_slot(Runtime& rt, int layer, int which) {
   if (layer == -1) {
     if (which != 0 && which != 1) throw std::out_of_range("layer -1 has lm_head (0) and the final rotation (1)");
+    if (which == 0) rt.embed_from_head = false;  // a new head: embeddings looked up in it must be asked for again
     return which == 0 ? rt.lm_head : rt.final_rot;
   }
   if (layer < 0 || layer >= rt.cfg.n_layers) throw std::out_of_range("layer index out of range");
@@ -121,7 +122,8 @@ static void set_bias(RtLinear& L, CArray<const float, nb::ndim<1>> bias) {
 }
 
 // Takes pw's buffers (a second copy of every matrix at load would cost its size in peak memory and time):
-// pw is empty afterwards, and a matmul with it is refused for its shape.
+// pw is empty afterwards, and a matmul with it is refused for its shape.  Not while another thread multiplies
+// with pw (matmul releases the GIL): the loaders hand each PackedWeight over as soon as it is made.
 static void set_lut(Runtime& rt, int layer, int which, PackedWeight& pw, CArray<const float, nb::ndim<1>> bias) {
   RtLinear& L = linear_slot(rt, layer, which);
   if (!pw.view.w) throw std::invalid_argument("this packed weight was already handed to a runtime");
@@ -327,6 +329,7 @@ NB_MODULE(_native, m) {
            "The same, from dense fp16 bits [out, in] (copied).")
       .def("tie_lm_head", [](Runtime& rt) {
              if (!rt.embed.p) throw std::invalid_argument("set the embedding first");
+             rt.embed_from_head = false;
              rt.lm_head.lut.reset();
              rt.lm_head.out = rt.cfg.vocab;
              rt.lm_head.in = rt.cfg.hidden;

@@ -103,7 +103,9 @@ void Runtime::check_complete() const {
     for (int i = 0; i < kNumLinears; ++i) need(L.lin[i].set(), "linear " + std::to_string(i) + " of layer " + std::to_string(l));
     need(!L.attn_norm.empty() && !L.mlp_norm.empty(), "norms of layer " + std::to_string(l));
   }
-  need(embed.p != nullptr || embed_q.set() || (embed_from_head && lm_head.lut), "the embedding");
+  need(embed_from_head ? lm_head.lut && lm_head.out == cfg.vocab && lm_head.in == cfg.hidden
+                        : embed.p != nullptr || embed_q.set(),
+       "the embedding");
   need(!final_norm.empty(), "the final norm");
   need(lm_head.set(), "lm_head");
   if (final_rot.set() && (final_rot.out != cfg.hidden || final_rot.in != cfg.hidden))
