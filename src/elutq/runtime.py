@@ -546,16 +546,14 @@ def load(
     # One tensor for a tied head and embeddings: rows are looked up in the head's kernel matrix (below),
     # not held a second time.
     in_head = EMBED in modules and emb == "lm_head" and "lm_head" in modules
-    if in_head:
-        pass
-    elif EMBED in modules:
+    if EMBED in modules and not in_head:
         rt.set_embedding_hlq(
             np.ascontiguousarray(t.get(f"{emb}.qweight").numpy()),
             _fp16_bits(t.get(f"{emb}.scales"), f"{emb}.scales"),
             _fp16_bits(t.get(f"{emb}.zeros"), f"{emb}.zeros"),
             module_group_size(modules[EMBED], arch.hidden),
         )
-    else:
+    elif EMBED not in modules:
         rt.set_embedding(_fp16_bits(t.get(f"{EMBED}.weight"), f"{EMBED}.weight"))
     for i in range(arch.n_layers):
         p = f"model.layers.{i}."
