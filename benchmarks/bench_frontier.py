@@ -262,7 +262,8 @@ class Results:
         """Replace the JSON atomically, point by point: a point this run changed is written as it has it, any
         other as the file now holds it — so two runs adding different points to one JSON lose nothing (two runs
         changing the same point: the last one's version stays)."""
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        lock = os.open(self.path.parent, os.O_RDONLY)  # the folder's own lock: no lock file left beside the JSON
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 on_disk = json.loads(self.path.read_text())
@@ -278,6 +279,8 @@ class Results:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.data, indent=1))
             os.replace(tmp, self.path)
+        finally:
+            os.close(lock)  # releases the lock
         self.loaded = {k: json.dumps(v, sort_keys=True) for k, v in self.data["points"].items()}
 
 
