@@ -13,6 +13,7 @@
 
 #include "attention.h"
 #include "decode.h"
+#include "fit.h"
 #include "lut_driver.h"
 #include "runtime.h"
 
@@ -186,6 +187,42 @@ static void hlq_decode_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const flo
   hlq_decode(q.data(), s.data(), z.data(), bits, out, in, g, w.data(), pool().size());
 }
 
+// Shapes: fit.h.  Releases the GIL and uses the kernel thread pool.
+static void hlq_fit_als_py(CArray<const float, nb::ndim<2>> w, CArray<const float, nb::ndim<2>> h, int bits, int iters,
+                           CArray<float, nb::ndim<2>> s, CArray<float, nb::ndim<1>> z) {
+  const long n = (long)w.shape(0);
+  const int g = (int)w.shape(1), p = (int)h.shape(0);
+  if (bits < 1 || bits > 4 || iters < 0) throw std::invalid_argument("bits must be 1..4 and iters >= 0");
+  if (g < 1 || p < 1 || (int)h.shape(1) != g || n % p != 0)
+    throw std::invalid_argument("w must be [N, g] and h [P, g] with P dividing N");
+  if ((long)s.shape(0) != n || (int)s.shape(1) != bits || (long)z.shape(0) != n)
+    throw std::invalid_argument("scales must be [N, bits] and zeros [N]");
+  nb::gil_scoped_release release;
+  hlq_fit_als(w.data(), h.data(), n, p, g, bits, iters, s.data(), z.data(), pool().size());
+}
+
+static void hlq_assign_py(CArray<const float, nb::ndim<2>> w, CArray<const float, nb::ndim<2>> s,
+                          CArray<const float, nb::ndim<1>> z, CArray<uint8_t, nb::ndim<2>> codes) {
+  const long n = (long)w.shape(0);
+  const int g = (int)w.shape(1), bits = (int)s.shape(1);
+  if (bits < 1 || bits > 4 || (long)s.shape(0) != n || (long)z.shape(0) != n)
+    throw std::invalid_argument("scales must be [N, bits 1..4] and zeros [N] for w [N, g]");
+  if ((long)codes.shape(0) != n || (int)codes.shape(1) != g) throw std::invalid_argument("codes must be [N, g]");
+  nb::gil_scoped_release release;
+  hlq_assign(w.data(), s.data(), z.data(), n, g, bits, codes.data(), pool().size());
+}
+
+static void hlq_dequantize_py(CArray<const uint8_t, nb::ndim<2>> codes, CArray<const float, nb::ndim<3>> s,
+                              CArray<const float, nb::ndim<2>> z, int g, CArray<float, nb::ndim<2>> w) {
+  const int out = (int)codes.shape(0), in = (int)codes.shape(1), bits = (int)s.shape(2);
+  if (g < 1 || bits < 1 || bits > 4 || (int)s.shape(0) != out || (int)s.shape(1) != (in + g - 1) / g ||
+      (int)z.shape(0) != out || (int)z.shape(1) != (int)s.shape(1))
+    throw std::invalid_argument("scales must be [out, ceil(in/group_size), bits 1..4] and zeros [out, ceil(in/group_size)]");
+  if ((int)w.shape(0) != out || (int)w.shape(1) != in) throw std::invalid_argument("w must be [out, in]");
+  nb::gil_scoped_release release;
+  hlq_dequantize(codes.data(), s.data(), z.data(), out, in, g, bits, w.data(), pool().size());
+}
+
 static void hlq_decode_grad_py(CArray<const uint8_t, nb::ndim<3>> q, CArray<const float, nb::ndim<2>> gw, int g,
                                CArray<float, nb::ndim<3>> gs, CArray<float, nb::ndim<2>> gz) {
   const int in = (int)gw.shape(1), bits = (int)q.shape(0), out = (int)q.shape(1), ng = (in + g - 1) / g;
@@ -281,6 +318,12 @@ NB_MODULE(_native, m) {
         nb::arg("group_size"), nb::arg("out"), "Weight [out, in] from packed bit-planes, scales, zeros (decode.h).");
   m.def("hlq_decode_grad", &hlq_decode_grad_py, nb::arg("qweight"), nb::arg("grad"), nb::arg("group_size"),
         nb::arg("grad_scales"), nb::arg("grad_zeros"), "Gradients of scales and offsets from the weight's (decode.h).");
+  m.def("hlq_fit_als", &hlq_fit_als_py, nb::arg("w"), nb::arg("h"), nb::arg("bits"), nb::arg("iters"), nb::arg("scales"),
+        nb::arg("zeros"), "HLQ scales and offsets of each group (row of w) by alternating least squares (fit.h).");
+  m.def("hlq_assign", &hlq_assign_py, nb::arg("w"), nb::arg("scales"), nb::arg("zeros"), nb::arg("codes"),
+        "Each weight's nearest HLQ level's code, group by group (fit.h).");
+  m.def("hlq_dequantize", &hlq_dequantize_py, nb::arg("codes"), nb::arg("scales"), nb::arg("zeros"), nb::arg("group_size"),
+        nb::arg("out"), "Weight [out, in] from unpacked codes, scales, zeros (fit.h).");
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
   m.def("sample_rows", &rt_sample, nb::arg("logits"), nb::arg("inv_t"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("u"),
         nb::arg("out"), "Sample one token per row of logits (see runtime.h: sample_rows).  Releases the GIL.");
