@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import elutq
+from elutq import mixed
 from elutq.calibration import CalibConfig
 from elutq.checkpoint import load_quantized, read_quantization_config
 from elutq.cli import main
@@ -102,6 +103,28 @@ def test_measure_is_streamed_reused_and_refused_for_other_inputs(tiny_llama, tmp
     assert measure(str(path), f, cfg, progress=False) == m  # read back, not measured again
     with pytest.raises(ElutqError, match="measures another model or other settings"):
         measure(str(path), f, MeasureConfig(group_sizes=(64,), calib=cfg.calib), progress=False)
+
+
+def test_measure_resumed_after_the_gradient_pass_keeps_the_gradients(tiny_llama, tmp_path, monkeypatch):
+    """Killed after the loss gradients were saved but before the first layer finished: the resumed run reads
+    them instead of running the model's backward passes again, and measures the same."""
+    _, path = tiny_llama
+    cfg = MeasureConfig(group_sizes=(32,), calib=CalibConfig(n_samples=2, seqlen=16))
+    want = measure(str(path), tmp_path / "ref.json", cfg, progress=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mixed, "run_layers", killed)
+    with pytest.raises(KeyboardInterrupt):
+        measure(str(path), tmp_path / "m.json", cfg, progress=False)
+    assert (tmp_path / "m.json.partial" / mixed.GRADIENTS).is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(mixed, "loss_gradients", lambda *a, **k: pytest.fail("gradients computed again"))
+    got = measure(str(path), tmp_path / "m.json", cfg, progress=False)
+    for name, v in want["modules"].items():
+        for k, (cost, bits) in v["options"].items():
+            assert got["modules"][name]["options"][k] == [pytest.approx(cost, rel=1e-4), bits], (name, k)
 
 
 def test_loss_weighted_cost_against_autograd(tiny_llama, tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import elutq
-from elutq import runtime
-from elutq.generation import DraftPolicy, Sampler, prompt_lookup, sample_batch, speculative_pick
+from elutq import generation, runtime
+from elutq.generation import DraftPolicy, Sampler, prompt_lookup, prompt_match, sample_batch, speculative_pick
 from elutq.utils import ElutqError
 from test_runtime import _quantized
 from test_server import NAME, Server, checkpoint  # noqa: F401 (checkpoint: a fixture)
@@ -26,26 +26,55 @@ def test_prompt_lookup_takes_what_followed_the_latest_match():
     assert prompt_lookup([3], 4) == []
 
 
+def test_prompt_match_says_how_long_a_match_backs_the_draft():
+    ctx = [7, 1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 1, 2, 3]
+    assert prompt_match(ctx, 3) == (3, [4, 5, 6])
+    assert prompt_match([1, 2, 8, 2], 2) == (1, [8, 2])
+    assert prompt_match([5, 6, 7, 8], 4) == (0, [])
+
+
 def test_draft_policy_drafts_only_where_it_pays():
     p = DraftPolicy()
     assert p.length(8) == 0  # no plain step timed yet: nothing to compare a draft with
     p.cost.update({n: float(n) for n in range(1, 10)})  # compute-bound: n tokens cost n steps
     assert p.length(8) == 0
     p.cost.update({n: 1 + 0.02 * (n - 1) for n in range(1, 10)})  # memory-bound: nearly free
-    assert 1 < p.length(8) < 8 and p.length(3) == 3  # at α = 1/2 the expected gain levels off near 2 tokens
+    assert 1 < p.length(8) < 8 and p.length(3) == 3  # at the prior (each token right at 1/2) the gain levels off
     for _ in range(30):
-        p.result(4, 0)  # nothing is ever taken
-    assert p.alpha < 0.05 and p.length(8) == 0
+        p._observe(3, 0, 8)  # drafts from 3-token matches are never right
+        p._observe(1, 8, 8)  # from 1-token matches always
+    assert p.expected_taken(3, 8) < 0.05 and p.length(8, n=3) == 0
+    assert p.expected_taken(1, 8) > 7.5 and p.length(8, n=1) == 8
+    p.cost.update({n: 0.6 + 0.4 * n for n in range(1, 10)})  # a checked token costs 0.4 of a step
     for _ in range(30):
-        p.result(4, 4)
-    assert p.alpha > 0.9 and p.length(8) == 8
+        p._observe(2, 3, 8)  # right for 3 tokens, then wrong: runs, not a coin per token
+    assert p.expected_taken(2, 8) == pytest.approx(3, abs=0.05) and p.length(8, n=2) == 3
+
+
+def test_draft_policy_learns_from_offers_it_did_not_check():
+    """Each offer is scored against what followed it, checked or not: a reply that starts repeating its input
+    gets drafted once the unchecked offers show it; an offer from another context is ignored."""
+    p = DraftPolicy(cost={n: 0.3 + 0.7 * n for n in range(1, 10)})  # drafts pay only when mostly right
+    prompt = list(range(100, 140))
+    reply: list[int] = [1, 2]
+    assert p.offer(prompt + reply, 50) == []  # nothing repeats yet
+    reply += prompt[:3]  # the reply starts copying the prompt
+    checked = []
+    for t in prompt[3:30]:
+        checked.append(len(p.offer(prompt + reply, 50)))
+        reply.append(t)
+    assert checked[0] == 0 and checked[-1] >= 4  # first plain steps, then long drafts
+    assert p.expected_taken(3, 8) > 6
+    before = [list(x) for x in p.risk.values()]
+    p.offer([5, 6, 7, 5, 6, 7], 50)  # another reply: its context does not hold the pending offers
+    assert [list(x) for x in p.risk.values()] == before
 
 
 def test_draft_policy_caps_drafts_at_max_draft_and_refuses_absurd_caps():
     p = DraftPolicy(k_max=2)
     p.cost.update({n: 1 + 0.02 * (n - 1) for n in range(1, 10)})
     for _ in range(30):
-        p.result(4, 4)
+        p._observe(3, 2, 2)
     assert p.length(8) == 2
     for bad in (0, -1, 65, 2.5, True):
         with pytest.raises(ElutqError, match="max_draft must be an integer from 1 to 64"):
@@ -84,10 +113,13 @@ def test_generate_checks_at_most_max_draft_tokens(tmp_path, monkeypatch):
     _, out = _quantized(tmp_path, "llama")
     model = elutq.load(out, threads=1)
     model.step_costs.update({1: 1.0, 2: 1.01, 3: 1.02})  # memory-bound: drafts pay
-    asked = []
-    monkeypatch.setattr(runtime, "prompt_lookup", lambda ctx, k: asked.append(k) or [0] * k)
+    asked, checked = [], []
+    monkeypatch.setattr(generation, "prompt_match", lambda ctx, k, max_ngram: asked.append(k) or (3, [0] * 5))
+    verify = runtime.Model._verify
+    monkeypatch.setattr(runtime.Model, "_verify", lambda self, g, feed, draft: checked.append(len(draft))
+                        or verify(self, g, feed, draft))  # fmt: skip
     model.generate("the cat sat on the mat", max_new_tokens=12, temperature=0, max_draft=2)
-    assert asked and max(asked) == 2
+    assert asked and set(asked) == {2} and checked and max(checked) == 2
 
 
 @pytest.mark.parametrize("forced", [False, True])
@@ -113,8 +145,7 @@ def test_speculative_gives_the_plain_tokens(tmp_path, monkeypatch, forced):
                 d[1] = (d[1] + 1) % 256
             return d
 
-        monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(3, available))
-        monkeypatch.setattr(runtime, "prompt_lookup", drafter)
+        monkeypatch.setattr(DraftPolicy, "offer", lambda self, ctx, room: drafter(ctx, min(3, room)))
     model.session.reset()
     spec = model.generate(prompt, speculative=True, **kw)
     assert spec.token_ids == plain.token_ids and spec.text == plain.text
@@ -131,7 +162,7 @@ def test_speculative_gives_the_plain_tokens(tmp_path, monkeypatch, forced):
 def test_speculative_respects_max_tokens_and_context(tmp_path, monkeypatch):
     _, out = _quantized(tmp_path, "llama")
     model = elutq.load(out, threads=1, max_ctx=40)
-    monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(6, available))
+    monkeypatch.setattr(DraftPolicy, "length", lambda self, available, n=3: min(6, available))
     prompt = "the cat sat on the mat. the cat sat"
     for n in (1, 2, 5, 7):
         model.session.reset()
@@ -178,7 +209,7 @@ def test_distribution_matches_the_native_sampler():
 def test_speculative_sampling_runs_and_respects_the_seed(tmp_path, monkeypatch):
     _, out = _quantized(tmp_path, "llama")
     model = elutq.load(out, threads=1)
-    monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(3, available))
+    monkeypatch.setattr(DraftPolicy, "length", lambda self, available, n=3: min(3, available))
     prompt = "the cat sat on the mat. the cat sat on the mat. the cat sat on the"
     kw = dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=7, speculative=True)
     a = model.generate(prompt, **kw)
@@ -216,8 +247,7 @@ def test_server_request_alone_checks_drafts_and_replies_the_same(monkeypatch, ch
                 d[1] = (d[1] + 1) % 256
             return d
 
-        monkeypatch.setattr(DraftPolicy, "length", lambda self, available: min(self.k_max, available))
-        monkeypatch.setattr(runtime, "prompt_lookup", drafter)
+        monkeypatch.setattr(DraftPolicy, "offer", lambda self, ctx, room: drafter(ctx, min(self.k_max, room)))
         got = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
         assert got["choices"][0]["text"] == want["choices"][0]["text"]
         assert got["usage"] == want["usage"]

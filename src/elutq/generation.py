@@ -66,47 +66,63 @@ class Timing:
         )
 
 
-def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to ``k`` draft tokens by prompt lookup: the last ``n`` tokens of ``context`` (``n`` from ``max_ngram``
-    down to ``min_ngram``) are searched for earlier in it, and the tokens that followed their latest earlier
-    occurrence are the draft — free, and strong wherever a reply repeats its input (code editing,
-    summaries, chat with context)."""
+def prompt_match(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[int, list[int]]:
+    """Prompt lookup: the last ``n`` tokens of ``context`` (``n`` from ``max_ngram`` down to ``min_ngram``) are
+    searched for earlier in it, and up to ``k`` tokens that followed their latest earlier occurrence are the
+    draft — free, and strong wherever a reply repeats its input (code editing, summaries, chat with context).
+    Returns ``(n, draft)``, ``(0, [])`` where nothing repeats: a longer match predicts better."""
     ctx = np.asarray(context, dtype=np.int64)
     for n in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # starts s < len - n
         for s in np.flatnonzero(np.all(windows == ctx[-n:], axis=1))[::-1]:
             follow = ctx[s + n : s + n + k]
             if follow.size:
-                return follow.tolist()
-    return []
+                return n, follow.tolist()
+    return 0, []
+
+
+def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Up to ``k`` draft tokens by prompt lookup (:func:`prompt_match`'s draft)."""
+    return prompt_match(context, k, max_ngram, min_ngram)[1]
 
 
 MAX_DRAFT = 64  # more draft tokens than this per forward never pay (and would make a prefill of each step)
+MAX_NGRAM = 3  # prompt lookup's longest match
 
 
 @dataclass
 class DraftPolicy:
-    """How many draft tokens to check next: the ``k`` that maximises expected tokens per second,
-    ``(1 − α^(k+1)) / (1 − α) / cost(1 + k)``, where ``α`` is the measured chance that a draft token is taken
-    (taken / (taken + rejections), decayed so it follows the text) and ``cost(n)`` the measured time of a
-    forward over ``n`` tokens (kept by the model across replies: the machine's, not the text's; the mean of
+    """Which draft to check next (:meth:`offer`): of the prompt-lookup draft on offer, the first ``k`` tokens that
+    maximise expected tokens per second, ``(1 + E[taken | n, k]) / cost(1 + k)`` — ``k = 0``, plain decoding,
+    wherever no draft pays.
+
+    ``E[taken | n, k] = Σ_{j ≤ k} S_n(j)``, ``S_n(j)`` the chance that a draft from an ``n``-token match is right
+    in its first ``j`` tokens (a longer match predicts better; rightness comes in runs, so the chance of token
+    ``j`` is estimated given the ones before it: at-risk and failure counts per position, decayed so they
+    follow the text, from a prior of one half).  Every offer is scored against the tokens that then followed
+    it, checked or not — so the policy learns how well drafts would do without paying to check them, and a
+    reply that starts repeating its input is drafted as soon as it does.  ``cost(n)``: the measured time of
+    a forward over ``n`` tokens (kept by the model across replies: the machine's, not the text's; the mean of
     the first samples, then a decayed average).  An untried ``n`` is interpolated between the nearest measured
     lengths around it, or extrapolated at the slope per token measured up to the longest one below it —
     ``1/4`` of a plain step while nothing but a plain step is measured (or the slope measured is not
-    positive), so a draft gets tried; on a compute-bound model, where that try shows each checked token
-    costing nearly a whole step, longer drafts are not tried at that price.  ``k = 0`` — plain decoding —
-    wherever no draft pays; after ``PROBE_EVERY`` plain steps one 1-token draft is checked again, so one slow
-    early sample (or a text that changed) does not stop drafting for good."""
+    positive), so a draft that looks worth it gets tried; on a compute-bound model, where that try shows each
+    checked token costing nearly a whole step, only drafts right nearly every time are checked.  After
+    ``PROBE_EVERY`` plain steps with a draft on offer, one 1-token draft is checked, so one slow early timing
+    does not stop drafting for good."""
 
     PROBE_EVERY = 128  # one probe per this many plain steps: well under 1% of the time where drafts never pay
+    PENDING = 16  # offers kept for scoring (a draft's outcome is known within k_max + 1 tokens)
+    COST_WEIGHT = 0.1  # of a new timing in a cost's average, once past its first 1/COST_WEIGHT samples
 
     k_max: int = 8  # at most this many draft tokens per forward (``max_draft``)
-    decay: float = 0.9
-    taken: float = 1.0  # prior: α = 1/2
-    rejected: float = 1.0
+    decay: float = 0.95  # of a position's counts, per scored offer that reached it
     cost: dict[int, float] = field(default_factory=dict)
     samples: dict[int, int] = field(default_factory=dict)  # how many timings each cost averages
     plain_steps: int = 0  # plain steps chosen since the last draft
+    risk: dict[int, list[float]] = field(default_factory=dict)  # n → per position j: offers reaching token j
+    fail: dict[int, list[float]] = field(default_factory=dict)  # n → per position j: offers wrong at token j
+    pending: list[tuple[int, int, tuple[int, ...], list[int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         k = self.k_max
@@ -115,10 +131,47 @@ class DraftPolicy:
                              f"{k!r}; to check no drafts at all, turn speculative decoding off (speculative=False, "
                              "--no-speculative)")
         self.k_max = int(k)
+        for n in range(1, MAX_NGRAM + 1):
+            self.risk.setdefault(n, [1.0] * self.k_max)  # the prior: each next token right at one half
+            self.fail.setdefault(n, [0.5] * self.k_max)
 
-    @property
-    def alpha(self) -> float:
-        return self.taken / (self.taken + self.rejected)
+    def offer(self, context: Sequence[int], room: int) -> list[int]:
+        """The draft to check after ``context`` (at most ``room`` tokens; empty: a plain step); earlier offers
+        are scored against what followed them first."""
+        self._score(context)
+        n, draft = prompt_match(context, self.k_max, MAX_NGRAM)
+        if not draft:
+            return []
+        self.pending = [*self.pending[-(self.PENDING - 1) :], (n, len(context), tuple(context[-n:]), draft)]
+        return draft[: self.length(min(room, len(draft)), n)]
+
+    def expected_taken(self, n: int, k: int) -> float:
+        """``E[taken | n, k]``: the expected number of a ``k``-token draft's tokens taken, from an ``n``-token match."""
+        s, total = 1.0, 0.0
+        for j in range(k):
+            s *= 1 - self.fail[n][j] / self.risk[n][j]
+            total += s
+        return total
+
+    def _score(self, context: Sequence[int]) -> None:
+        keep = []
+        for n, at, key, draft in self.pending:
+            if at > len(context) or tuple(context[at - n : at]) != key:
+                continue  # another reply's offer (a server's policy serves many), or a rolled-back context
+            seen = context[at : at + len(draft)]
+            taken = next((j for j, (a, b) in enumerate(zip(seen, draft, strict=False)) if a != b), len(seen))
+            if taken < len(seen) or len(seen) == len(draft):
+                self._observe(n, taken, len(draft))
+            else:
+                keep.append((n, at, key, draft))  # still unfolding
+        self.pending = keep
+
+    def _observe(self, n: int, taken: int, drafted: int) -> None:
+        """One offer's outcome: right in its first ``taken`` of ``drafted`` tokens."""
+        risk, fail = self.risk[n], self.fail[n]
+        for j in range(min(taken + 1, drafted)):  # the positions it reached: right before `taken`, wrong at it
+            risk[j] = risk[j] * self.decay + 1.0
+            fail[j] = fail[j] * self.decay + (j == taken)
 
     def _cost(self, n: int) -> float:
         if n in self.cost:
@@ -132,13 +185,13 @@ class DraftPolicy:
         slope = (c_lo - one) / (lo - 1) if lo > 1 else 0.0
         return c_lo + (n - lo) * (slope if slope > 0 else one / 4)
 
-    def length(self, available: int) -> int:
+    def length(self, available: int, n: int = MAX_NGRAM) -> int:
+        """How many of ``available`` draft tokens from an ``n``-token match to check (0: none)."""
         if 1 not in self.cost:  # a plain step first: the unit every other cost is compared with
             return 0
-        a = min(self.alpha, 0.999)
         best, best_k = 1.0 / self._cost(1), 0
         for k in range(1, min(available, self.k_max) + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / self._cost(1 + k)
+            rate = (1 + self.expected_taken(n, k)) / self._cost(1 + k)
             if rate > best:
                 best, best_k = rate, k
         if best_k == 0 and available >= 1:
@@ -153,11 +206,7 @@ class DraftPolicy:
         count = self.samples.get(n, 0) + 1
         self.samples[n] = count
         old = self.cost.get(n, seconds)
-        self.cost[n] = old + max(1 / count, 1 - self.decay) * (seconds - old)
-
-    def result(self, drafted: int, taken: int) -> None:
-        self.taken = self.decay * self.taken + taken
-        self.rejected = self.decay * self.rejected + (taken < drafted)
+        self.cost[n] = old + max(1 / count, self.COST_WEIGHT) * (seconds - old)
 
 
 @dataclass

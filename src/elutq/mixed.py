@@ -258,6 +258,7 @@ def measure(model: str, path: Path, cfg: MeasureConfig, resume: bool = True, pro
         else:
             grads = loss_gradients(config, source, cfg.rotation, ids, pos, progress)
             atomic_save(grads, run.work / GRADIENTS)
+            run.save()  # the run has started: a resume keeps the gradients (a folder without progress is wiped)
     if run.layers_done == 0:
         emb = source.get(f"{EMBED}.weight").float()
         acts = {HIDDEN: Activations([emb[ids[i : i + cfg.batch_size]] for i in range(0, ids.shape[0], cfg.batch_size)])}

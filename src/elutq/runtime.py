@@ -51,7 +51,6 @@ from .generation import (
     TextStream,
     eos_ids,
     generation_defaults,
-    prompt_lookup,
     read_generation_config,
     speculative_pick,
 )
@@ -395,7 +394,7 @@ class Model:
         Keywords as :meth:`start`: ``messages, max_new_tokens, temperature, top_p, top_k,
         repetition_penalty, stop, seed, session, ignore_eos``.  The session's KV cache is reused for the
         longest common prefix with its previous tokens.  ``stream=True`` returns a :class:`TextStream`.
-        ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_lookup``;
+        ``speculative``: check prompt-lookup drafts several tokens per forward (``prompt_match``;
         :class:`DraftPolicy` decides how many, none where it does not pay): greedy replies are the same tokens
         as without, sampled ones the same distribution; fewer passes over the weights; at most ``max_draft``
         (1–64) draft tokens per forward."""
@@ -424,16 +423,11 @@ class Model:
         if policy is not None and g.out:
             # the drafts fit the context and the reply (advance's own checks stop exactly where they would)
             room = min(g.session.max_ctx - len(g.session.tokens) - len(feed) - 1, g.max_new - len(g.out) - 1)
-            k = policy.length(room)
-            draft = prompt_lookup(g.ids + g.out, k) if k else []
+            draft = policy.offer(g.ids + g.out, room)
         decoding = bool(g.out)
         g.timing.decode_steps += decoding
         t = time.perf_counter()
-        if not draft:
-            delta = g.advance(self.forward(g.session, feed)[-1])
-        else:
-            delta, taken = self._verify(g, feed, draft)
-            policy.result(len(draft), taken)  # type: ignore[union-attr]
+        delta = self._verify(g, feed, draft) if draft else g.advance(self.forward(g.session, feed)[-1])
         if policy is not None and decoding and len(feed) == 1:
             policy.timed(1 + len(draft), time.perf_counter() - t)
         return delta
@@ -445,12 +439,11 @@ class Model:
                 yield delta
         yield g.completion()
 
-    def _verify(self, g: Generation, feed: list[int], draft: list[int]) -> tuple[str, int]:
+    def _verify(self, g: Generation, feed: list[int], draft: list[int]) -> str:
         """One forward over ``feed + draft``; the reply takes tokens row by row — greedy: as plain decoding
         would (the same logits); sampled: by ``speculative_pick``, distributed as plain sampling's — for as
         long as they equal the draft, plus the first that does not.  The KV of drafted tokens not taken is
-        dropped (the session forgets them; later writes reuse their slots).  Returns the new text and how many
-        draft tokens were taken."""
+        dropped (the session forgets them; later writes reuse their slots).  Returns the new text."""
         base = len(g.session.tokens)
         logits = self.forward(g.session, feed + draft, all_logits=True)
         g.timing.drafted_tokens += len(draft)
@@ -467,7 +460,7 @@ class Model:
             taken += 1
         g.timing.accepted_tokens += taken
         del g.session.tokens[base + len(feed) + taken :]
-        return text, taken
+        return text
 
 
 def load(
