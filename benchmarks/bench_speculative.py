@@ -10,6 +10,9 @@ process's peak RSS.  The model's step costs (``Model.step_costs``: the machine's
 start empty in each thread count and are learnt by the first rounds, as a fresh server's would be.
 Default checkpoint: the one ``benchmarks/bench_server.py`` serves (default model, RTN HLQ w4g128).
 
+``--step-costs`` also prints, per thread count, what a forward over n = 2 … 9 tokens (all their logits, as a
+draft check computes) costs in plain decode steps: the price of checking a draft on this machine.
+
 ``--peer GGUF`` adds llama.cpp (the peer build of ``scripts/setup_peer.sh``) on the same prompt token ids (the
 checkpoint's chat template) in the same process: plain greedy decoding against llama-cpp-python's prompt-lookup
 draft (``LlamaPromptLookupDecoding``, ``--peer-draft`` tokens per draft), alternating rounds likewise.
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--step-costs", action="store_true", help="print a forward over n tokens in plain steps")
     ap.add_argument("--peer", type=Path, help="a llama.cpp GGUF to time the same way, with and without prompt lookup")
     ap.add_argument("--peer-draft", type=int, default=10, help="llama.cpp prompt lookup: tokens per draft")
     args = ap.parse_args()
@@ -69,6 +73,8 @@ def main() -> None:
           f"{'tokens/step':>11} {'taken':>9} {'same':>5}")
     for threads in args.threads:
         model = elutq.load(ckpt, threads=threads)
+        if args.step_costs:
+            print(step_costs(model, threads))
         for kind, text in PROMPTS.items():
             msgs = [{"role": "user", "content": text}]
             best: dict[bool, tuple[float, object]] = {}
@@ -89,6 +95,24 @@ def main() -> None:
         ids = {kind: model.encode(messages=[{"role": "user", "content": text}]) for kind, text in PROMPTS.items()}
         peer_rows(args, ids, set(model.eos_ids))
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def step_costs(model, threads: int, reps: int = 7) -> str:
+    """A forward over n tokens after a 40-token prompt (all n rows of logits), in plain decode steps: medians of
+    ``reps`` alternating rounds, the n tokens dropped from the session after each."""
+    s = model.session
+    s.reset()
+    model.forward(s, model.encode(PROMPTS["open chat"])[:40])
+    base, times = len(s.tokens), {}
+    for _ in range(reps):
+        for n in (1, 2, 3, 4, 5, 7, 9):
+            t = time.perf_counter()
+            model.forward(s, list(range(1000, 1000 + n)), all_logits=n > 1)
+            times.setdefault(n, []).append(time.perf_counter() - t)
+            del s.tokens[base:]
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return (f"{threads} threads: a plain step {med[1] * 1000:.1f} ms; a forward over n tokens, in steps: "
+            + ", ".join(f"{n}: {med[n] / med[1]:.2f}" for n in med if n > 1))
 
 
 def peer_rows(args, prompt_ids: dict[str, list[int]], stops: set[int]) -> None:
