@@ -218,6 +218,12 @@ def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "d").exists()
     assert main(["info", str(tmp_path / "a")]) == 0
     assert "settings (mixed precision): " in capsys.readouterr().out
+    assert main([*base, "-o", str(tmp_path / "e"), "--target-bpw", "3.0", "--plan-only"]) == 0  # print, write nothing
+    plan = capsys.readouterr().out
+    assert "target 3.0 bits per weight ->" in plan and "model.layers.0.mlp.down_proj: w" in plan
+    assert not (tmp_path / "e").exists() and len(list((tmp_path / "cache" / "measurements").glob("*.json"))) == 1
+    assert main([*base, "-o", str(tmp_path / "f"), "--plan-only"]) == 2
+    assert "pass --target-bpw too" in capsys.readouterr().err
     mods = read_quantization_config(tmp_path / "a")["modules"]
     assert len({(v["bits"], v["group_size"]) for v in mods.values()}) > 1  # a mix, not one setting
     json.dumps(mods)

@@ -73,11 +73,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         device=args.device,
         rotation=_rotation(args),
     )
+    if args.plan_only and args.target_bpw is None:
+        raise ElutqError("--plan-only prints what --target-bpw would choose: pass --target-bpw too")
     # Refuse an output that cannot be written or must not be replaced now, not after the quantization.
-    out = final = check_output(args.output, args.overwrite)
+    out = final = Path(args.output) if args.plan_only else check_output(args.output, args.overwrite)
     if args.target_bpw is not None:
         cfg = _mixed_precision(args, cfg, calib)
         head = embed = cfg.lm_head
+        if args.plan_only:
+            from .mixed import setting_name
+
+            for name, bits, group in cfg.module_quant:
+                print(f"  {name}: {setting_name(bits, group)}")
+            return
     if args.finetune:
         # Quantize into OUT.quantized, finetune from it into OUT.
         out = final.with_name(final.name + ".quantized")
@@ -547,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--measurement", help="with --target-bpw: the measurement file (default: one per model and "
                    "settings in the cache, reused by any target)")
+    q.add_argument("--plan-only", action="store_true",
+                   help="with --target-bpw: measure (or reuse the measurement), print every module's chosen setting "
+                   "and stop; nothing is written to OUTPUT (try several targets on one measurement)")
     q.add_argument("--mixed-group-sizes", type=V.group_sizes, default=[-1, 32, 64, 128],
                    help="with --target-bpw: the group sizes each module may get (default -1,32,64,128; -1: one group "
                    "per row; write --mixed-group-sizes=-1,128 when the list starts with -1)")
