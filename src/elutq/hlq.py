@@ -261,9 +261,9 @@ def fit_hlq_als(
     solution when it lowers its error, so the error never increases.  ``history`` (if given)
     receives the total weighted squared error after init and after each iteration.
 
-    On the CPU this runs in native code (``csrc/fit.cpp``: the same steps group by group, 5-10× faster);
-    :func:`fit_hlq_als_reference` is the torch version it is tested against, used on other devices and for
-    ``history``.
+    On the CPU this runs in native code (``csrc/fit.cpp``: the same steps group by group, 3-10× faster,
+    ``benchmarks/bench_fit.py``); :func:`fit_hlq_als_reference` is the torch version it is tested against,
+    used on other devices and for ``history``.
     """
     if history is None and w.device.type == "cpu" and h.device.type == "cpu" and h.shape[0] in (1, w.shape[0]) \
             and w.shape[0] > 0:
