@@ -129,9 +129,10 @@ def test_measure_resumed_after_the_gradient_pass_keeps_the_gradients(tiny_llama,
 
 def test_loss_weighted_cost_against_autograd(tiny_llama, tmp_path):
     """The default cost, Σ_o c_o·(E H_w Eᵀ)_oo, against its definition computed here with autograd on the whole
-    model: g = ∂loss/∂(module output) per token, w_t = Σ_o g², c_o = Σ_t g² / Σ w, H_w = 2/n·Σ_t w_t x_t x_tᵀ."""
+    model (one backward pass per sample; the measurement streams the layers, 4 samples at a time):
+    g = ∂loss/∂(module output) per token, w_t = Σ_o g², c_o = Σ_t g² / Σ w, H_w = 2/n·Σ_t w_t x_t x_tᵀ."""
     _, path = tiny_llama
-    cfg = MeasureConfig(group_sizes=(32,), calib=CalibConfig(n_samples=3, seqlen=16), batch_size=2)
+    cfg = MeasureConfig(group_sizes=(32,), calib=CalibConfig(n_samples=5, seqlen=16), batch_size=2)  # 2 chunks
     m = measure(str(path), tmp_path / "m.json", cfg, progress=False)
     from elutq.calibration import calibration_ids
     from elutq.models import load_model

@@ -21,6 +21,7 @@ The embeddings go with ``lm_head``'s width (one shared tensor for a tied model, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -145,53 +146,87 @@ def _head_weight(source, config) -> torch.Tensor:
     return source.get("lm_head.weight" if "lm_head.weight" in source and not tied else f"{EMBED}.weight")
 
 
-def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor, pos, progress: bool = True
-                   ) -> dict[str, torch.Tensor]:  # fmt: skip
+def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor, pos, progress: bool = True,
+                   chunk: int = 4) -> dict[str, torch.Tensor]:  # fmt: skip
     """The loss's gradient at every decoder linear's and ``lm_head``'s output, from the unquantized model on
-    the calibration samples ``ids [N, T]`` (next-token cross-entropy, one sample per backward pass, so the
-    activations held are one sample's): ``{name + ".tokens": w [N, T], name + ".channels": c [out]}``,
-    ``w_t = Σ_o g_to²`` and ``c_o = Σ_t g_to² / Σ_t w_t`` (the module docstring's factors).  Holds the whole
-    model in fp32."""
+    the calibration samples ``ids [N, T]`` (next-token cross-entropy summed over samples, each sample's
+    mean over its tokens): ``{name + ".tokens": w [N, T], name + ".channels": c [out]}``, ``w_t = Σ_o g_to²``
+    and ``c_o = Σ_t g_to² / Σ_t w_t`` (the module docstring's factors).
+
+    Streamed like quantization, never the whole model in memory: a forward pass keeps every layer's input
+    (``N·T·hidden`` floats per layer), then a backward pass from the last layer materialises each layer
+    again, reruns it on its kept input with autograd and carries the gradient to the layer below.  Each
+    layer is read twice; ``chunk`` samples run at a time."""
     skeleton = meta_model(config)
     rotate_mlps(skeleton, rotation)
-    layers = [materialize(layer, source, layer_prefix(i)) for i, layer in enumerate(skeleton.model.layers)]
-    norm, rot = _final_norm(skeleton, source, config)
-    emb, head = source.get(f"{EMBED}.weight").float(), _head_weight(source, config).float()
+    metas = list(skeleton.model.layers)
+    emb = source.get(f"{EMBED}.weight").float()
+    n = ids.shape[0]
+    spans = [slice(a, min(a + chunk, n)) for a in range(0, n, chunk)]
     tokens: dict[str, torch.Tensor] = {}
     channels: dict[str, torch.Tensor] = {}
-    sample = 0
 
-    def record(name: str, g: torch.Tensor) -> None:
-        g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
+    def record(name: str, rows: slice, g: torch.Tensor) -> None:
+        g2 = g.detach().float().pow(2)
         if name not in tokens:
             tokens[name] = torch.zeros(ids.shape)
-            channels[name] = torch.zeros(g2.shape[1], dtype=torch.float64)
-        tokens[name][sample] = g2.sum(1)
-        channels[name] += g2.sum(0)
+            channels[name] = torch.zeros(g2.shape[-1], dtype=torch.float64)
+        tokens[name][rows] = g2.sum(-1)
+        channels[name] += g2.sum((0, 1))
 
-    def watch(name: str):
-        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output stays as it is
-            out.register_hook(lambda g: record(name, g))
+    def layer(i: int) -> nn.Module:
+        return materialize(copy.deepcopy(metas[i]), source, layer_prefix(i))
 
-        return hook
+    bar = tqdm(total=2 * len(metas) + 1, desc="loss gradients", unit="pass", disable=not progress, leave=False)
+    inputs: list[torch.Tensor] = []
+    x = emb[ids]
+    for i in range(len(metas)):  # forward: keep each layer's input
+        inputs.append(x)
+        f = layer(i)
+        x = torch.cat([run_layer(f, x[s], pos) for s in spans])
+        del f
+        bar.update(1)
+    del emb  # the head's copy below is read only now: one table in memory at a time
+    norm, rot = _final_norm(skeleton, source, config)
+    head = _head_weight(source, config).float()
+    grad = torch.empty_like(x)
+    with torch.enable_grad():
+        for s in spans:  # the head and the loss
+            xs = x[s].clone().requires_grad_(True)
+            logits = _head_input(norm, rot, xs) @ head.T
+            logits.register_hook(lambda g, s=s: record("lm_head", s, g))
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[s, 1:].flatten(), reduction="none")
+            (loss.view(xs.shape[0], -1).mean(1).sum()).backward()
+            grad[s] = xs.grad
+        del head, logits
+        bar.update(1)
+        current = [slice(0)]  # the samples being run, as the hooks see them
 
-    linears = [(layer_prefix(i) + n, m) for i, layer in enumerate(layers) for n, m in layer.named_modules()
-               if isinstance(m, nn.Linear)]  # fmt: skip
-    hooks = [m.register_forward_hook(watch(n)) for n, m in linears]
-    try:
-        with torch.enable_grad():
-            for sample in tqdm(range(ids.shape[0]), desc="loss gradients", unit="sample", disable=not progress,
-                               leave=False):  # fmt: skip
-                x = emb[ids[sample : sample + 1]].requires_grad_(True)
-                for layer in layers:
-                    out = layer(x, attention_mask=None, position_embeddings=pos)
-                    x = out[0] if isinstance(out, tuple) else out
-                logits = _head_input(norm, rot, x) @ head.T
-                logits.register_hook(lambda g: record("lm_head", g))
-                nn.functional.cross_entropy(logits[0, :-1], ids[sample, 1:]).backward()
-    finally:
-        for h in hooks:
-            h.remove()
+        def watch(name: str):
+            def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output stays as it is
+                rows = current[0]
+                out.register_hook(lambda g: record(name, rows, g))
+
+            return hook
+
+        for i in reversed(range(len(metas))):  # backward: rerun each layer on its input, carry the gradient down
+            f = layer(i)
+            hooks = [m.register_forward_hook(watch(layer_prefix(i) + name)) for name, m in f.named_modules()
+                     if isinstance(m, nn.Linear)]  # fmt: skip
+            try:
+                for s in spans:
+                    current[0] = s
+                    xs = inputs[i][s].clone().requires_grad_(True)
+                    out = f(xs, attention_mask=None, position_embeddings=pos)
+                    (out[0] if isinstance(out, tuple) else out).backward(grad[s])
+                    grad[s] = xs.grad
+            finally:
+                for h in hooks:
+                    h.remove()
+            inputs[i] = torch.empty(0)  # no longer needed
+            del f
+            bar.update(1)
+    bar.close()
     out: dict[str, torch.Tensor] = {}
     for name, w in tokens.items():
         out[f"{name}.tokens"] = w

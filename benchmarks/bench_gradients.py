@@ -1,0 +1,107 @@
+"""Mixed precision's gradient pass: streamed layer by layer against the whole model in memory, same run.
+
+    .venv/bin/python benchmarks/bench_gradients.py --model qwen-coder-1.5b --samples 8
+
+``mixed.loss_gradients`` (what ``elutq quantize --target-bpw`` runs before measuring) keeps one layer's
+weights and every layer's input, and reruns each layer on the way back; the simple way loads the whole
+unquantized model in fp32 (transformers) and runs one backward pass per sample.  Each runs in its own child
+process (wall time, peak RSS of that child alone); the parent checks that both give the same per-token and
+per-channel weights (the largest relative difference over every module).  Calibration: the project's
+default mix, ``--samples`` × ``--seqlen`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from _common import run_measured
+
+
+def streamed(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from elutq.calibration import CalibConfig, calibration_ids
+    from elutq.mixed import loss_gradients
+    from elutq.models import meta_model, position_embeddings, resolve_source_dir
+    from elutq.pipeline import open_source
+
+    src = resolve_source_dir(model)
+    config = AutoConfig.from_pretrained(src)
+    ids, _ = calibration_ids(AutoTokenizer.from_pretrained(src), CalibConfig(samples, seqlen), model=src)
+    pos = position_embeddings(config, seqlen, "cpu", meta_model(config))
+    return loss_gradients(config, open_source(src, config, None), None, ids, pos)
+
+
+def whole(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
+    from elutq.calibration import CalibConfig, calibration_ids
+    from elutq.models import load_model, resolve_source_dir
+
+    net, tok = load_model(model)
+    net.requires_grad_(False)
+    ids, _ = calibration_ids(tok, CalibConfig(samples, seqlen), model=resolve_source_dir(model))
+    g2: dict[str, list[torch.Tensor]] = {}
+    mods = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def hook(name: str):
+        def keep(_m: torch.nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output stays as it is
+            out.register_hook(lambda g: g2.setdefault(name, []).append(g.float().pow(2)[0]))
+
+        return keep
+
+    for n, m in mods:
+        m.register_forward_hook(hook(n))
+    with torch.enable_grad():
+        for s in range(samples):
+            x = net.model.embed_tokens(ids[s : s + 1]).requires_grad_(True)
+            logits = net(inputs_embeds=x).logits
+            torch.nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:]).backward()
+            print(f"sample {s + 1}/{samples}", flush=True)
+    out = {}
+    for name, gs in g2.items():
+        g = torch.stack(gs)  # [samples, seqlen, out]
+        out[f"{name}.tokens"] = g.sum(-1)
+        c = g.double().sum((0, 1))
+        out[f"{name}.channels"] = (c / c.sum()).float()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--child", choices=["streamed", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        fn = streamed if args.child == "streamed" else whole
+        save_file({k: v.contiguous() for k, v in fn(args.model, args.samples, args.seqlen).items()}, str(args.out))
+        return
+    print(f"{args.model}: gradient pass over {args.samples} x {args.seqlen} tokens, each way in its own process")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = {}
+        for way in ("streamed", "whole"):
+            out = Path(tmp) / f"{way}.safetensors"
+            cmd = [sys.executable, __file__, "--model", args.model, "--samples", str(args.samples),
+                   "--seqlen", str(args.seqlen), "--child", way, "--out", str(out)]  # fmt: skip
+            m = run_measured(cmd, Path(tmp) / f"{way}.log")
+            if m.returncode:
+                sys.exit(f"{way} failed:\n{m.output[-3000:]}")
+            print(f"  {way:8s}  {m.seconds:8.1f} s  peak RSS {m.peak_rss_mb:8.0f} MB", flush=True)
+            got[way] = (load_file(str(out)), m)
+    (a, ma), (b, mb) = got["streamed"], got["whole"]
+    if set(a) != set(b):
+        sys.exit(f"the two ways give other modules: {sorted(set(a) ^ set(b))[:6]}")
+    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
+    print(f"  streamed / whole: time {ma.seconds / mb.seconds:.2f}x, peak RSS {ma.peak_rss_mb / mb.peak_rss_mb:.2f}x; "
+          f"largest relative difference of the weights over {len(a) // 2} modules: {worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()
