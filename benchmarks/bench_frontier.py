@@ -305,7 +305,7 @@ def time_point(res: Results, key: str, engine: str, path: Path, args) -> None:
     this CPU already.  A speed from another CPU is kept under ``speed_other`` (nothing measured is dropped)."""
     p = res.data["points"][key]
     if "speed" in p:
-        if p.get("speed_cpu") == cpu_label():
+        if p.get("speed_cpu") == cpu_label() and key not in (args.time or ()):
             return
         p.setdefault("speed_other", []).append({k: p.pop(k) for k in ("speed", "rss_mb", "speed_cpu", "speed_file")
                                                 if k in p})
@@ -329,10 +329,11 @@ def speed_jobs(res: Results, work: Path, args) -> list[tuple[str, object]]:
     point whose checkpoint is gone is timed on the RTN checkpoint of the same format and setting (made if
     missing; the decode kernels read only the layout, which the two share: checked by size)."""
     jobs: list[tuple[str, object]] = []
+    again = args.time or []
     for key, p in res.data["points"].items():
-        if not all(t in p.get("ppl", {}) for t in TEXTS) or p.get("failed"):
+        if not all(t in p.get("ppl", {}) for t in TEXTS) or p.get("failed") or (again and key not in again):
             continue
-        if "speed" in p and (not args.retime or p.get("speed_cpu") == cpu_label()):
+        if "speed" in p and key not in again and (not args.retime or p.get("speed_cpu") == cpu_label()):
             continue
         if p["engine"] == "llama.cpp":
             made = args.retime or (work / f"llama-{p['format']}.gguf").is_file()
@@ -343,9 +344,9 @@ def speed_jobs(res: Results, work: Path, args) -> list[tuple[str, object]]:
             spec = (p["method"], p["format"], p["setting"])
             made = (work / f"elutq-{p['method']}-{p['format']}-{p['setting']}" / "config.json").is_file()
             job = ("elutq", spec)
-            if not made and args.retime and p["method"] == "rtn":
+            if not made and (args.retime or again) and p["method"] == "rtn":
                 made = True  # RTN is cheap to remake (and deterministic)
-            if not made and args.retime and p["method"] == "gptq" and not p["setting"].startswith("mixed-"):
+            if not made and (args.retime or again) and p["method"] == "gptq" and not p["setting"].startswith("mixed-"):
                 made, job = True, ("twin", (key, spec))
         if job[0].replace("twin", "elutq") not in args.only or (job[0] == "baseline" and not args.baseline_speed):
             continue
@@ -391,8 +392,11 @@ def run(args) -> Results:
         jobs += [("elutq", ("gptq", "hlq", f"mixed-{t}")) for t in args.targets]
     if "llama" in args.only:
         jobs += [("llama", t) for t in args.peer_types]
-    if args.speed_only or args.retime:
+    if args.speed_only or args.retime or args.time:
         jobs = speed_jobs(res, work, args)
+        missing = set(args.time or ()) - set(res.data["points"])
+        if missing:
+            sys.exit(f"--time: no such point in {args.json}: {', '.join(sorted(missing))}")
     if args.order == "cheap-first":  # RTN before GPTQ, llama.cpp between them
         rank = {"baseline": 0, "llama": 2, "twin": 1}
         jobs.sort(key=lambda j: rank.get(j[0], 1 if j[0] == "elutq" and j[1][0] == "rtn" else 3))
@@ -672,6 +676,10 @@ def main() -> None:
                     help="time every scored point not yet timed on this CPU, so one CPU times them all (earlier "
                          "figures are kept under speed_other); remakes a missing llama.cpp file and times a GPTQ "
                          "point whose checkpoint is gone on the RTN checkpoint of its setting (same layout)")
+    ap.add_argument("--time", nargs="+", metavar="POINT",
+                    help="time these scored points now, one after another, even if timed on this CPU before (the "
+                         "earlier figures are kept under speed_other), e.g. to compare them in one run; "
+                         "names as in the JSON ('elutq gptq hlq mixed-3.0+full'); files as --retime finds them")
     ap.add_argument("--baseline-speed", action="store_true", help="also time the fp16 baseline")
     ap.add_argument("--report-only", action="store_true", help="only write the table and plots from --json")
     args = ap.parse_args()

@@ -45,29 +45,33 @@ def whole(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
     net, tok = load_model(model)
     net.requires_grad_(False)
     ids, _ = calibration_ids(tok, CalibConfig(samples, seqlen), model=resolve_source_dir(model))
-    g2: dict[str, list[torch.Tensor]] = {}
-    mods = [(n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    tokens: dict[str, torch.Tensor] = {}
+    channels: dict[str, torch.Tensor] = {}
+    sample = 0
 
     def hook(name: str):
         def keep(_m: torch.nn.Module, _a: tuple, out: torch.Tensor) -> None:  # None: the output stays as it is
-            out.register_hook(lambda g: g2.setdefault(name, []).append(g.float().pow(2)[0]))
+            out.register_hook(lambda g: add(name, g[0].float().pow(2)))
 
         return keep
 
-    for n, m in mods:
-        m.register_forward_hook(hook(n))
+    def add(name: str, g2: torch.Tensor) -> None:
+        tokens.setdefault(name, torch.zeros(ids.shape))[sample] = g2.sum(-1)
+        channels[name] = channels.get(name, 0) + g2.sum(0).double()
+
+    for n, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(hook(n))
     with torch.enable_grad():
-        for s in range(samples):
-            x = net.model.embed_tokens(ids[s : s + 1]).requires_grad_(True)
+        for sample in range(samples):
+            x = net.model.embed_tokens(ids[sample : sample + 1]).requires_grad_(True)
             logits = net(inputs_embeds=x).logits
-            torch.nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:]).backward()
-            print(f"sample {s + 1}/{samples}", flush=True)
+            torch.nn.functional.cross_entropy(logits[0, :-1], ids[sample, 1:]).backward()
+            print(f"sample {sample + 1}/{samples}", flush=True)
     out = {}
-    for name, gs in g2.items():
-        g = torch.stack(gs)  # [samples, seqlen, out]
-        out[f"{name}.tokens"] = g.sum(-1)
-        c = g.double().sum((0, 1))
-        out[f"{name}.channels"] = (c / c.sum()).float()
+    for name, w in tokens.items():
+        out[f"{name}.tokens"] = w
+        out[f"{name}.channels"] = (channels[name] / channels[name].sum()).float()
     return out
 
 

@@ -8,8 +8,8 @@ one in the last layer is mostly normed away, nor that the attention-sink tokens,
 ``H``, barely move the loss.  So each output error is weighted by the loss's gradient there (the diagonal
 Fisher of BRECQ, ``Σ_t Σ_o g_to²·δ_to²`` for output ``o`` at token ``t``; ``δ = E·x``), factored as
 ``g_to² ≈ w_t·c_o``: ``cost = Σ_o c_o·(E·H_w·Eᵀ)_oo`` with ``H_w = Σ_t w_t·x_t x_tᵀ``, ``w_t = Σ_o g_to²``
-and ``c_o = Σ_t g_to² / Σ_t w_t`` (``loss_gradients``: one backward pass of the unquantized model per
-calibration sample; ``MeasureConfig.weighting = "none"`` keeps the plain output error).  The measurement is
+and ``c_o = Σ_t g_to² / Σ_t w_t`` (``loss_gradients``: a backward pass of the unquantized model, streamed
+layer by layer; ``MeasureConfig.weighting = "none"`` keeps the plain output error).  The measurement is
 a JSON file (reused for any target; keyed by the model and the settings that change it), its run
 resumable like a quantization.
 
@@ -191,13 +191,12 @@ def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor,
     head = _head_weight(source, config).float()
     grad = torch.empty_like(x)
     with torch.enable_grad():
-        for s in spans:  # the head and the loss
-            xs = x[s].clone().requires_grad_(True)
+        for k in range(n):  # the head and the loss, a sample at a time: logits are T × vocabulary floats
+            xs = x[k : k + 1].clone().requires_grad_(True)
             logits = _head_input(norm, rot, xs) @ head.T
-            logits.register_hook(lambda g, s=s: record("lm_head", s, g))
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[s, 1:].flatten(), reduction="none")
-            (loss.view(xs.shape[0], -1).mean(1).sum()).backward()
-            grad[s] = xs.grad
+            logits.register_hook(lambda g, k=k: record("lm_head", slice(k, k + 1), g))
+            nn.functional.cross_entropy(logits[0, :-1], ids[k, 1:]).backward()
+            grad[k] = xs.grad[0]
         del head, logits
         bar.update(1)
         current = [slice(0)]  # the samples being run, as the hooks see them
