@@ -453,6 +453,93 @@ def test_env_var_forces_path() -> None:
     assert out.returncode != 0 and "unknown kernel path" in out.stderr
 
 
+# ----------------------------------------------------------------------------- int8 prefill GEMM
+
+I8_PATHS = [
+    pytest.param("avx512", marks=pytest.mark.skipif("avx512" not in K.available_paths(), reason="CPU lacks avx512"))
+]
+
+
+def i8_emulation(qw: QuantizedWeight, x: np.ndarray) -> np.ndarray:
+    """csrc/gemm_i8.h's math written out in NumPy: levels re-quantized to int8 per row and group,
+    activations to int8 per column and 32 columns, integer dots, float64 epilogue."""
+    codes, s, z = qw.codes.numpy(), qw.scales.numpy().astype(np.float32), qw.zeros.numpy().astype(np.float32)
+    out, inf = codes.shape
+    g, bits = qw.group_size, s.shape[-1]
+    ng = math.ceil(inf / g)
+    cbits = (np.arange(1 << bits)[:, None] >> np.arange(bits)) & 1  # [code, plane]
+    acc = np.zeros((out, ng, 1 << bits), np.float32)
+    for i in range(bits):  # summed plane by plane in float32, as the kernel does
+        acc = acc + np.where(cbits[:, i], s[:, :, i : i + 1], np.float32(0))
+    lv = z[:, :, None] + acc
+    lo, hi = lv.min(-1), lv.max(-1)
+    d = (hi - lo) / np.float32(254)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+    md = np.float32(0.5) * (lo + hi)
+    q = np.clip(np.rint((lv - md[..., None]) * inv[..., None]), -127, 127)
+    grp = np.arange(inf) // g
+    wq = np.take_along_axis(q[:, grp, :], codes[:, :, None].astype(np.int64), axis=2)[..., 0]  # [out, in]
+    y = np.zeros((x.shape[0], out))
+    gk = K.kernel_group_size(inf, g)  # per-channel scales run as groups of 128 (replicated)
+    for a0 in range(0, inf, 32):  # activation groups of 32 columns, inside one weight group
+        cols, wg = slice(a0, min(inf, a0 + 32)), (a0 // gk) * gk // g
+        xg = x[:, cols]
+        a = np.abs(xg).max(1)
+        xinv = np.where(a > 0, np.float32(127) / np.where(a > 0, a, 1), 0).astype(np.float32)
+        xq = np.rint(xg * xinv[:, None])
+        sig = a / np.float32(127)
+        y += (xq @ wq[:, cols].T) * (d[:, wg][None, :].astype(np.float64) * sig[:, None]) + np.outer(
+            xg.astype(np.float64).sum(1), md[:, wg]
+        )
+    return y
+
+
+@pytest.mark.parametrize("path", I8_PATHS)
+@pytest.mark.parametrize(("bits", "g"), [(1, 32), (2, 64), (3, 128), (4, 128), (4, 32), (3, -1)])
+@pytest.mark.parametrize("shape", [(37, 576), (16, 100), (70, 200)])
+def test_int8_gemm_equals_scalar_and_the_emulated_math(path: str, bits: int, g: int, shape: tuple[int, int]) -> None:
+    """The SIMD path equals the scalar reference bit for bit; both equal the documented math (NumPy)
+    up to float rounding, and stay within int8 rounding of the float64 product."""
+    out, inf = shape
+    qw = random_qw(out, inf, bits, g, seed=bits * 7 + out)
+    lin = K.LUTLinear(qw, path=path)
+    x = np.random.default_rng(out + inf).normal(size=(41, inf)).astype(np.float32)
+    y, ys = np.empty((41, out), np.float32), np.empty((41, out), np.float32)
+    _native.i8_matmul([lin._packed], x, [y], path)
+    _native.i8_matmul([lin._packed], x, [ys], "scalar")
+    np.testing.assert_array_equal(y, ys)
+    assert rel_err(y, i8_emulation(qw, x)) < 1e-5
+    assert rel_err(y, lin.reference(x)) < 3e-2
+
+
+@pytest.mark.parametrize("path", I8_PATHS)
+def test_int8_gemm_shares_one_quantized_input_across_matrices(path: str) -> None:
+    """q/k/v in one call: each output equals that matrix alone, whatever the thread count."""
+    lins = [K.LUTLinear(random_qw(o, 320, 3, 64, seed=o), path=path) for o in (64, 16, 48)]
+    x = np.random.default_rng(3).normal(size=(45, 320)).astype(np.float32)
+    together = [np.empty((45, lin.out_features), np.float32) for lin in lins]
+    _native.i8_matmul([lin._packed for lin in lins], x, together, path)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        for lin, y in zip(lins, together, strict=True):
+            alone = np.empty_like(y)
+            _native.i8_matmul([lin._packed], x, [alone], path)
+            np.testing.assert_array_equal(alone, y)
+    finally:
+        K.set_num_threads(before)
+
+
+def test_int8_gemm_rejects_bad_input() -> None:
+    lin = K.LUTLinear(random_qw(16, 64, 2, 32))
+    x = np.zeros((3, 64), np.float32)
+    with pytest.raises(ValueError, match="wrong shape"):
+        _native.i8_matmul([lin._packed], x, [np.empty((3, 15), np.float32)], "scalar")
+    if "avx2" in K.available_paths():
+        with pytest.raises(ValueError, match="scalar or avx512"):
+            _native.i8_matmul([lin._packed], x, [np.empty((3, 16), np.float32)], "avx2")
+
+
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
     s = (q.astype(np.float64) @ k.astype(np.float64).T) * scale
     p = np.exp(s - s.max(axis=1, keepdims=True))
