@@ -6,8 +6,7 @@
     the read bandwidth measured just before (and of the best roofline of the run); the weights
     rotate over copies totalling --cold-mb so every call streams from memory;
 (c) GEMV / GEMM (N = 1, 8, 32, 128; ``--ns``) against torch fp32 matmul with pre-dequantized weights and
-    against dequantize-then-matmul (elutq.hlq.dequantize each call); on AVX-512 also the int8 prefill
-    GEMM (csrc/gemm_i8.h, what the runtime runs for long batches at 3-4 bits) for N > 1.
+    against dequantize-then-matmul (elutq.hlq.dequantize each call).
 
     .venv/bin/python benchmarks/bench_kernels.py            # everything (~5 min on 2 cores)
     .venv/bin/python benchmarks/bench_kernels.py --quick    # one shape, 2 bits (~1 min)
@@ -140,14 +139,9 @@ def torch_rows(out, inf, bits, ns, cold_mb, reps, rng) -> None:
             t_lut = best_time(lambda x=x: lin(x), reps)
             t_fp = best_time(lambda x=x: torch.nn.functional.linear(x, w), reps)
         t_dq = best_time(lambda x=x: torch.nn.functional.linear(x, dequantize(codes, st, zt, 128)), max(1, reps // 3))
-        i8 = ""
-        if n > 1 and "avx512" in K.available_paths():
-            xn, y = x.numpy(), np.empty((n, out), np.float32)
-            t_i8 = best_time(lambda xn=xn, y=y: _native.i8_matmul([lin._packed], xn, [y], "avx512"), reps)
-            i8 = f" {t_i8 * 1e3:8.3f}ms {t_fp / t_i8:6.1f}x {t_lut / t_i8:6.2f}x"
         print(
             f"    {out:>6}x{inf:<6} {bits:>4} {n:>4} {t_lut * 1e3:7.3f}ms {t_fp * 1e3:8.3f}ms"
-            f" {t_fp / t_lut:6.1f}x {t_dq * 1e3:8.1f}ms {t_dq / t_lut:6.0f}x{i8}"
+            f" {t_fp / t_lut:6.1f}x {t_dq * 1e3:8.1f}ms {t_dq / t_lut:6.0f}x"
         )
 
 
@@ -156,7 +150,6 @@ def section_torch(shapes, bits_list, ns, threads: int, cold_mb: int, reps: int) 
     print(
         f"    {'out x in':>13} {'bits':>4} {'N':>4} {'LUT':>9} {'torch fp32':>10} {'ratio':>6}"
         f" {'deq+matmul':>10} {'ratio':>7}"
-        + (f" {'int8 GEMM':>10} {'vs fp32':>7} {'vs LUT':>7}" if "avx512" in K.available_paths() else "")
     )
     torch.set_num_threads(threads)
     K.set_num_threads(threads)

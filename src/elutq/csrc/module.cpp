@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "attention.h"
-#include "gemm_i8.h"
 #include "decode.h"
 #include "fit.h"
 #include "lut_driver.h"
@@ -71,28 +70,6 @@ static void matmul(const std::vector<const PackedWeight*>& ws, CArray<const floa
   const Path p = resolve(path);
   nb::gil_scoped_release release;
   lut_matmul(views, x.data(), n, outs, p, float_tables, max_threads, residual_tables);
-}
-
-// The int8 prefill GEMM on a chosen path (scalar: the reference), whatever lut_matmul would pick (for tests).
-static void i8_matmul_py(const std::vector<const PackedWeight*>& ws, CArray<const float, nb::ndim<2>> x,
-                         std::vector<CArray<float, nb::ndim<2>>> ys, const std::string& path) {
-  if (ws.empty() || ys.size() != ws.size()) throw std::invalid_argument("need matrices and one output array each");
-  const int n = (int)x.shape(0);
-  std::vector<LutWeight> views;
-  std::vector<float*> outs;
-  for (size_t i = 0; i < ws.size(); ++i) {
-    if (!ws[i]) throw std::invalid_argument("None is not a packed weight");
-    const LutWeight& W = ws[i]->view;
-    if ((int)x.shape(1) != W.in || (int)ys[i].shape(0) != n || (int)ys[i].shape(1) != W.out)
-      throw std::invalid_argument("input or output array has the wrong shape");
-    views.push_back(W);
-    outs.push_back(ys[i].data());
-  }
-  const Path p = resolve(path);
-  if (p != Path::Scalar && p != Path::Avx512) throw std::invalid_argument("the int8 GEMM runs on scalar or avx512");
-  if (views[0].avx2_order) throw std::invalid_argument("the int8 GEMM reads matrices in the AVX-512 chunk order");
-  nb::gil_scoped_release release;
-  i8_matmul(views, x.data(), n, outs, p);
 }
 
 // out[r] = softmax(scale·q[r]·K[:, off:off+D]ᵀ)·V[:, off:off+D] for every query row r (attention.h: attend_*);
@@ -325,8 +302,6 @@ NB_MODULE(_native, m) {
         "outs[w][c, :] = weights[w] · x[c, :] for every matrix w, sharing x's tables across matrices.");
   m.def("build_tables", &tables, nb::arg("x"), nb::arg("group_size"), nb::arg("tq"), nb::arg("tm"), nb::arg("lut_scale"),
         nb::arg("xsum"), nb::arg("path") = "", "int8 activation tables of one vector (for tests).");
-  m.def("i8_matmul", &i8_matmul_py, nb::arg("weights"), nb::arg("x"), nb::arg("outs"), nb::arg("path"),
-        "The int8 prefill GEMM (gemm_i8.h) on path 'scalar' or 'avx512' (for tests).");
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("off"), nb::arg("scale"),
         nb::arg("out"), nb::arg("path") = "", nb::arg("ncol") = 1,
         "Causal attention of one column (or ncol consecutive ones) for one KV head (for tests).");

@@ -13,7 +13,6 @@
 
 #include "attention.h"
 #include "dense.h"
-#include "gemm_i8.h"
 
 namespace elutq {
 
@@ -168,9 +167,7 @@ void Runtime::matmul(std::initializer_list<const RtLinear*> ws, const float* x, 
   if (!views.empty()) {
     bool same = true;
     for (const auto& v : views) same = same && v.in == views[0].in && v.g == views[0].g;
-    if (same && !float_tables && !residual_tables && i8_prefill_pays(views, n, path)) {
-      i8_matmul(views, x, n, outs, path);  // a long batch at 3-4 bits (gemm_i8.h)
-    } else if (same) {
+    if (same) {
       lut_matmul(views, x, n, outs, path, float_tables, 0, residual_tables);
     } else {
       for (size_t i = 0; i < views.size(); ++i)
