@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/bench_gradients.py --model qwen-coder-1.5b --samples 8
 
 ``mixed.loss_gradients`` (what ``elutq quantize --target-bpw`` runs before measuring) keeps one layer's
-weights and every layer's input, and reruns each layer on the way back; the simple way loads the whole
+weights and every ⌈√layers⌉-th layer's input, recomputes the others on the way back and reruns each layer
+there ("streamed"; "keep-all": every layer's input kept, ``keep_every=1``); the simple way loads the whole
 unquantized model in fp32 (transformers) and runs one backward pass per sample.  Each runs in its own child
-process (wall time, peak RSS of that child alone); the parent checks that both give the same per-token and
-per-channel weights (the largest relative difference over every module).  Calibration: the project's
-default mix, ``--samples`` × ``--seqlen`` tokens.
+process (wall time, peak RSS of that child alone); the parent checks that all give the same per-token and
+per-channel weights (the largest relative difference over every module, against the whole model's).
+Calibration: the project's default mix, ``--samples`` × ``--seqlen`` tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from _common import run_measured
 
 
-def streamed(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
+def streamed(model: str, samples: int, seqlen: int, keep_every: int | None = None) -> dict[str, torch.Tensor]:
     from transformers import AutoConfig, AutoTokenizer
 
     from elutq.calibration import CalibConfig, calibration_ids
@@ -35,7 +36,7 @@ def streamed(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
     config = AutoConfig.from_pretrained(src)
     ids, _ = calibration_ids(AutoTokenizer.from_pretrained(src), CalibConfig(samples, seqlen), model=src)
     pos = position_embeddings(config, seqlen, "cpu", meta_model(config))
-    return loss_gradients(config, open_source(src, config, None), None, ids, pos)
+    return loss_gradients(config, open_source(src, config, None), None, ids, pos, keep_every=keep_every)
 
 
 def whole(model: str, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
@@ -80,17 +81,20 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--child", choices=["streamed", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["streamed", "keep-all", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = streamed if args.child == "streamed" else whole
-        save_file({k: v.contiguous() for k, v in fn(args.model, args.samples, args.seqlen).items()}, str(args.out))
+        if args.child == "whole":
+            got = whole(args.model, args.samples, args.seqlen)
+        else:
+            got = streamed(args.model, args.samples, args.seqlen, keep_every=1 if args.child == "keep-all" else None)
+        save_file({k: v.contiguous() for k, v in got.items()}, str(args.out))
         return
     print(f"{args.model}: gradient pass over {args.samples} x {args.seqlen} tokens, each way in its own process")
     with tempfile.TemporaryDirectory() as tmp:
         got = {}
-        for way in ("streamed", "whole"):
+        for way in ("streamed", "keep-all", "whole"):
             out = Path(tmp) / f"{way}.safetensors"
             cmd = [sys.executable, __file__, "--model", args.model, "--samples", str(args.samples),
                    "--seqlen", str(args.seqlen), "--child", way, "--out", str(out)]  # fmt: skip
@@ -99,13 +103,14 @@ def main() -> None:
                 sys.exit(f"{way} failed:\n{m.output[-3000:]}")
             print(f"  {way:8s}  {m.seconds:8.1f} s  peak RSS {m.peak_rss_mb:8.0f} MB", flush=True)
             got[way] = (load_file(str(out)), m)
-    (a, ma), (b, mb) = got["streamed"], got["whole"]
-    if set(a) != set(b):
-        sys.exit(f"the two ways give other modules: {sorted(set(a) ^ set(b))[:6]}")
-    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
-    print(f"  streamed / whole: time {ma.seconds / mb.seconds:.2f}x, peak RSS {ma.peak_rss_mb / mb.peak_rss_mb:.2f}x; "
-          f"largest relative difference of the weights over {len(a) // 2} modules: {worst:.1e}")
-
+    b, mb = got["whole"]
+    for way in ("streamed", "keep-all"):
+        a, ma = got[way]
+        if set(a) != set(b):
+            sys.exit(f"{way} and whole give other modules: {sorted(set(a) ^ set(b))[:6]}")
+        worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
+        print(f"  {way} / whole: time {ma.seconds / mb.seconds:.2f}x, peak RSS {ma.peak_rss_mb / mb.peak_rss_mb:.2f}x; "
+              f"largest relative difference of the weights over {len(a) // 2} modules: {worst:.1e}")
 
 if __name__ == "__main__":
     main()

@@ -173,6 +173,26 @@ def test_loss_weighted_cost_against_autograd(tiny_llama, tmp_path):
         MeasureConfig(weighting="fisher")
 
 
+def test_gradient_pass_recomputing_inputs_equals_keeping_them(tiny_llama):
+    """Keeping every 2nd layer's input and recomputing the rest in the backward pass (the default keeps every
+    ⌈√layers⌉-th) gives the same gradients, bit for bit, as keeping every input."""
+    from transformers import AutoConfig
+
+    from elutq.mixed import loss_gradients
+    from elutq.models import meta_model, position_embeddings
+    from elutq.pipeline import open_source
+
+    _, path = tiny_llama
+    config = AutoConfig.from_pretrained(path)
+    ids = torch.randint(0, config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    pos = position_embeddings(config, 16, "cpu", meta_model(config))
+    keep_all, recompute = (loss_gradients(config, open_source(path, config, None), None, ids, pos, progress=False,
+                                          chunk=2, keep_every=k) for k in (1, 2))  # fmt: skip
+    assert keep_all.keys() == recompute.keys() and len(keep_all) == 2 * (7 * config.num_hidden_layers + 1)
+    for k, v in keep_all.items():
+        assert torch.equal(v, recompute[k]), k
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])  # GPTQ: q/k/v read one input with three group sizes
 def test_per_module_settings_through_pipeline_torch_and_runtime(tiny_llama, tmp_path, method):
     _, path = tiny_llama

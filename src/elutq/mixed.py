@@ -147,16 +147,19 @@ def _head_weight(source, config) -> torch.Tensor:
 
 
 def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor, pos, progress: bool = True,
-                   chunk: int = 4) -> dict[str, torch.Tensor]:  # fmt: skip
+                   chunk: int = 4, keep_every: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The loss's gradient at every decoder linear's and ``lm_head``'s output, from the unquantized model on
     the calibration samples ``ids [N, T]`` (next-token cross-entropy summed over samples, each sample's
     mean over its tokens): ``{name + ".tokens": w [N, T], name + ".channels": c [out]}``, ``w_t = Σ_o g_to²``
     and ``c_o = Σ_t g_to² / Σ_t w_t`` (the module docstring's factors).
 
-    Streamed like quantization, never the whole model in memory: a forward pass keeps every layer's input
-    (``N·T·hidden`` floats per layer), then a backward pass from the last layer materialises each layer
-    again, reruns it on its kept input with autograd and carries the gradient to the layer below.  Each
-    layer is read twice; ``chunk`` samples run at a time."""
+    Streamed like quantization, never the whole model in memory: a forward pass keeps the input of every
+    ``keep_every``-th layer (``N·T·hidden`` floats each; default ⌈√layers⌉), then a backward pass from the
+    last segment recomputes its layers' inputs from the kept one, and from its last layer materialises each
+    layer again, reruns it on its input with autograd and carries the gradient to the layer below.  So about
+    2·√layers inputs are held at once instead of one per layer (the default model at 64 samples: 2.3 GB of
+    inputs otherwise), for one more forward pass; each layer is read three times (``keep_every=1``: twice,
+    every input kept).  ``chunk`` samples run at a time."""
     skeleton = meta_model(config)
     rotate_mlps(skeleton, rotation)
     metas = list(skeleton.model.layers)
@@ -177,15 +180,23 @@ def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor,
     def layer(i: int) -> nn.Module:
         return materialize(copy.deepcopy(metas[i]), source, layer_prefix(i))
 
-    bar = tqdm(total=2 * len(metas) + 1, desc="loss gradients", unit="pass", disable=not progress, leave=False)
-    inputs: list[torch.Tensor] = []
-    x = emb[ids]
-    for i in range(len(metas)):  # forward: keep each layer's input
-        inputs.append(x)
+    L = len(metas)
+    every = keep_every or max(1, math.ceil(math.sqrt(L)))
+    bar = tqdm(total=2 * L + 1 + (L - math.ceil(L / every) if every > 1 else 0), desc="loss gradients", unit="pass",
+               disable=not progress, leave=False)  # fmt: skip
+    inputs: dict[int, torch.Tensor] = {}
+
+    def forward(i: int, x: torch.Tensor) -> torch.Tensor:
         f = layer(i)
-        x = torch.cat([run_layer(f, x[s], pos) for s in spans])
-        del f
+        y = torch.cat([run_layer(f, x[s], pos) for s in spans])
         bar.update(1)
+        return y
+
+    x = emb[ids]
+    for i in range(L):  # forward: keep the input of every `every`-th layer
+        if i % every == 0:
+            inputs[i] = x
+        x = forward(i, x)
     del emb  # the head's copy below is read only now: one table in memory at a time
     norm, rot = _final_norm(skeleton, source, config)
     head = _head_weight(source, config).float()
@@ -208,7 +219,11 @@ def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor,
 
             return hook
 
-        for i in reversed(range(len(metas))):  # backward: rerun each layer on its input, carry the gradient down
+        for i in reversed(range(L)):  # backward: rerun each layer on its input, carry the gradient down
+            if i not in inputs:  # a segment's first visit: recompute its layers' inputs from the kept one
+                c = i - i % every
+                for j in range(c + 1, i + 1):
+                    inputs[j] = forward(j - 1, inputs[j - 1])
             f = layer(i)
             hooks = [m.register_forward_hook(watch(layer_prefix(i) + name)) for name, m in f.named_modules()
                      if isinstance(m, nn.Linear)]  # fmt: skip
@@ -222,7 +237,7 @@ def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor,
             finally:
                 for h in hooks:
                     h.remove()
-            inputs[i] = torch.empty(0)  # no longer needed
+            del inputs[i]  # no longer needed
             del f
             bar.update(1)
     bar.close()
