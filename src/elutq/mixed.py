@@ -181,9 +181,12 @@ def loss_gradients(config, source, rotation: Rotation | None, ids: torch.Tensor,
         return materialize(copy.deepcopy(metas[i]), source, layer_prefix(i))
 
     L = len(metas)
-    every = keep_every or max(1, math.ceil(math.sqrt(L)))
-    bar = tqdm(total=2 * L + 1 + (L - math.ceil(L / every) if every > 1 else 0), desc="loss gradients", unit="pass",
-               disable=not progress, leave=False)  # fmt: skip
+    every = math.ceil(math.sqrt(L)) if keep_every is None else keep_every
+    if every < 1:
+        raise ValueError(f"keep_every must be at least 1 (got {keep_every})")
+    # forward, head, backward, and the recomputed inputs (every layer but the kept ones)
+    bar = tqdm(total=3 * L + 1 - math.ceil(L / every), desc="loss gradients", unit="pass", disable=not progress,
+               leave=False)  # fmt: skip
     inputs: dict[int, torch.Tensor] = {}
 
     def forward(i: int, x: torch.Tensor) -> torch.Tensor:
