@@ -98,15 +98,48 @@ def test_draft_policy_estimates_untried_lengths_from_measured_ones():
     assert q._cost(3) == pytest.approx(0.98)
 
 
-def test_draft_policy_averages_first_timings_and_probes_again():
+def test_draft_policy_keeps_the_least_first_timings_and_probes_again():
+    """Noise only ever slows a forward: one slow first timing must not stop drafting.  Until a 2-token forward
+    has FIRST_SAMPLES timings a 1-token draft is probed every EARLY_PROBE_EVERY plain steps, and a cost is the
+    least of its first timings; after that, one probe per PROBE_EVERY and a decayed average in which a
+    hiccup counts as at most OUTLIER × the estimate."""
     p = DraftPolicy()
     p.timed(1, 1.0)
     p.timed(2, 1.9)  # one slow first sample of a memory-bound model's 2-token forward
-    steps = [p.length(8) for _ in range(DraftPolicy.PROBE_EVERY)]
-    assert steps[:-1] == [0] * (DraftPolicy.PROBE_EVERY - 1) and steps[-1] == 1  # one probe per PROBE_EVERY
-    assert p.length(8) == 0
+    early = DraftPolicy.EARLY_PROBE_EVERY
+    steps = [p.length(8) for _ in range(early)]
+    assert steps[:-1] == [0] * (early - 1) and steps[-1] == 1
     p.timed(2, 1.02)
-    assert p.cost[2] == pytest.approx((1.9 + 1.02) / 2)  # the mean of the first samples, not 90% of the first
+    assert p.cost[2] == 1.02  # the least, not the mean
+    assert p.length(8) > 1  # drafting again
+    p.timed(2, 1.5)
+    assert p.cost[2] == 1.02 and p.samples[2] == DraftPolicy.FIRST_SAMPLES
+    p.timed(2, 9.0)  # a hiccup: counts as OUTLIER × the estimate
+    assert p.cost[2] == pytest.approx(1.02 + DraftPolicy.COST_WEIGHT * (DraftPolicy.OUTLIER - 1) * 1.02)
+    p.cost[2] = 1.9  # compute-bound after all: probes only every PROBE_EVERY plain steps now
+    steps = [p.length(8) for _ in range(DraftPolicy.PROBE_EVERY)]
+    assert steps[:-1] == [0] * (DraftPolicy.PROBE_EVERY - 1) and steps[-1] == 1
+
+
+def test_draft_policy_calibrates_its_estimates_on_checked_drafts():
+    """Drafts are checked where their estimate looks good, so the checked ones' estimates run high; the policy
+    scales every estimate by the checked drafts' tokens taken over their estimates (decayed, from a prior)."""
+    p = DraftPolicy(cost={n: 0.7 + 0.3 * n for n in range(1, 10)})  # a checked token costs 0.3 of a step
+    assert p.calibration() == 1.0
+    prompt = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    ctx = prompt + [10, 11, 12]  # the reply repeats the prompt's start: a 3-token match, draft 13 14 ...
+    k = len(p.offer(ctx, 50))
+    assert k >= 1  # at the prior a draft pays at this price
+    estimate = p.expected_taken(3, k)
+    p.offer([*ctx, 99], 50)  # what followed: wrong at the first token
+    assert p.checked_taken == 0 and p.checked_estimate == pytest.approx(estimate)
+    assert p.calibration() == pytest.approx(DraftPolicy.CAL_PRIOR / (DraftPolicy.CAL_PRIOR + estimate))
+    q = DraftPolicy(cost=dict(p.cost))
+    for _ in range(4):  # checked drafts keep failing where the per-position counts alone would still draft
+        q.checked_estimate, q.checked_taken = q.checked_estimate * q.CAL_DECAY + 1.5, q.checked_taken * q.CAL_DECAY
+    assert q.length(8, n=3) == 0 and DraftPolicy(cost=dict(p.cost)).length(8, n=3) >= 1
+    q.checked_estimate, q.checked_taken = 1.0, 50.0  # better than estimated: raised, at most CAL_CAP
+    assert q.calibration() == DraftPolicy.CAL_CAP
 
 
 def test_generate_checks_at_most_max_draft_tokens(tmp_path, monkeypatch):

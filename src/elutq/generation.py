@@ -102,18 +102,30 @@ class DraftPolicy:
     follow the text, from a prior of one half).  Every offer is scored against the tokens that then followed
     it, checked or not — so the policy learns how well drafts would do without paying to check them, and a
     reply that starts repeating its input is drafted as soon as it does.  ``cost(n)``: the measured time of
-    a forward over ``n`` tokens (kept by the model across replies: the machine's, not the text's; the mean of
-    the first samples, then a decayed average).  An untried ``n`` is interpolated between the nearest measured
-    lengths around it, or extrapolated at the slope per token measured up to the longest one below it —
-    ``1/4`` of a plain step while nothing but a plain step is measured (or the slope measured is not
-    positive), so a draft that looks worth it gets tried; on a compute-bound model, where that try shows each
-    checked token costing nearly a whole step, only drafts right nearly every time are checked.  After
-    ``PROBE_EVERY`` plain steps with a draft on offer, one 1-token draft is checked, so one slow early timing
-    does not stop drafting for good."""
+    a forward over ``n`` tokens (kept by the model across replies: the machine's, not the text's; the least of
+    the first ``FIRST_SAMPLES`` timings, since noise only ever slows a forward, then a decayed average in which
+    a timing above ``OUTLIER`` × the estimate counts as that).  An untried ``n`` is interpolated between the
+    nearest measured lengths around it, or extrapolated at the slope per token measured up to the longest one
+    below it — ``1/4`` of a plain step while nothing but a plain step is measured (or the slope measured is
+    not positive), so a draft that looks worth it gets tried; on a compute-bound model, where that try shows
+    each checked token costing nearly a whole step, only drafts right nearly every time are checked.  After
+    ``PROBE_EVERY`` plain steps with a draft on offer (``EARLY_PROBE_EVERY`` until a 2-token forward has
+    ``FIRST_SAMPLES`` timings), one 1-token draft is checked, so one slow early timing does not stop drafting.
+
+    The estimates are checked against the drafts actually checked: a draft is checked because its estimate
+    looked good, so among checked drafts the estimates run high (more so on text where drafts are coin flips,
+    and there a check costs more than it gains).  ``E`` is scaled by :meth:`calibration`, the checked drafts'
+    tokens taken over their estimates (decayed sums, from a prior of ``CAL_PRIOR`` tokens as estimated)."""
 
     PROBE_EVERY = 128  # one probe per this many plain steps: well under 1% of the time where drafts never pay
+    EARLY_PROBE_EVERY = 16  # ... until a 2-token forward is timed FIRST_SAMPLES times (twice per model at most)
     PENDING = 16  # offers kept for scoring (a draft's outcome is known within k_max + 1 tokens)
-    COST_WEIGHT = 0.1  # of a new timing in a cost's average, once past its first 1/COST_WEIGHT samples
+    FIRST_SAMPLES = 3  # a cost is the least of its first timings ...
+    COST_WEIGHT = 0.1  # ... then a decayed average: a new timing's weight
+    OUTLIER = 1.5  # ... in which a timing counts as at most this many times the estimate (a hiccup, not a trend)
+    CAL_PRIOR = 2.0  # calibration's prior: this many tokens taken of as many estimated
+    CAL_DECAY = 0.8  # of calibration's sums, per checked draft
+    CAL_CAP = 1.2  # drafts doing better than estimated raise the estimates at most this much
 
     k_max: int = 8  # at most this many draft tokens per forward (``max_draft``)
     decay: float = 0.95  # of a position's counts, per scored offer that reached it
@@ -122,7 +134,9 @@ class DraftPolicy:
     plain_steps: int = 0  # plain steps chosen since the last draft
     risk: dict[int, list[float]] = field(default_factory=dict)  # n → per position j: offers reaching token j
     fail: dict[int, list[float]] = field(default_factory=dict)  # n → per position j: offers wrong at token j
-    pending: list[tuple[int, int, tuple[int, ...], list[int]]] = field(default_factory=list)
+    pending: list[tuple[int, int, tuple[int, ...], list[int], int, float]] = field(default_factory=list)
+    checked_estimate: float = 0.0  # decayed sums over checked drafts: tokens estimated to be taken ...
+    checked_taken: float = 0.0  # ... and taken
 
     def __post_init__(self) -> None:
         k = self.k_max
@@ -142,8 +156,10 @@ class DraftPolicy:
         n, draft = prompt_match(context, self.k_max, MAX_NGRAM)
         if not draft:
             return []
-        self.pending = [*self.pending[-(self.PENDING - 1) :], (n, len(context), tuple(context[-n:]), draft)]
-        return draft[: self.length(min(room, len(draft)), n)]
+        k = self.length(min(room, len(draft)), n)
+        entry = (n, len(context), tuple(context[-n:]), draft, k, self.expected_taken(n, k))
+        self.pending = [*self.pending[-(self.PENDING - 1) :], entry]
+        return draft[:k]
 
     def expected_taken(self, n: int, k: int) -> float:
         """``E[taken | n, k]``: the expected number of a ``k``-token draft's tokens taken, from an ``n``-token match."""
@@ -155,16 +171,24 @@ class DraftPolicy:
 
     def _score(self, context: Sequence[int]) -> None:
         keep = []
-        for n, at, key, draft in self.pending:
+        for n, at, key, draft, k, estimate in self.pending:
             if at > len(context) or tuple(context[at - n : at]) != key:
                 continue  # another reply's offer (a server's policy serves many), or a rolled-back context
             seen = context[at : at + len(draft)]
             taken = next((j for j, (a, b) in enumerate(zip(seen, draft, strict=False)) if a != b), len(seen))
+            if k and (taken < len(seen) or len(seen) >= k):  # the checked part's outcome is known
+                self.checked_estimate = self.checked_estimate * self.CAL_DECAY + estimate
+                self.checked_taken = self.checked_taken * self.CAL_DECAY + min(taken, k)
+                k = 0
             if taken < len(seen) or len(seen) == len(draft):
                 self._observe(n, taken, len(draft))
             else:
-                keep.append((n, at, key, draft))  # still unfolding
+                keep.append((n, at, key, draft, k, estimate))  # still unfolding
         self.pending = keep
+
+    def calibration(self) -> float:
+        """Checked drafts' tokens taken over their estimates (decayed, from the prior; at most ``CAL_CAP``)."""
+        return min(self.CAL_CAP, (self.CAL_PRIOR + self.checked_taken) / (self.CAL_PRIOR + self.checked_estimate))
 
     def _observe(self, n: int, taken: int, drafted: int) -> None:
         """One offer's outcome: right in its first ``taken`` of ``drafted`` tokens."""
@@ -189,14 +213,15 @@ class DraftPolicy:
         """How many of ``available`` draft tokens from an ``n``-token match to check (0: none)."""
         if 1 not in self.cost:  # a plain step first: the unit every other cost is compared with
             return 0
-        best, best_k = 1.0 / self._cost(1), 0
+        best, best_k, c = 1.0 / self._cost(1), 0, self.calibration()
         for k in range(1, min(available, self.k_max) + 1):
-            rate = (1 + self.expected_taken(n, k)) / self._cost(1 + k)
+            rate = (1 + c * self.expected_taken(n, k)) / self._cost(1 + k)
             if rate > best:
                 best, best_k = rate, k
         if best_k == 0 and available >= 1:
             self.plain_steps += 1
-            if self.plain_steps >= self.PROBE_EVERY:
+            early = self.samples.get(2, 0) < self.FIRST_SAMPLES
+            if self.plain_steps >= (self.EARLY_PROBE_EVERY if early else self.PROBE_EVERY):
                 best_k = 1
         if best_k:
             self.plain_steps = 0
@@ -206,7 +231,10 @@ class DraftPolicy:
         count = self.samples.get(n, 0) + 1
         self.samples[n] = count
         old = self.cost.get(n, seconds)
-        self.cost[n] = old + max(1 / count, self.COST_WEIGHT) * (seconds - old)
+        if count <= self.FIRST_SAMPLES:
+            self.cost[n] = min(old, seconds)
+        else:
+            self.cost[n] = old + self.COST_WEIGHT * (min(seconds, self.OUTLIER * old) - old)
 
 
 @dataclass
