@@ -97,20 +97,25 @@ def main() -> None:
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
-def step_costs(model, threads: int, reps: int = 7) -> str:
-    """A forward over n tokens after a 40-token prompt (all n rows of logits), in plain decode steps: medians of
-    ``reps`` alternating rounds, the n tokens dropped from the session after each."""
+def forward_costs(model, lengths=(1, 2, 3, 4, 5, 7, 9), reps: int = 7) -> dict[int, float]:
+    """Seconds of a forward over n tokens after a 40-token prompt (all n rows of logits, as a draft check
+    computes): medians of ``reps`` alternating rounds, the n tokens dropped from the session after each."""
     s = model.session
     s.reset()
     model.forward(s, model.encode(PROMPTS["open chat"])[:40])
     base, times = len(s.tokens), {}
     for _ in range(reps):
-        for n in (1, 2, 3, 4, 5, 7, 9):
+        for n in lengths:
             t = time.perf_counter()
             model.forward(s, list(range(1000, 1000 + n)), all_logits=n > 1)
             times.setdefault(n, []).append(time.perf_counter() - t)
             del s.tokens[base:]
-    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+
+
+def step_costs(model, threads: int) -> str:
+    """:func:`forward_costs` in plain decode steps, as one line."""
+    med = forward_costs(model)
     return (f"{threads} threads: a plain step {med[1] * 1000:.1f} ms; a forward over n tokens, in steps: "
             + ", ".join(f"{n}: {med[n] / med[1]:.2f}" for n in med if n > 1))
 

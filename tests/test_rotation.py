@@ -191,7 +191,8 @@ def test_finetune_a_rotated_checkpoint(rotated_ckpt, tmp_path):
 
 @pytest.mark.parametrize("n", [96, 128, 1536, 8960, 24])
 def test_online_rotation_equals_the_dense_matrix(n):
-    """The fast transform, torch and native, against ``u @ T`` with T the dense matrix it stands for."""
+    """The fast transform, torch and native (each kernel path), against ``u @ T`` with T the dense matrix it stands
+    for."""
     from elutq import _native
     from elutq.modules import OnlineRotation
     from elutq.rotation import fast_factors, fast_matrix
@@ -201,10 +202,15 @@ def test_online_rotation_equals_the_dense_matrix(n):
     u = torch.randn(3, n, dtype=torch.float64)
     want = u @ t
     torch.testing.assert_close(OnlineRotation(n, seed=5)(u.float()).double(), want, atol=1e-4, rtol=0)
-    x = u.float().numpy().copy()
     signs, a = fast_factors(n, seed=5)
-    _native.hadamard(x, signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32))
-    np.testing.assert_allclose(x, want.numpy(), atol=1e-4, rtol=0)
+    factors = signs.astype(np.float32), np.ascontiguousarray(a, dtype=np.float32)
+    scalar = u.float().numpy().copy()
+    _native.hadamard(scalar, *factors, path="scalar")
+    np.testing.assert_allclose(scalar, want.numpy(), atol=1e-4, rtol=0)
+    for path in _native.available_paths():  # the SIMD passes: the same sums as the plain loops, exactly
+        x = u.float().numpy().copy()
+        _native.hadamard(x, *factors, path=path)
+        np.testing.assert_array_equal(x, scalar)
 
 
 def test_cli_rotate_with_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):

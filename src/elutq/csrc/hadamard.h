@@ -11,6 +11,8 @@
 // 256, rotation.fast_factors) and the mixing is skipped.
 #pragma once
 
+#include "common.h"
+
 namespace elutq {
 
 struct HadamardSpec {
@@ -21,7 +23,8 @@ struct HadamardSpec {
 };
 
 // x f32 [n] in place; tmp f32 [n] scratch.  Plain loops (the butterflies and the A-mixing run over
-// contiguous runs of b floats), compiled for each ISA by ELUTQ_CLONES.
-void hadamard_transform(const HadamardSpec& h, float* x, float* tmp);
+// contiguous runs of b floats), compiled for each ISA by ELUTQ_CLONES; with `path` AVX-512 or AVX2 and b a
+// multiple of 16, the four narrowest passes in registers (hadamard.cpp).
+void hadamard_transform(const HadamardSpec& h, float* x, float* tmp, Path path);
 
 }  // namespace elutq

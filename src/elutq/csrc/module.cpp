@@ -161,12 +161,13 @@ static HadamardSpec make_hadamard(const std::vector<float>& s, const std::vector
 
 // x [N][n] in place (tests check it against the dense matrix).
 static void hadamard_rows(CArray<float, nb::ndim<2>> x, CArray<const float, nb::ndim<1>> s,
-                          CArray<const float, nb::ndim<2>> a) {
+                          CArray<const float, nb::ndim<2>> a, const std::string& path) {
+  const Path p = path == "auto" ? default_path() : parse_path(path);
   std::vector<float> sv = to_vec(s), av(a.data(), a.data() + a.size());
   const HadamardSpec h = make_hadamard(sv, av, (int)a.shape(0), (int)a.shape(1));
   if ((int)x.shape(1) != h.n) throw std::invalid_argument("x must be [N, n]");
   std::vector<float> tmp(h.n);
-  for (size_t r = 0; r < x.shape(0); ++r) hadamard_transform(h, x.data() + r * h.n, tmp.data());
+  for (size_t r = 0; r < x.shape(0); ++r) hadamard_transform(h, x.data() + r * h.n, tmp.data(), p);
 }
 
 // Shapes: decode.h.  Both release the GIL and use the kernel thread pool.
@@ -312,7 +313,7 @@ NB_MODULE(_native, m) {
   });
   m.def("default_path", [] { return std::string(path_name(default_path())); },
         "ELUTQ_KERNEL if set, else the best path this CPU supports.");
-  m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"),
+  m.def("hadamard", &hadamard_rows, nb::arg("x"), nb::arg("signs"), nb::arg("a"), nb::arg("path") = "auto",
         "Rows of x [N, n] in place: x -> x·T, T = diag(signs)·(a ⊗ Sylvester_b)/sqrt(b) (hadamard.h).");
   m.def("hlq_decode", &hlq_decode_py, nb::arg("qweight"), nb::arg("scales"), nb::arg("zeros"), nb::arg("in_features"),
         nb::arg("group_size"), nb::arg("out"), "Weight [out, in] from packed bit-planes, scales, zeros (decode.h).");

@@ -319,7 +319,7 @@ void Runtime::forward(const std::vector<SeqSpan>& seqs, const int32_t* tokens, f
     matmul({&L.lin[kGate], &L.lin[kUp]}, h, N, {g, u});
     columns([&](int c) {
       swiglu(g + (size_t)c * I, u + (size_t)c * I, I);
-      if (down_rot.n) hadamard_transform(down_rot, g + (size_t)c * I, u + (size_t)c * I);  // u: done, scratch
+      if (down_rot.n) hadamard_transform(down_rot, g + (size_t)c * I, u + (size_t)c * I, path);  // u: done, scratch
     });
     matmul({&L.lin[kDown]}, g, N, {tmp});
     add(x, tmp, (size_t)N * H);
