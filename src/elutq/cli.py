@@ -130,8 +130,7 @@ def _rotation(args: argparse.Namespace):
         return None
     if args.rotate != "auto":
         return Rotation(args.rotate, args.rotation_matrix)
-    return auto_rotation(AutoConfig.from_pretrained(resolve_source_dir(args.model)), args.bits,
-                         args.target_bpw is not None)
+    return auto_rotation(AutoConfig.from_pretrained(resolve_source_dir(args.model)), args.bits, args.target_bpw)
 
 
 def _finetune_config(args: argparse.Namespace, stage: str):
@@ -565,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target-bpw: each module's output error weighted by the loss's gradient there "
                    "(loss, default: sees how errors grow through the layers) or unweighted (none)")
     q.add_argument("--rotate", choices=["auto", "none", "residual", "full"], default="auto",
-                   help="incoherence rotation, the same network computed (auto: full at 2 bits, none from 3 bits "
-                   "up or with --target-bpw, as measured; residual: the residual stream by a "
+                   help="incoherence rotation, the same network computed (auto: full at 2 bits and for --target-bpw "
+                   "below 3, none from 3 bits up, as measured; residual: the residual stream by a "
                    "randomized Hadamard matrix and each head's values, fused into the weights; full: also "
                    "down_proj's input, rotated online by a fast Hadamard transform; at 2 bits full lowered the "
                    "default model's perplexity by a third; docs/RESULTS.md, Rotations)")
