@@ -217,7 +217,7 @@ def test_per_module_settings_through_pipeline_torch_and_runtime(tiny_llama, tmp_
 def test_cli_target_bpw(tiny_llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ELUTQ_CACHE", str(tmp_path / "cache"))
     model, path = tiny_llama
-    # unrotated throughout, so every target reads one measurement (below 3 bits `--rotate auto` would rotate,
+    # unrotated throughout, so every target reads one measurement (up to 3 bits `--rotate auto` would rotate,
     # and a rotated network has a measurement of its own: test_rotation.py)
     base = ["quantize", str(path), "--method", "rtn", "--group-size", "128", "--calib-samples", "4",
             "--calib-seqlen", "16", "--rotate", "none"]  # fmt: skip

@@ -259,14 +259,15 @@ def test_cli_rotate_auto(tiny_llama, tmp_path, capsys):
 
 
 def test_auto_rotation_follows_the_measurements():
-    """``--rotate auto``: full at 2 bits and for targets below 3 bits per weight, none from 3 bits up, none
-    where the model's sizes have no Hadamard construction."""
+    """``--rotate auto``: full at 2 bits and for targets up to 3 bits per weight, none from 3 bits up and above
+    that, none where the model's sizes have no Hadamard construction."""
     from types import SimpleNamespace
 
     from elutq.rotation import auto_rotation
 
     cfg = SimpleNamespace(hidden_size=64, num_attention_heads=4)
     assert auto_rotation(cfg, 2).kind == "full" and auto_rotation(cfg, 3) is None and auto_rotation(cfg, 4) is None
-    assert auto_rotation(cfg, 4, target_bpw=2.5).kind == "full" and auto_rotation(cfg, 2, target_bpw=3.0) is None
+    assert auto_rotation(cfg, 4, target_bpw=2.5).kind == "full" and auto_rotation(cfg, 4, target_bpw=3.0).kind == "full"
+    assert auto_rotation(cfg, 2, target_bpw=3.5) is None
     odd = SimpleNamespace(hidden_size=42, num_attention_heads=2)  # 42 = 2·21: no Hadamard matrix of that order
     assert auto_rotation(odd, 2) is None and auto_rotation(odd, 4, target_bpw=2.5) is None

@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(loss, default: sees how errors grow through the layers) or unweighted (none)")
     q.add_argument("--rotate", choices=["auto", "none", "residual", "full"], default="auto",
                    help="incoherence rotation, the same network computed (auto: full at 2 bits and for --target-bpw "
-                   "below 3, none from 3 bits up, as measured; residual: the residual stream by a "
+                   "up to 3, none from 3 bits up, as measured; residual: the residual stream by a "
                    "randomized Hadamard matrix and each head's values, fused into the weights; full: also "
                    "down_proj's input, rotated online by a fast Hadamard transform; at 2 bits full lowered the "
                    "default model's perplexity by a third; docs/RESULTS.md, Rotations)")

@@ -72,10 +72,10 @@ def supported(config, matrix: str = "hadamard") -> bool:
 def auto_rotation(config, bits: int, target_bpw: float | None = None) -> Rotation | None:
     """``--rotate auto`` (the default), as measured on the default model (docs/RESULTS.md, Rotations and Mixed
     precision): ``full`` for 2-bit (and 1-bit) settings, where it lowered GPTQ-HLQ w2g128's perplexity by a
-    third, and for ``--target-bpw`` below 3 (most linears end at 2 bits: mixed 2.5 lost 47% / 53% of its
-    perplexity); none from 3 bits up (it cost 1–5% there); none where no Hadamard matrix of the model's sizes
-    is known."""
-    low = bits <= 2 if target_bpw is None else target_bpw < 3.0
+    third, and for ``--target-bpw`` up to 3 (many linears end at 2 bits: mixed 2.5 and 3.0 lost 47% and 35%
+    of their WikiText-2 perplexity); none from 3 bits up (it cost 1–5% there) and for larger targets (not
+    measured); none where no Hadamard matrix of the model's sizes is known."""
+    low = bits <= 2 if target_bpw is None else target_bpw <= 3.0
     return Rotation("full") if low and supported(config) else None
 
 
