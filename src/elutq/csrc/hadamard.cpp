@@ -19,7 +19,7 @@ namespace {
 // The signs and the passes of width 1, 2, 4 and 8, where b is a multiple of 16.  Those passes pair elements
 // within aligned runs of 16, so a run is one AVX-512 register (two AVX2 ones) and a pass is a swap and a
 // multiply-add, y = x·(±1) + swap_w(x): +1 on the first element of each pair, −1 on the second.  As plain
-// loops these narrow pairs do not vectorize, and they cost 2× the whole rest of the transform (1536 = 12·128).
+// loops these narrow pairs do not vectorize, and they cost about as much as all the rest (1536 = 12·128).
 #ifdef ELUTQ_HADAMARD_X86
 __attribute__((target("avx512f"))) void narrow_passes_avx512(float* x, const float* s, int n) {
   const __m512 p1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
