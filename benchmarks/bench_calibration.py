@@ -2,7 +2,7 @@
 WikiText-2 ``test`` and ``python-code/test`` beside the unquantized model (issue 29).
 
     .venv/bin/python benchmarks/bench_calibration.py [--model default] [--setting w2g128]
-        [--mixes wikitext2 wikitext2+python-code wikitext2+python-code+self ...] [--calib-samples 64]
+        [--mixes wikitext2 wikitext2+python-code ...] [--rotate none|full] [--calib-samples 64]
         [--max-tokens 8192] [--work DIR] [--json docs/calibration-default.json]
 
 Every mix is one `elutq quantize --method gptq --calib-dataset MIX` (head and embeddings at the setting's
@@ -10,6 +10,7 @@ bits as ``bench_frontier.py`` sets them) and one `elutq eval` per text, each its
 and peak RSS from the OS).  The figure of merit is the *degradation* on each text (quantized ppl /
 unquantized ppl on the same tokens) and the ratio code / WikiText-2 of the two: 1.0 means the model lost
 as much on code as on Wikipedia.  Rows go to --json as they finish (a rerun skips them), then a table.
+``--rotate`` (default none) quantizes with that rotation; its rows are keyed ``MIX+full`` in the same json.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--setting", default="w2g128")
     ap.add_argument("--mixes", nargs="+", default=list(MIXES))
+    ap.add_argument("--rotate", default="none", help="the checkpoints' --rotate (default none)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens of each test text")
@@ -61,31 +63,33 @@ def main() -> None:
     score("unquantized", args.model)
     bits, group = parse_setting(args.setting)
     hb, hg = (2, 64) if bits <= 2 else (4, 128)
+    rot = "" if args.rotate == "none" else "+" + args.rotate  # the rows' key: "wikitext2+python-code+full"
     for mix in args.mixes:
-        out = work / f"gptq-hlq-{args.setting}-{args.calib_samples}x{args.calib_seqlen}-{mix}"
+        out = work / f"gptq-hlq-{args.setting}-{args.calib_samples}x{args.calib_seqlen}-{mix}{rot}"
         if not (out / "config.json").is_file():
             cmd = elutq_cmd(
                 "quantize", args.model, "-o", str(out), "--overwrite", "--method", "gptq", "--format", "hlq",
-                "--rotate", "none", "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
+                "--rotate", args.rotate, "--bits", str(bits), "--group-size", str(group), "--lm-head-bits", str(hb),
                 "--lm-head-group-size", str(hg), "--calib-dataset", mix, "--calib-samples", str(args.calib_samples),
                 "--calib-seqlen", str(args.calib_seqlen),
             )  # fmt: skip
-            print(f"{mix}: quantizing", flush=True)
-            m = run_measured(cmd, log=work / f"{mix}.log")
+            print(f"{mix}{rot}: quantizing", flush=True)
+            m = run_measured(cmd, log=work / f"{mix}{rot}.log")
             if m.returncode != 0:
                 raise SystemExit(f"quantize failed:\n{m.output[-3000:]}")
-            data["rows"].setdefault(mix, {}).update(quant_seconds=m.seconds, quant_rss_mb=m.peak_rss_mb)
+            data["rows"].setdefault(mix + rot, {}).update(quant_seconds=m.seconds, quant_rss_mb=m.peak_rss_mb)
             save()
-        score(mix, str(out))
+        score(mix + rot, str(out))
 
     base = data["rows"]["unquantized"]
-    print(f"\n{args.model}, HLQ-GPTQ {args.setting} (head/embeddings w{hb}g{hg}), calibration "
+    print(f"\n{args.model}, HLQ-GPTQ {args.setting}{rot} (head/embeddings w{hb}g{hg}), calibration "
           f"{args.calib_samples} × {args.calib_seqlen} tokens; perplexity over the first {args.max_tokens} tokens "
           "of each test text\n")
     print("| calibration | ppl wikitext2 (×) | ppl python-code (×) | code × / wiki × | quantize s | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     print(f"| unquantized | {fmt_int(base['wikitext2']['ppl'])} | {fmt_int(base['python-code']['ppl'])} | – | – | – |")
     for mix in args.mixes:
+        mix += rot
         row = data["rows"].get(mix, {})
         if not all(t in row for t in TEXTS):
             continue

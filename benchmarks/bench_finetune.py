@@ -1,7 +1,7 @@
 """HLQ-FT on the default model: the quantized baseline vs each finetuning stage, WikiText-2 test perplexity.
 
     .venv/bin/python benchmarks/bench_finetune.py [--settings w2g128,w2g64,w3g128] [--stages block,e2e]
-        [--method gptq|rtn] [--max-tokens 65536] [--work DIR] [--json FILE] [--variant NAME]
+        [--method gptq|rtn] [--rotate none|full|...] [--max-tokens 65536] [--work DIR] [--json FILE] [--variant NAME]
         [finetune options after --]
 
 Every stage runs as its own `elutq` process, measured alone (wall seconds, CPU seconds and peak RSS
@@ -14,6 +14,8 @@ With --json, every finished row is saved there and a rerun skips
 the rows it holds (checkpoints already in --work are reused, their times not measured again).
 ``--variant NAME`` labels the finetuned rows and checkpoints (``... + block [NAME]``), so runs with
 other finetune options share the baseline and the json, e.g. ``--variant reassign -- --reassign-codes``.
+``--rotate`` quantizes the baseline with that rotation (default none; other values label its rows
+``w2g128 gptq+full`` and share the json with the unrotated ones).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--settings", default="w2g128,w2g64,w3g128")
     ap.add_argument("--stages", default="block,e2e", help="comma-separated: block, e2e, block+e2e")
     ap.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="the baseline quantizer")
+    ap.add_argument("--rotate", default="none", help="the baseline's --rotate (default none)")
     ap.add_argument("--max-tokens", type=int, default=65536, help="score the first N WikiText-2 test tokens")
     ap.add_argument("--work", type=Path, default=Path("out/bench-finetune"), help="where checkpoints and logs go")
     ap.add_argument("--json", type=Path, help="save rows here; a rerun skips rows already saved")
@@ -46,6 +49,11 @@ def main() -> None:
         if s not in ("block", "e2e", "block+e2e"):
             ap.error(f"unknown stage {s!r} (expected block, e2e or block+e2e)")
     args.work.mkdir(parents=True, exist_ok=True)
+
+    def rot_tag(sep: str) -> str:
+        return "" if args.rotate == "none" else sep + args.rotate
+
+    method = args.method + rot_tag("+")  # the rows' label: "gptq", "gptq+full"
     rows: dict[str, dict] = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
 
     def save(key: str, row: dict) -> None:
@@ -72,17 +80,18 @@ def main() -> None:
         save("fp", scores("default"))
     for setting in args.settings.split(","):
         bits, group = parse_setting(setting)
-        base = args.work / f"{args.method}-{setting}"
-        key = f"{setting} {args.method}"
+        base = args.work / f"{args.method}-{setting}{rot_tag('-')}"
+        key = f"{setting} {method}"
         if key not in rows:
             cost = measured(args.method, ["quantize", "default", "-o", str(base), "--method", args.method,
-                                          "--bits", str(bits), "--group-size", str(group), "--rotate", "none"], base)
+                                          "--bits", str(bits), "--group-size", str(group), "--rotate", args.rotate],
+                            base)  # fmt: skip
             save(key, {**cost, **scores(str(base))})
         for stage in stages:
-            key = f"{setting} {args.method} + {stage}{tag}"
+            key = f"{setting} {method} + {stage}{tag}"
             if key in rows:
                 continue
-            ft = args.work / f"{args.method}-{setting}-{stage}{dir_tag}"
+            ft = args.work / f"{args.method}-{setting}{rot_tag('-')}-{stage}{dir_tag}"
             cost = measured(stage, ["finetune", str(base), "--source", "default", "-o", str(ft),
                                     *stage_args(stage), *args.finetune_args], ft)
             save(key, {**cost, **scores(str(ft))})
@@ -97,15 +106,15 @@ def main() -> None:
           "| peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings.split(","):
-        base = rows.get(f"{setting} {args.method}")
+        base = rows.get(f"{setting} {method}")
         if not base:
             continue
         for stage in ["", *stages]:
-            r = rows.get(f"{setting} {args.method}" + (f" + {stage}{tag}" if stage else ""))
+            r = rows.get(f"{setting} {method}" + (f" + {stage}{tag}" if stage else ""))
             if not r:
                 continue
             change = [f"{100 * (r[k] / base[k] - 1):+.1f}%" if stage else "" for k in ("ppl", "ppl_code")]
-            print(f"| {setting} | {args.method.upper()}{' + ' + stage + tag if stage else ''} | {fmt_int(r['ppl'])} | "
+            print(f"| {setting} | {method.upper()}{' + ' + stage + tag if stage else ''} | {fmt_int(r['ppl'])} | "
                   f"{change[0]} | {fmt_int(r['ppl_code'])} | {change[1]} | {t(r['wall_s'])} | {t(r['cpu_s'])} "
                   f"| {t(r['rss_mb'])} |")
 

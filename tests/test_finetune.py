@@ -313,6 +313,32 @@ def test_e2e_reduces_the_loss_and_writes_a_normal_checkpoint(tiny_ckpt, tmp_path
     assert not (tmp_path / "ft.partial").exists()
 
 
+def test_e2e_in_bf16_trains_as_fp32_does(tiny_ckpt, tmp_path):
+    # bf16 matmuls in the training steps only: the held-out checks are fp32, so the two runs' curves compare
+    src, q, calib = tiny_ckpt
+    runs = {p: finetune_e2e(q, str(src), tmp_path / p, e2e_cfg(calib, precision=p), progress=False).e2e
+            for p in ("fp32", "bf16")}  # fmt: skip
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16["start_val"] == fp32["start_val"]  # the same fp32 check of the same starting point
+    assert bf16["best_val"] < 0.9 * bf16["start_val"], bf16
+    gain = {p: r["start_val"] - r["best_val"] for p, r in runs.items()}
+    assert abs(gain["bf16"] / gain["fp32"] - 1) < 0.1, gain
+    assert read_tensors(tmp_path / "bf16").keys() == read_tensors(tmp_path / "fp32").keys()
+    _, _, qc = load_quantized(tmp_path / "bf16")
+    assert qc["finetune"][-1]["settings"]["precision"] == "bf16"
+    _, _, qc = load_quantized(tmp_path / "fp32")
+    assert "precision" not in qc["finetune"][-1]["settings"]  # as recorded before the option
+
+
+def test_default_precision_follows_the_cpu(monkeypatch):
+    from elutq import finetune as ft
+
+    for has, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(ft, "cpu_features", lambda has=has: {"avx512bf16": has})
+        assert ft.default_precision("e2e", "cpu") == want
+        assert ft.default_precision("block", "cpu") == "fp32"  # the block stage trains in fp32
+
+
 def test_chunked_loss_equals_the_whole_vocabulary_loss(tiny_ckpt, monkeypatch):
     # The loss in slices of 5 positions (recomputed in the backward pass) against one [B, T, vocab] formula:
     # the same value and the same gradients, for the KL (whole teacher) and the causal-LM loss.
@@ -425,6 +451,8 @@ def test_e2e_bad_settings_are_refused_and_write_nothing(tiny_ckpt, tmp_path):
         FinetuneConfig(stage="e2e", loss="mse")
     with pytest.raises(ValueError, match="block_loss must be"):
         FinetuneConfig(block_loss="l1")
+    with pytest.raises(ValueError, match="precision must be"):
+        FinetuneConfig(stage="e2e", precision="fp16")
     with pytest.raises(ValueError, match="stage='e2e'"):
         finetune_e2e(q, str(src), tmp_path / "ft", FinetuneConfig(calib=calib), progress=False)
     few = CalibConfig(n_samples=2, seqlen=32, dataset=None, text=calib.text)  # one chunk: none left to train on

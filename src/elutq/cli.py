@@ -135,7 +135,7 @@ def _rotation(args: argparse.Namespace):
 
 def _finetune_config(args: argparse.Namespace, stage: str):
     from .calibration import CalibConfig
-    from .finetune import FinetuneConfig
+    from .finetune import FinetuneConfig, default_precision
 
     calib = CalibConfig(
         n_samples=args.ft_calib_samples,
@@ -144,6 +144,7 @@ def _finetune_config(args: argparse.Namespace, stage: str):
         dataset=None if args.calib_text else args.calib_dataset,
         text=args.calib_text,
     )
+    device = args.ft_device or ("cuda" if _cuda_available() else "cpu")
     return FinetuneConfig(
         stage=stage,
         calib=calib,
@@ -159,7 +160,8 @@ def _finetune_config(args: argparse.Namespace, stage: str):
         teacher_topk=args.teacher_topk,
         reassign_codes=args.reassign_codes and stage == "block",
         block_loss=args.block_loss,
-        device=args.ft_device or ("cuda" if _cuda_available() else "cpu"),
+        precision=default_precision(stage, device) if args.precision == "auto" else args.precision,
+        device=device,
     )
 
 
@@ -514,6 +516,9 @@ def _add_training_args(g: argparse._ArgumentGroup, prefix: str) -> None:
     opt("block-loss", choices=["normed", "mse"], default="normed",
         help="block: each token's error as the next RMSNorm sees it (normed, the default), or plain MSE over the "
              "residual stream, which a few attention-sink tokens dominate")
+    opt("precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="e2e: the training steps' matmuls in bf16 or fp32 (parameters, optimizer and held-out checks stay "
+             "fp32); auto, the default: bf16 where the CPU has AVX512-BF16 (or on a CUDA GPU with bf16), else fp32")
     opt("reassign-codes", action="store_true",
         help="block: between epochs, re-assign each weight's code to the level nearest its fp value "
              "(after GPTQ it undoes GPTQ's error compensation: w2g128 ppl 59 -> 89, docs/RESULTS.md)")

@@ -39,6 +39,11 @@ def active_path() -> str:
     return str(_native.default_path())
 
 
+def cpu_features() -> dict[str, bool]:
+    """SIMD features of this CPU as detected at run time, e.g. ``{'avx512bf16': True, ...}``."""
+    return dict(_native.cpu_features())
+
+
 def set_num_threads(n: int) -> None:
     """Number of threads (including the caller) the kernels split output rows over."""
     _native.set_num_threads(int(n))

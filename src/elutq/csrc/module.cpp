@@ -31,6 +31,7 @@ static std::map<std::string, bool> cpu_features() {
   f["avx512bw"] = __builtin_cpu_supports("avx512bw");
   f["avx512vbmi"] = __builtin_cpu_supports("avx512vbmi");
   f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+  f["avx512bf16"] = __builtin_cpu_supports("avx512bf16");  // finetune's bf16 autocast pays only with it
 #elif defined(__aarch64__)
   f["neon"] = true;
 #endif
