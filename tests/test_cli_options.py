@@ -59,3 +59,16 @@ def test_good_values_parse():
     assert (a.lm_head_bits, a.group_size, a.damp, a.bits) == (0, -1, 0.05, 3)
     a = build_parser().parse_args([*S, "--port", "65535", "--max-queue", "0"])
     assert (a.port, a.max_queue) == (65535, 0)
+
+
+def test_finetune_precision_auto_follows_the_cpu(monkeypatch):
+    from elutq import cli
+    from elutq import finetune as ft
+
+    for has, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(ft, "cpu_features", lambda has=has: {"avx512bf16": has})
+        args = build_parser().parse_args([*F, "--device", "cpu"])
+        assert cli._finetune_config(args, "e2e").precision == want
+        assert cli._finetune_config(args, "block").precision == "fp32"
+        args = build_parser().parse_args([*F, "--device", "cpu", "--precision", "fp32"])
+        assert cli._finetune_config(args, "e2e").precision == "fp32"

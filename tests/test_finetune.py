@@ -330,15 +330,6 @@ def test_e2e_in_bf16_trains_as_fp32_does(tiny_ckpt, tmp_path):
     assert "precision" not in qc["finetune"][-1]["settings"]  # as recorded before the option
 
 
-def test_default_precision_follows_the_cpu(monkeypatch):
-    from elutq import finetune as ft
-
-    for has, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(ft, "cpu_features", lambda has=has: {"avx512bf16": has})
-        assert ft.default_precision("e2e", "cpu") == want
-        assert ft.default_precision("block", "cpu") == "fp32"  # the block stage trains in fp32
-
-
 def test_chunked_loss_equals_the_whole_vocabulary_loss(tiny_ckpt, monkeypatch):
     # The loss in slices of 5 positions (recomputed in the backward pass) against one [B, T, vocab] formula:
     # the same value and the same gradients, for the KL (whole teacher) and the causal-LM loss.
