@@ -101,7 +101,7 @@ class FinetuneConfig:
     reassign_codes: bool = False  # block: between epochs, re-assign codes to the fp weights' nearest level
     block_loss: Literal["normed", "mse"] = "normed"  # block: each token's error as the next norm sees it, or plain MSE
     # e2e: the training steps' matmuls in bf16 (autocast; parameters, optimizer, loss and held-out checks stay
-    # fp32) — about twice the step rate where the CPU has bf16 dot products (default_precision)
+    # fp32): 1.5-1.6x the step rate where the CPU has bf16 dot products (default_precision; docs/RESULTS.md)
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "cpu"
 
