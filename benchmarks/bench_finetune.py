@@ -15,7 +15,8 @@ the rows it holds (checkpoints already in --work are reused, their times not mea
 ``--variant NAME`` labels the finetuned rows and checkpoints (``... + block [NAME]``), so runs with
 other finetune options share the baseline and the json, e.g. ``--variant reassign -- --reassign-codes``.
 ``--rotate`` quantizes the baseline with that rotation (default none; other values label its rows
-``w2g128 gptq+full`` and share the json with the unrotated ones).
+``w2g128 gptq+full`` and share the json with the unrotated ones).  Finetuning runs at the CLI's default
+``--precision auto`` (bf16 e2e steps on a CPU with AVX512-BF16) unless ``-- --precision fp32`` says otherwise.
 """
 
 from __future__ import annotations
